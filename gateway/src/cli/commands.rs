@@ -1,0 +1,253 @@
+//! What each command does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use hyper::Method;
+use serde_json::Value;
+
+use super::{Cli, Client, Command, FunctionsCommand, ModelsCommand, ServeArgs, TenantCommand};
+use crate::server::{Gateway, GatewayConfig};
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    let client = || Client::new(&cli.url, cli.token.clone());
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Tenant(command) => tenant(&client()?, command, cli.json).await,
+        Command::Deploy { name, file } => deploy(&client()?, &name, &file, cli.json).await,
+        Command::Invoke {
+            name,
+            data,
+            path,
+            headers,
+        } => invoke(&client()?, &name, data, &path, &headers).await,
+        Command::Functions(command) => functions(&client()?, command, cli.json).await,
+        Command::Models(ModelsCommand::List) => models(&client()?, cli.json).await,
+        Command::Logs { name } => logs(&client()?, &name, cli.json).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    init_tracing();
+    let mut config = GatewayConfig::new(args.data);
+    config.models_dir = args.models;
+    config.admin_token = args.admin_token;
+    config.max_upload_bytes = args.max_upload_mib << 20;
+    config.limits.timeout = Duration::from_secs(args.timeout_secs);
+    config.limits.max_memory_bytes = args.memory_mib << 20;
+    config.limits.max_instances = args.max_instances;
+    if let Some(threads) = args.inference_threads {
+        config.inference_workers = threads;
+    }
+    let gateway = tokio::task::spawn_blocking(move || Gateway::start(config))
+        .await
+        .context("starting the gateway")??;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!("gigafactory listening on http://{}", listener.local_addr()?);
+    Arc::clone(&gateway).serve(listener, shutdown_signal()).await
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GIGAFACTORY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+async fn tenant(client: &Client, command: TenantCommand, as_json: bool) -> Result<()> {
+    match command {
+        TenantCommand::Create { name } => {
+            let body = serde_json::json!({ "name": name }).to_string();
+            let tenant = client
+                .api(Method::POST, "/v1/tenants", Some(("application/json", body.into())))
+                .await?;
+            print_or(as_json, &tenant, || format!("created tenant {name}"));
+        }
+        TenantCommand::List => {
+            let reply = client.api(Method::GET, "/v1/tenants", None).await?;
+            print_or(as_json, &reply, || {
+                list(&reply["tenants"], |t| t["name"].as_str().unwrap_or("?").to_string())
+            });
+        }
+        TenantCommand::Delete { name } => {
+            client.api(Method::DELETE, &format!("/v1/tenants/{name}"), None).await?;
+            println!("deleted tenant {name}");
+        }
+        TenantCommand::Key { name, quiet } => {
+            let key = client
+                .api(Method::POST, &format!("/v1/tenants/{name}/keys"), None)
+                .await?;
+            let secret = key["key"].as_str().unwrap_or_default();
+            if quiet {
+                println!("{secret}");
+            } else {
+                print_or(as_json, &key, || {
+                    format!("API key for {name} (shown only this once):\n{secret}")
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn deploy(client: &Client, name: &str, file: &std::path::Path, as_json: bool) -> Result<()> {
+    let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    eprintln!("deploying {name} ({} KiB) …", wasm.len() / 1024);
+    let function = client
+        .api(
+            Method::PUT,
+            &format!("/v1/functions/{name}"),
+            Some(("application/wasm", Bytes::from(wasm))),
+        )
+        .await
+        .with_context(|| format!("deploying {}", file.display()))?;
+    print_or(as_json, &function, || {
+        format!(
+            "deployed {name} version {} at {}",
+            function["active_version"], function["url"].as_str().unwrap_or("?")
+        )
+    });
+    Ok(())
+}
+
+async fn invoke(
+    client: &Client,
+    name: &str,
+    data: Option<String>,
+    path: &str,
+    headers: &[String],
+) -> Result<()> {
+    let me = client.api(Method::GET, "/v1/whoami", None).await?;
+    let Some(tenant) = me["tenant"].as_str() else {
+        bail!("invoking needs a tenant API key (GIGAFACTORY_TOKEN), not the admin token");
+    };
+    let body = match data {
+        Some(data) => Some(match data.strip_prefix('@') {
+            Some(file) => std::fs::read(file).with_context(|| format!("reading {file}"))?,
+            None => data.into_bytes(),
+        }),
+        None => None,
+    };
+    let headers = headers
+        .iter()
+        .map(|h| {
+            h.split_once(':')
+                .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+                .with_context(|| format!("header {h:?} is not `name: value`"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let method = if body.is_some() { Method::POST } else { Method::GET };
+    let path = format!("/fn/{tenant}/{name}{}", if path.starts_with('/') { path.to_string() } else { format!("/{path}") });
+    let body = body.map(|b| ("text/plain", Bytes::from(b)));
+    let reply = client.send(method, &path, body, &headers).await?;
+    if !reply.status.is_success() {
+        bail!("{}", super::client::describe_error(&reply));
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(&reply.body)?;
+    Ok(())
+}
+
+async fn functions(client: &Client, command: FunctionsCommand, as_json: bool) -> Result<()> {
+    match command {
+        FunctionsCommand::List => {
+            let reply = client.api(Method::GET, "/v1/functions", None).await?;
+            print_or(as_json, &reply, || {
+                list(&reply["functions"], |f| {
+                    format!(
+                        "{:<24} v{:<4} {:>8} KiB  {}",
+                        f["name"].as_str().unwrap_or("?"),
+                        f["active_version"],
+                        f["size"].as_u64().unwrap_or(0) / 1024,
+                        f["url"].as_str().unwrap_or("?")
+                    )
+                })
+            });
+        }
+        FunctionsCommand::Get { name } => {
+            let function = client.api(Method::GET, &format!("/v1/functions/{name}"), None).await?;
+            println!("{}", serde_json::to_string_pretty(&function)?);
+        }
+        FunctionsCommand::Delete { name } => {
+            client.api(Method::DELETE, &format!("/v1/functions/{name}"), None).await?;
+            println!("deleted function {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn models(client: &Client, as_json: bool) -> Result<()> {
+    let reply = client.api(Method::GET, "/v1/models", None).await?;
+    print_or(as_json, &reply, || {
+        list(&reply["models"], |m| {
+            let mut line = format!(
+                "{:<24} {:<7} {:<4} {:>6} MiB  {}",
+                m["name"].as_str().unwrap_or("?"),
+                m["state"].as_str().unwrap_or("?"),
+                m["device"].as_str().unwrap_or("?"),
+                m["size_bytes"].as_u64().unwrap_or(0) >> 20,
+                m["description"].as_str().unwrap_or("")
+            );
+            if let Some(error) = m["error"].as_str() {
+                line.push_str(&format!("\n    error: {error}"));
+            }
+            line
+        })
+    });
+    Ok(())
+}
+
+async fn logs(client: &Client, name: &str, as_json: bool) -> Result<()> {
+    let reply = client.api(Method::GET, &format!("/v1/functions/{name}/logs"), None).await?;
+    print_or(as_json, &reply, || {
+        list(&reply["lines"], |l| {
+            format!("[{}] {}", l["stream"].as_str().unwrap_or("?"), l["line"].as_str().unwrap_or(""))
+        })
+    });
+    Ok(())
+}
+
+fn print_or(as_json: bool, value: &Value, summary: impl FnOnce() -> String) {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    } else {
+        println!("{}", summary());
+    }
+}
+
+fn list(items: &Value, line: impl Fn(&Value) -> String) -> String {
+    match items.as_array() {
+        Some(items) if !items.is_empty() => items.iter().map(line).collect::<Vec<_>>().join("\n"),
+        _ => "(none)".to_string(),
+    }
+}

@@ -1,0 +1,177 @@
+//! The command line: `serve` runs the platform; the other commands talk to
+//! a running gateway over its HTTP API.
+
+pub mod client;
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use client::Client;
+
+/// Gigafactory: a serverless platform for AI functions in WebAssembly.
+#[derive(Debug, Parser)]
+#[command(name = "gigafactory", version, about)]
+pub struct Cli {
+    /// The gateway to talk to.
+    #[arg(long, global = true, env = "GIGAFACTORY_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// An API key (tenant commands) or the admin token (tenant management).
+    #[arg(long, global = true, env = "GIGAFACTORY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the platform: HTTP gateway, sandbox and model pool.
+    Serve(ServeArgs),
+    /// Manage tenants (needs the admin token).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Deploy a function: a wasm32-wasip2 component exporting wasi:http/incoming-handler.
+    Deploy {
+        /// The function's name (a-z, 0-9, '-').
+        name: String,
+        /// The component file.
+        file: PathBuf,
+    },
+    /// Call a function of your tenant and print its response body.
+    Invoke {
+        /// The function's name.
+        name: String,
+        /// Request body; `@file` reads a file. Without it the request is a GET.
+        #[arg(long, short)]
+        data: Option<String>,
+        /// Path below the function, e.g. `/search?q=fox`.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Extra header `name: value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+    },
+    /// List, show or delete your functions.
+    #[command(subcommand)]
+    Functions(FunctionsCommand),
+    /// The model repository.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Print a function's recent log lines (its stdout and stderr).
+    Logs {
+        /// The function's name.
+        name: String,
+    },
+    /// Measure requests/s of `hello` through gigafactory and `wasmtime serve`.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// `gigafactory serve` options.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "GIGAFACTORY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Data directory (store, generated admin token).
+    #[arg(long, env = "GIGAFACTORY_DATA", default_value = ".gigafactory")]
+    pub data: PathBuf,
+    /// Model repository: `<dir>/<name>/model.toml` and the model files.
+    #[arg(long, env = "GIGAFACTORY_MODELS")]
+    pub models: Option<PathBuf>,
+    /// Use this admin token instead of generating one.
+    #[arg(long, env = "GIGAFACTORY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Wall-clock limit of one request, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    /// Linear memory limit of one instance, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory_mib: usize,
+    /// Instances that may run at once.
+    #[arg(long, default_value_t = 1000)]
+    pub max_instances: u32,
+    /// Largest wasm a deploy accepts, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub max_upload_mib: usize,
+    /// Threads running inference (default: all cores).
+    #[arg(long)]
+    pub inference_threads: Option<usize>,
+}
+
+/// `gigafactory tenant …`
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant.
+    Create {
+        /// The tenant's name (a-z, 0-9, '-').
+        name: String,
+    },
+    /// List tenants.
+    List,
+    /// Delete a tenant with its keys and functions.
+    Delete {
+        /// The tenant's name.
+        name: String,
+    },
+    /// Create an API key for a tenant (shown once).
+    Key {
+        /// The tenant's name.
+        name: String,
+        /// Print only the key.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+/// `gigafactory functions …`
+#[derive(Debug, Subcommand)]
+pub enum FunctionsCommand {
+    /// List your functions.
+    List,
+    /// Show one function and its versions.
+    Get {
+        /// The function's name.
+        name: String,
+    },
+    /// Delete a function and all its versions.
+    Delete {
+        /// The function's name.
+        name: String,
+    },
+}
+
+/// `gigafactory models …`
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// List the repository's models and their state.
+    List,
+}
+
+/// Parses the command line, runs it, prints the cause chain on failure.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The control plane: tenants, keys, functions, models.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::{Method, StatusCode};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::routes::{Request, check_name, json};
+use super::{ApiError, Gateway, Metrics, Response};
+use crate::auth::{self, Principal, TokenHash};
+use crate::store::FunctionRecord;
+
+/// Largest JSON body of a control-plane call.
+const MAX_JSON_BYTES: usize = 64 * 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenant {
+    name: String,
+}
+
+impl Gateway {
+    pub(super) async fn control(
+        &self,
+        request: Request,
+        segments: &[&str],
+        method: &Method,
+    ) -> Result<Response, ApiError> {
+        match (segments, method) {
+            (["whoami"], &Method::GET) => self.whoami(&request),
+            (["tenants"], &Method::GET) => self.list_tenants(&request),
+            (["tenants"], &Method::POST) => self.create_tenant(request).await,
+            (["tenants", tenant], &Method::DELETE) => self.delete_tenant(&request, tenant),
+            (["tenants", tenant, "keys"], &Method::POST) => self.create_key(&request, tenant),
+            (["functions"], &Method::GET) => self.list_functions(&request),
+            (["functions", name], &Method::PUT) => self.deploy(request, name).await,
+            (["functions", name], &Method::GET) => self.get_function(&request, name),
+            (["functions", name], &Method::DELETE) => self.delete_function(&request, name),
+            (["functions", name, "logs"], &Method::GET) => self.function_logs(&request, name),
+            (["models"], &Method::GET) => self.list_models(&request),
+            (
+                ["whoami" | "tenants" | "functions" | "models"]
+                | ["tenants", _]
+                | ["tenants", _, "keys"]
+                | ["functions", _]
+                | ["functions", _, "logs"],
+                _,
+            ) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on /v1/{}", segments.join("/")),
+            )),
+            _ => Err(ApiError::not_found(format!(
+                "no API route /v1/{}",
+                segments.join("/")
+            ))),
+        }
+    }
+
+    fn whoami(&self, request: &Request) -> Result<Response, ApiError> {
+        let body = match self.authenticate(request)? {
+            Principal::Admin => serde_json::json!({"role": "admin"}),
+            Principal::Tenant(tenant) => serde_json::json!({"role": "tenant", "tenant": tenant}),
+        };
+        Ok(json(StatusCode::OK, body))
+    }
+
+    fn list_tenants(&self, request: &Request) -> Result<Response, ApiError> {
+        self.require_admin(request)?;
+        let tenants = self.store.tenants()?;
+        Ok(json(StatusCode::OK, serde_json::json!({ "tenants": tenants })))
+    }
+
+    async fn create_tenant(&self, request: Request) -> Result<Response, ApiError> {
+        self.require_admin(&request)?;
+        let body: CreateTenant = read_json(request).await?;
+        check_name("tenant", &body.name)?;
+        let tenant = self.store.create_tenant(&body.name)?;
+        tracing::info!(tenant = %tenant.name, "tenant created");
+        Ok(json(StatusCode::CREATED, serde_json::to_value(tenant).map_err(anyhow::Error::from)?))
+    }
+
+    fn delete_tenant(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
+        self.require_admin(request)?;
+        check_name("tenant", tenant)?;
+        let functions = self.store.functions(tenant)?;
+        self.store.delete_tenant(tenant)?;
+        for function in functions {
+            self.logs.remove(tenant, &function.name);
+        }
+        tracing::info!(%tenant, "tenant deleted");
+        Ok(no_content())
+    }
+
+    fn create_key(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
+        self.require_admin(request)?;
+        check_name("tenant", tenant)?;
+        let key = auth::generate(auth::KEY_PREFIX)?;
+        let record = self
+            .store
+            .add_key(tenant, &TokenHash::of(&key), &auth::key_id(&key))?;
+        tracing::info!(%tenant, id = %record.id, "API key created");
+        Ok(json(
+            StatusCode::CREATED,
+            serde_json::json!({
+                "key": key,
+                "id": record.id,
+                "tenant": record.tenant,
+                "created_at": record.created_at,
+                "note": "the key is shown only this once",
+            }),
+        ))
+    }
+
+    fn list_functions(&self, request: &Request) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request)?;
+        let functions: Vec<_> = self
+            .store
+            .functions(&tenant)?
+            .iter()
+            .map(function_json)
+            .collect();
+        Ok(json(StatusCode::OK, serde_json::json!({ "functions": functions })))
+    }
+
+    fn get_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request)?;
+        let function = self.find_function(&tenant, name)?;
+        Ok(json(StatusCode::OK, function_json(&function)))
+    }
+
+    fn delete_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request)?;
+        check_name("function", name)?;
+        self.store.delete_function(&tenant, name)?;
+        self.logs.remove(&tenant, name);
+        tracing::info!(%tenant, function = %name, "function deleted");
+        Ok(no_content())
+    }
+
+    fn function_logs(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request)?;
+        self.find_function(&tenant, name)?;
+        let lines = self.logs.of(&tenant, name).tail(usize::MAX);
+        Ok(json(StatusCode::OK, serde_json::json!({ "lines": lines })))
+    }
+
+    fn list_models(&self, request: &Request) -> Result<Response, ApiError> {
+        self.authenticate(request)?;
+        let models = self.runtime.models().list();
+        Ok(json(StatusCode::OK, serde_json::json!({ "models": models })))
+    }
+
+    /// `PUT /v1/functions/{name}` with the component as the body.
+    async fn deploy(&self, request: Request, name: &str) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(&request)?;
+        check_name("function", name)?;
+        let wasm = read_body(request, self.config.max_upload_bytes).await?;
+        let sha256 = hex::encode(Sha256::digest(&wasm));
+        let artifact = match self.store.artifact(&sha256)? {
+            Some(artifact) => artifact,
+            None => self.compile(&wasm).await?,
+        };
+        let deployed = self.store.deploy(&tenant, name, &wasm, &sha256, &artifact)?;
+        Metrics::count(&self.metrics.deploys);
+        let function = &deployed.function;
+        tracing::info!(%tenant, function = %name, version = function.active, created = deployed.created, "deployed");
+        let status = if deployed.created { StatusCode::CREATED } else { StatusCode::OK };
+        Ok(json(status, function_json(function)))
+    }
+
+    fn find_function(&self, tenant: &str, name: &str) -> Result<FunctionRecord, ApiError> {
+        check_name("function", name)?;
+        self.store
+            .function(tenant, name)?
+            .ok_or_else(|| ApiError::not_found(format!("no function {name:?}")))
+    }
+}
+
+fn function_json(function: &FunctionRecord) -> serde_json::Value {
+    let active = function.active_version();
+    serde_json::json!({
+        "name": function.name,
+        "tenant": function.tenant,
+        "url": format!("/fn/{}/{}", function.tenant, function.name),
+        "active_version": function.active,
+        "sha256": active.sha256,
+        "size": active.size,
+        "created_at": function.created_at,
+        "versions": function.versions,
+    })
+}
+
+fn no_content() -> Response {
+    hyper::Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(super::full(Bytes::new()))
+        .expect("a valid response")
+}
+
+/// Reads a whole body of at most `limit` bytes (413 past it).
+pub(super) async fn read_body(request: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::too_large(format!("the body is over the {limit}-byte limit"));
+    let declared = request
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request("bad_body", format!("reading the body: {e}"))),
+    }
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(request: Request) -> Result<T, ApiError> {
+    let body = read_body(request, MAX_JSON_BYTES).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("bad_json", format!("invalid JSON body: {e}")))
+}

@@ -1,0 +1,208 @@
+//! The HTTP server: one hyper service for the control plane (`/v1/…`), the
+//! data plane (`/fn/{tenant}/{function}/…`), health and metrics.
+
+mod control;
+mod error;
+mod functions;
+mod invoke;
+mod routes;
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use gigafactory_runtime::{ModelPool, Runtime, SandboxLimits};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::auth::{self, TokenHash};
+use crate::logs::FunctionLogs;
+use crate::store::Store;
+
+pub use error::ApiError;
+use functions::FunctionCache;
+
+/// Error type of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body of every response.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+/// Every response.
+pub type Response = hyper::Response<Body>;
+
+/// A whole body from bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// How the gateway is set up.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Where the store and the generated admin token live.
+    pub data_dir: PathBuf,
+    /// The model repository.
+    pub models_dir: Option<PathBuf>,
+    /// The admin token to use instead of a generated one.
+    pub admin_token: Option<String>,
+    /// Largest wasm a deploy may upload.
+    pub max_upload_bytes: usize,
+    /// Sandbox sizing and the request deadline.
+    pub limits: SandboxLimits,
+    /// Threads running inference.
+    pub inference_workers: usize,
+}
+
+impl GatewayConfig {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            models_dir: None,
+            admin_token: None,
+            max_upload_bytes: 64 << 20,
+            limits: SandboxLimits::default(),
+            inference_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// Everything a request handler needs.
+pub struct Gateway {
+    config: GatewayConfig,
+    store: Store,
+    runtime: Runtime,
+    functions: FunctionCache,
+    logs: FunctionLogs,
+    admin_token: TokenHash,
+    metrics: Metrics,
+}
+
+/// Request counters for `/metrics`.
+#[derive(Default)]
+struct Metrics {
+    invocations: AtomicU64,
+    invocation_errors: AtomicU64,
+    deploys: AtomicU64,
+}
+
+/// The name of the generated admin token's file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+impl Gateway {
+    /// Loads the models, opens the store and prepares the admin token.
+    pub fn start(config: GatewayConfig) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let models = match &config.models_dir {
+            Some(dir) => ModelPool::load_repository(dir, config.inference_workers)?,
+            None => ModelPool::empty(config.inference_workers),
+        };
+        let runtime = Runtime::new(config.limits.clone(), Arc::new(models))
+            .context("building the sandbox")?;
+        let store = Store::open(&config.data_dir.join("store"), runtime.fingerprint())?;
+        let pruned = store.prune_artifacts()?;
+        if pruned > 0 {
+            tracing::info!(pruned, "dropped artifacts compiled by another engine version");
+        }
+        let admin_token = admin_token(&config, &store)?;
+        Ok(Arc::new(Self {
+            functions: FunctionCache::default(),
+            logs: FunctionLogs::default(),
+            metrics: Metrics::default(),
+            config,
+            store,
+            runtime,
+            admin_token,
+        }))
+    }
+
+    /// Serves connections from `listener` until `shutdown` resolves, then
+    /// lets in-flight requests finish (up to 10 s).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let gateway = self.clone();
+            let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                let gateway = gateway.clone();
+                async move { Ok::<_, Infallible>(gateway.route(request).await) }
+            });
+            let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+            });
+        }
+        tracing::info!("shutting down: waiting for in-flight requests");
+        if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
+            tracing::warn!("gave up waiting for in-flight requests");
+        }
+        self.store.flush()
+    }
+}
+
+/// The admin token's hash: the configured token, the stored one, or a new
+/// one written to `<data>/admin-token` for the operator.
+fn admin_token(config: &GatewayConfig, store: &Store) -> Result<TokenHash> {
+    if let Some(token) = &config.admin_token {
+        let hash = TokenHash::of(token);
+        store.set_admin_token(&hash)?;
+        return Ok(hash);
+    }
+    if let Some(hash) = store.admin_token()? {
+        return Ok(hash);
+    }
+    let token = auth::generate(auth::ADMIN_PREFIX)?;
+    let path = config.data_dir.join(ADMIN_TOKEN_FILE);
+    write_secret(&path, &token)?;
+    let hash = TokenHash::of(&token);
+    store.set_admin_token(&hash)?;
+    tracing::info!("generated the admin token: {}", path.display());
+    Ok(hash)
+}
+
+fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(file, "{secret}")?;
+    Ok(())
+}
+
+impl Metrics {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,164 @@
+//! Request routing and authentication.
+
+use std::sync::atomic::Ordering;
+
+use hyper::body::Incoming;
+use hyper::{Method, StatusCode};
+
+use super::{ApiError, Gateway, Response, full};
+use crate::auth::{self, Principal, TokenHash};
+
+/// A request as routed: the parts handlers read, and the body.
+pub type Request = hyper::Request<Incoming>;
+
+impl Gateway {
+    /// Answers one request; every failure becomes a JSON error.
+    pub(super) async fn route(&self, request: Request) -> Response {
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let response = self.dispatch(request).await;
+        let response = response.unwrap_or_else(ApiError::into_response);
+        tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
+        response
+    }
+
+    async fn dispatch(&self, request: Request) -> Result<Response, ApiError> {
+        let path = request.uri().path().to_string();
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let method = request.method().clone();
+        match (segments.as_slice(), &method) {
+            (["healthz"], &Method::GET) => Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"}))),
+            (["metrics"], &Method::GET) => Ok(self.metrics_text()),
+            (["fn", tenant, function, ..], _) => {
+                let rest = rest_of_path(&path, 3);
+                self.invoke(request, tenant, function, rest).await
+            }
+            (["v1", ..], _) => self.control(request, &segments[1..], &method).await,
+            _ => Err(ApiError::not_found(format!("no route for {method} {path}"))),
+        }
+    }
+
+    /// Who the request's bearer token belongs to.
+    pub(super) fn authenticate(&self, request: &Request) -> Result<Principal, ApiError> {
+        let header = request
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <key>` header"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(auth::bearer)
+            .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <key>`"))?;
+        let hash = TokenHash::of(token);
+        if hash.matches(&self.admin_token) {
+            return Ok(Principal::Admin);
+        }
+        match self.store.key(&hash)? {
+            Some(key) => Ok(Principal::Tenant(key.tenant)),
+            None => Err(ApiError::unauthorized("unknown API key")),
+        }
+    }
+
+    /// The operator only.
+    pub(super) fn require_admin(&self, request: &Request) -> Result<(), ApiError> {
+        match self.authenticate(request)? {
+            Principal::Admin => Ok(()),
+            Principal::Tenant(_) => Err(ApiError::forbidden("this needs the admin token")),
+        }
+    }
+
+    /// A tenant key; returns the tenant.
+    pub(super) fn require_tenant(&self, request: &Request) -> Result<String, ApiError> {
+        match self.authenticate(request)? {
+            Principal::Tenant(tenant) => Ok(tenant),
+            Principal::Admin => Err(ApiError::forbidden(
+                "the admin token is not a tenant key: create a key with `gigafactory tenant key <tenant>`",
+            )),
+        }
+    }
+
+    fn metrics_text(&self) -> Response {
+        let counters = self.runtime.counters();
+        let m = &self.metrics;
+        let text = format!(
+            "# HELP gigafactory_compilations_total Components compiled from wasm.\n\
+             # TYPE gigafactory_compilations_total counter\n\
+             gigafactory_compilations_total {}\n\
+             # HELP gigafactory_artifact_loads_total Precompiled artifacts loaded.\n\
+             # TYPE gigafactory_artifact_loads_total counter\n\
+             gigafactory_artifact_loads_total {}\n\
+             # HELP gigafactory_deploys_total Successful deploys.\n\
+             # TYPE gigafactory_deploys_total counter\n\
+             gigafactory_deploys_total {}\n\
+             # HELP gigafactory_invocations_total Function invocations.\n\
+             # TYPE gigafactory_invocations_total counter\n\
+             gigafactory_invocations_total {}\n\
+             # HELP gigafactory_invocation_errors_total Invocations that failed in the platform or the function.\n\
+             # TYPE gigafactory_invocation_errors_total counter\n\
+             gigafactory_invocation_errors_total {}\n",
+            counters.compilations(),
+            counters.artifact_loads(),
+            m.deploys.load(Ordering::Relaxed),
+            m.invocations.load(Ordering::Relaxed),
+            m.invocation_errors.load(Ordering::Relaxed),
+        );
+        hyper::Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(full(text))
+            .expect("a valid response")
+    }
+}
+
+/// The path after the first `skip` segments, with its leading slash
+/// (`/fn/a/b/x/y` → `/x/y`; `/fn/a/b` → `/`).
+fn rest_of_path(path: &str, skip: usize) -> String {
+    let rest: Vec<&str> = path.trim_start_matches('/').splitn(skip + 1, '/').collect();
+    format!("/{}", rest.get(skip).copied().unwrap_or(""))
+}
+
+/// A JSON response.
+pub(super) fn json(status: StatusCode, value: serde_json::Value) -> Response {
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(full(value.to_string()))
+        .expect("a valid response")
+}
+
+/// Checks a tenant or function name: 1–63 of `a-z0-9-`, starting and
+/// ending alphanumeric (so no `..`, no `/`, no percent-escapes).
+pub(super) fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_name",
+            format!("invalid {kind} name {name:?}: use 1-63 of a-z, 0-9 and '-', starting and ending with a letter or digit"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rest_of_path_keeps_the_tail() {
+        assert_eq!(rest_of_path("/fn/a/b/x/y", 3), "/x/y");
+        assert_eq!(rest_of_path("/fn/a/b/", 3), "/");
+        assert_eq!(rest_of_path("/fn/a/b", 3), "/");
+    }
+
+    #[test]
+    fn names_are_strict() {
+        assert!(check_name("function", "embed-v2").is_ok());
+        for bad in ["", "..", "%2e%2e", "A", "-x", "x-", "a/b", &"a".repeat(64)] {
+            assert!(check_name("function", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

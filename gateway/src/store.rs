@@ -1,0 +1,436 @@
+//! Durable state in sled: tenants, hashed API keys, functions and their
+//! immutable versions, content-addressed wasm blobs and precompiled
+//! artifacts. Every multi-key update is one transaction.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
+};
+use sled::{Db, Tree};
+
+use crate::auth::TokenHash;
+
+/// A tenant: an isolated namespace of functions and keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tenant {
+    /// Unique name, also the `{tenant}` of `/fn/{tenant}/…`.
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// An API key record; the key itself is never stored, only its hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// Public identifier (the first characters of the key), for listing and revoking.
+    pub id: String,
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// A function and its versions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionRecord {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Name within the tenant.
+    pub name: String,
+    /// The version requests go to.
+    pub active: u32,
+    /// Every version, oldest first; versions never change.
+    pub versions: Vec<Version>,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+impl FunctionRecord {
+    /// The version requests go to.
+    pub fn active_version(&self) -> &Version {
+        self.versions
+            .iter()
+            .find(|v| v.number == self.active)
+            .expect("the active version is one of the versions")
+    }
+}
+
+/// One immutable deployed version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Version {
+    /// 1, 2, 3 … per function.
+    pub number: u32,
+    /// sha256 of the wasm, hex.
+    pub sha256: String,
+    /// Size of the wasm in bytes.
+    pub size: u64,
+    /// Unix seconds.
+    pub deployed_at: u64,
+}
+
+/// Store refusals the API maps to statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The thing exists already.
+    #[error("{0}")]
+    Conflict(String),
+    /// The thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// sled failed.
+    #[error(transparent)]
+    Storage(#[from] anyhow::Error),
+}
+
+/// The outcome of a deploy.
+#[derive(Debug, Clone)]
+pub struct Deployed {
+    /// The function after the deploy.
+    pub function: FunctionRecord,
+    /// False when the wasm equals the active version's (nothing changed).
+    pub created: bool,
+}
+
+/// The sled database and its trees.
+#[derive(Clone)]
+pub struct Store {
+    db: Db,
+    meta: Tree,
+    tenants: Tree,
+    keys: Tree,
+    functions: Tree,
+    blobs: Tree,
+    blob_refs: Tree,
+    artifacts: Tree,
+    fingerprint: String,
+}
+
+const ADMIN_TOKEN: &str = "admin_token_sha256";
+
+impl Store {
+    /// Opens (or creates) the store in `dir`; artifacts are read and
+    /// written for the engine `fingerprint`.
+    pub fn open(dir: &Path, fingerprint: &str) -> Result<Self> {
+        let db = sled::open(dir).with_context(|| format!("opening the store in {}", dir.display()))?;
+        let tree = |name: &str| db.open_tree(name).with_context(|| format!("opening tree {name}"));
+        Ok(Self {
+            meta: tree("meta")?,
+            tenants: tree("tenants")?,
+            keys: tree("keys")?,
+            functions: tree("functions")?,
+            blobs: tree("blobs")?,
+            blob_refs: tree("blob_refs")?,
+            artifacts: tree("artifacts")?,
+            fingerprint: fingerprint.to_string(),
+            db,
+        })
+    }
+
+    /// Flushes to disk.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().context("flushing the store")?;
+        Ok(())
+    }
+
+    /// The admin token's hash, if one was set.
+    pub fn admin_token(&self) -> Result<Option<TokenHash>> {
+        let value = self.meta.get(ADMIN_TOKEN)?;
+        Ok(value.and_then(|v| TokenHash::from_slice(&v)))
+    }
+
+    /// Sets the admin token's hash.
+    pub fn set_admin_token(&self, hash: &TokenHash) -> Result<()> {
+        self.meta.insert(ADMIN_TOKEN, hash.as_bytes())?;
+        self.flush()
+    }
+
+    /// Creates a tenant; a conflict when the name is taken.
+    pub fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
+        let tenant = Tenant {
+            name: name.to_string(),
+            created_at: now(),
+        };
+        let swapped = self
+            .tenants
+            .compare_and_swap(name, None as Option<&[u8]>, Some(to_json(&tenant)?))
+            .map_err(anyhow::Error::from)?;
+        if swapped.is_err() {
+            return Err(StoreError::Conflict(format!("tenant {name:?} already exists")));
+        }
+        self.flush()?;
+        Ok(tenant)
+    }
+
+    /// A tenant by name.
+    pub fn tenant(&self, name: &str) -> Result<Option<Tenant>> {
+        self.tenants.get(name)?.map(|v| from_json(&v)).transpose()
+    }
+
+    /// Every tenant, by name.
+    pub fn tenants(&self) -> Result<Vec<Tenant>> {
+        self.tenants.iter().values().map(|v| from_json(&v?)).collect()
+    }
+
+    /// Deletes a tenant with its keys and functions.
+    pub fn delete_tenant(&self, name: &str) -> Result<(), StoreError> {
+        let functions = self.functions(name)?;
+        let keys: Vec<sled::IVec> = self
+            .keys
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, v)| from_json::<ApiKey>(v).is_ok_and(|k| k.tenant == name))
+            .map(|(k, _)| k)
+            .collect();
+        let trees = (&self.tenants, &self.keys, &self.functions, &self.blob_refs, &self.blobs, &self.artifacts);
+        let result = trees.transaction(|(tenants, keys_tx, functions_tx, refs, blobs, artifacts)| {
+            if tenants.remove(name)?.is_none() {
+                return abort(StoreError::NotFound(format!("no tenant {name:?}")));
+            }
+            for key in &keys {
+                keys_tx.remove(key)?;
+            }
+            for function in &functions {
+                functions_tx.remove(function_key(name, &function.name).as_bytes())?;
+                for version in &function.versions {
+                    self.release_blob(refs, blobs, artifacts, &version.sha256)?;
+                }
+            }
+            Ok(())
+        });
+        finish(result)?;
+        self.flush()?;
+        Ok(())
+    }
+
+    /// Stores a new API key (by hash) for `tenant`.
+    pub fn add_key(&self, tenant: &str, hash: &TokenHash, id: &str) -> Result<ApiKey, StoreError> {
+        let key = ApiKey {
+            id: id.to_string(),
+            tenant: tenant.to_string(),
+            created_at: now(),
+        };
+        let value = to_json(&key)?;
+        let result = (&self.tenants, &self.keys).transaction(|(tenants, keys)| {
+            if tenants.get(tenant)?.is_none() {
+                return abort(StoreError::NotFound(format!("no tenant {tenant:?}")));
+            }
+            keys.insert(hash.as_bytes(), value.as_slice())?;
+            Ok(())
+        });
+        finish(result)?;
+        self.flush()?;
+        Ok(key)
+    }
+
+    /// The key record for a key hash.
+    pub fn key(&self, hash: &TokenHash) -> Result<Option<ApiKey>> {
+        self.keys.get(hash.as_bytes())?.map(|v| from_json(&v)).transpose()
+    }
+
+    /// Records a deploy: the blob, its artifact, and a new active version
+    /// (unless the wasm is the active version's already).
+    pub fn deploy(
+        &self,
+        tenant: &str,
+        name: &str,
+        wasm: &[u8],
+        sha256: &str,
+        artifact: &[u8],
+    ) -> Result<Deployed, StoreError> {
+        let key = function_key(tenant, name);
+        let artifact_key = artifact_key(sha256, &self.fingerprint);
+        let trees = (&self.tenants, &self.functions, &self.blob_refs, &self.blobs, &self.artifacts);
+        let result = trees.transaction(|(tenants, functions, refs, blobs, artifacts)| {
+            if tenants.get(tenant)?.is_none() {
+                return abort(StoreError::NotFound(format!("no tenant {tenant:?}")));
+            }
+            let existing: Option<FunctionRecord> = match functions.get(key.as_bytes())? {
+                Some(v) => Some(from_json(&v).map_err(storage)?),
+                None => None,
+            };
+            if let Some(function) = &existing
+                && function.active_version().sha256 == sha256
+            {
+                return Ok(Deployed {
+                    function: function.clone(),
+                    created: false,
+                });
+            }
+            let now = now();
+            let mut function = existing.unwrap_or_else(|| FunctionRecord {
+                tenant: tenant.to_string(),
+                name: name.to_string(),
+                active: 0,
+                versions: Vec::new(),
+                created_at: now,
+            });
+            let number = function.versions.last().map_or(1, |v| v.number + 1);
+            function.versions.push(Version {
+                number,
+                sha256: sha256.to_string(),
+                size: wasm.len() as u64,
+                deployed_at: now,
+            });
+            function.active = number;
+            let count = refs.get(sha256)?.map_or(0, |v| decode_u64(&v)) + 1;
+            refs.insert(sha256, &count.to_be_bytes())?;
+            if count == 1 {
+                blobs.insert(sha256, wasm)?;
+            }
+            artifacts.insert(artifact_key.as_bytes(), artifact)?;
+            let value = to_json(&function).map_err(storage)?;
+            functions.insert(key.as_bytes(), value)?;
+            Ok(Deployed {
+                function,
+                created: true,
+            })
+        });
+        let deployed = finish(result)?;
+        self.flush()?;
+        Ok(deployed)
+    }
+
+    /// A function of `tenant`.
+    pub fn function(&self, tenant: &str, name: &str) -> Result<Option<FunctionRecord>> {
+        self.functions
+            .get(function_key(tenant, name))?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    /// Every function of `tenant`, by name.
+    pub fn functions(&self, tenant: &str) -> Result<Vec<FunctionRecord>> {
+        self.functions
+            .scan_prefix(format!("{tenant}/"))
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
+    }
+
+    /// Deletes a function and every version; blobs no other function uses go too.
+    pub fn delete_function(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        let key = function_key(tenant, name);
+        let trees = (&self.functions, &self.blob_refs, &self.blobs, &self.artifacts);
+        let result = trees.transaction(|(functions, refs, blobs, artifacts)| {
+            let Some(value) = functions.remove(key.as_bytes())? else {
+                return abort(StoreError::NotFound(format!("no function {name:?}")));
+            };
+            let function: FunctionRecord = from_json(&value).map_err(storage)?;
+            for version in &function.versions {
+                self.release_blob(refs, blobs, artifacts, &version.sha256)?;
+            }
+            Ok(())
+        });
+        finish(result)?;
+        self.flush()?;
+        Ok(())
+    }
+
+    /// The wasm with this sha256.
+    pub fn blob(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.blobs.get(sha256)?.map(|v| v.to_vec()))
+    }
+
+    /// The precompiled artifact of a blob for this engine.
+    pub fn artifact(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .artifacts
+            .get(artifact_key(sha256, &self.fingerprint))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Stores a recompiled artifact (after an engine upgrade), if the blob is still live.
+    pub fn put_artifact(&self, sha256: &str, artifact: &[u8]) -> Result<()> {
+        let key = artifact_key(sha256, &self.fingerprint);
+        let result = (&self.blob_refs, &self.artifacts).transaction(|(refs, artifacts)| {
+            if refs.get(sha256)?.is_some() {
+                artifacts.insert(key.as_bytes(), artifact)?;
+            }
+            Ok(())
+        });
+        finish::<()>(result).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    }
+
+    /// Drops artifacts compiled by other engines; returns how many.
+    pub fn prune_artifacts(&self) -> Result<usize> {
+        let suffix = format!("/{}", self.fingerprint);
+        let mut pruned = 0;
+        for key in self.artifacts.iter().keys() {
+            let key = key?;
+            if !key.ends_with(suffix.as_bytes()) {
+                self.artifacts.remove(&key)?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+}
+
+impl Store {
+    /// Drops one reference to a blob; the last one removes the blob and its artifact.
+    fn release_blob(
+        &self,
+        refs: &TransactionalTree,
+        blobs: &TransactionalTree,
+        artifacts: &TransactionalTree,
+        sha256: &str,
+    ) -> Result<(), TxError> {
+        let count = refs.get(sha256)?.map_or(0, |v| decode_u64(&v));
+        if count <= 1 {
+            refs.remove(sha256)?;
+            blobs.remove(sha256)?;
+            artifacts.remove(artifact_key(sha256, &self.fingerprint).as_bytes())?;
+        } else {
+            refs.insert(sha256, &(count - 1).to_be_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+type TxError = ConflictableTransactionError<StoreError>;
+
+fn abort<T>(error: StoreError) -> Result<T, TxError> {
+    Err(ConflictableTransactionError::Abort(error))
+}
+
+fn storage(error: impl Into<anyhow::Error>) -> TxError {
+    ConflictableTransactionError::Abort(StoreError::Storage(error.into()))
+}
+
+fn finish<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    result.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Storage(e.into()),
+    })
+}
+
+
+fn decode_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+fn function_key(tenant: &str, name: &str) -> String {
+    format!("{tenant}/{name}")
+}
+
+fn artifact_key(sha256: &str, fingerprint: &str) -> String {
+    format!("{sha256}/{fingerprint}")
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).context("encoding a record")
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).context("decoding a record")
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

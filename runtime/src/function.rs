@@ -1,0 +1,206 @@
+//! Functions: compiled once at deploy, persisted as a precompiled artifact,
+//! instantiated fresh for every request.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::Body;
+use tokio::sync::oneshot;
+use wasmtime::component::Component;
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+use crate::host::HostState;
+use crate::logs::{LogLimits, LogSink, RequestLog};
+use crate::Runtime;
+
+/// A function ready to serve: its component pre-linked against the host.
+#[derive(Clone)]
+pub struct Function {
+    pre: ProxyPre<HostState>,
+    runtime: Runtime,
+}
+
+/// Why a deploy was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// The bytes are not WebAssembly at all.
+    #[error("not a WebAssembly binary (no \\0asm header)")]
+    NotWasm,
+    /// A core module where a component is needed.
+    #[error(
+        "this is a core WebAssembly module, not a component: build the function with `cargo build --target wasm32-wasip2`"
+    )]
+    CoreModule,
+    /// Malformed or invalid component.
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    /// The component imports an interface the platform does not provide.
+    #[error("the component imports something the platform does not provide: {0}")]
+    UnsupportedImport(String),
+    /// The component does not export `wasi:http/incoming-handler`.
+    #[error("the component does not export wasi:http/incoming-handler@0.2.x: {0}")]
+    MissingHandler(String),
+}
+
+/// Why a request to a function failed (the response was not produced).
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The function ran past its deadline and was interrupted.
+    #[error("the function did not finish within {0:?}")]
+    Deadline(Duration),
+    /// The function trapped (a panic, an out-of-bounds access, …).
+    #[error("the function trapped: {0}")]
+    Trap(String),
+    /// The function returned without setting a response.
+    #[error("the function returned without sending a response")]
+    NoResponse,
+    /// The function answered with a wasi:http error code.
+    #[error("the function failed with {0}")]
+    Guest(String),
+    /// The host could not set the request up.
+    #[error("could not start the function: {0}")]
+    Host(String),
+}
+
+/// What a single invocation is given.
+#[derive(Clone)]
+pub struct Invocation {
+    /// Where the guest's stdout/stderr lines go.
+    pub log: Arc<dyn LogSink>,
+    /// How much it may log.
+    pub log_limits: LogLimits,
+    /// Its wall-clock deadline.
+    pub timeout: Duration,
+}
+
+impl Runtime {
+    /// Validates a component and compiles it to an artifact for [`Runtime::load`].
+    /// CPU-heavy: call it off the async workers.
+    pub fn compile(&self, wasm: &[u8]) -> Result<Vec<u8>, CompileError> {
+        check_header(wasm)?;
+        let component = Component::new(&self.inner.engine, wasm)
+            .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        self.prepare(&component)?;
+        self.inner.counters.compiled();
+        component
+            .serialize()
+            .map_err(|e| CompileError::Invalid(format!("serialising: {e:#}")))
+    }
+
+    /// Loads an artifact made by [`Runtime::compile`] with this engine.
+    pub fn load(&self, artifact: &[u8]) -> anyhow::Result<Function> {
+        // SAFETY: artifacts are produced by `compile` on an engine with the
+        // same fingerprint and kept in the platform's own store; tenants
+        // never supply precompiled bytes.
+        #[allow(unsafe_code)]
+        let component = unsafe { Component::deserialize(&self.inner.engine, artifact) }
+            .map_err(anyhow::Error::from)?;
+        let pre = self.prepare(&component).map_err(anyhow::Error::from)?;
+        self.inner.counters.loaded();
+        Ok(Function {
+            pre,
+            runtime: self.clone(),
+        })
+    }
+
+    fn prepare(&self, component: &Component) -> Result<ProxyPre<HostState>, CompileError> {
+        let instance_pre = self
+            .inner
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| CompileError::UnsupportedImport(format!("{e:#}")))?;
+        ProxyPre::new(instance_pre).map_err(|e| CompileError::MissingHandler(format!("{e:#}")))
+    }
+}
+
+fn check_header(wasm: &[u8]) -> Result<(), CompileError> {
+    if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
+        return Err(CompileError::NotWasm);
+    }
+    // Layer 0 with version 1 is a core module; components use layer 1.
+    if wasm[4..8] == [1, 0, 0, 0] {
+        return Err(CompileError::CoreModule);
+    }
+    Ok(())
+}
+
+impl Function {
+    /// Runs one HTTP request in a fresh instance. The response's body may
+    /// still be streaming from the guest when this returns; the instance
+    /// lives until it is done or the deadline passes.
+    pub async fn handle<B>(
+        &self,
+        request: hyper::Request<B>,
+        invocation: Invocation,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, InvokeError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let inner = &self.runtime.inner;
+        let log = RequestLog::new(invocation.log.clone(), invocation.log_limits);
+        let state = HostState::new(&log, inner.models.clone(), inner.limits.max_memory_bytes);
+        let mut store = Store::new(&inner.engine, state);
+        store.limiter(|state| &mut state.limits);
+        let deadline = Instant::now() + invocation.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        let host_error = |e: wasmtime::Error| InvokeError::Host(format!("{e:#}"));
+        let (sender, receiver) = oneshot::channel();
+        let request = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, request)
+            .map_err(host_error)?;
+        let response_out = store
+            .data_mut()
+            .http()
+            .new_response_outparam(sender)
+            .map_err(host_error)?;
+        let pre = self.pre.clone();
+        let task = tokio::spawn(async move {
+            let run = async {
+                let proxy = pre.instantiate_async(&mut store).await?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, request, response_out)
+                    .await
+            };
+            let outcome = tokio::time::timeout_at(deadline.into(), run).await;
+            drop(store);
+            drop(log);
+            outcome
+        });
+        match receiver.await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(code)) => Err(InvokeError::Guest(format!("{code:?}"))),
+            Err(_) => Err(classify(task.await, invocation.timeout)),
+        }
+    }
+}
+
+type TaskOutcome = Result<Result<wasmtime::Result<()>, tokio::time::error::Elapsed>, tokio::task::JoinError>;
+
+/// Why the guest ended without sending a response.
+fn classify(outcome: TaskOutcome, timeout: Duration) -> InvokeError {
+    match outcome {
+        Ok(Ok(Ok(()))) => InvokeError::NoResponse,
+        Ok(Err(_elapsed)) => InvokeError::Deadline(timeout),
+        Ok(Ok(Err(error))) => match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => InvokeError::Deadline(timeout),
+            _ => InvokeError::Trap(format!("{:#}", anyhow::Error::from(error))),
+        },
+        Err(join) => InvokeError::Host(format!("the request task failed: {join}")),
+    }
+}

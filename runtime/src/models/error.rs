@@ -1,0 +1,64 @@
+//! Model errors as a guest sees them: the standard wasi-nn error codes.
+
+use std::fmt;
+
+/// The `wasi:nn/errors.error-code` values, mirrored so the model pool does
+/// not depend on the generated bindings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The caller passed a bad argument (unknown input, wrong type or shape).
+    InvalidArgument,
+    /// The graph encoding is not one the host runs.
+    InvalidEncoding,
+    /// The operation ran out of time.
+    Timeout,
+    /// The backend failed while running the graph.
+    RuntimeError,
+    /// The host does not support what was asked (e.g. a BF16 tensor).
+    UnsupportedOperation,
+    /// The graph is too large to load.
+    TooLarge,
+    /// No model by that name.
+    NotFound,
+    /// The caller may not do this.
+    Security,
+    /// Anything else.
+    Unknown,
+}
+
+/// A wasi-nn error: a code and a message for the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NnError {
+    /// The standard error code.
+    pub code: ErrorCode,
+    /// What went wrong, for the guest's logs.
+    pub message: String,
+}
+
+impl NnError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// An `invalid-argument` error.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidArgument, message)
+    }
+
+    /// An `unsupported-operation` error.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::UnsupportedOperation, message)
+    }
+}
+
+impl fmt::Display for NnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for NnError {}

@@ -1,0 +1,231 @@
+//! The model pool: every repository model loaded and optimised once at
+//! boot, then shared by all tenants; inference runs on a worker pool sized
+//! to the cores, so guests await it without holding an async worker.
+
+mod config;
+mod error;
+mod onnx;
+mod tensor;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+pub use config::{DevicePreference, ModelConfig, ModelFormat};
+pub use error::{ErrorCode, NnError};
+pub use onnx::{OnnxGraph, TensorSpec};
+pub use tensor::{ElementType, HostTensor};
+
+/// The largest ONNX graph a function may pass to `load`.
+pub const MAX_GUEST_GRAPH_BYTES: usize = 256 * 1024 * 1024;
+
+/// All models of the operator's repository, plus the inference workers.
+pub struct ModelPool {
+    models: BTreeMap<String, RepositoryModel>,
+    workers: Arc<Semaphore>,
+}
+
+struct RepositoryModel {
+    config: ModelConfig,
+    loaded: Result<Arc<OnnxGraph>, String>,
+    size_bytes: u64,
+    load_ms: u64,
+}
+
+/// What `GET /v1/models` shows of one model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// The name functions pass to `load-by-name`.
+    pub name: String,
+    /// The operator's description.
+    pub description: String,
+    /// The file format.
+    pub format: ModelFormat,
+    /// What the model does.
+    pub task: Option<String>,
+    /// Where it runs.
+    pub device: &'static str,
+    /// `ready` or `failed`.
+    pub state: &'static str,
+    /// Why it failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The graph's inputs.
+    pub inputs: Vec<TensorSpec>,
+    /// The graph's outputs.
+    pub outputs: Vec<TensorSpec>,
+    /// Size of the model file.
+    pub size_bytes: u64,
+    /// How long loading and optimising took.
+    pub load_ms: u64,
+}
+
+impl ModelPool {
+    /// A pool with no repository models (functions may still `load` their own).
+    pub fn empty(workers: usize) -> Self {
+        Self {
+            models: BTreeMap::new(),
+            workers: Arc::new(Semaphore::new(workers.max(1))),
+        }
+    }
+
+    /// Loads every `<dir>/<name>/model.toml`. A model that fails to load is
+    /// kept with its reason (and logged); only an unreadable directory fails.
+    pub fn load_repository(dir: &Path, workers: usize) -> Result<Self> {
+        let mut pool = Self::empty(workers);
+        for model_dir in model_dirs(dir)? {
+            let name = model_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("model directory name is not UTF-8")?
+                .to_string();
+            tracing::info!(model = %name, "loading model");
+            match load_model(&model_dir) {
+                Ok(model) => {
+                    match &model.loaded {
+                        Ok(_) => tracing::info!(model = %name, ms = model.load_ms, "model ready"),
+                        Err(e) => tracing::error!(model = %name, "model failed: {e}"),
+                    }
+                    pool.models.insert(name, model);
+                }
+                Err(e) => tracing::error!(model = %name, "skipping model: {e:#}"),
+            }
+        }
+        Ok(pool)
+    }
+
+    /// A repository model by name: `not-found` when there is none, a
+    /// `runtime-error` when it failed to load.
+    pub fn get(&self, name: &str) -> Result<Arc<OnnxGraph>, NnError> {
+        let model = self.models.get(name).ok_or_else(|| {
+            NnError::new(ErrorCode::NotFound, format!("no model named {name:?}"))
+        })?;
+        model.loaded.clone().map_err(|reason| {
+            NnError::new(
+                ErrorCode::RuntimeError,
+                format!("model {name:?} failed to load: {reason}"),
+            )
+        })
+    }
+
+    /// Compiles a function's own ONNX graph on a worker.
+    pub async fn load_bytes(&self, bytes: Vec<u8>) -> Result<Arc<OnnxGraph>, NnError> {
+        if bytes.len() > MAX_GUEST_GRAPH_BYTES {
+            return Err(NnError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "graph of {} bytes, the limit is {MAX_GUEST_GRAPH_BYTES}",
+                    bytes.len()
+                ),
+            ));
+        }
+        self.on_worker(move || {
+            OnnxGraph::from_bytes(&bytes)
+                .map_err(|e| NnError::new(ErrorCode::InvalidEncoding, format!("{e:#}")))
+        })
+        .await
+    }
+
+    /// Runs `graph` on named inputs on a worker and returns its named outputs.
+    pub async fn compute(
+        &self,
+        graph: Arc<OnnxGraph>,
+        inputs: Vec<(String, HostTensor)>,
+    ) -> Result<Vec<(String, HostTensor)>, NnError> {
+        let bound = graph.bind(inputs)?;
+        self.on_worker(move || {
+            graph
+                .run(bound)
+                .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("{e:#}")))
+        })
+        .await
+    }
+
+    async fn on_worker<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> Result<T, NnError> + Send + 'static,
+    ) -> Result<T, NnError> {
+        let _permit = self
+            .workers
+            .acquire()
+            .await
+            .map_err(|_| NnError::new(ErrorCode::RuntimeError, "the model pool is shutting down"))?;
+        tokio::task::spawn_blocking(job)
+            .await
+            .unwrap_or_else(|e| Err(NnError::new(ErrorCode::RuntimeError, format!("inference worker failed: {e}"))))
+    }
+
+    /// Every repository model with its state, by name.
+    pub fn list(&self) -> Vec<ModelInfo> {
+        self.models
+            .iter()
+            .map(|(name, model)| model.info(name))
+            .collect()
+    }
+}
+
+impl RepositoryModel {
+    fn info(&self, name: &str) -> ModelInfo {
+        let (state, error, inputs, outputs) = match &self.loaded {
+            Ok(graph) => ("ready", None, graph.inputs().to_vec(), graph.outputs().to_vec()),
+            Err(reason) => ("failed", Some(reason.clone()), vec![], vec![]),
+        };
+        ModelInfo {
+            name: name.to_string(),
+            description: self.config.description.clone(),
+            format: self.config.format,
+            task: self.config.task.clone(),
+            device: "cpu",
+            state,
+            error,
+            inputs,
+            outputs,
+            size_bytes: self.size_bytes,
+            load_ms: self.load_ms,
+        }
+    }
+}
+
+fn model_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the model repository {}", dir.display()))?;
+    let mut dirs = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if path.join("model.toml").is_file() {
+            dirs.push(path);
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// Reads `model.toml` (an error here skips the model) and loads the graph
+/// (an error here is kept as the model's failed state).
+fn load_model(dir: &Path) -> Result<RepositoryModel> {
+    let toml_path = dir.join("model.toml");
+    let text = std::fs::read_to_string(&toml_path)
+        .with_context(|| format!("reading {}", toml_path.display()))?;
+    let config: ModelConfig =
+        toml::from_str(&text).with_context(|| format!("parsing {}", toml_path.display()))?;
+    let file = dir.join(&config.file);
+    let size_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    let started = Instant::now();
+    let loaded = match config.device {
+        DevicePreference::Gpu => Err("device = \"gpu\" but this build has no GPU backend".into()),
+        DevicePreference::Auto | DevicePreference::Cpu => {
+            OnnxGraph::from_path(&file).map_err(|e| format!("{e:#}"))
+        }
+    };
+    Ok(RepositoryModel {
+        config,
+        loaded,
+        size_bytes,
+        load_ms: started.elapsed().as_millis() as u64,
+    })
+}

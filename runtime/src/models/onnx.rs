@@ -1,0 +1,173 @@
+//! The tract backend: ONNX graphs loaded, typed and optimised once, then
+//! run by any number of callers.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::DimLike;
+
+use super::error::NnError;
+use super::tensor::HostTensor;
+
+/// One input or output of a model: name, element type and shape
+/// (`None` for a dimension fixed only at run time, such as the batch).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TensorSpec {
+    /// The tensor's name in the graph.
+    pub name: String,
+    /// The element type, in wasi-nn's spelling (`FP32`, `I64`, …).
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// Dimensions; `None` where the model leaves it symbolic.
+    pub shape: Vec<Option<usize>>,
+    #[serde(skip)]
+    datum: DatumType,
+}
+
+/// An optimised ONNX graph, ready to run.
+pub struct OnnxGraph {
+    plan: Box<dyn Runnable>,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+}
+
+impl std::fmt::Debug for OnnxGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxGraph")
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
+impl OnnxGraph {
+    /// Loads and optimises the ONNX file at `path`.
+    pub fn from_path(path: &Path) -> Result<Arc<Self>> {
+        let model = tract_onnx::onnx()
+            .model_for_path(path)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        Self::prepare(model)
+    }
+
+    /// Loads and optimises ONNX bytes (a function's own model).
+    pub fn from_bytes(mut bytes: &[u8]) -> Result<Arc<Self>> {
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut bytes)
+            .context("parsing the ONNX graph")?;
+        Self::prepare(model)
+    }
+
+    fn prepare(model: InferenceModel) -> Result<Arc<Self>> {
+        let typed = model
+            .into_typed()
+            .context("inferring types and shapes")?
+            .into_decluttered()
+            .context("simplifying the graph")?;
+        let inputs = specs(&typed, &typed.inputs)?;
+        let outputs = specs(&typed, &typed.outputs)?;
+        let runtime = runtime_for_name("cpu")?.context("tract has no cpu runtime")?;
+        let plan = runtime.prepare(typed).context("optimising the graph")?;
+        Ok(Arc::new(Self {
+            plan,
+            inputs,
+            outputs,
+        }))
+    }
+
+    /// The graph's inputs, in order.
+    pub fn inputs(&self) -> &[TensorSpec] {
+        &self.inputs
+    }
+
+    /// The graph's outputs, in order.
+    pub fn outputs(&self) -> &[TensorSpec] {
+        &self.outputs
+    }
+
+    /// Puts named tensors in the graph's input order, checking names,
+    /// types and shapes so a mistake is an invalid-argument, not a crash.
+    pub fn bind(&self, named: Vec<(String, HostTensor)>) -> Result<TVec<TValue>, NnError> {
+        let mut slots: Vec<Option<HostTensor>> = vec![None; self.inputs.len()];
+        for (name, tensor) in named {
+            let index = self
+                .inputs
+                .iter()
+                .position(|spec| spec.name == name)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
+                    NnError::invalid(format!("the model has no input {name:?} (inputs: {known:?})"))
+                })?;
+            if slots[index].replace(tensor).is_some() {
+                return Err(NnError::invalid(format!("input {name:?} given twice")));
+            }
+        }
+        self.inputs
+            .iter()
+            .zip(slots)
+            .map(|(spec, slot)| {
+                let tensor = slot.ok_or_else(|| {
+                    NnError::invalid(format!("missing input {:?}", spec.name))
+                })?;
+                check_shape(spec, &tensor)?;
+                Ok(tensor.into_tract(spec.datum, &spec.name)?.into_tvalue())
+            })
+            .collect()
+    }
+
+    /// Runs the graph on bound inputs; blocking, call it off the async workers.
+    pub fn run(&self, inputs: TVec<TValue>) -> Result<Vec<(String, HostTensor)>> {
+        let outputs = self.plan.run(inputs).context("running the graph")?;
+        self.outputs
+            .iter()
+            .zip(outputs)
+            .map(|(spec, value)| Ok((spec.name.clone(), HostTensor::from_tract(&value)?)))
+            .collect()
+    }
+}
+
+fn check_shape(spec: &TensorSpec, tensor: &HostTensor) -> Result<(), NnError> {
+    let fits = spec.shape.len() == tensor.dims.len()
+        && spec
+            .shape
+            .iter()
+            .zip(&tensor.dims)
+            .all(|(want, &got)| want.is_none_or(|w| w == got as usize));
+    if fits {
+        Ok(())
+    } else {
+        Err(NnError::invalid(format!(
+            "input {:?} has shape {:?}, the model expects {}",
+            spec.name,
+            tensor.dims,
+            shape_text(&spec.shape)
+        )))
+    }
+}
+
+fn shape_text(shape: &[Option<usize>]) -> String {
+    let dims: Vec<String> = shape
+        .iter()
+        .map(|d| d.map_or_else(|| "?".into(), |d| d.to_string()))
+        .collect();
+    format!("[{}]", dims.join(", "))
+}
+
+fn specs(model: &TypedModel, outlets: &[OutletId]) -> Result<Vec<TensorSpec>> {
+    outlets
+        .iter()
+        .map(|&outlet| {
+            let fact = model.outlet_fact(outlet)?;
+            Ok(TensorSpec {
+                name: model
+                    .outlet_label(outlet)
+                    .unwrap_or(&model.node(outlet.node).name)
+                    .to_string(),
+                ty: super::tensor::wasi_type_name(fact.datum_type),
+                shape: fact.shape.iter().map(|d| d.to_usize().ok()).collect(),
+                datum: fact.datum_type,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,274 @@
+//! The host side of `wasi:nn@0.2.0-rc-2024-10-28` for components.
+//!
+//! `load` and `compute` are async on the host: a guest waiting for a model
+//! holds no tokio worker; the work runs on the model pool's workers.
+
+use std::sync::Arc;
+
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
+use crate::models::{ElementType, ErrorCode, HostTensor, ModelPool, NnError, OnnxGraph};
+
+mod generated {
+    wasmtime::component::bindgen!({
+        world: "ml",
+        path: "../wit/wasi-nn",
+        with: {
+            "wasi:nn/graph.graph": super::Graph,
+            "wasi:nn/tensor.tensor": super::Tensor,
+            "wasi:nn/inference.graph-execution-context": super::ExecutionContext,
+            "wasi:nn/errors.error": super::Error,
+        },
+        imports: {
+            "wasi:nn/graph.load": async | trappable,
+            "wasi:nn/inference.[method]graph-execution-context.compute": async | trappable,
+            default: trappable,
+        },
+    });
+}
+
+use generated::wasi::nn::{errors, graph, inference, tensor};
+
+/// A loaded graph, as a guest holds it.
+pub struct Graph(Arc<OnnxGraph>);
+
+/// An execution context bound to a graph.
+pub struct ExecutionContext(Arc<OnnxGraph>);
+
+/// A guest-visible tensor.
+pub struct Tensor(HostTensor);
+
+/// A guest-visible error.
+pub struct Error(NnError);
+
+/// What one instance needs for wasi-nn: the shared model pool.
+pub struct NnCtx {
+    pool: Arc<ModelPool>,
+}
+
+impl NnCtx {
+    /// A context over `pool`.
+    pub fn new(pool: Arc<ModelPool>) -> Self {
+        Self { pool }
+    }
+}
+
+/// The view the bindings are implemented on.
+pub struct NnView<'a> {
+    ctx: &'a NnCtx,
+    table: &'a mut ResourceTable,
+}
+
+impl<'a> NnView<'a> {
+    /// A view over an instance's context and resource table.
+    pub fn new(ctx: &'a NnCtx, table: &'a mut ResourceTable) -> Self {
+        Self { ctx, table }
+    }
+
+    fn fail<T>(&mut self, error: NnError) -> wasmtime::Result<Result<T, Resource<Error>>> {
+        tracing::debug!("wasi-nn error for guest: {error}");
+        Ok(Err(self.table.push(Error(error))?))
+    }
+}
+
+struct Nn;
+
+impl HasData for Nn {
+    type Data<'a> = NnView<'a>;
+}
+
+/// Adds wasi-nn to `linker`; `view` finds the instance's context.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> NnView<'_>,
+) -> wasmtime::Result<()> {
+    graph::add_to_linker::<_, Nn>(linker, view)?;
+    tensor::add_to_linker::<_, Nn>(linker, view)?;
+    inference::add_to_linker::<_, Nn>(linker, view)?;
+    errors::add_to_linker::<_, Nn>(linker, view)?;
+    Ok(())
+}
+
+type NnResult<T> = wasmtime::Result<Result<T, Resource<Error>>>;
+
+impl graph::Host for NnView<'_> {
+    async fn load(
+        &mut self,
+        builders: Vec<graph::GraphBuilder>,
+        encoding: graph::GraphEncoding,
+        target: graph::ExecutionTarget,
+    ) -> NnResult<Resource<Graph>> {
+        use graph::{ExecutionTarget, GraphEncoding};
+        if !matches!(encoding, GraphEncoding::Onnx | GraphEncoding::Autodetect) {
+            return self.fail(NnError::new(
+                ErrorCode::InvalidEncoding,
+                format!("{encoding:?} graphs are not supported; this host runs ONNX"),
+            ));
+        }
+        if !matches!(target, ExecutionTarget::Cpu) {
+            return self.fail(NnError::unsupported(format!(
+                "execution target {target:?} is not available to loaded graphs; use cpu"
+            )));
+        }
+        let mut builders = builders;
+        if builders.len() != 1 {
+            return self.fail(NnError::invalid(format!(
+                "an ONNX graph is one builder (the .onnx bytes), got {}",
+                builders.len()
+            )));
+        }
+        let bytes = builders.pop().expect("one builder");
+        match self.ctx.pool.load_bytes(bytes).await {
+            Ok(graph) => Ok(Ok(self.table.push(Graph(graph))?)),
+            Err(error) => self.fail(error),
+        }
+    }
+
+    fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
+        match self.ctx.pool.get(&name) {
+            Ok(graph) => Ok(Ok(self.table.push(Graph(graph))?)),
+            Err(error) => self.fail(error),
+        }
+    }
+}
+
+impl graph::HostGraph for NnView<'_> {
+    fn init_execution_context(
+        &mut self,
+        graph: Resource<Graph>,
+    ) -> NnResult<Resource<ExecutionContext>> {
+        let graph = self.table.get(&graph)?.0.clone();
+        Ok(Ok(self.table.push(ExecutionContext(graph))?))
+    }
+
+    fn drop(&mut self, graph: Resource<Graph>) -> wasmtime::Result<()> {
+        self.table.delete(graph)?;
+        Ok(())
+    }
+}
+
+impl inference::Host for NnView<'_> {}
+
+impl inference::HostGraphExecutionContext for NnView<'_> {
+    async fn compute(
+        &mut self,
+        context: Resource<ExecutionContext>,
+        inputs: Vec<inference::NamedTensor>,
+    ) -> NnResult<Vec<inference::NamedTensor>> {
+        let graph = self.table.get(&context)?.0.clone();
+        let mut named = Vec::with_capacity(inputs.len());
+        for (name, tensor) in inputs {
+            // Inputs are owned handles: the guest gave them up.
+            named.push((name, self.table.delete(tensor)?.0));
+        }
+        match self.ctx.pool.compute(graph, named).await {
+            Ok(outputs) => {
+                let mut named = Vec::with_capacity(outputs.len());
+                for (name, tensor) in outputs {
+                    named.push((name, self.table.push(Tensor(tensor))?));
+                }
+                Ok(Ok(named))
+            }
+            Err(error) => self.fail(error),
+        }
+    }
+
+    fn drop(&mut self, context: Resource<ExecutionContext>) -> wasmtime::Result<()> {
+        self.table.delete(context)?;
+        Ok(())
+    }
+}
+
+impl tensor::Host for NnView<'_> {}
+
+impl tensor::HostTensor for NnView<'_> {
+    fn new(
+        &mut self,
+        dimensions: tensor::TensorDimensions,
+        ty: tensor::TensorType,
+        data: tensor::TensorData,
+    ) -> wasmtime::Result<Resource<Tensor>> {
+        // Checked at `compute`, where a mismatch can be reported as an error.
+        let tensor = HostTensor {
+            dims: dimensions,
+            ty: element_type(ty),
+            data,
+        };
+        Ok(self.table.push(Tensor(tensor))?)
+    }
+
+    fn dimensions(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<Vec<u32>> {
+        Ok(self.table.get(&tensor)?.0.dims.clone())
+    }
+
+    fn ty(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<tensor::TensorType> {
+        Ok(tensor_type(self.table.get(&tensor)?.0.ty))
+    }
+
+    fn data(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.table.get(&tensor)?.0.data.clone())
+    }
+
+    fn drop(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<()> {
+        self.table.delete(tensor)?;
+        Ok(())
+    }
+}
+
+impl errors::Host for NnView<'_> {}
+
+impl errors::HostError for NnView<'_> {
+    fn code(&mut self, error: Resource<Error>) -> wasmtime::Result<errors::ErrorCode> {
+        Ok(error_code(self.table.get(&error)?.0.code))
+    }
+
+    fn data(&mut self, error: Resource<Error>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&error)?.0.message.clone())
+    }
+
+    fn drop(&mut self, error: Resource<Error>) -> wasmtime::Result<()> {
+        self.table.delete(error)?;
+        Ok(())
+    }
+}
+
+fn element_type(ty: tensor::TensorType) -> ElementType {
+    use tensor::TensorType as T;
+    match ty {
+        T::Fp16 => ElementType::Fp16,
+        T::Fp32 => ElementType::Fp32,
+        T::Fp64 => ElementType::Fp64,
+        T::Bf16 => ElementType::Bf16,
+        T::U8 => ElementType::U8,
+        T::I32 => ElementType::I32,
+        T::I64 => ElementType::I64,
+    }
+}
+
+fn tensor_type(ty: ElementType) -> tensor::TensorType {
+    use tensor::TensorType as T;
+    match ty {
+        ElementType::Fp16 => T::Fp16,
+        ElementType::Fp32 => T::Fp32,
+        ElementType::Fp64 => T::Fp64,
+        ElementType::Bf16 => T::Bf16,
+        ElementType::U8 => T::U8,
+        ElementType::I32 => T::I32,
+        ElementType::I64 => T::I64,
+    }
+}
+
+fn error_code(code: ErrorCode) -> errors::ErrorCode {
+    use errors::ErrorCode as E;
+    match code {
+        ErrorCode::InvalidArgument => E::InvalidArgument,
+        ErrorCode::InvalidEncoding => E::InvalidEncoding,
+        ErrorCode::Timeout => E::Timeout,
+        ErrorCode::RuntimeError => E::RuntimeError,
+        ErrorCode::UnsupportedOperation => E::UnsupportedOperation,
+        ErrorCode::TooLarge => E::TooLarge,
+        ErrorCode::NotFound => E::NotFound,
+        ErrorCode::Security => E::Security,
+        ErrorCode::Unknown => E::Unknown,
+    }
+}

@@ -1,0 +1,110 @@
+//! The `gigafactory` command line against a running gateway.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use support::{ADMIN_TOKEN, Server, binary, root, wasm};
+
+fn gigafactory(server: &Server, token: &str, args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .env("GIGAFACTORY_URL", &server.url)
+        .env("GIGAFACTORY_TOKEN", token)
+        .output()
+        .expect("running gigafactory")
+}
+
+fn success(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn a_tour_of_the_cli() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let hello = wasm("hello");
+    let file = data.path().join("hello.wasm");
+    std::fs::write(&file, hello).unwrap();
+
+    assert!(success(gigafactory(&server, ADMIN_TOKEN, &["tenant", "create", "demo"])).contains("created tenant demo"));
+    assert!(success(gigafactory(&server, ADMIN_TOKEN, &["tenant", "list"])).contains("demo"));
+    let key = success(gigafactory(&server, ADMIN_TOKEN, &["tenant", "key", "demo", "--quiet"]));
+    let key = key.trim();
+    assert!(key.starts_with("gf_"), "{key}");
+
+    let deployed = success(gigafactory(&server, key, &["deploy", "hello", file.to_str().unwrap()]));
+    assert!(deployed.contains("deployed hello version 1 at /fn/demo/hello"), "{deployed}");
+    let answer = success(gigafactory(&server, key, &["invoke", "hello", "--path", "/cli"]));
+    assert_eq!(answer, "Hello from Gigafactory! You asked for /cli\n");
+    let listed = success(gigafactory(&server, key, &["functions", "list"]));
+    assert!(listed.contains("hello") && listed.contains("/fn/demo/hello"), "{listed}");
+    let models = success(gigafactory(&server, key, &["models", "list"]));
+    assert!(models.contains("all-minilm-l6-v2") && models.contains("ready"), "{models}");
+    let as_json = success(gigafactory(&server, key, &["--json", "functions", "get", "hello"]));
+    let parsed: serde_json::Value = serde_json::from_str(&as_json).unwrap();
+    assert_eq!(parsed["active_version"], 1);
+}
+
+#[test]
+fn failures_exit_non_zero_with_the_cause() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let missing = gigafactory(&server, ADMIN_TOKEN, &["deploy", "x", "/nonexistent/file.wasm"]);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("error: reading /nonexistent/file.wasm"), "{stderr}");
+    assert!(stderr.contains("caused by:"), "{stderr}");
+
+    let not_a_tenant = gigafactory(&server, ADMIN_TOKEN, &["invoke", "hello"]);
+    assert!(!not_a_tenant.status.success());
+    assert!(String::from_utf8_lossy(&not_a_tenant.stderr).contains("needs a tenant API key"));
+
+    let unknown = gigafactory(&server, "gf_nope", &["functions", "list"]);
+    assert!(!unknown.status.success());
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(stderr.contains("401") && stderr.contains("unknown API key"), "{stderr}");
+
+    let mut offline = Command::new(binary());
+    let refused = offline
+        .args(["models", "list"])
+        .env("GIGAFACTORY_URL", "http://127.0.0.1:9")
+        .env("GIGAFACTORY_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is `gigafactory serve` running there?"));
+}
+
+#[test]
+fn serve_generates_and_keeps_an_admin_token() {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data.path())
+        .arg("--models")
+        .arg(root().join("models"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let token_file = data.path().join("admin-token");
+    for _ in 0..600 {
+        if token_file.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let token = std::fs::read_to_string(&token_file).expect("the admin token file");
+    assert!(token.trim().starts_with("gfadmin_") && token.trim().len() == 8 + 64, "{token}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the token file is private");
+}

@@ -1,0 +1,178 @@
+//! What every end-to-end test needs: the guest components built from
+//! source, and a real `gigafactory serve` process on a free port.
+
+#![allow(dead_code, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gigafactory_gateway::cli::Client;
+use gigafactory_gateway::cli::client::Reply;
+use hyper::Method;
+
+pub const ADMIN_TOKEN: &str = "gfadmin_test-admin-token";
+
+/// The repository's root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `gigafactory` binary under test.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_gigafactory"))
+}
+
+/// A component by crate name: the examples (`hello`, `embed`) and the test
+/// guests (`tests/guests/*`), built from source once per test binary.
+pub fn wasm(name: &str) -> Vec<u8> {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        build_guests(&root().join("examples/Cargo.toml"));
+        build_guests(&root().join("tests/guests/Cargo.toml"));
+    });
+    let file = |dir: &str| root().join(dir).join(format!("target/wasm32-wasip2/release/{name}.wasm"));
+    let path = [file("examples"), file("tests/guests")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no component {name}.wasm was built"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+fn build_guests(manifest: &Path) {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+        .arg(manifest)
+        .status()
+        .expect("running cargo");
+    assert!(status.success(), "building {} failed", manifest.display());
+}
+
+/// A running `gigafactory serve`, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub data: PathBuf,
+    output: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts a server on `data` with the repository's models.
+    pub fn start(data: &Path) -> Self {
+        Self::start_with(data, &[])
+    }
+
+    /// Starts a server with extra `serve` flags.
+    pub fn start_with(data: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-token", ADMIN_TOKEN])
+            .arg("--data")
+            .arg(data)
+            .arg("--models")
+            .arg(root().join("models"))
+            .args(extra)
+            .env("GIGAFACTORY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting gigafactory serve");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (address_tx, address_rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = output.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(address) = line.split("listening on ").nth(1) {
+                    let _ = address_tx.send(address.trim().to_string());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let url = match address_rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the server did not start:\n{}", output.lock().unwrap().join("\n"));
+            }
+        };
+        Self {
+            child,
+            url,
+            data: data.to_path_buf(),
+            output,
+        }
+    }
+
+    /// A client with `token`.
+    pub fn client(&self, token: Option<&str>) -> Client {
+        Client::new(&self.url, token.map(str::to_string)).expect("a client")
+    }
+
+    /// A client with the admin token.
+    pub fn admin(&self) -> Client {
+        self.client(Some(ADMIN_TOKEN))
+    }
+
+    /// Creates a tenant and returns a fresh API key for it.
+    pub async fn tenant(&self, name: &str) -> String {
+        let admin = self.admin();
+        let body = serde_json::json!({ "name": name }).to_string();
+        let created = admin.send(Method::POST, "/v1/tenants", Some(("application/json", body.into())), &[]).await.unwrap();
+        assert_eq!(created.status, 201, "creating tenant {name}: {}", text(&created));
+        let key = admin.api(Method::POST, &format!("/v1/tenants/{name}/keys"), None).await.unwrap();
+        key["key"].as_str().expect("a key").to_string()
+    }
+
+    /// Deploys `wasm` as `name` with `key`, asserting success.
+    pub async fn deploy(&self, key: &str, name: &str, wasm: Vec<u8>) -> serde_json::Value {
+        let reply = self.client(Some(key)).send(Method::PUT, &format!("/v1/functions/{name}"), Some(("application/wasm", Bytes::from(wasm))), &[]).await.unwrap();
+        assert!(reply.status.is_success(), "deploying {name}: {}", text(&reply));
+        serde_json::from_slice(&reply.body).unwrap()
+    }
+
+    /// The server's log so far.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().join("\n")
+    }
+
+    /// Stops the server with SIGTERM and waits for it to exit.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        for _ in 0..200 {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the server did not stop on SIGTERM:\n{}", self.output());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A reply's body as text.
+pub fn text(reply: &Reply) -> String {
+    String::from_utf8_lossy(&reply.body).into_owned()
+}
+
+/// A reply's body as JSON.
+pub fn json(reply: &Reply) -> serde_json::Value {
+    serde_json::from_slice(&reply.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(reply)))
+}
+
+/// Asserts a platform error: status, `error.code`, and a message.
+pub fn assert_error(reply: &Reply, status: u16, code: &str) {
+    assert_eq!(reply.status.as_u16(), status, "expected {status} {code}: {}", text(reply));
+    let body = json(reply);
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
