@@ -33,21 +33,53 @@ fn a_tour_of_the_cli() {
     let file = data.path().join("hello.wasm");
     std::fs::write(&file, hello).unwrap();
 
-    assert!(success(gigafactory(&server, ADMIN_TOKEN, &["tenant", "create", "demo"])).contains("created tenant demo"));
+    assert!(
+        success(gigafactory(
+            &server,
+            ADMIN_TOKEN,
+            &["tenant", "create", "demo"]
+        ))
+        .contains("created tenant demo")
+    );
     assert!(success(gigafactory(&server, ADMIN_TOKEN, &["tenant", "list"])).contains("demo"));
-    let key = success(gigafactory(&server, ADMIN_TOKEN, &["tenant", "key", "demo", "--quiet"]));
+    let key = success(gigafactory(
+        &server,
+        ADMIN_TOKEN,
+        &["tenant", "key", "demo", "--quiet"],
+    ));
     let key = key.trim();
     assert!(key.starts_with("gf_"), "{key}");
 
-    let deployed = success(gigafactory(&server, key, &["deploy", "hello", file.to_str().unwrap()]));
-    assert!(deployed.contains("deployed hello version 1 at /fn/demo/hello"), "{deployed}");
-    let answer = success(gigafactory(&server, key, &["invoke", "hello", "--path", "/cli"]));
+    let deployed = success(gigafactory(
+        &server,
+        key,
+        &["deploy", "hello", file.to_str().unwrap()],
+    ));
+    assert!(
+        deployed.contains("deployed hello version 1 at /fn/demo/hello"),
+        "{deployed}"
+    );
+    let answer = success(gigafactory(
+        &server,
+        key,
+        &["invoke", "hello", "--path", "/cli"],
+    ));
     assert_eq!(answer, "Hello from Gigafactory! You asked for /cli\n");
     let listed = success(gigafactory(&server, key, &["functions", "list"]));
-    assert!(listed.contains("hello") && listed.contains("/fn/demo/hello"), "{listed}");
+    assert!(
+        listed.contains("hello") && listed.contains("/fn/demo/hello"),
+        "{listed}"
+    );
     let models = success(gigafactory(&server, key, &["models", "list"]));
-    assert!(models.contains("all-minilm-l6-v2") && models.contains("ready"), "{models}");
-    let as_json = success(gigafactory(&server, key, &["--json", "functions", "get", "hello"]));
+    assert!(
+        models.contains("all-minilm-l6-v2") && models.contains("ready"),
+        "{models}"
+    );
+    let as_json = success(gigafactory(
+        &server,
+        key,
+        &["--json", "functions", "get", "hello"],
+    ));
     let parsed: serde_json::Value = serde_json::from_str(&as_json).unwrap();
     assert_eq!(parsed["active_version"], 1);
 }
@@ -56,10 +88,17 @@ fn a_tour_of_the_cli() {
 fn failures_exit_non_zero_with_the_cause() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path());
-    let missing = gigafactory(&server, ADMIN_TOKEN, &["deploy", "x", "/nonexistent/file.wasm"]);
+    let missing = gigafactory(
+        &server,
+        ADMIN_TOKEN,
+        &["deploy", "x", "/nonexistent/file.wasm"],
+    );
     assert!(!missing.status.success());
     let stderr = String::from_utf8_lossy(&missing.stderr);
-    assert!(stderr.contains("error: reading /nonexistent/file.wasm"), "{stderr}");
+    assert!(
+        stderr.contains("error: reading /nonexistent/file.wasm"),
+        "{stderr}"
+    );
     assert!(stderr.contains("caused by:"), "{stderr}");
 
     let not_a_tenant = gigafactory(&server, ADMIN_TOKEN, &["invoke", "hello"]);
@@ -69,7 +108,10 @@ fn failures_exit_non_zero_with_the_cause() {
     let unknown = gigafactory(&server, "gf_nope", &["functions", "list"]);
     assert!(!unknown.status.success());
     let stderr = String::from_utf8_lossy(&unknown.stderr);
-    assert!(stderr.contains("401") && stderr.contains("unknown API key"), "{stderr}");
+    assert!(
+        stderr.contains("401") && stderr.contains("unknown API key"),
+        "{stderr}"
+    );
 
     let mut offline = Command::new(binary());
     let refused = offline
@@ -79,7 +121,9 @@ fn failures_exit_non_zero_with_the_cause() {
         .output()
         .unwrap();
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("is `gigafactory serve` running there?"));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is `gigafactory serve` running there?")
+    );
 }
 
 #[test]
@@ -103,7 +147,10 @@ fn serve_generates_and_keeps_an_admin_token() {
     let _ = child.kill();
     let _ = child.wait();
     let token = std::fs::read_to_string(&token_file).expect("the admin token file");
-    assert!(token.trim().starts_with("gfadmin_") && token.trim().len() == 8 + 64, "{token}");
+    assert!(
+        token.trim().starts_with("gfadmin_") && token.trim().len() == 8 + 64,
+        "{token}"
+    );
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the token file is private");

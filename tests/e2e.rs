@@ -27,7 +27,12 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 async fn embed_one(server: &Server, key: &str, text_in: &str) -> Vec<f32> {
     let reply = server
         .client(Some(key))
-        .send(Method::POST, "/fn/acme/embed", Some(("text/plain", Bytes::from(text_in.to_string()))), &[])
+        .send(
+            Method::POST,
+            "/fn/acme/embed",
+            Some(("text/plain", Bytes::from(text_in.to_string()))),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(reply.status, 200, "{}", text(&reply));
@@ -52,7 +57,10 @@ async fn hello_answers_with_the_path_it_was_given() {
         .await
         .unwrap();
     assert_eq!(reply.status, 200, "{}", text(&reply));
-    assert_eq!(text(&reply), "Hello from Gigafactory! You asked for /some/path?x=1\n");
+    assert_eq!(
+        text(&reply),
+        "Hello from Gigafactory! You asked for /some/path?x=1\n"
+    );
     assert_eq!(reply.headers["gigafactory-function-version"], "1");
     assert_eq!(reply.headers["content-type"], "text/plain; charset=utf-8");
 }
@@ -73,7 +81,11 @@ async fn embed_matches_the_onnxruntime_reference() {
             .zip(&expected)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(worst < 1e-3, "{:?}: largest difference {worst}", case["text"]);
+        assert!(
+            worst < 1e-3,
+            "{:?}: largest difference {worst}",
+            case["text"]
+        );
         let norm: f32 = got.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
     }
@@ -95,7 +107,12 @@ async fn a_batch_gives_distinct_embeddings_with_sensible_similarities() {
     let body = serde_json::json!({ "texts": texts }).to_string();
     let reply = server
         .client(Some(&key))
-        .send(Method::POST, "/fn/acme/embed", Some(("application/json", body.into())), &[])
+        .send(
+            Method::POST,
+            "/fn/acme/embed",
+            Some(("application/json", body.into())),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(reply.status, 200, "{}", text(&reply));
@@ -108,18 +125,28 @@ async fn a_batch_gives_distinct_embeddings_with_sensible_similarities() {
     assert_eq!(embeddings.len(), texts.len());
     for i in 0..texts.len() {
         for j in i + 1..texts.len() {
-            assert!(cosine(&embeddings[i], &embeddings[j]) < 0.99, "{i} and {j} are the same");
+            assert!(
+                cosine(&embeddings[i], &embeddings[j]) < 0.99,
+                "{i} and {j} are the same"
+            );
         }
     }
     let paraphrase = cosine(&embeddings[0], &embeddings[1]);
     for unrelated in [2, 3] {
         let score = cosine(&embeddings[0], &embeddings[unrelated]);
-        assert!(paraphrase > score + 0.2, "paraphrase {paraphrase} vs unrelated {score}");
+        assert!(
+            paraphrase > score + 0.2,
+            "paraphrase {paraphrase} vs unrelated {score}"
+        );
     }
     // Padding inside the batch must not change any text's embedding.
     for (text_in, batched) in texts.iter().zip(&embeddings) {
         let alone = embed_one(&server, &key, text_in).await;
-        let worst = alone.iter().zip(batched).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let worst = alone
+            .iter()
+            .zip(batched)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(worst < 1e-4, "{text_in:?} differs by {worst} in a batch");
     }
 }
@@ -142,15 +169,34 @@ async fn a_restart_serves_deployed_functions_without_recompiling() {
 
     let server = Server::start(data.path());
     let client = server.client(Some(&key));
-    let reply = client.send(Method::GET, "/fn/acme/hello", None, &[]).await.unwrap();
+    let reply = client
+        .send(Method::GET, "/fn/acme/hello", None, &[])
+        .await
+        .unwrap();
     assert_eq!(reply.status, 200, "{}", text(&reply));
     let embedding = embed_one(&server, &key, "still here after a restart").await;
     assert_eq!(embedding.len(), 384);
 
-    let metrics = text(&client.send(Method::GET, "/metrics", None, &[]).await.unwrap());
-    assert_eq!(metric(&metrics, "gigafactory_compilations_total"), 0, "{metrics}");
-    assert_eq!(metric(&metrics, "gigafactory_artifact_loads_total"), 2, "{metrics}");
-    let listed = client.api(Method::GET, "/v1/functions", None).await.unwrap();
+    let metrics = text(
+        &client
+            .send(Method::GET, "/metrics", None, &[])
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        metric(&metrics, "gigafactory_compilations_total"),
+        0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "gigafactory_artifact_loads_total"),
+        2,
+        "{metrics}"
+    );
+    let listed = client
+        .api(Method::GET, "/v1/functions", None)
+        .await
+        .unwrap();
     assert_eq!(listed["functions"].as_array().unwrap().len(), 2);
 }
 
@@ -159,21 +205,43 @@ async fn guest_output_goes_to_the_function_log_not_the_terminal() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path());
     let key = server.tenant("acme").await;
-    server.deploy(&key, "misbehave", wasm("invoke_misbehave")).await;
+    server
+        .deploy(&key, "misbehave", wasm("invoke_misbehave"))
+        .await;
     let client = server.client(Some(&key));
-    let reply = client.send(Method::GET, "/fn/acme/misbehave/log", None, &[]).await.unwrap();
+    let reply = client
+        .send(Method::GET, "/fn/acme/misbehave/log", None, &[])
+        .await
+        .unwrap();
     assert_eq!(text(&reply), "logged");
 
-    let logs = client.api(Method::GET, "/v1/functions/misbehave/logs", None).await.unwrap();
+    let logs = client
+        .api(Method::GET, "/v1/functions/misbehave/logs", None)
+        .await
+        .unwrap();
     let lines: Vec<(String, String)> = logs["lines"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| (l["stream"].as_str().unwrap().into(), l["line"].as_str().unwrap().into()))
+        .map(|l| {
+            (
+                l["stream"].as_str().unwrap().into(),
+                l["line"].as_str().unwrap().into(),
+            )
+        })
         .collect();
-    assert!(lines.contains(&("stdout".into(), "to stdout".into())), "{lines:?}");
-    assert!(lines.contains(&("stderr".into(), "to stderr".into())), "{lines:?}");
-    assert!(!server.output().contains("to stdout"), "guest output reached the gateway's log");
+    assert!(
+        lines.contains(&("stdout".into(), "to stdout".into())),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&("stderr".into(), "to stderr".into())),
+        "{lines:?}"
+    );
+    assert!(
+        !server.output().contains("to stdout"),
+        "guest output reached the gateway's log"
+    );
 }
 
 #[tokio::test]
@@ -181,17 +249,34 @@ async fn a_trap_or_a_deadline_fails_only_that_request() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start_with(data.path(), &["--timeout-secs", "1"]);
     let key = server.tenant("acme").await;
-    server.deploy(&key, "misbehave", wasm("invoke_misbehave")).await;
+    server
+        .deploy(&key, "misbehave", wasm("invoke_misbehave"))
+        .await;
     let client = server.client(Some(&key));
 
-    let panicked = client.send(Method::GET, "/fn/acme/misbehave/panic", None, &[]).await.unwrap();
+    let panicked = client
+        .send(Method::GET, "/fn/acme/misbehave/panic", None, &[])
+        .await
+        .unwrap();
     assert_error(&panicked, 500, "function_trapped");
-    let looped = client.send(Method::GET, "/fn/acme/misbehave/loop", None, &[]).await.unwrap();
+    let looped = client
+        .send(Method::GET, "/fn/acme/misbehave/loop", None, &[])
+        .await
+        .unwrap();
     assert_error(&looped, 504, "deadline_exceeded");
 
-    let fine = client.send(Method::GET, "/fn/acme/misbehave/ok", None, &[]).await.unwrap();
+    let fine = client
+        .send(Method::GET, "/fn/acme/misbehave/ok", None, &[])
+        .await
+        .unwrap();
     assert_eq!(text(&fine), "ok");
-    let logs = client.api(Method::GET, "/v1/functions/misbehave/logs", None).await.unwrap();
+    let logs = client
+        .api(Method::GET, "/v1/functions/misbehave/logs", None)
+        .await
+        .unwrap();
     let all = logs["lines"].to_string();
-    assert!(all.contains("asked to panic"), "the panic message is in the log: {all}");
+    assert!(
+        all.contains("asked to panic"),
+        "the panic message is in the log: {all}"
+    );
 }

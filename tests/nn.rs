@@ -14,12 +14,19 @@ async fn wasi_nn_reports_each_mistake_with_its_error_code() {
     let server = Server::start(data.path());
     let key = server.tenant("acme").await;
     server.deploy(&key, "probe", wasm("nn_errors")).await;
-    let reply = server.client(Some(&key)).send(Method::GET, "/fn/acme/probe", None, &[]).await.unwrap();
+    let reply = server
+        .client(Some(&key))
+        .send(Method::GET, "/fn/acme/probe", None, &[])
+        .await
+        .unwrap();
     assert_eq!(reply.status, 200, "{}", text(&reply));
     let outcomes: BTreeMap<String, String> = text(&reply)
         .lines()
         .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(case, outcome)| {
+            let code = outcome.split(' ').next().unwrap_or_default();
+            (case.to_string(), code.to_string())
+        })
         .collect();
     let expected: BTreeMap<String, String> = [
         ("unknown-model", "notfound"),
@@ -33,11 +40,13 @@ async fn wasi_nn_reports_each_mistake_with_its_error_code() {
         ("wrong-length", "invalidargument"),
         ("wrong-rank", "invalidargument"),
         ("bf16", "unsupportedoperation"),
+        ("out-of-range-index", "runtimeerror"),
+        ("after-a-failure", "ok"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    assert_eq!(outcomes, expected);
+    assert_eq!(outcomes, expected, "{}", text(&reply));
 }
 
 #[tokio::test]
@@ -45,12 +54,21 @@ async fn models_are_listed_with_their_signature() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path());
     let key = server.tenant("acme").await;
-    let models = server.client(Some(&key)).api(Method::GET, "/v1/models", None).await.unwrap();
+    let models = server
+        .client(Some(&key))
+        .api(Method::GET, "/v1/models", None)
+        .await
+        .unwrap();
     let minilm = &models["models"][0];
     assert_eq!(minilm["name"], "all-minilm-l6-v2");
     assert_eq!(minilm["state"], "ready");
     assert_eq!(minilm["device"], "cpu");
-    let inputs: Vec<&str> = minilm["inputs"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    let inputs: Vec<&str> = minilm["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
     assert_eq!(inputs, ["input_ids", "attention_mask", "token_type_ids"]);
     assert_eq!(minilm["inputs"][0]["type"], "I64");
     assert_eq!(minilm["outputs"][0]["name"], "last_hidden_state");

@@ -7,17 +7,35 @@ use bytes::Bytes;
 use hyper::Method;
 use support::{Server, assert_error, json, text, wasm};
 
-async fn put(server: &Server, key: &str, name: &str, body: Vec<u8>) -> gigafactory_gateway::cli::client::Reply {
+async fn put(
+    server: &Server,
+    key: &str,
+    name: &str,
+    body: Vec<u8>,
+) -> gigafactory_gateway::cli::client::Reply {
     server
         .client(Some(key))
-        .send(Method::PUT, &format!("/v1/functions/{name}"), Some(("application/wasm", Bytes::from(body))), &[])
+        .send(
+            Method::PUT,
+            &format!("/v1/functions/{name}"),
+            Some(("application/wasm", Bytes::from(body))),
+            &[],
+        )
         .await
         .unwrap()
 }
 
 async fn snapshot(server: &Server, key: &str) -> (serde_json::Value, serde_json::Value) {
-    let functions = server.client(Some(key)).api(Method::GET, "/v1/functions", None).await.unwrap();
-    let tenants = server.admin().api(Method::GET, "/v1/tenants", None).await.unwrap();
+    let functions = server
+        .client(Some(key))
+        .api(Method::GET, "/v1/functions", None)
+        .await
+        .unwrap();
+    let tenants = server
+        .admin()
+        .api(Method::GET, "/v1/tenants", None)
+        .await
+        .unwrap();
     (functions, tenants)
 }
 
@@ -29,22 +47,62 @@ async fn bad_deploys_are_refused_and_change_nothing() {
     server.deploy(&key, "hello", wasm("hello")).await;
     let before = snapshot(&server, &key).await;
 
-    assert_error(&put(&server, &key, "hello", b"definitely not wasm".to_vec()).await, 400, "invalid_wasm");
+    assert_error(
+        &put(&server, &key, "hello", b"definitely not wasm".to_vec()).await,
+        400,
+        "invalid_wasm",
+    );
     let truncated = wasm("hello")[..1000].to_vec();
-    assert_error(&put(&server, &key, "hello", truncated).await, 400, "invalid_wasm");
+    assert_error(
+        &put(&server, &key, "hello", truncated).await,
+        400,
+        "invalid_wasm",
+    );
     let core_module = b"\0asm\x01\0\0\0".to_vec();
-    assert_error(&put(&server, &key, "hello", core_module).await, 400, "not_a_component");
-    assert_error(&put(&server, &key, "hello", wasm("deploy_no_handler")).await, 400, "missing_handler");
+    assert_error(
+        &put(&server, &key, "hello", core_module).await,
+        400,
+        "not_a_component",
+    );
+    assert_error(
+        &put(&server, &key, "hello", wasm("deploy_no_handler")).await,
+        400,
+        "missing_handler",
+    );
     let bad_import = put(&server, &key, "hello", wasm("deploy_bad_import")).await;
     assert_error(&bad_import, 400, "unsupported_import");
-    assert!(text(&bad_import).contains("acme:missing/oracle"), "names the import: {}", text(&bad_import));
-    assert_error(&put(&server, &key, "hello", vec![0; 2 << 20]).await, 413, "payload_too_large");
-    assert_error(&put(&server, &key, "..", wasm("hello")).await, 400, "invalid_name");
-    assert_error(&put(&server, &key, "%2e%2e", wasm("hello")).await, 400, "invalid_name");
-    assert_error(&put(&server, &key, "Hello", wasm("hello")).await, 400, "invalid_name");
+    assert!(
+        text(&bad_import).contains("acme:missing/oracle"),
+        "names the import: {}",
+        text(&bad_import)
+    );
+    assert_error(
+        &put(&server, &key, "hello", vec![0; 2 << 20]).await,
+        413,
+        "payload_too_large",
+    );
+    assert_error(
+        &put(&server, &key, "..", wasm("hello")).await,
+        400,
+        "invalid_name",
+    );
+    assert_error(
+        &put(&server, &key, "%2e%2e", wasm("hello")).await,
+        400,
+        "invalid_name",
+    );
+    assert_error(
+        &put(&server, &key, "Hello", wasm("hello")).await,
+        400,
+        "invalid_name",
+    );
 
     assert_eq!(snapshot(&server, &key).await, before);
-    let still = server.client(Some(&key)).send(Method::GET, "/fn/acme/hello", None, &[]).await.unwrap();
+    let still = server
+        .client(Some(&key))
+        .send(Method::GET, "/fn/acme/hello", None, &[])
+        .await
+        .unwrap();
     assert_eq!(still.status, 200);
     assert_eq!(still.headers["gigafactory-function-version"], "1");
 }
@@ -57,12 +115,40 @@ async fn authentication_failures_are_401_and_403() {
     server.deploy(&key, "hello", wasm("hello")).await;
 
     let anonymous = server.client(None);
-    assert_error(&anonymous.send(Method::GET, "/fn/acme/hello", None, &[]).await.unwrap(), 401, "unauthorized");
-    assert_error(&anonymous.send(Method::GET, "/v1/functions", None, &[]).await.unwrap(), 401, "unauthorized");
-    let wrong = server.client(Some("gf_0000000000000000000000000000000000000000000000000000000000000000"));
-    assert_error(&wrong.send(Method::GET, "/fn/acme/hello", None, &[]).await.unwrap(), 401, "unauthorized");
+    assert_error(
+        &anonymous
+            .send(Method::GET, "/fn/acme/hello", None, &[])
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    );
+    assert_error(
+        &anonymous
+            .send(Method::GET, "/v1/functions", None, &[])
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    );
+    let wrong = server.client(Some(
+        "gf_0000000000000000000000000000000000000000000000000000000000000000",
+    ));
+    assert_error(
+        &wrong
+            .send(Method::GET, "/fn/acme/hello", None, &[])
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    );
     let basic = anonymous
-        .send(Method::GET, "/v1/functions", None, &[("authorization".into(), "Basic YTpi".into())])
+        .send(
+            Method::GET,
+            "/v1/functions",
+            None,
+            &[("authorization".into(), "Basic YTpi".into())],
+        )
         .await
         .unwrap();
     assert_error(&basic, 401, "unauthorized");
@@ -70,11 +156,44 @@ async fn authentication_failures_are_401_and_403() {
     // The admin token manages tenants but is not a tenant key, and tenant
     // keys cannot manage tenants.
     let admin = server.admin();
-    assert_error(&admin.send(Method::GET, "/fn/acme/hello", None, &[]).await.unwrap(), 403, "forbidden");
-    assert_error(&admin.send(Method::PUT, "/v1/functions/x", Some(("application/wasm", wasm("hello").into())), &[]).await.unwrap(), 403, "forbidden");
+    assert_error(
+        &admin
+            .send(Method::GET, "/fn/acme/hello", None, &[])
+            .await
+            .unwrap(),
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &admin
+            .send(
+                Method::PUT,
+                "/v1/functions/x",
+                Some(("application/wasm", wasm("hello").into())),
+                &[],
+            )
+            .await
+            .unwrap(),
+        403,
+        "forbidden",
+    );
     let tenant = server.client(Some(&key));
-    assert_error(&tenant.send(Method::GET, "/v1/tenants", None, &[]).await.unwrap(), 403, "forbidden");
-    assert_error(&tenant.send(Method::POST, "/v1/tenants/acme/keys", None, &[]).await.unwrap(), 403, "forbidden");
+    assert_error(
+        &tenant
+            .send(Method::GET, "/v1/tenants", None, &[])
+            .await
+            .unwrap(),
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &tenant
+            .send(Method::POST, "/v1/tenants/acme/keys", None, &[])
+            .await
+            .unwrap(),
+        403,
+        "forbidden",
+    );
 }
 
 #[tokio::test]
@@ -86,24 +205,45 @@ async fn tenants_cannot_invoke_see_or_delete_each_others_functions() {
     server.deploy(&a, "hello", wasm("hello")).await;
     let b_client = server.client(Some(&b));
 
-    let invoke = b_client.send(Method::GET, "/fn/tenant-a/hello", None, &[]).await.unwrap();
+    let invoke = b_client
+        .send(Method::GET, "/fn/tenant-a/hello", None, &[])
+        .await
+        .unwrap();
     assert_error(&invoke, 403, "forbidden");
-    let see = b_client.send(Method::GET, "/v1/functions/hello", None, &[]).await.unwrap();
+    let see = b_client
+        .send(Method::GET, "/v1/functions/hello", None, &[])
+        .await
+        .unwrap();
     assert_error(&see, 404, "not_found");
-    let logs = b_client.send(Method::GET, "/v1/functions/hello/logs", None, &[]).await.unwrap();
+    let logs = b_client
+        .send(Method::GET, "/v1/functions/hello/logs", None, &[])
+        .await
+        .unwrap();
     assert_error(&logs, 404, "not_found");
-    let listed = b_client.api(Method::GET, "/v1/functions", None).await.unwrap();
+    let listed = b_client
+        .api(Method::GET, "/v1/functions", None)
+        .await
+        .unwrap();
     assert_eq!(listed["functions"], serde_json::json!([]));
-    let delete = b_client.send(Method::DELETE, "/v1/functions/hello", None, &[]).await.unwrap();
+    let delete = b_client
+        .send(Method::DELETE, "/v1/functions/hello", None, &[])
+        .await
+        .unwrap();
     assert_error(&delete, 404, "not_found");
     // B deploying the same name makes B's own function, not a new version of A's.
     server.deploy(&b, "hello", wasm("invoke_misbehave")).await;
 
     let a_client = server.client(Some(&a));
-    let reply = a_client.send(Method::GET, "/fn/tenant-a/hello", None, &[]).await.unwrap();
+    let reply = a_client
+        .send(Method::GET, "/fn/tenant-a/hello", None, &[])
+        .await
+        .unwrap();
     assert_eq!(reply.status, 200);
     assert!(text(&reply).starts_with("Hello from Gigafactory!"));
-    let function = a_client.api(Method::GET, "/v1/functions/hello", None).await.unwrap();
+    let function = a_client
+        .api(Method::GET, "/v1/functions/hello", None)
+        .await
+        .unwrap();
     assert_eq!(function["versions"].as_array().unwrap().len(), 1);
 }
 
@@ -116,26 +256,108 @@ async fn control_plane_refusals() {
     let tenants_before = admin.api(Method::GET, "/v1/tenants", None).await.unwrap();
     let post_tenant = |body: &'static str| {
         let admin = server.admin();
-        async move { admin.send(Method::POST, "/v1/tenants", Some(("application/json", Bytes::from(body))), &[]).await.unwrap() }
+        async move {
+            admin
+                .send(
+                    Method::POST,
+                    "/v1/tenants",
+                    Some(("application/json", Bytes::from(body))),
+                    &[],
+                )
+                .await
+                .unwrap()
+        }
     };
 
     assert_error(&post_tenant(r#"{"name": "acme"}"#).await, 409, "conflict");
-    assert_error(&post_tenant(r#"{"name": "../etc"}"#).await, 400, "invalid_name");
+    assert_error(
+        &post_tenant(r#"{"name": "../etc"}"#).await,
+        400,
+        "invalid_name",
+    );
     assert_error(&post_tenant(r#"{"name": 7}"#).await, 400, "bad_json");
-    assert_error(&post_tenant(r#"{"name": "x", "plan": "gold"}"#).await, 400, "bad_json");
+    assert_error(
+        &post_tenant(r#"{"name": "x", "plan": "gold"}"#).await,
+        400,
+        "bad_json",
+    );
     assert_error(&post_tenant("{").await, 400, "bad_json");
-    assert_error(&admin.send(Method::POST, "/v1/tenants/nobody/keys", None, &[]).await.unwrap(), 404, "not_found");
-    assert_error(&admin.send(Method::DELETE, "/v1/tenants/nobody", None, &[]).await.unwrap(), 404, "not_found");
-    assert_error(&admin.send(Method::PATCH, "/v1/tenants", None, &[]).await.unwrap(), 405, "method_not_allowed");
-    assert_error(&admin.send(Method::GET, "/v1/nothing-here", None, &[]).await.unwrap(), 404, "not_found");
-    assert_error(&admin.send(Method::GET, "/elsewhere", None, &[]).await.unwrap(), 404, "not_found");
+    assert_error(
+        &admin
+            .send(Method::POST, "/v1/tenants/nobody/keys", None, &[])
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &admin
+            .send(Method::DELETE, "/v1/tenants/nobody", None, &[])
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &admin
+            .send(Method::PATCH, "/v1/tenants", None, &[])
+            .await
+            .unwrap(),
+        405,
+        "method_not_allowed",
+    );
+    assert_error(
+        &admin
+            .send(Method::GET, "/v1/nothing-here", None, &[])
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &admin
+            .send(Method::GET, "/elsewhere", None, &[])
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    );
     let client = server.client(Some(&key));
-    assert_error(&client.send(Method::GET, "/fn/acme/missing", None, &[]).await.unwrap(), 404, "not_found");
-    assert_error(&client.send(Method::GET, "/fn/acme/%2e%2e", None, &[]).await.unwrap(), 400, "invalid_name");
-    assert_error(&client.send(Method::DELETE, "/v1/functions/missing", None, &[]).await.unwrap(), 404, "not_found");
+    assert_error(
+        &client
+            .send(Method::GET, "/fn/acme/missing", None, &[])
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &client
+            .send(Method::GET, "/fn/acme/%2e%2e", None, &[])
+            .await
+            .unwrap(),
+        400,
+        "invalid_name",
+    );
+    assert_error(
+        &client
+            .send(Method::DELETE, "/v1/functions/missing", None, &[])
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    );
 
-    assert_eq!(admin.api(Method::GET, "/v1/tenants", None).await.unwrap(), tenants_before);
-    let health = json(&client.send(Method::GET, "/healthz", None, &[]).await.unwrap());
+    assert_eq!(
+        admin.api(Method::GET, "/v1/tenants", None).await.unwrap(),
+        tenants_before
+    );
+    let health = json(
+        &client
+            .send(Method::GET, "/healthz", None, &[])
+            .await
+            .unwrap(),
+    );
     assert_eq!(health["status"], "ok");
 }
 
@@ -146,12 +368,26 @@ async fn deleting_a_tenant_revokes_its_keys_and_functions() {
     let key = server.tenant("acme").await;
     server.deploy(&key, "hello", wasm("hello")).await;
     let admin = server.admin();
-    let deleted = admin.send(Method::DELETE, "/v1/tenants/acme", None, &[]).await.unwrap();
+    let deleted = admin
+        .send(Method::DELETE, "/v1/tenants/acme", None, &[])
+        .await
+        .unwrap();
     assert_eq!(deleted.status, 204, "{}", text(&deleted));
 
     let client = server.client(Some(&key));
-    assert_error(&client.send(Method::GET, "/fn/acme/hello", None, &[]).await.unwrap(), 401, "unauthorized");
+    assert_error(
+        &client
+            .send(Method::GET, "/fn/acme/hello", None, &[])
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    );
     let key = server.tenant("acme").await;
-    let listed = server.client(Some(&key)).api(Method::GET, "/v1/functions", None).await.unwrap();
+    let listed = server
+        .client(Some(&key))
+        .api(Method::GET, "/v1/functions", None)
+        .await
+        .unwrap();
     assert_eq!(listed["functions"], serde_json::json!([]));
 }

@@ -19,7 +19,10 @@ use crate::cli::Client;
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// The wasi:http component both servers run.
-    #[arg(long, default_value = "examples/target/wasm32-wasip2/release/hello.wasm")]
+    #[arg(
+        long,
+        default_value = "examples/target/wasm32-wasip2/release/hello.wasm"
+    )]
     pub component: PathBuf,
     /// The peer's `wasmtime` binary (use the version gigafactory embeds).
     #[arg(long, default_value = "wasmtime")]
@@ -50,8 +53,12 @@ pub struct Stats {
 
 /// Runs the benchmark and prints a Markdown table.
 pub async fn run(args: BenchArgs) -> Result<()> {
-    let wasm = std::fs::read(&args.component)
-        .with_context(|| format!("reading {} (build the examples first: ./dev build)", args.component.display()))?;
+    let wasm = std::fs::read(&args.component).with_context(|| {
+        format!(
+            "reading {} (build the examples first: ./dev build)",
+            args.component.display()
+        )
+    })?;
     let version = Command::new(&args.wasmtime)
         .arg("--version")
         .output()
@@ -93,7 +100,13 @@ async fn measure_gigafactory(wasm: &[u8], args: &BenchArgs) -> Result<Stats> {
     let address = free_address()?;
     let token = "gfadmin_bench";
     let server = Command::new(std::env::current_exe()?)
-        .args(["serve", "--listen", &address.to_string(), "--admin-token", token])
+        .args([
+            "serve",
+            "--listen",
+            &address.to_string(),
+            "--admin-token",
+            token,
+        ])
         .arg("--data")
         .arg(data.path())
         .env("GIGAFACTORY_LOG", "warn")
@@ -105,12 +118,27 @@ async fn measure_gigafactory(wasm: &[u8], args: &BenchArgs) -> Result<Stats> {
     wait_until_up(&address, "/healthz").await?;
     let admin = Client::new(&url, Some(token.into()))?;
     let body = Bytes::from_static(br#"{"name":"bench"}"#);
-    admin.api(Method::POST, "/v1/tenants", Some(("application/json", body))).await?;
-    let key = admin.api(Method::POST, "/v1/tenants/bench/keys", None).await?;
-    let key = key["key"].as_str().context("no key in the reply")?.to_string();
+    admin
+        .api(
+            Method::POST,
+            "/v1/tenants",
+            Some(("application/json", body)),
+        )
+        .await?;
+    let key = admin
+        .api(Method::POST, "/v1/tenants/bench/keys", None)
+        .await?;
+    let key = key["key"]
+        .as_str()
+        .context("no key in the reply")?
+        .to_string();
     let tenant = Client::new(&url, Some(key.clone()))?;
     tenant
-        .api(Method::PUT, "/v1/functions/bench", Some(("application/wasm", Bytes::copy_from_slice(wasm))))
+        .api(
+            Method::PUT,
+            "/v1/functions/bench",
+            Some(("application/wasm", Bytes::copy_from_slice(wasm))),
+        )
         .await?;
     let stats = load(address, "/fn/bench/bench", Some(&key), args).await;
     drop(server);
@@ -160,7 +188,11 @@ async fn wait_until_up(address: &SocketAddr, path: &str) -> Result<()> {
     bail!("the server at {address} did not come up")
 }
 
-async fn request_once(address: &SocketAddr, path: &str, key: Option<&str>) -> Result<(u16, Duration)> {
+async fn request_once(
+    address: &SocketAddr,
+    path: &str,
+    key: Option<&str>,
+) -> Result<(u16, Duration)> {
     let mut sender = connect(address).await?;
     send(&mut sender, address, path, key).await
 }
@@ -176,7 +208,12 @@ async fn connect(address: &SocketAddr) -> Result<Sender> {
     Ok(sender)
 }
 
-async fn send(sender: &mut Sender, address: &SocketAddr, path: &str, key: Option<&str>) -> Result<(u16, Duration)> {
+async fn send(
+    sender: &mut Sender,
+    address: &SocketAddr,
+    path: &str,
+    key: Option<&str>,
+) -> Result<(u16, Duration)> {
     let mut request = hyper::Request::get(path).header("host", address.to_string());
     if let Some(key) = key {
         request = request.header("authorization", format!("Bearer {key}"));
@@ -191,7 +228,12 @@ async fn send(sender: &mut Sender, address: &SocketAddr, path: &str, key: Option
 
 /// Closed loop: each connection sends its next request when the previous
 /// one is answered; a warm-up period is discarded.
-async fn load(address: SocketAddr, path: &str, key: Option<&str>, args: &BenchArgs) -> Result<Stats> {
+async fn load(
+    address: SocketAddr,
+    path: &str,
+    key: Option<&str>,
+    args: &BenchArgs,
+) -> Result<Stats> {
     let warm_until = Instant::now() + Duration::from_secs(args.warmup);
     let end = warm_until + Duration::from_secs(args.seconds);
     let mut tasks = Vec::new();
@@ -238,4 +280,3 @@ async fn load(address: SocketAddr, path: &str, key: Option<&str>, args: &BenchAr
         errors,
     })
 }
-

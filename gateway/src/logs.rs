@@ -66,7 +66,11 @@ impl FunctionLog {
     /// The last `limit` lines, oldest first.
     pub fn tail(&self, limit: usize) -> Vec<LogLine> {
         let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        lines.iter().skip(lines.len().saturating_sub(limit)).cloned().collect()
+        lines
+            .iter()
+            .skip(lines.len().saturating_sub(limit))
+            .cloned()
+            .collect()
     }
 }
 
@@ -99,6 +103,12 @@ mod tests {
         let tail = log.tail(usize::MAX);
         assert_eq!(tail.len(), LINES_PER_FUNCTION);
         assert_eq!(tail[0].line, "5");
-        assert_eq!(log.tail(2).iter().map(|l| l.line.as_str()).collect::<Vec<_>>(), ["1003", "1004"]);
+        assert_eq!(
+            log.tail(2)
+                .iter()
+                .map(|l| l.line.as_str())
+                .collect::<Vec<_>>(),
+            ["1003", "1004"]
+        );
     }
 }

@@ -114,8 +114,12 @@ impl Store {
     /// Opens (or creates) the store in `dir`; artifacts are read and
     /// written for the engine `fingerprint`.
     pub fn open(dir: &Path, fingerprint: &str) -> Result<Self> {
-        let db = sled::open(dir).with_context(|| format!("opening the store in {}", dir.display()))?;
-        let tree = |name: &str| db.open_tree(name).with_context(|| format!("opening tree {name}"));
+        let db =
+            sled::open(dir).with_context(|| format!("opening the store in {}", dir.display()))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .with_context(|| format!("opening tree {name}"))
+        };
         Ok(Self {
             meta: tree("meta")?,
             tenants: tree("tenants")?,
@@ -158,7 +162,9 @@ impl Store {
             .compare_and_swap(name, None as Option<&[u8]>, Some(to_json(&tenant)?))
             .map_err(anyhow::Error::from)?;
         if swapped.is_err() {
-            return Err(StoreError::Conflict(format!("tenant {name:?} already exists")));
+            return Err(StoreError::Conflict(format!(
+                "tenant {name:?} already exists"
+            )));
         }
         self.flush()?;
         Ok(tenant)
@@ -171,7 +177,11 @@ impl Store {
 
     /// Every tenant, by name.
     pub fn tenants(&self) -> Result<Vec<Tenant>> {
-        self.tenants.iter().values().map(|v| from_json(&v?)).collect()
+        self.tenants
+            .iter()
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
     }
 
     /// Deletes a tenant with its keys and functions.
@@ -184,22 +194,30 @@ impl Store {
             .filter(|(_, v)| from_json::<ApiKey>(v).is_ok_and(|k| k.tenant == name))
             .map(|(k, _)| k)
             .collect();
-        let trees = (&self.tenants, &self.keys, &self.functions, &self.blob_refs, &self.blobs, &self.artifacts);
-        let result = trees.transaction(|(tenants, keys_tx, functions_tx, refs, blobs, artifacts)| {
-            if tenants.remove(name)?.is_none() {
-                return abort(StoreError::NotFound(format!("no tenant {name:?}")));
-            }
-            for key in &keys {
-                keys_tx.remove(key)?;
-            }
-            for function in &functions {
-                functions_tx.remove(function_key(name, &function.name).as_bytes())?;
-                for version in &function.versions {
-                    self.release_blob(refs, blobs, artifacts, &version.sha256)?;
+        let trees = (
+            &self.tenants,
+            &self.keys,
+            &self.functions,
+            &self.blob_refs,
+            &self.blobs,
+            &self.artifacts,
+        );
+        let result =
+            trees.transaction(|(tenants, keys_tx, functions_tx, refs, blobs, artifacts)| {
+                if tenants.remove(name)?.is_none() {
+                    return abort(StoreError::NotFound(format!("no tenant {name:?}")));
                 }
-            }
-            Ok(())
-        });
+                for key in &keys {
+                    keys_tx.remove(key)?;
+                }
+                for function in &functions {
+                    functions_tx.remove(function_key(name, &function.name).as_bytes())?;
+                    for version in &function.versions {
+                        self.release_blob(refs, blobs, artifacts, &version.sha256)?;
+                    }
+                }
+                Ok(())
+            });
         finish(result)?;
         self.flush()?;
         Ok(())
@@ -227,7 +245,10 @@ impl Store {
 
     /// The key record for a key hash.
     pub fn key(&self, hash: &TokenHash) -> Result<Option<ApiKey>> {
-        self.keys.get(hash.as_bytes())?.map(|v| from_json(&v)).transpose()
+        self.keys
+            .get(hash.as_bytes())?
+            .map(|v| from_json(&v))
+            .transpose()
     }
 
     /// Records a deploy: the blob, its artifact, and a new active version
@@ -242,7 +263,13 @@ impl Store {
     ) -> Result<Deployed, StoreError> {
         let key = function_key(tenant, name);
         let artifact_key = artifact_key(sha256, &self.fingerprint);
-        let trees = (&self.tenants, &self.functions, &self.blob_refs, &self.blobs, &self.artifacts);
+        let trees = (
+            &self.tenants,
+            &self.functions,
+            &self.blob_refs,
+            &self.blobs,
+            &self.artifacts,
+        );
         let result = trees.transaction(|(tenants, functions, refs, blobs, artifacts)| {
             if tenants.get(tenant)?.is_none() {
                 return abort(StoreError::NotFound(format!("no tenant {tenant:?}")));
@@ -313,7 +340,12 @@ impl Store {
     /// Deletes a function and every version; blobs no other function uses go too.
     pub fn delete_function(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
         let key = function_key(tenant, name);
-        let trees = (&self.functions, &self.blob_refs, &self.blobs, &self.artifacts);
+        let trees = (
+            &self.functions,
+            &self.blob_refs,
+            &self.blobs,
+            &self.artifacts,
+        );
         let result = trees.transaction(|(functions, refs, blobs, artifacts)| {
             let Some(value) = functions.remove(key.as_bytes())? else {
                 return abort(StoreError::NotFound(format!("no function {name:?}")));
@@ -407,7 +439,6 @@ fn finish<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, Store
         TransactionError::Storage(e) => StoreError::Storage(e.into()),
     })
 }
-
 
 fn decode_u64(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)

@@ -14,9 +14,9 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
+use crate::Runtime;
 use crate::host::HostState;
 use crate::logs::{LogLimits, LogSink, RequestLog};
-use crate::Runtime;
 
 /// A function ready to serve: its component pre-linked against the host.
 #[derive(Clone)]
@@ -190,7 +190,8 @@ impl Function {
     }
 }
 
-type TaskOutcome = Result<Result<wasmtime::Result<()>, tokio::time::error::Elapsed>, tokio::task::JoinError>;
+type TaskOutcome =
+    Result<Result<wasmtime::Result<()>, tokio::time::error::Elapsed>, tokio::task::JoinError>;
 
 /// Why the guest ended without sending a response.
 fn classify(outcome: TaskOutcome, timeout: Duration) -> InvokeError {

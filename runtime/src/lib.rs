@@ -22,7 +22,7 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 pub use engine::{EPOCH_TICK, SandboxLimits};
-pub use function::{CompileError, Function, InvokeError, Invocation};
+pub use function::{CompileError, Function, Invocation, InvokeError};
 pub use host::HostState;
 pub use models::ModelPool;
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;

@@ -161,7 +161,11 @@ impl StdoutStream for GuestOutput {
 }
 
 impl AsyncWrite for GuestOutput {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.log.write(self.stream, buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -222,7 +226,16 @@ mod tests {
         log.write(LogStream::Stdout, b"0123456789abcdefghij\n");
         log.write(LogStream::Stdout, b"never seen\n");
         drop(log);
-        let lines: Vec<String> = lines.0.lock().unwrap().iter().map(|(_, l)| l.clone()).collect();
-        assert_eq!(lines, vec![format!("abcde{TRUNCATED}"), format!("01234{TRUNCATED}")]);
+        let lines: Vec<String> = lines
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect();
+        assert_eq!(
+            lines,
+            vec![format!("abcde{TRUNCATED}"), format!("01234{TRUNCATED}")]
+        );
     }
 }

@@ -176,7 +176,9 @@ fn write_response(response: Response, response_out: ResponseOutparam) {
     {
         let mut stream = body.write().expect("a new body has a stream");
         // The client may be gone; nothing useful to do then.
-        let _ = stream.write_all(&response.body).and_then(|()| stream.flush());
+        let _ = stream
+            .write_all(&response.body)
+            .and_then(|()| Write::flush(&mut stream));
     }
     let _ = OutgoingBody::finish(body, None);
 }

@@ -11,6 +11,7 @@
 
 use std::fmt;
 
+#[allow(missing_docs)]
 mod bindings {
     wit_bindgen::generate!({
         path: "../wit/wasi-nn",
@@ -123,7 +124,11 @@ impl Tensor {
     /// Panics when `values.len()` is not the product of `dims`.
     pub fn new<T: Element>(dims: &[u32], values: &[T]) -> Self {
         let count: usize = dims.iter().map(|&d| d as usize).product();
-        assert_eq!(count, values.len(), "tensor of {dims:?} needs {count} values");
+        assert_eq!(
+            count,
+            values.len(),
+            "tensor of {dims:?} needs {count} values"
+        );
         let mut data = Vec::with_capacity(values.len() * T::SIZE);
         for value in values {
             value.write_le(&mut data);

@@ -35,7 +35,11 @@ pub fn wasm(name: &str) -> Vec<u8> {
         build_guests(&root().join("examples/Cargo.toml"));
         build_guests(&root().join("tests/guests/Cargo.toml"));
     });
-    let file = |dir: &str| root().join(dir).join(format!("target/wasm32-wasip2/release/{name}.wasm"));
+    let file = |dir: &str| {
+        root()
+            .join(dir)
+            .join(format!("target/wasm32-wasip2/release/{name}.wasm"))
+    };
     let path = [file("examples"), file("tests/guests")]
         .into_iter()
         .find(|p| p.exists())
@@ -45,7 +49,14 @@ pub fn wasm(name: &str) -> Vec<u8> {
 
 fn build_guests(manifest: &Path) {
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
         .arg(manifest)
         .status()
         .expect("running cargo");
@@ -69,7 +80,13 @@ impl Server {
     /// Starts a server with extra `serve` flags.
     pub fn start_with(data: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--admin-token", ADMIN_TOKEN])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-token",
+                ADMIN_TOKEN,
+            ])
             .arg("--data")
             .arg(data)
             .arg("--models")
@@ -96,7 +113,10 @@ impl Server {
             Ok(url) => url,
             Err(_) => {
                 let _ = child.kill();
-                panic!("the server did not start:\n{}", output.lock().unwrap().join("\n"));
+                panic!(
+                    "the server did not start:\n{}",
+                    output.lock().unwrap().join("\n")
+                );
             }
         };
         Self {
@@ -121,16 +141,45 @@ impl Server {
     pub async fn tenant(&self, name: &str) -> String {
         let admin = self.admin();
         let body = serde_json::json!({ "name": name }).to_string();
-        let created = admin.send(Method::POST, "/v1/tenants", Some(("application/json", body.into())), &[]).await.unwrap();
-        assert_eq!(created.status, 201, "creating tenant {name}: {}", text(&created));
-        let key = admin.api(Method::POST, &format!("/v1/tenants/{name}/keys"), None).await.unwrap();
+        let created = admin
+            .send(
+                Method::POST,
+                "/v1/tenants",
+                Some(("application/json", body.into())),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            created.status,
+            201,
+            "creating tenant {name}: {}",
+            text(&created)
+        );
+        let key = admin
+            .api(Method::POST, &format!("/v1/tenants/{name}/keys"), None)
+            .await
+            .unwrap();
         key["key"].as_str().expect("a key").to_string()
     }
 
     /// Deploys `wasm` as `name` with `key`, asserting success.
     pub async fn deploy(&self, key: &str, name: &str, wasm: Vec<u8>) -> serde_json::Value {
-        let reply = self.client(Some(key)).send(Method::PUT, &format!("/v1/functions/{name}"), Some(("application/wasm", Bytes::from(wasm))), &[]).await.unwrap();
-        assert!(reply.status.is_success(), "deploying {name}: {}", text(&reply));
+        let reply = self
+            .client(Some(key))
+            .send(
+                Method::PUT,
+                &format!("/v1/functions/{name}"),
+                Some(("application/wasm", Bytes::from(wasm))),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(
+            reply.status.is_success(),
+            "deploying {name}: {}",
+            text(&reply)
+        );
         serde_json::from_slice(&reply.body).unwrap()
     }
 
@@ -141,7 +190,10 @@ impl Server {
 
     /// Stops the server with SIGTERM and waits for it to exit.
     pub fn stop(mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         for _ in 0..200 {
             if self.child.try_wait().ok().flatten().is_some() {
                 return;
@@ -166,13 +218,24 @@ pub fn text(reply: &Reply) -> String {
 
 /// A reply's body as JSON.
 pub fn json(reply: &Reply) -> serde_json::Value {
-    serde_json::from_slice(&reply.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(reply)))
+    serde_json::from_slice(&reply.body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(reply)))
 }
 
 /// Asserts a platform error: status, `error.code`, and a message.
 pub fn assert_error(reply: &Reply, status: u16, code: &str) {
-    assert_eq!(reply.status.as_u16(), status, "expected {status} {code}: {}", text(reply));
+    assert_eq!(
+        reply.status.as_u16(),
+        status,
+        "expected {status} {code}: {}",
+        text(reply)
+    );
     let body = json(reply);
     assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
 }

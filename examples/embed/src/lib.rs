@@ -51,7 +51,11 @@ fn respond(request: &Request) -> Result<Response, Response> {
         .map_err(|_| Response::error(400, "bad_request", "the body is not UTF-8"))?;
     if is_json {
         let batch: BatchRequest = serde_json::from_str(text).map_err(|e| {
-            Response::error(400, "bad_request", &format!("expected {{\"texts\": [...]}}: {e}"))
+            Response::error(
+                400,
+                "bad_request",
+                &format!("expected {{\"texts\": [...]}}: {e}"),
+            )
         })?;
         if batch.texts.is_empty() || batch.texts.len() > MAX_TEXTS {
             return Err(Response::error(
@@ -79,8 +83,8 @@ fn json_response(value: serde_json::Value) -> Response {
 /// Embeds `texts` in one model call: padded to the longest, mean-pooled
 /// over the attention mask, L2-normalised.
 fn embed(texts: &[String]) -> Result<Vec<Vec<f32>>, Response> {
-    let tokenizer = WordPiece::from_vocab(VOCAB)
-        .map_err(|e| Response::error(500, "tokenizer", &e))?;
+    let tokenizer =
+        WordPiece::from_vocab(VOCAB).map_err(|e| Response::error(500, "tokenizer", &e))?;
     let encodings: Vec<Vec<i64>> = texts
         .iter()
         .map(|t| tokenizer.encode(t, MAX_TOKENS).ids)
@@ -94,9 +98,8 @@ fn embed(texts: &[String]) -> Result<Vec<Vec<f32>>, Response> {
         mask[row * seq..row * seq + encoding.len()].fill(1);
     }
     let dims = [batch as u32, seq as u32];
-    let model_error = |e: gigafactory_sdk::nn::Error| {
-        Response::error(502, "model_error", &e.to_string())
-    };
+    let model_error =
+        |e: gigafactory_sdk::nn::Error| Response::error(502, "model_error", &e.to_string());
     let graph = Graph::by_name(MODEL).map_err(model_error)?;
     let outputs = graph
         .context()
@@ -104,7 +107,10 @@ fn embed(texts: &[String]) -> Result<Vec<Vec<f32>>, Response> {
             ctx.compute(vec![
                 ("input_ids", Tensor::new(&dims, &ids)),
                 ("attention_mask", Tensor::new(&dims, &mask)),
-                ("token_type_ids", Tensor::new(&dims, &vec![0i64; batch * seq])),
+                (
+                    "token_type_ids",
+                    Tensor::new(&dims, &vec![0i64; batch * seq]),
+                ),
             ])
         })
         .map_err(model_error)?;

@@ -26,7 +26,7 @@ impl Guest for Hello {
             let greeting = format!("Hello from Gigafactory! You asked for {path}\n");
             stream
                 .write_all(greeting.as_bytes())
-                .and_then(|()| stream.flush())
+                .and_then(|()| Write::flush(&mut stream))
                 .expect("writing the response");
         }
         OutgoingBody::finish(body, None).expect("finishing the response");

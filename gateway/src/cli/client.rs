@@ -61,12 +61,13 @@ impl Client {
             }
             None => Bytes::new(),
         };
-        let request = builder.body(Full::new(body)).context("building the request")?;
-        let response = self
-            .http
-            .request(request)
-            .await
-            .with_context(|| format!("{method} {url}: is `gigafactory serve` running there?"))?;
+        let request = builder
+            .body(Full::new(body))
+            .context("building the request")?;
+        let response =
+            self.http.request(request).await.with_context(|| {
+                format!("{method} {url}: is `gigafactory serve` running there?")
+            })?;
         let (parts, body) = response.into_parts();
         let body = body
             .collect()

@@ -50,7 +50,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!("gigafactory listening on http://{}", listener.local_addr()?);
-    Arc::clone(&gateway).serve(listener, shutdown_signal()).await
+    Arc::clone(&gateway)
+        .serve(listener, shutdown_signal())
+        .await
 }
 
 fn init_tracing() {
@@ -89,18 +91,26 @@ async fn tenant(client: &Client, command: TenantCommand, as_json: bool) -> Resul
         TenantCommand::Create { name } => {
             let body = serde_json::json!({ "name": name }).to_string();
             let tenant = client
-                .api(Method::POST, "/v1/tenants", Some(("application/json", body.into())))
+                .api(
+                    Method::POST,
+                    "/v1/tenants",
+                    Some(("application/json", body.into())),
+                )
                 .await?;
             print_or(as_json, &tenant, || format!("created tenant {name}"));
         }
         TenantCommand::List => {
             let reply = client.api(Method::GET, "/v1/tenants", None).await?;
             print_or(as_json, &reply, || {
-                list(&reply["tenants"], |t| t["name"].as_str().unwrap_or("?").to_string())
+                list(&reply["tenants"], |t| {
+                    t["name"].as_str().unwrap_or("?").to_string()
+                })
             });
         }
         TenantCommand::Delete { name } => {
-            client.api(Method::DELETE, &format!("/v1/tenants/{name}"), None).await?;
+            client
+                .api(Method::DELETE, &format!("/v1/tenants/{name}"), None)
+                .await?;
             println!("deleted tenant {name}");
         }
         TenantCommand::Key { name, quiet } => {
@@ -134,7 +144,8 @@ async fn deploy(client: &Client, name: &str, file: &std::path::Path, as_json: bo
     print_or(as_json, &function, || {
         format!(
             "deployed {name} version {} at {}",
-            function["active_version"], function["url"].as_str().unwrap_or("?")
+            function["active_version"],
+            function["url"].as_str().unwrap_or("?")
         )
     });
     Ok(())
@@ -166,8 +177,19 @@ async fn invoke(
                 .with_context(|| format!("header {h:?} is not `name: value`"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let method = if body.is_some() { Method::POST } else { Method::GET };
-    let path = format!("/fn/{tenant}/{name}{}", if path.starts_with('/') { path.to_string() } else { format!("/{path}") });
+    let method = if body.is_some() {
+        Method::POST
+    } else {
+        Method::GET
+    };
+    let path = format!(
+        "/fn/{tenant}/{name}{}",
+        if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        }
+    );
     let body = body.map(|b| ("text/plain", Bytes::from(b)));
     let reply = client.send(method, &path, body, &headers).await?;
     if !reply.status.is_success() {
@@ -195,11 +217,15 @@ async fn functions(client: &Client, command: FunctionsCommand, as_json: bool) ->
             });
         }
         FunctionsCommand::Get { name } => {
-            let function = client.api(Method::GET, &format!("/v1/functions/{name}"), None).await?;
+            let function = client
+                .api(Method::GET, &format!("/v1/functions/{name}"), None)
+                .await?;
             println!("{}", serde_json::to_string_pretty(&function)?);
         }
         FunctionsCommand::Delete { name } => {
-            client.api(Method::DELETE, &format!("/v1/functions/{name}"), None).await?;
+            client
+                .api(Method::DELETE, &format!("/v1/functions/{name}"), None)
+                .await?;
             println!("deleted function {name}");
         }
     }
@@ -228,10 +254,16 @@ async fn models(client: &Client, as_json: bool) -> Result<()> {
 }
 
 async fn logs(client: &Client, name: &str, as_json: bool) -> Result<()> {
-    let reply = client.api(Method::GET, &format!("/v1/functions/{name}/logs"), None).await?;
+    let reply = client
+        .api(Method::GET, &format!("/v1/functions/{name}/logs"), None)
+        .await?;
     print_or(as_json, &reply, || {
         list(&reply["lines"], |l| {
-            format!("[{}] {}", l["stream"].as_str().unwrap_or("?"), l["line"].as_str().unwrap_or(""))
+            format!(
+                "[{}] {}",
+                l["stream"].as_str().unwrap_or("?"),
+                l["line"].as_str().unwrap_or("")
+            )
         })
     });
     Ok(())
@@ -239,7 +271,10 @@ async fn logs(client: &Client, name: &str, as_json: bool) -> Result<()> {
 
 fn print_or(as_json: bool, value: &Value, summary: impl FnOnce() -> String) {
     if as_json {
-        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
     } else {
         println!("{}", summary());
     }

@@ -16,7 +16,12 @@ pub use client::Client;
 #[command(name = "gigafactory", version, about)]
 pub struct Cli {
     /// The gateway to talk to.
-    #[arg(long, global = true, env = "GIGAFACTORY_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "GIGAFACTORY_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: String,
     /// An API key (tenant commands) or the admin token (tenant management).
     #[arg(long, global = true, env = "GIGAFACTORY_TOKEN", hide_env_values = true)]
@@ -157,7 +162,10 @@ pub enum ModelsCommand {
 /// Parses the command line, runs it, prints the cause chain on failure.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");

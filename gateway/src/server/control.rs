@@ -69,7 +69,10 @@ impl Gateway {
     fn list_tenants(&self, request: &Request) -> Result<Response, ApiError> {
         self.require_admin(request)?;
         let tenants = self.store.tenants()?;
-        Ok(json(StatusCode::OK, serde_json::json!({ "tenants": tenants })))
+        Ok(json(
+            StatusCode::OK,
+            serde_json::json!({ "tenants": tenants }),
+        ))
     }
 
     async fn create_tenant(&self, request: Request) -> Result<Response, ApiError> {
@@ -78,7 +81,10 @@ impl Gateway {
         check_name("tenant", &body.name)?;
         let tenant = self.store.create_tenant(&body.name)?;
         tracing::info!(tenant = %tenant.name, "tenant created");
-        Ok(json(StatusCode::CREATED, serde_json::to_value(tenant).map_err(anyhow::Error::from)?))
+        Ok(json(
+            StatusCode::CREATED,
+            serde_json::to_value(tenant).map_err(anyhow::Error::from)?,
+        ))
     }
 
     fn delete_tenant(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
@@ -121,7 +127,10 @@ impl Gateway {
             .iter()
             .map(function_json)
             .collect();
-        Ok(json(StatusCode::OK, serde_json::json!({ "functions": functions })))
+        Ok(json(
+            StatusCode::OK,
+            serde_json::json!({ "functions": functions }),
+        ))
     }
 
     fn get_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
@@ -149,7 +158,10 @@ impl Gateway {
     fn list_models(&self, request: &Request) -> Result<Response, ApiError> {
         self.authenticate(request)?;
         let models = self.runtime.models().list();
-        Ok(json(StatusCode::OK, serde_json::json!({ "models": models })))
+        Ok(json(
+            StatusCode::OK,
+            serde_json::json!({ "models": models }),
+        ))
     }
 
     /// `PUT /v1/functions/{name}` with the component as the body.
@@ -162,11 +174,17 @@ impl Gateway {
             Some(artifact) => artifact,
             None => self.compile(&wasm).await?,
         };
-        let deployed = self.store.deploy(&tenant, name, &wasm, &sha256, &artifact)?;
+        let deployed = self
+            .store
+            .deploy(&tenant, name, &wasm, &sha256, &artifact)?;
         Metrics::count(&self.metrics.deploys);
         let function = &deployed.function;
         tracing::info!(%tenant, function = %name, version = function.active, created = deployed.created, "deployed");
-        let status = if deployed.created { StatusCode::CREATED } else { StatusCode::OK };
+        let status = if deployed.created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
         Ok(json(status, function_json(function)))
     }
 
@@ -213,7 +231,10 @@ pub(super) async fn read_body(request: Request, limit: usize) -> Result<Bytes, A
     match Limited::new(request.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request("bad_body", format!("reading the body: {e}"))),
+        Err(e) => Err(ApiError::bad_request(
+            "bad_body",
+            format!("reading the body: {e}"),
+        )),
     }
 }
 

@@ -53,7 +53,10 @@ impl Gateway {
             Some(artifact) => artifact,
             None => {
                 let wasm = self.store.blob(&version.sha256)?.ok_or_else(|| {
-                    ApiError::internal(anyhow::anyhow!("the wasm of version {} is missing", version.number))
+                    ApiError::internal(anyhow::anyhow!(
+                        "the wasm of version {} is missing",
+                        version.number
+                    ))
                 })?;
                 tracing::info!(sha256 = %version.sha256, "recompiling for this engine");
                 let artifact = self.compile(&wasm).await?;
@@ -66,12 +69,23 @@ impl Gateway {
             .await
             .map_err(|e| ApiError::internal(e.into()))?
             .map_err(ApiError::internal)?;
-        let mut loaded = self.functions.loaded.write().unwrap_or_else(|e| e.into_inner());
-        Ok(loaded.entry(version.sha256.clone()).or_insert(function).clone())
+        let mut loaded = self
+            .functions
+            .loaded
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(loaded
+            .entry(version.sha256.clone())
+            .or_insert(function)
+            .clone())
     }
 
     fn cached(&self, sha256: &str) -> Option<Function> {
-        let loaded = self.functions.loaded.read().unwrap_or_else(|e| e.into_inner());
+        let loaded = self
+            .functions
+            .loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         loaded.get(sha256).cloned()
     }
 }

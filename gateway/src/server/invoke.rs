@@ -1,13 +1,11 @@
 //! The data plane: `/fn/{tenant}/{function}/{*path}` runs the function's
 //! active version with the request streamed through.
 
-
-
+use gigafactory_runtime::logs::LogLimits;
+use gigafactory_runtime::{Invocation, InvokeError};
 use http_body_util::BodyExt;
 use hyper::StatusCode;
 use hyper::header::{AUTHORIZATION, HOST, HeaderValue};
-use gigafactory_runtime::logs::LogLimits;
-use gigafactory_runtime::{Invocation, InvokeError};
 
 use super::routes::{Request, check_name};
 use super::{ApiError, BoxError, Gateway, Metrics, Response};
@@ -44,7 +42,10 @@ impl Gateway {
             timeout: self.config.limits.timeout,
         };
         Metrics::count(&self.metrics.invocations);
-        match function.handle(guest_request(request, &rest)?, invocation).await {
+        match function
+            .handle(guest_request(request, &rest)?, invocation)
+            .await
+        {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 parts
@@ -75,7 +76,9 @@ fn guest_request(request: Request, rest: &str) -> Result<Request, ApiError> {
         .map_err(|e| ApiError::bad_request("bad_uri", format!("invalid request path: {e}")))?;
     parts.headers.remove(AUTHORIZATION);
     if !parts.headers.contains_key(HOST) {
-        parts.headers.insert(HOST, HeaderValue::from_static("localhost"));
+        parts
+            .headers
+            .insert(HOST, HeaderValue::from_static("localhost"));
     }
     Ok(hyper::Request::from_parts(parts, body))
 }
@@ -90,4 +93,3 @@ fn invoke_error(error: InvokeError) -> ApiError {
     };
     ApiError::new(status, code, error.to_string())
 }
-

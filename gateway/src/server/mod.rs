@@ -40,7 +40,9 @@ pub type Response = hyper::Response<Body>;
 
 /// A whole body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// How the gateway is set up.
@@ -110,7 +112,10 @@ impl Gateway {
         let store = Store::open(&config.data_dir.join("store"), runtime.fingerprint())?;
         let pruned = store.prune_artifacts()?;
         if pruned > 0 {
-            tracing::info!(pruned, "dropped artifacts compiled by another engine version");
+            tracing::info!(
+                pruned,
+                "dropped artifacts compiled by another engine version"
+            );
         }
         let admin_token = admin_token(&config, &store)?;
         Ok(Arc::new(Self {
@@ -151,7 +156,9 @@ impl Gateway {
                 let gateway = gateway.clone();
                 async move { Ok::<_, Infallible>(gateway.route(request).await) }
             });
-            let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
             let connection = graceful.watch(connection);
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
@@ -160,7 +167,10 @@ impl Gateway {
             });
         }
         tracing::info!("shutting down: waiting for in-flight requests");
-        if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::warn!("gave up waiting for in-flight requests");
         }
         self.store.flush()

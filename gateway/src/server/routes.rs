@@ -27,7 +27,9 @@ impl Gateway {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let method = request.method().clone();
         match (segments.as_slice(), &method) {
-            (["healthz"], &Method::GET) => Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"}))),
+            (["healthz"], &Method::GET) => {
+                Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"})))
+            }
             (["metrics"], &Method::GET) => Ok(self.metrics_text()),
             (["fn", tenant, function, ..], _) => {
                 let rest = rest_of_path(&path, 3);
@@ -43,12 +45,12 @@ impl Gateway {
         let header = request
             .headers()
             .get(hyper::header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <key>` header"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(auth::bearer)
-            .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <key>`"))?;
+            .ok_or_else(|| {
+                ApiError::unauthorized("missing `Authorization: Bearer <key>` header")
+            })?;
+        let token = header.to_str().ok().and_then(auth::bearer).ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header must be `Bearer <key>`")
+        })?;
         let hash = TokenHash::of(token);
         if hash.matches(&self.admin_token) {
             return Ok(Principal::Admin);
@@ -130,7 +132,9 @@ pub(super) fn json(status: StatusCode, value: serde_json::Value) -> Response {
 pub(super) fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
     let valid = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if valid {
@@ -138,7 +142,9 @@ pub(super) fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::bad_request(
             "invalid_name",
-            format!("invalid {kind} name {name:?}: use 1-63 of a-z, 0-9 and '-', starting and ending with a letter or digit"),
+            format!(
+                "invalid {kind} name {name:?}: use 1-63 of a-z, 0-9 and '-', starting and ending with a letter or digit"
+            ),
         ))
     }
 }

@@ -69,6 +69,9 @@ mod tests {
     #[test]
     fn refuses_unknown_keys() {
         let error = toml::from_str::<ModelConfig>("format = \"onnx\"\nbatch = 8").unwrap_err();
-        assert!(error.to_string().contains("unknown field `batch`"), "{error}");
+        assert!(
+            error.to_string().contains("unknown field `batch`"),
+            "{error}"
+        );
     }
 }

@@ -102,9 +102,10 @@ impl ModelPool {
     /// A repository model by name: `not-found` when there is none, a
     /// `runtime-error` when it failed to load.
     pub fn get(&self, name: &str) -> Result<Arc<OnnxGraph>, NnError> {
-        let model = self.models.get(name).ok_or_else(|| {
-            NnError::new(ErrorCode::NotFound, format!("no model named {name:?}"))
-        })?;
+        let model = self
+            .models
+            .get(name)
+            .ok_or_else(|| NnError::new(ErrorCode::NotFound, format!("no model named {name:?}")))?;
         model.loaded.clone().map_err(|reason| {
             NnError::new(
                 ErrorCode::RuntimeError,
@@ -150,14 +151,15 @@ impl ModelPool {
         &self,
         job: impl FnOnce() -> Result<T, NnError> + Send + 'static,
     ) -> Result<T, NnError> {
-        let _permit = self
-            .workers
-            .acquire()
-            .await
-            .map_err(|_| NnError::new(ErrorCode::RuntimeError, "the model pool is shutting down"))?;
-        tokio::task::spawn_blocking(job)
-            .await
-            .unwrap_or_else(|e| Err(NnError::new(ErrorCode::RuntimeError, format!("inference worker failed: {e}"))))
+        let _permit = self.workers.acquire().await.map_err(|_| {
+            NnError::new(ErrorCode::RuntimeError, "the model pool is shutting down")
+        })?;
+        tokio::task::spawn_blocking(job).await.unwrap_or_else(|e| {
+            Err(NnError::new(
+                ErrorCode::RuntimeError,
+                format!("inference worker failed: {e}"),
+            ))
+        })
     }
 
     /// Every repository model with its state, by name.
@@ -172,7 +174,12 @@ impl ModelPool {
 impl RepositoryModel {
     fn info(&self, name: &str) -> ModelInfo {
         let (state, error, inputs, outputs) = match &self.loaded {
-            Ok(graph) => ("ready", None, graph.inputs().to_vec(), graph.outputs().to_vec()),
+            Ok(graph) => (
+                "ready",
+                None,
+                graph.inputs().to_vec(),
+                graph.outputs().to_vec(),
+            ),
             Err(reason) => ("failed", Some(reason.clone()), vec![], vec![]),
         };
         ModelInfo {

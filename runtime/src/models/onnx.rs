@@ -97,7 +97,9 @@ impl OnnxGraph {
                 .position(|spec| spec.name == name)
                 .ok_or_else(|| {
                     let known: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
-                    NnError::invalid(format!("the model has no input {name:?} (inputs: {known:?})"))
+                    NnError::invalid(format!(
+                        "the model has no input {name:?} (inputs: {known:?})"
+                    ))
                 })?;
             if slots[index].replace(tensor).is_some() {
                 return Err(NnError::invalid(format!("input {name:?} given twice")));
@@ -107,9 +109,8 @@ impl OnnxGraph {
             .iter()
             .zip(slots)
             .map(|(spec, slot)| {
-                let tensor = slot.ok_or_else(|| {
-                    NnError::invalid(format!("missing input {:?}", spec.name))
-                })?;
+                let tensor =
+                    slot.ok_or_else(|| NnError::invalid(format!("missing input {:?}", spec.name)))?;
                 check_shape(spec, &tensor)?;
                 Ok(tensor.into_tract(spec.datum, &spec.name)?.into_tvalue())
             })

@@ -136,7 +136,9 @@ impl HostTensor {
                     DatumType::Bool => ElementType::U8,
                     DatumType::I8 | DatumType::I16 | DatumType::U16 => ElementType::I32,
                     DatumType::U32 | DatumType::U64 => ElementType::I64,
-                    other => anyhow::bail!("the model returns {other:?}, which wasi-nn cannot carry"),
+                    other => {
+                        anyhow::bail!("the model returns {other:?}, which wasi-nn cannot carry")
+                    }
                 };
                 let datum = ty.datum().expect("widened types have a datum");
                 (ty, tensor.cast_to_dt(datum)?)
@@ -165,7 +167,9 @@ mod tests {
     #[test]
     fn validate_checks_the_byte_length() {
         assert!(tensor(&[2, 3], ElementType::I64, 48).validate().is_ok());
-        let error = tensor(&[2, 3], ElementType::I64, 47).validate().unwrap_err();
+        let error = tensor(&[2, 3], ElementType::I64, 47)
+            .validate()
+            .unwrap_err();
         assert!(error.message.contains("needs 48 bytes, got 47"), "{error}");
     }
 
@@ -182,7 +186,10 @@ mod tests {
         let original = HostTensor {
             dims: vec![2],
             ty: ElementType::Fp32,
-            data: [1.5f32, -3.0].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            data: [1.5f32, -3.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
         };
         let tract = original.clone().into_tract(DatumType::F32, "x").unwrap();
         assert_eq!(HostTensor::from_tract(&tract).unwrap(), original);
@@ -191,7 +198,10 @@ mod tests {
     #[test]
     fn refuses_bf16_and_mismatched_types() {
         let bf16 = tensor(&[1], ElementType::Bf16, 2).into_tract(DatumType::F32, "x");
-        assert_eq!(bf16.unwrap_err().code, super::super::error::ErrorCode::UnsupportedOperation);
+        assert_eq!(
+            bf16.unwrap_err().code,
+            super::super::error::ErrorCode::UnsupportedOperation
+        );
         let wrong = tensor(&[1], ElementType::I32, 4).into_tract(DatumType::I64, "x");
         assert!(wrong.unwrap_err().message.contains("expects I64"));
     }

@@ -8,7 +8,8 @@ impl Handler for Misbehave {
     fn handle(request: Request) -> Response {
         match request.path.as_str() {
             "/panic" => panic!("asked to panic"),
-            "/loop" => {
+            "/loop" =>
+            {
                 #[allow(clippy::empty_loop)]
                 loop {}
             }
