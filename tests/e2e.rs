@@ -280,3 +280,23 @@ async fn a_trap_or_a_deadline_fails_only_that_request() {
         "the panic message is in the log: {all}"
     );
 }
+
+#[tokio::test]
+async fn past_the_instance_limit_requests_get_503() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_with(data.path(), &["--max-instances", "1", "--timeout-secs", "3"]);
+    let key = server.tenant("acme").await;
+    server.deploy(&key, "misbehave", wasm("invoke_misbehave")).await;
+    let client = server.client(Some(&key));
+
+    let busy = tokio::spawn({
+        let client = server.client(Some(&key));
+        async move { client.send(Method::GET, "/fn/acme/misbehave/loop", None, &[]).await.unwrap() }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let refused = client.send(Method::GET, "/fn/acme/misbehave/ok", None, &[]).await.unwrap();
+    assert_error(&refused, 503, "overloaded");
+    assert_error(&busy.await.unwrap(), 504, "deadline_exceeded");
+    let fine = client.send(Method::GET, "/fn/acme/misbehave/ok", None, &[]).await.unwrap();
+    assert_eq!(text(&fine), "ok");
+}

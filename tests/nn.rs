@@ -75,3 +75,22 @@ async fn models_are_listed_with_their_signature() {
     assert_eq!(minilm["outputs"][0]["type"], "FP32");
     assert_eq!(minilm["outputs"][0]["shape"][2], 384);
 }
+
+#[tokio::test]
+async fn a_function_loads_its_own_onnx_and_computes_with_every_tensor_type() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    server.deploy(&key, "tiny", wasm("nn_load")).await;
+    let reply = server.client(Some(&key)).send(Method::GET, "/fn/acme/tiny", None, &[]).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    assert_eq!(
+        text(&reply),
+        "y_fp16 FP16 [2] 004200c4\n\
+         y_fp32 FP32 [2] 2.5,-6\n\
+         y_fp64 FP64 [2] 0.2,30000000000\n\
+         y_u8 U8 [2] 14,144\n\
+         y_i32 I32 [2] -10,2000000\n\
+         y_i64 I64 [2] -14,2199023255552\n"
+    );
+}

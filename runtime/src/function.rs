@@ -8,7 +8,7 @@ use bytes::Bytes;
 use hyper::body::Body;
 use tokio::sync::oneshot;
 use wasmtime::component::Component;
-use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime::{PoolConcurrencyLimitError, Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -62,6 +62,9 @@ pub enum InvokeError {
     /// The function answered with a wasi:http error code.
     #[error("the function failed with {0}")]
     Guest(String),
+    /// Every instance slot is busy; try again shortly.
+    #[error("the platform is at its limit of concurrent instances; retry shortly")]
+    Overloaded,
     /// The host could not set the request up.
     #[error("could not start the function: {0}")]
     Host(String),
@@ -198,10 +201,15 @@ fn classify(outcome: TaskOutcome, timeout: Duration) -> InvokeError {
     match outcome {
         Ok(Ok(Ok(()))) => InvokeError::NoResponse,
         Ok(Err(_elapsed)) => InvokeError::Deadline(timeout),
-        Ok(Ok(Err(error))) => match error.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => InvokeError::Deadline(timeout),
-            _ => InvokeError::Trap(format!("{:#}", anyhow::Error::from(error))),
-        },
+        Ok(Ok(Err(error))) => {
+            if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+                return InvokeError::Overloaded;
+            }
+            match error.downcast_ref::<Trap>() {
+                Some(Trap::Interrupt) => InvokeError::Deadline(timeout),
+                _ => InvokeError::Trap(format!("{:#}", anyhow::Error::from(error))),
+            }
+        }
         Err(join) => InvokeError::Host(format!("the request task failed: {join}")),
     }
 }

@@ -89,6 +89,7 @@ fn invoke_error(error: InvokeError) -> ApiError {
         InvokeError::Trap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_trapped"),
         InvokeError::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
         InvokeError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_error"),
+        InvokeError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         InvokeError::Host(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     };
     ApiError::new(status, code, error.to_string())
