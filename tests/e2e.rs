@@ -284,19 +284,118 @@ async fn a_trap_or_a_deadline_fails_only_that_request() {
 #[tokio::test]
 async fn past_the_instance_limit_requests_get_503() {
     let data = tempfile::tempdir().unwrap();
-    let server = Server::start_with(data.path(), &["--max-instances", "1", "--timeout-secs", "3"]);
+    let server = Server::start_with(
+        data.path(),
+        &["--max-instances", "1", "--timeout-secs", "3"],
+    );
     let key = server.tenant("acme").await;
-    server.deploy(&key, "misbehave", wasm("invoke_misbehave")).await;
+    server
+        .deploy(&key, "misbehave", wasm("invoke_misbehave"))
+        .await;
     let client = server.client(Some(&key));
 
     let busy = tokio::spawn({
         let client = server.client(Some(&key));
-        async move { client.send(Method::GET, "/fn/acme/misbehave/loop", None, &[]).await.unwrap() }
+        async move {
+            client
+                .send(Method::GET, "/fn/acme/misbehave/loop", None, &[])
+                .await
+                .unwrap()
+        }
     });
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-    let refused = client.send(Method::GET, "/fn/acme/misbehave/ok", None, &[]).await.unwrap();
+    let refused = client
+        .send(Method::GET, "/fn/acme/misbehave/ok", None, &[])
+        .await
+        .unwrap();
     assert_error(&refused, 503, "overloaded");
     assert_error(&busy.await.unwrap(), 504, "deadline_exceeded");
-    let fine = client.send(Method::GET, "/fn/acme/misbehave/ok", None, &[]).await.unwrap();
+    let fine = client
+        .send(Method::GET, "/fn/acme/misbehave/ok", None, &[])
+        .await
+        .unwrap();
     assert_eq!(text(&fine), "ok");
+}
+
+#[tokio::test]
+async fn method_headers_path_and_body_reach_the_function_but_the_key_does_not() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    server
+        .deploy(&key, "misbehave", wasm("invoke_misbehave"))
+        .await;
+    let reply = server
+        .client(Some(&key))
+        .send(
+            Method::PATCH,
+            "/fn/acme/misbehave/echo/deeper?q=fox&n=1",
+            Some(("text/plain", Bytes::from_static(b"payload \xe2\x9c\x93"))),
+            &[("x-custom".into(), "value-1".into())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    assert_eq!(reply.headers["x-echoed"], "yes");
+    assert_eq!(
+        text(&reply),
+        "PATCH /echo/deeper?q=fox&n=1 x-custom=value-1 authorization=- body=payload \u{2713}"
+    );
+}
+
+#[tokio::test]
+async fn versions_advance_and_delete_removes_every_version() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let client = server.client(Some(&key));
+    assert_eq!(
+        server.deploy(&key, "fn", wasm("hello")).await["active_version"],
+        1
+    );
+    let unchanged = server.deploy(&key, "fn", wasm("hello")).await;
+    assert_eq!(
+        unchanged["active_version"], 1,
+        "the same wasm is not a new version"
+    );
+    let second = server.deploy(&key, "fn", wasm("invoke_misbehave")).await;
+    assert_eq!(second["active_version"], 2);
+    assert_eq!(second["versions"].as_array().unwrap().len(), 2);
+    let reply = client
+        .send(Method::GET, "/fn/acme/fn/ok", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            text(&reply).as_str(),
+            &reply.headers["gigafactory-function-version"]
+        ),
+        ("ok", &"2".parse().unwrap())
+    );
+
+    let deleted = client
+        .send(Method::DELETE, "/v1/functions/fn", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(deleted.status, 204);
+    assert_error(
+        &client
+            .send(Method::GET, "/fn/acme/fn", None, &[])
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &client
+            .send(Method::GET, "/v1/functions/fn", None, &[])
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    );
+    assert_eq!(
+        server.deploy(&key, "fn", wasm("hello")).await["active_version"],
+        1
+    );
 }

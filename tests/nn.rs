@@ -82,7 +82,11 @@ async fn a_function_loads_its_own_onnx_and_computes_with_every_tensor_type() {
     let server = Server::start(data.path());
     let key = server.tenant("acme").await;
     server.deploy(&key, "tiny", wasm("nn_load")).await;
-    let reply = server.client(Some(&key)).send(Method::GET, "/fn/acme/tiny", None, &[]).await.unwrap();
+    let reply = server
+        .client(Some(&key))
+        .send(Method::GET, "/fn/acme/tiny", None, &[])
+        .await
+        .unwrap();
     assert_eq!(reply.status, 200, "{}", text(&reply));
     assert_eq!(
         text(&reply),

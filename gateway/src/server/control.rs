@@ -92,8 +92,9 @@ impl Gateway {
         check_name("tenant", tenant)?;
         let functions = self.store.functions(tenant)?;
         self.store.delete_tenant(tenant)?;
-        for function in functions {
+        for function in &functions {
             self.logs.remove(tenant, &function.name);
+            self.evict_deleted(&function.versions)?;
         }
         tracing::info!(%tenant, "tenant deleted");
         Ok(no_content())
@@ -141,9 +142,10 @@ impl Gateway {
 
     fn delete_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
         let tenant = self.require_tenant(request)?;
-        check_name("function", name)?;
+        let function = self.find_function(&tenant, name)?;
         self.store.delete_function(&tenant, name)?;
         self.logs.remove(&tenant, name);
+        self.evict_deleted(&function.versions)?;
         tracing::info!(%tenant, function = %name, "function deleted");
         Ok(no_content())
     }

@@ -80,6 +80,21 @@ impl Gateway {
             .clone())
     }
 
+    /// Drops cached functions whose wasm left the store (after a delete).
+    pub(super) fn evict_deleted(&self, versions: &[Version]) -> Result<(), ApiError> {
+        let mut loaded = self
+            .functions
+            .loaded
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        for version in versions {
+            if self.store.blob(&version.sha256)?.is_none() {
+                loaded.remove(&version.sha256);
+            }
+        }
+        Ok(())
+    }
+
     fn cached(&self, sha256: &str) -> Option<Function> {
         let loaded = self
             .functions

@@ -1,4 +1,5 @@
-//! Misbehaviour on request, by path: `/panic`, `/loop`, `/log`, `/ok`.
+//! Misbehaviour on request, by path: `/panic`, `/loop`, `/log`, `/ok`;
+//! anything under `/echo` answers with what the function was given.
 
 use gigafactory_sdk::http::{Handler, Request, Response};
 
@@ -17,6 +18,17 @@ impl Handler for Misbehave {
                 println!("to stdout");
                 eprintln!("to stderr");
                 Response::text(200, "logged")
+            }
+            path if path.starts_with("/echo") => {
+                let seen = format!(
+                    "{} {} x-custom={} authorization={} body={}",
+                    request.method,
+                    request.path,
+                    request.header("x-custom").unwrap_or("-"),
+                    request.header("authorization").unwrap_or("-"),
+                    String::from_utf8_lossy(&request.body)
+                );
+                Response::text(200, seen).with_header("x-echoed", "yes")
             }
             _ => Response::text(200, "ok"),
         }
