@@ -15,6 +15,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::Runtime;
+use crate::capabilities::Capabilities;
 use crate::host::HostState;
 use crate::logs::{LogLimits, LogSink, RequestLog};
 
@@ -56,6 +57,9 @@ pub enum InvokeError {
     /// The function trapped (a panic, an out-of-bounds access, …).
     #[error("the function trapped: {0}")]
     Trap(String),
+    /// The function trapped after its memory limit refused to grow.
+    #[error("the function ran out of memory (limit {0} bytes) and trapped: {1}")]
+    OutOfMemory(usize, String),
     /// The function returned without setting a response.
     #[error("the function returned without sending a response")]
     NoResponse,
@@ -79,6 +83,10 @@ pub struct Invocation {
     pub log_limits: LogLimits,
     /// Its wall-clock deadline.
     pub timeout: Duration,
+    /// Its linear memory limit in bytes (at most the sandbox's).
+    pub memory_bytes: usize,
+    /// Env, files, models and hosts it may use.
+    pub capabilities: Capabilities,
 }
 
 impl Runtime {
@@ -147,9 +155,16 @@ impl Function {
     {
         let inner = &self.runtime.inner;
         let log = RequestLog::new(invocation.log.clone(), invocation.log_limits);
-        let state = HostState::new(&log, inner.models.clone(), inner.limits.max_memory_bytes);
+        let memory_bytes = invocation.memory_bytes.min(inner.limits.max_memory_bytes);
+        let state = HostState::new(
+            &log,
+            inner.models.clone(),
+            memory_bytes,
+            &invocation.capabilities,
+        )
+        .map_err(|e| InvokeError::Host(format!("{e:#}")))?;
         let mut store = Store::new(&inner.engine, state);
-        store.limiter(|state| &mut state.limits);
+        store.limiter(|state| &mut state.memory);
         let deadline = Instant::now() + invocation.timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
@@ -181,35 +196,50 @@ impl Function {
                     .await
             };
             let outcome = tokio::time::timeout_at(deadline.into(), run).await;
+            let memory_refused = store.data().memory.refused;
             drop(store);
             drop(log);
-            outcome
+            Ending {
+                outcome,
+                memory_refused,
+            }
         });
         match receiver.await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(code)) => Err(InvokeError::Guest(format!("{code:?}"))),
-            Err(_) => Err(classify(task.await, invocation.timeout)),
+            Err(_) => Err(match task.await {
+                Ok(ending) => ending.classify(invocation.timeout, memory_bytes),
+                Err(join) => InvokeError::Host(format!("the request task failed: {join}")),
+            }),
         }
     }
 }
 
-type TaskOutcome =
-    Result<Result<wasmtime::Result<()>, tokio::time::error::Elapsed>, tokio::task::JoinError>;
+/// How a request's instance ended.
+struct Ending {
+    outcome: Result<wasmtime::Result<()>, tokio::time::error::Elapsed>,
+    memory_refused: bool,
+}
 
-/// Why the guest ended without sending a response.
-fn classify(outcome: TaskOutcome, timeout: Duration) -> InvokeError {
-    match outcome {
-        Ok(Ok(Ok(()))) => InvokeError::NoResponse,
-        Ok(Err(_elapsed)) => InvokeError::Deadline(timeout),
-        Ok(Ok(Err(error))) => {
-            if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
-                return InvokeError::Overloaded;
-            }
-            match error.downcast_ref::<Trap>() {
-                Some(Trap::Interrupt) => InvokeError::Deadline(timeout),
-                _ => InvokeError::Trap(format!("{:#}", anyhow::Error::from(error))),
-            }
+impl Ending {
+    /// Why the guest ended without sending a response.
+    fn classify(self, timeout: Duration, memory_bytes: usize) -> InvokeError {
+        let error = match self.outcome {
+            Ok(Ok(())) => return InvokeError::NoResponse,
+            Err(_elapsed) => return InvokeError::Deadline(timeout),
+            Ok(Err(error)) => error,
+        };
+        if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+            return InvokeError::Overloaded;
         }
-        Err(join) => InvokeError::Host(format!("the request task failed: {join}")),
+        if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
+            return InvokeError::Deadline(timeout);
+        }
+        let message = format!("{:#}", anyhow::Error::from(error));
+        if self.memory_refused {
+            InvokeError::OutOfMemory(memory_bytes, message)
+        } else {
+            InvokeError::Trap(message)
+        }
     }
 }

@@ -1,13 +1,16 @@
-//! The state of one request's store: WASI (no files, no env, no network),
-//! wasi:http with outbound requests denied, wasi-nn, memory limits.
+//! The state of one request's store: WASI with only the granted env and
+//! read-only files, wasi:http with outbound requests limited to granted
+//! hosts, wasi-nn limited to granted models, and the memory limiter.
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
+use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::capabilities::{Capabilities, OutboundAccess};
 use crate::logs::{LogStream, RequestLog};
 use crate::models::ModelPool;
 use crate::nn::{NnCtx, NnView};
@@ -19,26 +22,39 @@ pub struct HostState {
     http: WasiHttpCtx,
     hooks: OutboundPolicy,
     nn: NnCtx,
-    pub(crate) limits: StoreLimits,
+    pub(crate) memory: MemoryLimiter,
 }
 
 impl HostState {
-    pub(crate) fn new(log: &Arc<RequestLog>, pool: Arc<ModelPool>, max_memory: usize) -> Self {
-        let wasi = WasiCtx::builder()
-            .stdout(log.stream(LogStream::Stdout))
+    pub(crate) fn new(
+        log: &Arc<RequestLog>,
+        pool: Arc<ModelPool>,
+        memory_bytes: usize,
+        capabilities: &Capabilities,
+    ) -> anyhow::Result<Self> {
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(log.stream(LogStream::Stdout))
             .stderr(log.stream(LogStream::Stderr))
+            .envs(&capabilities.env)
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        Self {
-            table: ResourceTable::new(),
-            wasi,
-            http: WasiHttpCtx::new(),
-            hooks: OutboundPolicy,
-            nn: NnCtx::new(pool),
-            limits: StoreLimitsBuilder::new().memory_size(max_memory).build(),
+            .allow_ip_name_lookup(false);
+        if let Some(dir) = &capabilities.files {
+            wasi.preopened_dir(dir, "/", FsPerms::ReadOnly)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("opening the function's files {}", dir.display()))?;
         }
+        Ok(Self {
+            table: ResourceTable::new(),
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            hooks: OutboundPolicy(capabilities.outbound.clone()),
+            nn: NnCtx::new(pool, capabilities.models.clone()),
+            memory: MemoryLimiter {
+                limit: memory_bytes,
+                refused: false,
+            },
+        })
     }
 
     pub(crate) fn nn(&mut self) -> NnView<'_> {
@@ -65,8 +81,40 @@ impl WasiHttpView for HostState {
     }
 }
 
-/// Functions get no outbound network: every outgoing request is denied.
-struct OutboundPolicy;
+/// Caps linear memory and remembers whether it refused a growth, so a
+/// trap that follows can be reported as running out of memory.
+pub(crate) struct MemoryLimiter {
+    limit: usize,
+    pub(crate) refused: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.refused = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// Outbound requests reach only the granted hosts; the rest are denied
+/// inside the guest (`HTTP-request-denied`).
+struct OutboundPolicy(OutboundAccess);
 
 type SendFuture = Box<
     dyn Future<
@@ -81,10 +129,24 @@ impl WasiHttpHooks for OutboundPolicy {
     fn send_request(
         &mut self,
         request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _io: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> SendFuture {
-        tracing::debug!(uri = %request.uri(), "outbound request denied");
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+        let uri = request.uri();
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let permitted = uri.host().is_some_and(|host| self.0.permits(host, port));
+        if !permitted {
+            tracing::debug!(uri = %uri, "outbound request denied");
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
     }
 }

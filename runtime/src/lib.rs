@@ -6,6 +6,7 @@
 //! [`Runtime::compile`], keeps the artifact, [`Runtime::load`]s it into a
 //! [`Function`] and calls [`Function::handle`] per request.
 
+mod capabilities;
 mod engine;
 mod function;
 mod host;
@@ -21,6 +22,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Linker;
 
+pub use capabilities::{Capabilities, ModelAccess, OutboundAccess};
 pub use engine::{EPOCH_TICK, SandboxLimits};
 pub use function::{CompileError, Function, Invocation, InvokeError};
 pub use host::HostState;

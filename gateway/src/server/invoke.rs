@@ -2,7 +2,7 @@
 //! active version with the request streamed through.
 
 use gigafactory_runtime::logs::LogLimits;
-use gigafactory_runtime::{Invocation, InvokeError};
+use gigafactory_runtime::{Capabilities, Invocation, InvokeError};
 use http_body_util::BodyExt;
 use hyper::StatusCode;
 use hyper::header::{AUTHORIZATION, HOST, HeaderValue};
@@ -40,6 +40,8 @@ impl Gateway {
             log: log.clone(),
             log_limits: LogLimits::default(),
             timeout: self.config.limits.timeout,
+            memory_bytes: self.config.limits.max_memory_bytes,
+            capabilities: Capabilities::default(),
         };
         Metrics::count(&self.metrics.invocations);
         match function
@@ -87,6 +89,7 @@ fn invoke_error(error: InvokeError) -> ApiError {
     let (status, code) = match &error {
         InvokeError::Deadline(_) => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
         InvokeError::Trap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_trapped"),
+        InvokeError::OutOfMemory(..) => (StatusCode::INTERNAL_SERVER_ERROR, "out_of_memory"),
         InvokeError::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
         InvokeError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_error"),
         InvokeError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),

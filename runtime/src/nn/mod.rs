@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
+use crate::capabilities::ModelAccess;
 use crate::models::{ElementType, ErrorCode, HostTensor, ModelPool, NnError, OnnxGraph};
 
 mod generated {
@@ -41,15 +42,17 @@ pub struct Tensor(HostTensor);
 /// A guest-visible error.
 pub struct Error(NnError);
 
-/// What one instance needs for wasi-nn: the shared model pool.
+/// What one instance needs for wasi-nn: the shared model pool and which
+/// of its models the instance may load.
 pub struct NnCtx {
     pool: Arc<ModelPool>,
+    access: ModelAccess,
 }
 
 impl NnCtx {
-    /// A context over `pool`.
-    pub fn new(pool: Arc<ModelPool>) -> Self {
-        Self { pool }
+    /// A context over `pool` limited to `access`.
+    pub fn new(pool: Arc<ModelPool>, access: ModelAccess) -> Self {
+        Self { pool, access }
     }
 }
 
@@ -125,6 +128,18 @@ impl graph::Host for NnView<'_> {
     }
 
     fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
+        if !self.ctx.access.is_visible(&name) {
+            return self.fail(NnError::new(
+                ErrorCode::NotFound,
+                format!("no model named {name:?}"),
+            ));
+        }
+        if !self.ctx.access.is_allowed(&name) {
+            return self.fail(NnError::new(
+                ErrorCode::Security,
+                format!("model {name:?} is not in this function's manifest (`models`)"),
+            ));
+        }
         match self.ctx.pool.get(&name) {
             Ok(graph) => Ok(Ok(self.table.push(Graph(graph))?)),
             Err(error) => self.fail(error),

@@ -1,0 +1,100 @@
+//! What one invocation may use beyond computing: environment, read-only
+//! files, models, outbound hosts. Everything defaults to nothing.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The grants of a function's invocation; [`Capabilities::default`] grants nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Capabilities {
+    /// Environment variables the guest sees.
+    pub env: Vec<(String, String)>,
+    /// A host directory the guest sees read-only as `/`.
+    pub files: Option<PathBuf>,
+    /// Which repository models `load-by-name` may open.
+    pub models: ModelAccess,
+    /// Which hosts outbound `wasi:http` requests may reach.
+    pub outbound: OutboundAccess,
+}
+
+/// Model permissions: those the tenant may see at all, and those this
+/// function may load. A model outside `visible` does not exist for the
+/// guest (`not-found`); one visible but not `allowed` is `security`.
+#[derive(Debug, Clone, Default)]
+pub struct ModelAccess {
+    /// Models the tenant may use; `None`: all of them.
+    pub visible: Option<Arc<BTreeSet<String>>>,
+    /// Models the function may load; `None`: every visible one.
+    pub allowed: Option<Arc<BTreeSet<String>>>,
+}
+
+impl ModelAccess {
+    /// Every model, for tests and single-tenant use.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn is_visible(&self, model: &str) -> bool {
+        self.visible.as_ref().is_none_or(|set| set.contains(model))
+    }
+
+    pub(crate) fn is_allowed(&self, model: &str) -> bool {
+        self.allowed.as_ref().is_none_or(|set| set.contains(model))
+    }
+}
+
+/// Hosts outbound requests may reach: `host` (any port) or `host:port`.
+#[derive(Debug, Clone, Default)]
+pub struct OutboundAccess {
+    allowed: Arc<[String]>,
+}
+
+impl OutboundAccess {
+    /// Allows exactly `hosts` (lower-cased).
+    pub fn hosts(hosts: impl IntoIterator<Item = impl AsRef<str>>) -> Self {
+        Self {
+            allowed: hosts
+                .into_iter()
+                .map(|h| h.as_ref().to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    /// Whether a request to `host` on `port` may go out.
+    pub fn permits(&self, host: &str, port: u16) -> bool {
+        let host = host.to_ascii_lowercase();
+        let with_port = format!("{host}:{port}");
+        self.allowed
+            .iter()
+            .any(|rule| *rule == host || *rule == with_port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbound_rules_match_host_or_host_and_port() {
+        let access = OutboundAccess::hosts(["API.example.com", "127.0.0.1:9000"]);
+        assert!(access.permits("api.example.com", 443));
+        assert!(access.permits("api.example.com", 80));
+        assert!(access.permits("127.0.0.1", 9000));
+        assert!(!access.permits("127.0.0.1", 9001));
+        assert!(!access.permits("example.com", 443));
+        assert!(!OutboundAccess::default().permits("localhost", 80));
+    }
+
+    #[test]
+    fn model_access_separates_visible_from_allowed() {
+        let set = |names: &[&str]| Some(Arc::new(names.iter().map(|n| n.to_string()).collect()));
+        let access = ModelAccess {
+            visible: set(&["a", "b"]),
+            allowed: set(&["a"]),
+        };
+        assert!(access.is_visible("b") && !access.is_allowed("b"));
+        assert!(!access.is_visible("c"));
+        assert!(ModelAccess::all().is_allowed("anything"));
+    }
+}
