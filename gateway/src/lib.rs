@@ -4,7 +4,9 @@
 
 pub mod auth;
 pub mod bench;
+pub mod bundle;
 pub mod cli;
 pub mod logs;
+pub mod manifest;
 pub mod server;
 pub mod store;

@@ -2,6 +2,7 @@
 //! immutable versions, content-addressed wasm blobs and precompiled
 //! artifacts. Every multi-key update is one transaction.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
@@ -12,6 +13,7 @@ use sled::transaction::{
 use sled::{Db, Tree};
 
 use crate::auth::TokenHash;
+use crate::manifest::Manifest;
 
 /// A tenant: an isolated namespace of functions and keys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +71,68 @@ pub struct Version {
     pub size: u64,
     /// Unix seconds.
     pub deployed_at: u64,
+    /// What the function asked for.
+    #[serde(default)]
+    pub manifest: Manifest,
+    /// Its read-only files: guest path → content.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, FileRef>,
+}
+
+impl Version {
+    /// Bytes this version keeps in the store: its wasm and its files.
+    pub fn stored_bytes(&self) -> u64 {
+        self.size + self.files.values().map(|f| f.size).sum::<u64>()
+    }
+
+    /// Every blob the version references: the wasm, then its files.
+    fn blobs(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.sha256.as_str()).chain(self.files.values().map(|f| f.sha256.as_str()))
+    }
+}
+
+/// A file's content in the blob store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileRef {
+    /// sha256 of the content, hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Everything a deploy stores.
+pub struct NewVersion<'a> {
+    /// The component.
+    pub wasm: &'a [u8],
+    /// Its sha256, hex.
+    pub sha256: &'a str,
+    /// Its precompiled artifact.
+    pub artifact: &'a [u8],
+    /// The manifest.
+    pub manifest: &'a Manifest,
+    /// Guest path → (sha256, content) of each file.
+    pub files: BTreeMap<String, (String, &'a [u8])>,
+}
+
+impl NewVersion<'_> {
+    fn file_refs(&self) -> BTreeMap<String, FileRef> {
+        self.files
+            .iter()
+            .map(|(guest, (sha256, content))| {
+                let file = FileRef {
+                    sha256: sha256.clone(),
+                    size: content.len() as u64,
+                };
+                (guest.clone(), file)
+            })
+            .collect()
+    }
+
+    fn same_as(&self, version: &Version) -> bool {
+        version.sha256 == self.sha256
+            && version.manifest == *self.manifest
+            && version.files == self.file_refs()
+    }
 }
 
 /// Store refusals the API maps to statuses.
@@ -212,8 +276,8 @@ impl Store {
                 }
                 for function in &functions {
                     functions_tx.remove(function_key(name, &function.name).as_bytes())?;
-                    for version in &function.versions {
-                        self.release_blob(refs, blobs, artifacts, &version.sha256)?;
+                    for blob in function.versions.iter().flat_map(Version::blobs) {
+                        self.release_blob(refs, blobs, artifacts, blob)?;
                     }
                 }
                 Ok(())
@@ -257,12 +321,10 @@ impl Store {
         &self,
         tenant: &str,
         name: &str,
-        wasm: &[u8],
-        sha256: &str,
-        artifact: &[u8],
+        new: &NewVersion<'_>,
     ) -> Result<Deployed, StoreError> {
         let key = function_key(tenant, name);
-        let artifact_key = artifact_key(sha256, &self.fingerprint);
+        let artifact_key = artifact_key(new.sha256, &self.fingerprint);
         let trees = (
             &self.tenants,
             &self.functions,
@@ -279,7 +341,7 @@ impl Store {
                 None => None,
             };
             if let Some(function) = &existing
-                && function.active_version().sha256 == sha256
+                && new.same_as(function.active_version())
             {
                 return Ok(Deployed {
                     function: function.clone(),
@@ -297,17 +359,18 @@ impl Store {
             let number = function.versions.last().map_or(1, |v| v.number + 1);
             function.versions.push(Version {
                 number,
-                sha256: sha256.to_string(),
-                size: wasm.len() as u64,
+                sha256: new.sha256.to_string(),
+                size: new.wasm.len() as u64,
                 deployed_at: now,
+                manifest: new.manifest.clone(),
+                files: new.file_refs(),
             });
             function.active = number;
-            let count = refs.get(sha256)?.map_or(0, |v| decode_u64(&v)) + 1;
-            refs.insert(sha256, &count.to_be_bytes())?;
-            if count == 1 {
-                blobs.insert(sha256, wasm)?;
+            retain_blob(refs, blobs, new.sha256, new.wasm)?;
+            for (sha256, content) in new.files.values() {
+                retain_blob(refs, blobs, sha256, content)?;
             }
-            artifacts.insert(artifact_key.as_bytes(), artifact)?;
+            artifacts.insert(artifact_key.as_bytes(), new.artifact)?;
             let value = to_json(&function).map_err(storage)?;
             functions.insert(key.as_bytes(), value)?;
             Ok(Deployed {
@@ -351,8 +414,8 @@ impl Store {
                 return abort(StoreError::NotFound(format!("no function {name:?}")));
             };
             let function: FunctionRecord = from_json(&value).map_err(storage)?;
-            for version in &function.versions {
-                self.release_blob(refs, blobs, artifacts, &version.sha256)?;
+            for blob in function.versions.iter().flat_map(Version::blobs) {
+                self.release_blob(refs, blobs, artifacts, blob)?;
             }
             Ok(())
         });
@@ -421,6 +484,21 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Adds one reference to a blob, storing it on the first.
+fn retain_blob(
+    refs: &TransactionalTree,
+    blobs: &TransactionalTree,
+    sha256: &str,
+    content: &[u8],
+) -> Result<(), TxError> {
+    let count = refs.get(sha256)?.map_or(0, |v| decode_u64(&v)) + 1;
+    refs.insert(sha256, &count.to_be_bytes())?;
+    if count == 1 {
+        blobs.insert(sha256, content)?;
+    }
+    Ok(())
 }
 
 type TxError = ConflictableTransactionError<StoreError>;

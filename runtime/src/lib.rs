@@ -27,6 +27,7 @@ pub use engine::{EPOCH_TICK, SandboxLimits};
 pub use function::{CompileError, Function, Invocation, InvokeError};
 pub use host::HostState;
 pub use models::ModelPool;
+pub use wasmtime_wasi_http::Error as HttpError;
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 /// The sandbox: one engine and linker shared by every function.

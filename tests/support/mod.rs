@@ -183,6 +183,30 @@ impl Server {
         serde_json::from_slice(&reply.body).unwrap()
     }
 
+    /// Deploys a bundle (tar) as `name` with `key`, returning the reply.
+    pub async fn deploy_bundle(&self, key: &str, name: &str, tar: Vec<u8>) -> Reply {
+        self.client(Some(key))
+            .send(
+                Method::PUT,
+                &format!("/v1/functions/{name}"),
+                Some(("application/x-tar", Bytes::from(tar))),
+                &[],
+            )
+            .await
+            .unwrap()
+    }
+
+    /// GETs `path` with `key` and returns the body as text, asserting 200.
+    pub async fn get_text(&self, key: &str, path: &str) -> String {
+        let reply = self
+            .client(Some(key))
+            .send(Method::GET, path, None, &[])
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "GET {path}: {}", text(&reply));
+        text(&reply)
+    }
+
     /// The server's log so far.
     pub fn output(&self) -> String {
         self.output.lock().unwrap().join("\n")
@@ -209,6 +233,16 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A bundle of the `manifest_probe` guest with `manifest` and `files`.
+pub fn probe_bundle(manifest: &str, files: &[(&str, &str)]) -> Vec<u8> {
+    let files: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
+        .collect();
+    gigafactory_gateway::bundle::Bundle::pack(&wasm("manifest_probe"), Some(manifest), &files)
+        .unwrap()
 }
 
 /// A reply's body as text.

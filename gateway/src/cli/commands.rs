@@ -1,5 +1,6 @@
 //! What each command does.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,8 @@ use hyper::Method;
 use serde_json::Value;
 
 use super::{Cli, Client, Command, FunctionsCommand, ModelsCommand, ServeArgs, TenantCommand};
+use crate::bundle::{Bundle, MANIFEST_ENTRY};
+use crate::manifest::Manifest;
 use crate::server::{Gateway, GatewayConfig};
 
 /// Runs the parsed command line.
@@ -17,7 +20,11 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Tenant(command) => tenant(&client()?, command, cli.json).await,
-        Command::Deploy { name, file } => deploy(&client()?, &name, &file, cli.json).await,
+        Command::Deploy {
+            name,
+            file,
+            manifest,
+        } => deploy(&client()?, &name, &file, manifest, cli.json).await,
         Command::Invoke {
             name,
             data,
@@ -37,6 +44,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.models_dir = args.models;
     config.admin_token = args.admin_token;
     config.max_upload_bytes = args.max_upload_mib << 20;
+    config.max_request_bytes = args.max_request_mib << 20;
+    config.max_response_bytes = args.max_response_mib << 20;
     config.limits.timeout = Duration::from_secs(args.timeout_secs);
     config.limits.max_memory_bytes = args.memory_mib << 20;
     config.limits.max_instances = args.max_instances;
@@ -130,14 +139,35 @@ async fn tenant(client: &Client, command: TenantCommand, as_json: bool) -> Resul
     Ok(())
 }
 
-async fn deploy(client: &Client, name: &str, file: &std::path::Path, as_json: bool) -> Result<()> {
+async fn deploy(
+    client: &Client,
+    name: &str,
+    file: &Path,
+    manifest: Option<PathBuf>,
+    as_json: bool,
+) -> Result<()> {
     let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    eprintln!("deploying {name} ({} KiB) …", wasm.len() / 1024);
+    let manifest = manifest.or_else(|| {
+        let default = PathBuf::from(MANIFEST_ENTRY);
+        default.is_file().then_some(default)
+    });
+    let (content_type, body) = match &manifest {
+        Some(path) => ("application/x-tar", bundle(&wasm, path)?),
+        None => ("application/wasm", wasm),
+    };
+    match &manifest {
+        Some(path) => eprintln!(
+            "deploying {name} with {} ({} KiB bundle) …",
+            path.display(),
+            body.len() / 1024
+        ),
+        None => eprintln!("deploying {name} ({} KiB) …", body.len() / 1024),
+    }
     let function = client
         .api(
             Method::PUT,
             &format!("/v1/functions/{name}"),
-            Some(("application/wasm", Bytes::from(wasm))),
+            Some((content_type, Bytes::from(body))),
         )
         .await
         .with_context(|| format!("deploying {}", file.display()))?;
@@ -149,6 +179,32 @@ async fn deploy(client: &Client, name: &str, file: &std::path::Path, as_json: bo
         )
     });
     Ok(())
+}
+
+/// Packs the component, the manifest and the files it maps (paths
+/// relative to the manifest's directory) into a bundle.
+fn bundle(wasm: &[u8], manifest_path: &Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(manifest_path)
+        .with_context(|| format!("reading {}", manifest_path.display()))?;
+    let manifest = Manifest::parse(&text).map_err(anyhow::Error::msg)?;
+    let base = manifest_path.parent().unwrap_or(Path::new("."));
+    let mut files = Vec::new();
+    for source in manifest
+        .files
+        .values()
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let path = base.join(source);
+        let content = std::fs::read(&path).with_context(|| {
+            format!(
+                "reading {} (named in {})",
+                path.display(),
+                manifest_path.display()
+            )
+        })?;
+        files.push((source.clone(), content));
+    }
+    Bundle::pack(wasm, Some(&text), &files).context("packing the bundle")
 }
 
 async fn invoke(

@@ -42,12 +42,16 @@ pub enum Command {
     /// Manage tenants (needs the admin token).
     #[command(subcommand)]
     Tenant(TenantCommand),
-    /// Deploy a function: a wasm32-wasip2 component exporting wasi:http/incoming-handler.
+    /// Deploy a function: a wasm32-wasip2 component exporting wasi:http/incoming-handler,
+    /// with its gigafactory.toml and the files it names.
     Deploy {
         /// The function's name (a-z, 0-9, '-').
         name: String,
         /// The component file.
         file: PathBuf,
+        /// The function's manifest [default: ./gigafactory.toml when present].
+        #[arg(long)]
+        manifest: Option<PathBuf>,
     },
     /// Call a function of your tenant and print its response body.
     Invoke {
@@ -102,9 +106,15 @@ pub struct ServeArgs {
     /// Instances that may run at once.
     #[arg(long, default_value_t = 1000)]
     pub max_instances: u32,
-    /// Largest wasm a deploy accepts, in MiB.
+    /// Largest wasm or bundle a deploy accepts, in MiB.
     #[arg(long, default_value_t = 64)]
     pub max_upload_mib: usize,
+    /// Largest request body a function receives (and a manifest may allow), in MiB.
+    #[arg(long, default_value_t = 16)]
+    pub max_request_mib: u64,
+    /// Largest response body a function sends (and a manifest may allow), in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub max_response_mib: u64,
     /// Threads running inference (default: all cores).
     #[arg(long)]
     pub inference_threads: Option<usize>,

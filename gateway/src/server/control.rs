@@ -9,7 +9,9 @@ use sha2::{Digest, Sha256};
 use super::routes::{Request, check_name, json};
 use super::{ApiError, Gateway, Metrics, Response};
 use crate::auth::{self, Principal, TokenHash};
-use crate::store::FunctionRecord;
+use crate::bundle::Bundle;
+use crate::manifest::Caps;
+use crate::store::{FunctionRecord, NewVersion};
 
 /// Largest JSON body of a control-plane call.
 const MAX_JSON_BYTES: usize = 64 * 1024;
@@ -166,19 +168,59 @@ impl Gateway {
         ))
     }
 
-    /// `PUT /v1/functions/{name}` with the component as the body.
+    /// `PUT /v1/functions/{name}`: the component itself (`application/wasm`)
+    /// or a bundle (`application/x-tar`: `function.wasm`, `gigafactory.toml`, files).
     async fn deploy(&self, request: Request, name: &str) -> Result<Response, ApiError> {
         let tenant = self.require_tenant(&request)?;
         check_name("function", name)?;
-        let wasm = read_body(request, self.config.max_upload_bytes).await?;
-        let sha256 = hex::encode(Sha256::digest(&wasm));
+        let is_bundle = request
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/x-tar"));
+        let body = read_body(request, self.config.max_upload_bytes).await?;
+        let bundle = if is_bundle {
+            Bundle::unpack(&body).map_err(|e| ApiError::bad_request("invalid_bundle", e))?
+        } else {
+            Bundle::wasm(body.to_vec())
+        };
+        let models: Vec<String> = self
+            .runtime
+            .models()
+            .list()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        let bundle_files: Vec<&str> = bundle.files.keys().map(String::as_str).collect();
+        bundle
+            .manifest
+            .validate(&self.manifest_caps(), &models, &bundle_files)
+            .map_err(|e| ApiError::bad_request("invalid_manifest", e))?;
+        let sha256 = hex::encode(Sha256::digest(&bundle.wasm));
         let artifact = match self.store.artifact(&sha256)? {
             Some(artifact) => artifact,
-            None => self.compile(&wasm).await?,
+            None => self.compile(&bundle.wasm).await?,
         };
-        let deployed = self
-            .store
-            .deploy(&tenant, name, &wasm, &sha256, &artifact)?;
+        let files = bundle
+            .manifest
+            .files
+            .iter()
+            .map(|(guest, source)| {
+                let content = bundle.files[source].as_slice();
+                (
+                    guest.clone(),
+                    (hex::encode(Sha256::digest(content)), content),
+                )
+            })
+            .collect();
+        let new = NewVersion {
+            wasm: &bundle.wasm,
+            sha256: &sha256,
+            artifact: &artifact,
+            manifest: &bundle.manifest,
+            files,
+        };
+        let deployed = self.store.deploy(&tenant, name, &new)?;
         Metrics::count(&self.metrics.deploys);
         let function = &deployed.function;
         tracing::info!(%tenant, function = %name, version = function.active, created = deployed.created, "deployed");
@@ -188,6 +230,18 @@ impl Gateway {
             StatusCode::OK
         };
         Ok(json(status, function_json(function)))
+    }
+
+    /// The most a manifest may ask of this platform.
+    fn manifest_caps(&self) -> Caps {
+        let limits = &self.config.limits;
+        Caps {
+            memory_mib: (limits.max_memory_bytes >> 20) as u64,
+            timeout_ms: limits.timeout.as_millis() as u64,
+            request_bytes: self.config.max_request_bytes,
+            response_bytes: self.config.max_response_bytes,
+            concurrency: limits.max_instances,
+        }
     }
 
     fn find_function(&self, tenant: &str, name: &str) -> Result<FunctionRecord, ApiError> {
@@ -207,6 +261,7 @@ fn function_json(function: &FunctionRecord) -> serde_json::Value {
         "active_version": function.active,
         "sha256": active.sha256,
         "size": active.size,
+        "manifest": active.manifest,
         "created_at": function.created_at,
         "versions": function.versions,
     })

@@ -10,6 +10,7 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -19,7 +20,15 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// 429 with `Retry-After: seconds`.
+    pub fn too_many_requests(message: impl Into<String>, seconds: u64) -> Self {
+        let mut error = Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", message);
+        error.retry_after = Some(seconds);
+        error
     }
 
     /// 400.
@@ -77,9 +86,13 @@ impl ApiError {
         let body = serde_json::json!({
             "error": { "code": self.code, "message": self.message }
         });
-        hyper::Response::builder()
+        let mut response = hyper::Response::builder()
             .status(self.status)
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(seconds) = self.retry_after {
+            response = response.header("retry-after", seconds);
+        }
+        response
             .body(full(body.to_string()))
             .expect("a valid response")
     }

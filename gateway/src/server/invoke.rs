@@ -1,14 +1,23 @@
 //! The data plane: `/fn/{tenant}/{function}/{*path}` runs the function's
-//! active version with the request streamed through.
+//! active version with the request streamed through, under the limits and
+//! grants of its manifest.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use gigafactory_runtime::logs::LogLimits;
-use gigafactory_runtime::{Capabilities, Invocation, InvokeError};
+use gigafactory_runtime::{Capabilities, Invocation, InvokeError, ModelAccess, OutboundAccess};
 use http_body_util::BodyExt;
 use hyper::StatusCode;
-use hyper::header::{AUTHORIZATION, HOST, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderValue};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::bodies::{LimitedRequest, LimitedResponse};
 use super::routes::{Request, check_name};
-use super::{ApiError, BoxError, Gateway, Metrics, Response};
+use super::{ApiError, Gateway, Metrics, Response};
+use crate::store::Version;
 
 /// Response header naming the version that answered.
 pub const VERSION_HEADER: &str = "gigafactory-function-version";
@@ -34,27 +43,38 @@ impl Gateway {
             .function(tenant, name)?
             .ok_or_else(|| ApiError::not_found(format!("no function {name:?}")))?;
         let version = record.active_version();
+        let limits = self.limits_of(version);
+        if declared_length(&request).is_some_and(|n| n > limits.request_bytes) {
+            return Err(request_too_large(limits.request_bytes));
+        }
+        let permit = self.concurrency_permit(tenant, name, version)?;
         let function = self.runnable(version).await?;
         let log = self.logs.of(tenant, name);
         let invocation = Invocation {
             log: log.clone(),
             log_limits: LogLimits::default(),
-            timeout: self.config.limits.timeout,
-            memory_bytes: self.config.limits.max_memory_bytes,
-            capabilities: Capabilities::default(),
+            timeout: limits.timeout,
+            memory_bytes: limits.memory_bytes,
+            capabilities: self.capabilities(version).await?,
         };
+        let exceeded = Arc::new(AtomicBool::new(false));
+        let (parts, body) = request.into_parts();
+        let body = LimitedRequest::new(body, limits.request_bytes, exceeded.clone());
+        let guest_request = guest_request(hyper::Request::from_parts(parts, body), &rest)?;
         Metrics::count(&self.metrics.invocations);
-        match function
-            .handle(guest_request(request, &rest)?, invocation)
-            .await
-        {
+        let outcome = function.handle(guest_request, invocation).await;
+        if exceeded.load(Ordering::Relaxed) {
+            Metrics::count(&self.metrics.invocation_errors);
+            return Err(request_too_large(limits.request_bytes));
+        }
+        match outcome {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 parts
                     .headers
                     .insert(VERSION_HEADER, HeaderValue::from(version.number));
-                let body = body.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
-                Ok(hyper::Response::from_parts(parts, body))
+                let body = LimitedResponse::new(body, limits.response_bytes, permit);
+                Ok(hyper::Response::from_parts(parts, body.boxed_unsync()))
             }
             Err(error) => {
                 Metrics::count(&self.metrics.invocation_errors);
@@ -63,11 +83,100 @@ impl Gateway {
             }
         }
     }
+
+    /// The limits a version runs under: its manifest's, else the platform's.
+    fn limits_of(&self, version: &Version) -> Limits {
+        let manifest = &version.manifest;
+        let platform = &self.config.limits;
+        Limits {
+            timeout: manifest
+                .timeout_ms
+                .map_or(platform.timeout, Duration::from_millis),
+            memory_bytes: manifest
+                .memory_mib
+                .map_or(platform.max_memory_bytes, |mib| (mib as usize) << 20),
+            request_bytes: manifest
+                .max_request_bytes
+                .unwrap_or(self.config.max_request_bytes),
+            response_bytes: manifest
+                .max_response_bytes
+                .unwrap_or(self.config.max_response_bytes),
+        }
+    }
+
+    /// What a version may use: its manifest's env, files, models and hosts.
+    async fn capabilities(&self, version: &Version) -> Result<Capabilities, ApiError> {
+        let manifest = &version.manifest;
+        let allowed = manifest
+            .models
+            .as_ref()
+            .map(|models| Arc::new(models.iter().cloned().collect::<BTreeSet<_>>()));
+        Ok(Capabilities {
+            env: manifest
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            files: self.function_files(version).await?,
+            models: ModelAccess {
+                visible: None,
+                allowed,
+            },
+            outbound: OutboundAccess::hosts(&manifest.allowed_hosts),
+        })
+    }
+
+    /// A slot under the version's `max_concurrency`, or 429.
+    fn concurrency_permit(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: &Version,
+    ) -> Result<Option<OwnedSemaphorePermit>, ApiError> {
+        let Some(cap) = version.manifest.max_concurrency else {
+            return Ok(None);
+        };
+        let semaphore = {
+            let mut slots = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
+            slots
+                .entry(format!("{tenant}/{name}@{}", version.number))
+                .or_insert_with(|| Arc::new(Semaphore::new(cap as usize)))
+                .clone()
+        };
+        semaphore.try_acquire_owned().map(Some).map_err(|_| {
+            ApiError::too_many_requests(
+                format!("{name} is already running {cap} requests (its max_concurrency)"),
+                1,
+            )
+        })
+    }
+}
+
+/// One version's effective limits.
+struct Limits {
+    timeout: Duration,
+    memory_bytes: usize,
+    request_bytes: u64,
+    response_bytes: u64,
+}
+
+fn declared_length(request: &Request) -> Option<u64> {
+    request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn request_too_large(limit: u64) -> ApiError {
+    ApiError::too_large(format!(
+        "the request body is over the function's {limit}-byte limit"
+    ))
 }
 
 /// The request as the function sees it: the path below its mount point,
 /// a Host header, and no platform credentials.
-fn guest_request(request: Request, rest: &str) -> Result<Request, ApiError> {
+fn guest_request<B>(request: hyper::Request<B>, rest: &str) -> Result<hyper::Request<B>, ApiError> {
     let (mut parts, body) = request.into_parts();
     let path_and_query = match parts.uri.query() {
         Some(query) => format!("{rest}?{query}"),

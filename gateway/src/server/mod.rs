@@ -1,16 +1,19 @@
 //! The HTTP server: one hyper service for the control plane (`/v1/…`), the
 //! data plane (`/fn/{tenant}/{function}/…`), health and metrics.
 
+mod bodies;
 mod control;
 mod error;
+mod files;
 mod functions;
 mod invoke;
 mod routes;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -23,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::auth::{self, TokenHash};
 use crate::logs::FunctionLogs;
@@ -54,8 +58,12 @@ pub struct GatewayConfig {
     pub models_dir: Option<PathBuf>,
     /// The admin token to use instead of a generated one.
     pub admin_token: Option<String>,
-    /// Largest wasm a deploy may upload.
+    /// Largest deploy upload (wasm or bundle).
     pub max_upload_bytes: usize,
+    /// Largest request body a function may receive (and a manifest may allow).
+    pub max_request_bytes: u64,
+    /// Largest response body a function may send (and a manifest may allow).
+    pub max_response_bytes: u64,
     /// Sandbox sizing and the request deadline.
     pub limits: SandboxLimits,
     /// Threads running inference.
@@ -70,6 +78,8 @@ impl GatewayConfig {
             models_dir: None,
             admin_token: None,
             max_upload_bytes: 64 << 20,
+            max_request_bytes: 16 << 20,
+            max_response_bytes: 64 << 20,
             limits: SandboxLimits::default(),
             inference_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
@@ -85,6 +95,8 @@ pub struct Gateway {
     logs: FunctionLogs,
     admin_token: TokenHash,
     metrics: Metrics,
+    /// Running requests per function version with a `max_concurrency`.
+    concurrency: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 /// Request counters for `/metrics`.
@@ -122,6 +134,7 @@ impl Gateway {
             functions: FunctionCache::default(),
             logs: FunctionLogs::default(),
             metrics: Metrics::default(),
+            concurrency: Mutex::default(),
             config,
             store,
             runtime,

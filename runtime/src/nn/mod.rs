@@ -129,21 +129,20 @@ impl graph::Host for NnView<'_> {
 
     fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
         if !self.ctx.access.is_visible(&name) {
-            return self.fail(NnError::new(
-                ErrorCode::NotFound,
-                format!("no model named {name:?}"),
-            ));
+            let error = NnError::new(ErrorCode::NotFound, format!("no model named {name:?}"));
+            return self.fail(error);
         }
+        let graph = match self.ctx.pool.get(&name) {
+            Ok(graph) => graph,
+            Err(error) => return self.fail(error),
+        };
         if !self.ctx.access.is_allowed(&name) {
             return self.fail(NnError::new(
                 ErrorCode::Security,
                 format!("model {name:?} is not in this function's manifest (`models`)"),
             ));
         }
-        match self.ctx.pool.get(&name) {
-            Ok(graph) => Ok(Ok(self.table.push(Graph(graph))?)),
-            Err(error) => self.fail(error),
-        }
+        Ok(Ok(self.table.push(Graph(graph))?))
     }
 }
 

@@ -1,0 +1,124 @@
+//! Bodies with limits: the request body a function reads and the response
+//! body it writes, each cut off at the function's byte limit. The response
+//! body also holds the function's concurrency permit until it ends.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use gigafactory_runtime::{HttpError, HyperOutgoingBody};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::BoxError;
+
+/// The request body as the function reads it: past `limit` bytes the
+/// function sees an error and `exceeded` is set (the client gets 413).
+pub struct LimitedRequest {
+    inner: Incoming,
+    remaining: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+impl LimitedRequest {
+    /// Wraps `inner`; `exceeded` reports whether the limit was hit.
+    pub fn new(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            remaining: limit,
+            exceeded,
+        }
+    }
+}
+
+impl Body for LimitedRequest {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            None => return Poll::Ready(None),
+        };
+        if let Some(data) = frame.data_ref() {
+            let size = data.len() as u64;
+            if size > self.remaining {
+                self.exceeded.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(HttpError::HttpRequestBodySize(None))));
+            }
+            self.remaining -= size;
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body as the client receives it: an error (the connection
+/// is cut) past `limit` bytes; holds `permit` until it is done.
+pub struct LimitedResponse {
+    inner: HyperOutgoingBody,
+    remaining: u64,
+    limit: u64,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl LimitedResponse {
+    /// Wraps a function's response body.
+    pub fn new(inner: HyperOutgoingBody, limit: u64, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self {
+            inner,
+            remaining: limit,
+            limit,
+            _permit: permit,
+        }
+    }
+}
+
+impl Body for LimitedResponse {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+            None => return Poll::Ready(None),
+        };
+        if let Some(data) = frame.data_ref() {
+            let size = data.len() as u64;
+            if size > self.remaining {
+                let limit = self.limit;
+                return Poll::Ready(Some(Err(format!(
+                    "the function's response is over its {limit}-byte limit"
+                )
+                .into())));
+            }
+            self.remaining -= size;
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,78 @@
+//! A version's read-only files, written out once under
+//! `<data>/files/<id>` (the id hashes the guest-path → content mapping, so
+//! versions with the same files share a directory) and mounted as the
+//! guest's `/`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use sha2::{Digest, Sha256};
+
+use super::{ApiError, Gateway};
+use crate::store::{FileRef, Store, Version};
+
+impl Gateway {
+    /// The directory holding `version`'s files, written on first use.
+    pub(super) async fn function_files(
+        &self,
+        version: &Version,
+    ) -> Result<Option<PathBuf>, ApiError> {
+        if version.files.is_empty() {
+            return Ok(None);
+        }
+        let root = self.config.data_dir.join("files");
+        let dir = root.join(files_id(&version.files));
+        if dir.is_dir() {
+            return Ok(Some(dir));
+        }
+        let store = self.store.clone();
+        let files = version.files.clone();
+        let target = dir.clone();
+        tokio::task::spawn_blocking(move || materialize(&store, &files, &root, &target))
+            .await
+            .map_err(|e| ApiError::internal(e.into()))??;
+        Ok(Some(dir))
+    }
+}
+
+fn files_id(files: &BTreeMap<String, FileRef>) -> String {
+    let mut hash = Sha256::new();
+    for (guest, file) in files {
+        hash.update(guest.as_bytes());
+        hash.update([0]);
+        hash.update(file.sha256.as_bytes());
+        hash.update([0]);
+    }
+    hex::encode(&hash.finalize()[..16])
+}
+
+/// Writes the files into a staging directory, then renames it into place
+/// so a concurrent reader never sees half a tree.
+fn materialize(
+    store: &Store,
+    files: &BTreeMap<String, FileRef>,
+    root: &Path,
+    target: &Path,
+) -> Result<()> {
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
+    let staging = root.join(format!(".staging-{}", hex::encode(nonce)));
+    for (guest, file) in files {
+        // Guest paths were validated at deploy: absolute, no `.` or `..`.
+        let path = staging.join(guest.trim_start_matches('/'));
+        let content = store
+            .blob(&file.sha256)?
+            .with_context(|| format!("the content of {guest} is missing from the store"))?;
+        std::fs::create_dir_all(path.parent().expect("a file has a parent"))?;
+        std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+    }
+    match std::fs::rename(&staging, target) {
+        Ok(()) => Ok(()),
+        Err(_) if target.is_dir() => {
+            std::fs::remove_dir_all(&staging)?;
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("moving the files into {}", target.display())),
+    }
+}
