@@ -391,3 +391,64 @@ async fn deleting_a_tenant_revokes_its_keys_and_functions() {
         .unwrap();
     assert_eq!(listed["functions"], serde_json::json!([]));
 }
+
+#[tokio::test]
+async fn keys_are_listed_without_secrets_and_revocable() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let first = server.tenant("acme").await;
+    let admin = server.admin();
+    let second = admin
+        .api(Method::POST, "/v1/tenants/acme/keys", None)
+        .await
+        .unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    server.deploy(&first, "hello", wasm("hello")).await;
+
+    let keys = admin
+        .api(Method::GET, "/v1/tenants/acme/keys", None)
+        .await
+        .unwrap();
+    let listed = keys.to_string();
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 2);
+    assert!(
+        !listed.contains(&first) && !listed.contains(&second),
+        "a secret leaked: {listed}"
+    );
+
+    let id = gigafactory_gateway::auth::key_id(&first);
+    let revoked = admin
+        .send(
+            Method::DELETE,
+            &format!("/v1/tenants/acme/keys/{id}"),
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(revoked.status, 204, "{}", text(&revoked));
+    let old = server
+        .client(Some(&first))
+        .send(Method::GET, "/fn/acme/hello", None, &[])
+        .await
+        .unwrap();
+    assert_error(&old, 401, "unauthorized");
+    assert!(
+        server
+            .get_text(&second, "/fn/acme/hello")
+            .await
+            .starts_with("Hello")
+    );
+    let again = admin
+        .send(
+            Method::DELETE,
+            &format!("/v1/tenants/acme/keys/{id}"),
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_error(&again, 404, "not_found");
+}

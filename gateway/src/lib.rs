@@ -8,5 +8,6 @@ pub mod bundle;
 pub mod cli;
 pub mod logs;
 pub mod manifest;
+pub mod quota;
 pub mod server;
 pub mod store;

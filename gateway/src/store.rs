@@ -14,6 +14,7 @@ use sled::{Db, Tree};
 
 use crate::auth::TokenHash;
 use crate::manifest::Manifest;
+use crate::quota::{Quota, Usage};
 
 /// A tenant: an isolated namespace of functions and keys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,6 +23,12 @@ pub struct Tenant {
     pub name: String,
     /// Unix seconds.
     pub created_at: u64,
+    /// Caps set by the admin.
+    #[serde(default)]
+    pub quota: Quota,
+    /// What it uses of its deploy-time caps.
+    #[serde(default)]
+    pub usage: Usage,
 }
 
 /// An API key record; the key itself is never stored, only its hash.
@@ -144,6 +151,9 @@ pub enum StoreError {
     /// The thing does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// A tenant quota refuses it.
+    #[error("{0}")]
+    Quota(String),
     /// sled failed.
     #[error(transparent)]
     Storage(#[from] anyhow::Error),
@@ -220,6 +230,8 @@ impl Store {
         let tenant = Tenant {
             name: name.to_string(),
             created_at: now(),
+            quota: Quota::default(),
+            usage: Usage::default(),
         };
         let swapped = self
             .tenants
@@ -246,6 +258,22 @@ impl Store {
             .values()
             .map(|v| from_json(&v?))
             .collect()
+    }
+
+    /// Replaces a tenant's quota.
+    pub fn set_quota(&self, name: &str, quota: &Quota) -> Result<Tenant, StoreError> {
+        let result = self.tenants.transaction(|tenants| {
+            let Some(value) = tenants.get(name)? else {
+                return abort(StoreError::NotFound(format!("no tenant {name:?}")));
+            };
+            let mut tenant: Tenant = from_json(&value).map_err(storage)?;
+            tenant.quota = quota.clone();
+            tenants.insert(name, to_json(&tenant).map_err(storage)?)?;
+            Ok(tenant)
+        });
+        let tenant = finish(result)?;
+        self.flush()?;
+        Ok(tenant)
     }
 
     /// Deletes a tenant with its keys and functions.
@@ -307,6 +335,35 @@ impl Store {
         Ok(key)
     }
 
+    /// A tenant's keys (ids only).
+    pub fn keys_of(&self, tenant: &str) -> Result<Vec<ApiKey>> {
+        let mut keys = Vec::new();
+        for value in self.keys.iter().values() {
+            let key: ApiKey = from_json(&value?)?;
+            if key.tenant == tenant {
+                keys.push(key);
+            }
+        }
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(keys)
+    }
+
+    /// Revokes the key of `tenant` with public id `id`.
+    pub fn revoke_key(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
+        for entry in self.keys.iter() {
+            let (hash, value) = entry.map_err(anyhow::Error::from)?;
+            let key: ApiKey = from_json(&value)?;
+            if key.tenant == tenant && key.id == id {
+                self.keys.remove(hash).map_err(anyhow::Error::from)?;
+                self.flush()?;
+                return Ok(());
+            }
+        }
+        Err(StoreError::NotFound(format!(
+            "tenant {tenant:?} has no key {id:?}"
+        )))
+    }
+
     /// The key record for a key hash.
     pub fn key(&self, hash: &TokenHash) -> Result<Option<ApiKey>> {
         self.keys
@@ -333,9 +390,10 @@ impl Store {
             &self.artifacts,
         );
         let result = trees.transaction(|(tenants, functions, refs, blobs, artifacts)| {
-            if tenants.get(tenant)?.is_none() {
+            let Some(owner) = tenants.get(tenant)? else {
                 return abort(StoreError::NotFound(format!("no tenant {tenant:?}")));
-            }
+            };
+            let mut owner: Tenant = from_json(&owner).map_err(storage)?;
             let existing: Option<FunctionRecord> = match functions.get(key.as_bytes())? {
                 Some(v) => Some(from_json(&v).map_err(storage)?),
                 None => None,
@@ -357,14 +415,21 @@ impl Store {
                 created_at: now,
             });
             let number = function.versions.last().map_or(1, |v| v.number + 1);
-            function.versions.push(Version {
+            let version = Version {
                 number,
                 sha256: new.sha256.to_string(),
                 size: new.wasm.len() as u64,
                 deployed_at: now,
                 manifest: new.manifest.clone(),
                 files: new.file_refs(),
-            });
+            };
+            owner.usage.functions += u32::from(function.versions.is_empty());
+            owner.usage.stored_bytes += version.stored_bytes();
+            if let Err(message) = owner.quota.admits_usage(owner.usage) {
+                return abort(StoreError::Quota(message));
+            }
+            tenants.insert(tenant, to_json(&owner).map_err(storage)?)?;
+            function.versions.push(version);
             function.active = number;
             retain_blob(refs, blobs, new.sha256, new.wasm)?;
             for (sha256, content) in new.files.values() {
@@ -404,18 +469,26 @@ impl Store {
     pub fn delete_function(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
         let key = function_key(tenant, name);
         let trees = (
+            &self.tenants,
             &self.functions,
             &self.blob_refs,
             &self.blobs,
             &self.artifacts,
         );
-        let result = trees.transaction(|(functions, refs, blobs, artifacts)| {
+        let result = trees.transaction(|(tenants, functions, refs, blobs, artifacts)| {
             let Some(value) = functions.remove(key.as_bytes())? else {
                 return abort(StoreError::NotFound(format!("no function {name:?}")));
             };
             let function: FunctionRecord = from_json(&value).map_err(storage)?;
             for blob in function.versions.iter().flat_map(Version::blobs) {
                 self.release_blob(refs, blobs, artifacts, blob)?;
+            }
+            if let Some(owner) = tenants.get(tenant)? {
+                let mut owner: Tenant = from_json(&owner).map_err(storage)?;
+                owner.usage.functions = owner.usage.functions.saturating_sub(1);
+                let freed: u64 = function.versions.iter().map(Version::stored_bytes).sum();
+                owner.usage.stored_bytes = owner.usage.stored_bytes.saturating_sub(freed);
+                tenants.insert(tenant, to_json(&owner).map_err(storage)?)?;
             }
             Ok(())
         });

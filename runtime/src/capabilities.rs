@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The grants of a function's invocation; [`Capabilities::default`] grants nothing.
 #[derive(Debug, Clone, Default)]
@@ -16,6 +17,16 @@ pub struct Capabilities {
     pub models: ModelAccess,
     /// Which hosts outbound `wasi:http` requests may reach.
     pub outbound: OutboundAccess,
+    /// Who pays for model compute, and whether there is budget left.
+    pub compute: Option<Arc<dyn ComputeBudget>>,
+}
+
+/// A budget of model compute time (the tenant's, usually).
+pub trait ComputeBudget: Send + Sync + std::fmt::Debug {
+    /// `Err(why)` when no compute is left.
+    fn check(&self) -> Result<(), String>;
+    /// Records compute time spent.
+    fn charge(&self, spent: Duration);
 }
 
 /// Model permissions: those the tenant may see at all, and those this

@@ -49,7 +49,11 @@ impl HostState {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             hooks: OutboundPolicy(capabilities.outbound.clone()),
-            nn: NnCtx::new(pool, capabilities.models.clone()),
+            nn: NnCtx::new(
+                pool,
+                capabilities.models.clone(),
+                capabilities.compute.clone(),
+            ),
             memory: MemoryLimiter {
                 limit: memory_bytes,
                 refused: false,

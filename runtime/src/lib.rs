@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Linker;
 
-pub use capabilities::{Capabilities, ModelAccess, OutboundAccess};
+pub use capabilities::{Capabilities, ComputeBudget, ModelAccess, OutboundAccess};
 pub use engine::{EPOCH_TICK, SandboxLimits};
 pub use function::{CompileError, Function, Invocation, InvokeError};
 pub use host::HostState;

@@ -163,6 +163,21 @@ impl Server {
         key["key"].as_str().expect("a key").to_string()
     }
 
+    /// Sets a tenant's quota (JSON), asserting success.
+    pub async fn set_quota(&self, tenant: &str, quota: serde_json::Value) {
+        let reply = self
+            .admin()
+            .send(
+                Method::PUT,
+                &format!("/v1/tenants/{tenant}/quota"),
+                Some(("application/json", quota.to_string().into())),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "setting the quota: {}", text(&reply));
+    }
+
     /// Deploys `wasm` as `name` with `key`, asserting success.
     pub async fn deploy(&self, key: &str, name: &str, wasm: Vec<u8>) -> serde_json::Value {
         let reply = self

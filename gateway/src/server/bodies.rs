@@ -67,22 +67,22 @@ impl Body for LimitedRequest {
 }
 
 /// The response body as the client receives it: an error (the connection
-/// is cut) past `limit` bytes; holds `permit` until it is done.
+/// is cut) past `limit` bytes; holds concurrency permits until it is done.
 pub struct LimitedResponse {
     inner: HyperOutgoingBody,
     remaining: u64,
     limit: u64,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permits: Vec<OwnedSemaphorePermit>,
 }
 
 impl LimitedResponse {
-    /// Wraps a function's response body.
-    pub fn new(inner: HyperOutgoingBody, limit: u64, permit: Option<OwnedSemaphorePermit>) -> Self {
+    /// Wraps a function's response body, holding `permits` until it ends.
+    pub fn new(inner: HyperOutgoingBody, limit: u64, permits: Vec<OwnedSemaphorePermit>) -> Self {
         Self {
             inner,
             remaining: limit,
             limit,
-            _permit: permit,
+            _permits: permits,
         }
     }
 }

@@ -11,6 +11,7 @@ use super::{ApiError, Gateway, Metrics, Response};
 use crate::auth::{self, Principal, TokenHash};
 use crate::bundle::Bundle;
 use crate::manifest::Caps;
+use crate::quota::Quota;
 use crate::store::{FunctionRecord, NewVersion};
 
 /// Largest JSON body of a control-plane call.
@@ -33,8 +34,14 @@ impl Gateway {
             (["whoami"], &Method::GET) => self.whoami(&request),
             (["tenants"], &Method::GET) => self.list_tenants(&request),
             (["tenants"], &Method::POST) => self.create_tenant(request).await,
+            (["tenants", tenant], &Method::GET) => self.get_tenant(&request, tenant),
             (["tenants", tenant], &Method::DELETE) => self.delete_tenant(&request, tenant),
+            (["tenants", tenant, "quota"], &Method::PUT) => self.set_quota(request, tenant).await,
             (["tenants", tenant, "keys"], &Method::POST) => self.create_key(&request, tenant),
+            (["tenants", tenant, "keys"], &Method::GET) => self.list_keys(&request, tenant),
+            (["tenants", tenant, "keys", id], &Method::DELETE) => {
+                self.revoke_key(&request, tenant, id)
+            }
             (["functions"], &Method::GET) => self.list_functions(&request),
             (["functions", name], &Method::PUT) => self.deploy(request, name).await,
             (["functions", name], &Method::GET) => self.get_function(&request, name),
@@ -44,7 +51,8 @@ impl Gateway {
             (
                 ["whoami" | "tenants" | "functions" | "models"]
                 | ["tenants", _]
-                | ["tenants", _, "keys"]
+                | ["tenants", _, "quota" | "keys"]
+                | ["tenants", _, "keys", _]
                 | ["functions", _]
                 | ["functions", _, "logs"],
                 _,
@@ -63,9 +71,70 @@ impl Gateway {
     fn whoami(&self, request: &Request) -> Result<Response, ApiError> {
         let body = match self.authenticate(request)? {
             Principal::Admin => serde_json::json!({"role": "admin"}),
-            Principal::Tenant(tenant) => serde_json::json!({"role": "tenant", "tenant": tenant}),
+            Principal::Tenant(tenant) => {
+                let record = self.tenant_record(&tenant)?;
+                serde_json::json!({
+                    "role": "tenant", "tenant": tenant,
+                    "quota": record.quota, "usage": record.usage,
+                })
+            }
         };
         Ok(json(StatusCode::OK, body))
+    }
+
+    fn tenant_record(&self, tenant: &str) -> Result<crate::store::Tenant, ApiError> {
+        check_name("tenant", tenant)?;
+        self.store
+            .tenant(tenant)?
+            .ok_or_else(|| ApiError::not_found(format!("no tenant {tenant:?}")))
+    }
+
+    fn get_tenant(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
+        self.require_admin(request)?;
+        let record = self.tenant_record(tenant)?;
+        Ok(json(
+            StatusCode::OK,
+            serde_json::to_value(record).map_err(anyhow::Error::from)?,
+        ))
+    }
+
+    async fn set_quota(&self, request: Request, tenant: &str) -> Result<Response, ApiError> {
+        self.require_admin(&request)?;
+        check_name("tenant", tenant)?;
+        let quota: Quota = read_json(request).await?;
+        quota
+            .validate(&self.model_names())
+            .map_err(|e| ApiError::bad_request("invalid_quota", e))?;
+        let record = self.store.set_quota(tenant, &quota)?;
+        tracing::info!(%tenant, "quota set");
+        Ok(json(
+            StatusCode::OK,
+            serde_json::to_value(record).map_err(anyhow::Error::from)?,
+        ))
+    }
+
+    fn list_keys(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
+        self.require_admin(request)?;
+        self.tenant_record(tenant)?;
+        let keys = self.store.keys_of(tenant)?;
+        Ok(json(StatusCode::OK, serde_json::json!({ "keys": keys })))
+    }
+
+    fn revoke_key(&self, request: &Request, tenant: &str, id: &str) -> Result<Response, ApiError> {
+        self.require_admin(request)?;
+        check_name("tenant", tenant)?;
+        self.store.revoke_key(tenant, id)?;
+        tracing::info!(%tenant, %id, "API key revoked");
+        Ok(no_content())
+    }
+
+    fn model_names(&self) -> Vec<String> {
+        self.runtime
+            .models()
+            .list()
+            .into_iter()
+            .map(|m| m.name)
+            .collect()
     }
 
     fn list_tenants(&self, request: &Request) -> Result<Response, ApiError> {
@@ -184,18 +253,15 @@ impl Gateway {
         } else {
             Bundle::wasm(body.to_vec())
         };
-        let models: Vec<String> = self
-            .runtime
-            .models()
-            .list()
-            .into_iter()
-            .map(|m| m.name)
-            .collect();
         let bundle_files: Vec<&str> = bundle.files.keys().map(String::as_str).collect();
         bundle
             .manifest
-            .validate(&self.manifest_caps(), &models, &bundle_files)
+            .validate(&self.manifest_caps(), &self.model_names(), &bundle_files)
             .map_err(|e| ApiError::bad_request("invalid_manifest", e))?;
+        let quota = self.tenant_record(&tenant)?.quota;
+        quota
+            .admits(&bundle.manifest, &self.visible_models(&quota))
+            .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", e))?;
         let sha256 = hex::encode(Sha256::digest(&bundle.wasm));
         let artifact = match self.store.artifact(&sha256)? {
             Some(artifact) => artifact,

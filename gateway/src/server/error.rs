@@ -110,6 +110,9 @@ impl From<crate::store::StoreError> for ApiError {
         match error {
             StoreError::Conflict(message) => Self::conflict(message),
             StoreError::NotFound(message) => Self::not_found(message),
+            StoreError::Quota(message) => {
+                Self::new(StatusCode::FORBIDDEN, "quota_exceeded", message)
+            }
             StoreError::Storage(error) => Self::internal(error),
         }
     }

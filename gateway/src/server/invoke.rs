@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::bodies::{LimitedRequest, LimitedResponse};
 use super::routes::{Request, check_name};
 use super::{ApiError, Gateway, Metrics, Response};
+use crate::quota::Quota;
 use crate::store::Version;
 
 /// Response header naming the version that answered.
@@ -43,19 +44,31 @@ impl Gateway {
             .function(tenant, name)?
             .ok_or_else(|| ApiError::not_found(format!("no function {name:?}")))?;
         let version = record.active_version();
-        let limits = self.limits_of(version);
+        let quota = self
+            .store
+            .tenant(tenant)?
+            .ok_or_else(|| ApiError::not_found(format!("no tenant {tenant:?}")))?
+            .quota;
+        let limits = self.limits_of(version, &quota);
         if declared_length(&request).is_some_and(|n| n > limits.request_bytes) {
             return Err(request_too_large(limits.request_bytes));
         }
-        let permit = self.concurrency_permit(tenant, name, version)?;
+        let admitted = self.admission.admit(tenant, &quota)?;
+        let permits: Vec<OwnedSemaphorePermit> = admitted
+            .permit
+            .into_iter()
+            .chain(self.concurrency_permit(tenant, name, version)?)
+            .collect();
         let function = self.runnable(version).await?;
         let log = self.logs.of(tenant, name);
+        let mut capabilities = self.capabilities(version, &quota).await?;
+        capabilities.compute = admitted.budget;
         let invocation = Invocation {
             log: log.clone(),
             log_limits: LogLimits::default(),
             timeout: limits.timeout,
             memory_bytes: limits.memory_bytes,
-            capabilities: self.capabilities(version).await?,
+            capabilities,
         };
         let exceeded = Arc::new(AtomicBool::new(false));
         let (parts, body) = request.into_parts();
@@ -73,7 +86,7 @@ impl Gateway {
                 parts
                     .headers
                     .insert(VERSION_HEADER, HeaderValue::from(version.number));
-                let body = LimitedResponse::new(body, limits.response_bytes, permit);
+                let body = LimitedResponse::new(body, limits.response_bytes, permits);
                 Ok(hyper::Response::from_parts(parts, body.boxed_unsync()))
             }
             Err(error) => {
@@ -84,8 +97,9 @@ impl Gateway {
         }
     }
 
-    /// The limits a version runs under: its manifest's, else the platform's.
-    fn limits_of(&self, version: &Version) -> Limits {
+    /// The limits a version runs under: its manifest's, else its tenant's,
+    /// else the platform's.
+    fn limits_of(&self, version: &Version, quota: &Quota) -> Limits {
         let manifest = &version.manifest;
         let platform = &self.config.limits;
         Limits {
@@ -94,6 +108,7 @@ impl Gateway {
                 .map_or(platform.timeout, Duration::from_millis),
             memory_bytes: manifest
                 .memory_mib
+                .or(quota.max_memory_mib)
                 .map_or(platform.max_memory_bytes, |mib| (mib as usize) << 20),
             request_bytes: manifest
                 .max_request_bytes
@@ -104,13 +119,16 @@ impl Gateway {
         }
     }
 
-    /// What a version may use: its manifest's env, files, models and hosts.
-    async fn capabilities(&self, version: &Version) -> Result<Capabilities, ApiError> {
+    /// What a version may use: its manifest's env, files, models and hosts,
+    /// within the models its tenant may see.
+    async fn capabilities(
+        &self,
+        version: &Version,
+        quota: &Quota,
+    ) -> Result<Capabilities, ApiError> {
         let manifest = &version.manifest;
-        let allowed = manifest
-            .models
-            .as_ref()
-            .map(|models| Arc::new(models.iter().cloned().collect::<BTreeSet<_>>()));
+        let set = |models: &[String]| Arc::new(models.iter().cloned().collect::<BTreeSet<_>>());
+        let visible = self.visible_models(quota);
         Ok(Capabilities {
             env: manifest
                 .env
@@ -119,11 +137,20 @@ impl Gateway {
                 .collect(),
             files: self.function_files(version).await?,
             models: ModelAccess {
-                visible: None,
-                allowed,
+                visible: Some(visible),
+                allowed: manifest.models.as_deref().map(set),
             },
             outbound: OutboundAccess::hosts(&manifest.allowed_hosts),
+            compute: None,
         })
+    }
+
+    /// The models a tenant may use: its quota's list, else the public ones.
+    pub(super) fn visible_models(&self, quota: &Quota) -> Arc<BTreeSet<String>> {
+        match &quota.models {
+            Some(models) => Arc::new(models.iter().cloned().collect()),
+            None => self.public_models.clone(),
+        }
     }
 
     /// A slot under the version's `max_concurrency`, or 429.

@@ -1,6 +1,7 @@
 //! The HTTP server: one hyper service for the control plane (`/v1/…`), the
 //! data plane (`/fn/{tenant}/{function}/…`), health and metrics.
 
+mod admission;
 mod bodies;
 mod control;
 mod error;
@@ -9,7 +10,7 @@ mod functions;
 mod invoke;
 mod routes;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,6 +98,10 @@ pub struct Gateway {
     metrics: Metrics,
     /// Running requests per function version with a `max_concurrency`.
     concurrency: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per-tenant rate, concurrency and compute state.
+    admission: admission::Admission,
+    /// Models every tenant may use (`public = true` in model.toml).
+    public_models: Arc<BTreeSet<String>>,
 }
 
 /// Request counters for `/metrics`.
@@ -130,11 +135,20 @@ impl Gateway {
             );
         }
         let admin_token = admin_token(&config, &store)?;
+        let public_models = runtime
+            .models()
+            .list()
+            .into_iter()
+            .filter(|m| m.public)
+            .map(|m| m.name)
+            .collect();
         Ok(Arc::new(Self {
+            public_models: Arc::new(public_models),
             functions: FunctionCache::default(),
             logs: FunctionLogs::default(),
             metrics: Metrics::default(),
             concurrency: Mutex::default(),
+            admission: admission::Admission::default(),
             config,
             store,
             runtime,

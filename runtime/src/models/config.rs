@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 /// file = "model.onnx"
 /// task = "feature-extraction"
 /// device = "cpu"
+/// public = true
 /// ```
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +29,10 @@ pub struct ModelConfig {
     /// Where the model runs: `"auto"` (default), `"cpu"` or `"gpu"`.
     #[serde(default)]
     pub device: DevicePreference,
+    /// Whether every tenant may use it (default `false`: only tenants whose
+    /// quota names it).
+    #[serde(default)]
+    pub public: bool,
 }
 
 fn default_file() -> String {

@@ -10,7 +10,7 @@ mod tensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
@@ -50,6 +50,8 @@ pub struct ModelInfo {
     pub task: Option<String>,
     /// Where it runs.
     pub device: &'static str,
+    /// Whether every tenant may use it.
+    pub public: bool,
     /// `ready` or `failed`.
     pub state: &'static str,
     /// Why it failed, when it did.
@@ -132,17 +134,20 @@ impl ModelPool {
         .await
     }
 
-    /// Runs `graph` on named inputs on a worker and returns its named outputs.
+    /// Runs `graph` on named inputs on a worker and returns its named
+    /// outputs and the time the run took (not counting the wait for a worker).
     pub async fn compute(
         &self,
         graph: Arc<OnnxGraph>,
         inputs: Vec<(String, HostTensor)>,
-    ) -> Result<Vec<(String, HostTensor)>, NnError> {
+    ) -> Result<(Vec<(String, HostTensor)>, Duration), NnError> {
         let bound = graph.bind(inputs)?;
         self.on_worker(move || {
-            graph
+            let started = Instant::now();
+            let outputs = graph
                 .run(bound)
-                .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("{e:#}")))
+                .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("{e:#}")))?;
+            Ok((outputs, started.elapsed()))
         })
         .await
     }
@@ -188,6 +193,7 @@ impl RepositoryModel {
             format: self.config.format,
             task: self.config.task.clone(),
             device: "cpu",
+            public: self.config.public,
             state,
             error,
             inputs,

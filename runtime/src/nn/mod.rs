@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::capabilities::ModelAccess;
+use crate::capabilities::{ComputeBudget, ModelAccess};
 use crate::models::{ElementType, ErrorCode, HostTensor, ModelPool, NnError, OnnxGraph};
 
 mod generated {
@@ -47,12 +47,21 @@ pub struct Error(NnError);
 pub struct NnCtx {
     pool: Arc<ModelPool>,
     access: ModelAccess,
+    budget: Option<Arc<dyn ComputeBudget>>,
 }
 
 impl NnCtx {
-    /// A context over `pool` limited to `access`.
-    pub fn new(pool: Arc<ModelPool>, access: ModelAccess) -> Self {
-        Self { pool, access }
+    /// A context over `pool` limited to `access`, charging compute to `budget`.
+    pub fn new(
+        pool: Arc<ModelPool>,
+        access: ModelAccess,
+        budget: Option<Arc<dyn ComputeBudget>>,
+    ) -> Self {
+        Self {
+            pool,
+            access,
+            budget,
+        }
     }
 }
 
@@ -175,7 +184,16 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             // Inputs are owned handles: the guest gave them up.
             named.push((name, self.table.delete(tensor)?.0));
         }
-        match self.ctx.pool.compute(graph, named).await {
+        if let Some(budget) = &self.ctx.budget
+            && let Err(why) = budget.check()
+        {
+            return self.fail(NnError::new(ErrorCode::RuntimeError, why));
+        }
+        let result = self.ctx.pool.compute(graph, named).await;
+        if let (Ok((_, spent)), Some(budget)) = (&result, &self.ctx.budget) {
+            budget.charge(*spent);
+        }
+        match result.map(|(outputs, _)| outputs) {
             Ok(outputs) => {
                 let mut named = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {

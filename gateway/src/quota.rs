@@ -1,0 +1,279 @@
+//! Tenant quotas: caps the admin sets per tenant, checked on every deploy
+//! (functions, stored bytes, what a manifest may ask for) and every request
+//! (concurrency, requests per second, model compute time per minute).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Manifest;
+
+/// What a tenant may use. Every cap is optional; `None` means the
+/// platform's own limit. Unknown keys are an error.
+///
+/// ```json
+/// {"max_functions": 10, "max_stored_bytes": 104857600, "max_memory_mib": 128,
+///  "max_concurrency": 20, "requests_per_second": 50, "burst": 100,
+///  "compute_seconds_per_minute": 30, "models": ["all-minilm-l6-v2"]}
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// Functions the tenant may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_functions: Option<u32>,
+    /// Bytes of wasm and files all its versions may keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_stored_bytes: Option<u64>,
+    /// Linear memory one instance may use, in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
+    /// Requests of all its functions running at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// Sustained requests per second (token bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
+    /// Requests the bucket holds (default: one second's worth, at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Seconds of model compute per minute, over all its functions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_seconds_per_minute: Option<f64>,
+    /// Repository models it may use (default: those marked `public`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+}
+
+/// What a tenant uses of its deploy-time caps, kept in its record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Usage {
+    /// Functions it has.
+    pub functions: u32,
+    /// Bytes its versions keep (wasm and files).
+    pub stored_bytes: u64,
+}
+
+impl Quota {
+    /// Checks the quota itself: positive numbers, known models.
+    pub fn validate(&self, models: &[String]) -> Result<(), String> {
+        let positive = [
+            ("max_functions", self.max_functions.map(f64::from)),
+            ("max_stored_bytes", self.max_stored_bytes.map(|v| v as f64)),
+            ("max_memory_mib", self.max_memory_mib.map(|v| v as f64)),
+            ("max_concurrency", self.max_concurrency.map(f64::from)),
+            ("requests_per_second", self.requests_per_second),
+            ("burst", self.burst.map(f64::from)),
+            (
+                "compute_seconds_per_minute",
+                self.compute_seconds_per_minute,
+            ),
+        ];
+        for (key, value) in positive {
+            if value.is_some_and(|v| !(v > 0.0 && v.is_finite())) {
+                return Err(format!("{key} must be a positive number"));
+            }
+        }
+        for model in self.models.iter().flatten() {
+            if !models.contains(model) {
+                return Err(format!(
+                    "models: no model {model:?} (available: {models:?})"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that a manifest asks for no more than this quota allows;
+    /// `visible` are the models the tenant may use.
+    pub fn admits(&self, manifest: &Manifest, visible: &BTreeSet<String>) -> Result<(), String> {
+        if let (Some(asked), Some(cap)) = (manifest.memory_mib, self.max_memory_mib)
+            && asked > cap
+        {
+            return Err(format!(
+                "memory_mib = {asked} is over the tenant's max_memory_mib of {cap}"
+            ));
+        }
+        if let (Some(asked), Some(cap)) = (manifest.max_concurrency, self.max_concurrency)
+            && asked > cap
+        {
+            return Err(format!(
+                "max_concurrency = {asked} is over the tenant's max_concurrency of {cap}"
+            ));
+        }
+        if let Some(model) = manifest
+            .models
+            .iter()
+            .flatten()
+            .find(|m| !visible.contains(*m))
+        {
+            return Err(format!("models: the tenant may not use {model:?}"));
+        }
+        Ok(())
+    }
+
+    /// Checks a deploy's new usage against the caps.
+    pub fn admits_usage(&self, usage: Usage) -> Result<(), String> {
+        if let Some(cap) = self.max_functions
+            && usage.functions > cap
+        {
+            return Err(format!("the tenant may have at most {cap} functions"));
+        }
+        if let Some(cap) = self.max_stored_bytes
+            && usage.stored_bytes > cap
+        {
+            return Err(format!(
+                "the tenant's functions would keep {} bytes, over its max_stored_bytes of {cap}",
+                usage.stored_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A token bucket: `rate` tokens a second, at most `capacity` saved.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: f64, capacity: f64) -> Self {
+        Self {
+            rate,
+            capacity,
+            tokens: capacity,
+            updated: Instant::now(),
+        }
+    }
+
+    /// Whether this bucket was made for these settings.
+    pub fn matches(&self, rate: f64, capacity: f64) -> bool {
+        self.rate == rate && self.capacity == capacity
+    }
+
+    /// Takes a token, or says how long until one is there.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        self.updated = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+/// Model compute charged to a tenant over the last minute.
+#[derive(Debug, Default)]
+pub struct ComputeWindow {
+    charges: VecDeque<(Instant, Duration)>,
+    total: Duration,
+}
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+impl ComputeWindow {
+    /// Adds a charge.
+    pub fn charge(&mut self, now: Instant, amount: Duration) {
+        self.expire(now);
+        self.charges.push_back((now, amount));
+        self.total += amount;
+    }
+
+    /// Compute used in the last minute.
+    pub fn used(&mut self, now: Instant) -> Duration {
+        self.expire(now);
+        self.total
+    }
+
+    /// How long until the oldest charge leaves the window.
+    pub fn relief_in(&self, now: Instant) -> Duration {
+        self.charges.front().map_or(Duration::ZERO, |(at, _)| {
+            (*at + WINDOW).saturating_duration_since(now)
+        })
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(at, amount)) = self.charges.front() {
+            if now.saturating_duration_since(at) < WINDOW {
+                break;
+            }
+            self.charges.pop_front();
+            self.total -= amount;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_refills_at_its_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(2.0, 2.0);
+        assert!(bucket.take(start).is_ok());
+        assert!(bucket.take(start).is_ok());
+        let wait = bucket.take(start).unwrap_err();
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-9, "{wait:?}");
+        assert!(bucket.take(start + Duration::from_millis(500)).is_ok());
+        assert!(bucket.take(start + Duration::from_millis(500)).is_err());
+    }
+
+    #[test]
+    fn compute_charges_expire_after_a_minute() {
+        let start = Instant::now();
+        let mut window = ComputeWindow::default();
+        window.charge(start, Duration::from_secs(2));
+        window.charge(start + Duration::from_secs(30), Duration::from_secs(3));
+        assert_eq!(
+            window.used(start + Duration::from_secs(59)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            window.relief_in(start + Duration::from_secs(59)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            window.used(start + Duration::from_secs(61)),
+            Duration::from_secs(3)
+        );
+    }
+
+    #[test]
+    fn manifests_may_ask_only_for_less() {
+        let quota = Quota {
+            max_memory_mib: Some(64),
+            ..Quota::default()
+        };
+        let visible = BTreeSet::from(["a".to_string()]);
+        let asks = |text: &str| quota.admits(&Manifest::parse(text).unwrap(), &visible);
+        assert!(asks("memory_mib = 64").is_ok());
+        assert!(
+            asks("memory_mib = 65")
+                .unwrap_err()
+                .contains("max_memory_mib of 64")
+        );
+        assert!(
+            asks("models = [\"b\"]")
+                .unwrap_err()
+                .contains("may not use \"b\"")
+        );
+        assert!(
+            Quota {
+                requests_per_second: Some(0.0),
+                ..Quota::default()
+            }
+            .validate(&[])
+            .is_err()
+        );
+    }
+}
