@@ -59,7 +59,7 @@ impl Admission {
         if let Some(rate) = quota.requests_per_second {
             let capacity = quota.burst.map_or(rate.ceil().max(1.0), f64::from);
             let mut bucket = lock(&state.bucket);
-            if !bucket.as_ref().is_some_and(|b| b.matches(rate, capacity)) {
+            if bucket.as_ref().is_none_or(|b| !b.matches(rate, capacity)) {
                 *bucket = Some(TokenBucket::new(rate, capacity));
             }
             if let Err(wait) = bucket.as_mut().expect("just set").take(now) {
@@ -73,7 +73,7 @@ impl Admission {
             Some(cap) => {
                 let semaphore = {
                     let mut running = lock(&state.running);
-                    if !running.as_ref().is_some_and(|(c, _)| *c == cap) {
+                    if running.as_ref().is_none_or(|(c, _)| *c != cap) {
                         *running = Some((cap, Arc::new(Semaphore::new(cap as usize))));
                     }
                     running.as_ref().expect("just set").1.clone()
