@@ -55,11 +55,11 @@ pub enum InvokeError {
     #[error("the function did not finish within {0:?}")]
     Deadline(Duration),
     /// The function trapped (a panic, an out-of-bounds access, …).
-    #[error("the function trapped: {0}")]
-    Trap(String),
+    #[error("the function trapped: {}", .0.reason)]
+    Trap(TrapDetails),
     /// The function trapped after its memory limit refused to grow.
-    #[error("the function ran out of memory (limit {0} bytes) and trapped: {1}")]
-    OutOfMemory(usize, String),
+    #[error("the function ran out of memory (limit {} bytes) and trapped: {}", .0, .1.reason)]
+    OutOfMemory(usize, TrapDetails),
     /// The function returned without setting a response.
     #[error("the function returned without sending a response")]
     NoResponse,
@@ -72,6 +72,15 @@ pub enum InvokeError {
     /// The host could not set the request up.
     #[error("could not start the function: {0}")]
     Host(String),
+}
+
+/// A trap: its reason for the client, the whole story for the function's log.
+#[derive(Debug, Clone)]
+pub struct TrapDetails {
+    /// The trap itself, e.g. `wasm trap: wasm `unreachable` instruction executed`.
+    pub reason: String,
+    /// The reason with the guest's backtrace.
+    pub details: String,
 }
 
 /// What a single invocation is given.
@@ -235,11 +244,15 @@ impl Ending {
         if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
             return InvokeError::Deadline(timeout);
         }
-        let message = format!("{:#}", anyhow::Error::from(error));
+        let error = anyhow::Error::from(error);
+        let trap = TrapDetails {
+            reason: error.root_cause().to_string(),
+            details: format!("{error:?}"),
+        };
         if self.memory_refused {
-            InvokeError::OutOfMemory(memory_bytes, message)
+            InvokeError::OutOfMemory(memory_bytes, trap)
         } else {
-            InvokeError::Trap(message)
+            InvokeError::Trap(trap)
         }
     }
 }

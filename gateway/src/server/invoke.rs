@@ -91,7 +91,12 @@ impl Gateway {
             }
             Err(error) => {
                 Metrics::count(&self.metrics.invocation_errors);
-                log.push("platform", &error.to_string());
+                match &error {
+                    InvokeError::Trap(trap) | InvokeError::OutOfMemory(_, trap) => {
+                        log.push("platform", &format!("{error}\n{}", trap.details));
+                    }
+                    _ => log.push("platform", &error.to_string()),
+                }
                 Err(invoke_error(error))
             }
         }
