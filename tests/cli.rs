@@ -155,3 +155,46 @@ fn serve_generates_and_keeps_an_admin_token() {
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the token file is private");
 }
+
+#[test]
+fn logs_follow_prints_new_lines_as_they_are_written() {
+    use std::io::{BufRead, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let key = runtime.block_on(server.tenant("acme"));
+    runtime.block_on(server.deploy(&key, "misbehave", wasm("invoke_misbehave")));
+
+    let mut follower = Command::new(binary())
+        .args(["logs", "misbehave", "--follow"])
+        .env("GIGAFACTORY_URL", &server.url)
+        .env("GIGAFACTORY_TOKEN", &key)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        runtime.block_on(server.get_text(&key, "/fn/acme/misbehave/log")),
+        "logged"
+    );
+    let mut seen = Vec::new();
+    while let Ok(line) = lines_rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        seen.push(line);
+        if seen.iter().any(|l| l == "[stderr] to stderr")
+            && seen.iter().any(|l| l == "[stdout] to stdout")
+        {
+            break;
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(seen.contains(&"[stdout] to stdout".to_string()), "{seen:?}");
+    assert!(seen.contains(&"[stderr] to stderr".to_string()), "{seen:?}");
+}

@@ -178,7 +178,8 @@ async fn a_restart_serves_deployed_functions_without_recompiling() {
     assert_eq!(embedding.len(), 384);
 
     let metrics = text(
-        &client
+        &server
+            .admin()
             .send(Method::GET, "/metrics", None, &[])
             .await
             .unwrap(),
@@ -198,6 +199,14 @@ async fn a_restart_serves_deployed_functions_without_recompiling() {
         .await
         .unwrap();
     assert_eq!(listed["functions"].as_array().unwrap().len(), 2);
+    let requests =
+        "gigafactory_function_requests_total{tenant=\"acme\",function=\"hello\",outcome=\"ok\"} 1";
+    assert!(metrics.contains(requests), "{metrics}");
+    let refused = client
+        .send(Method::GET, "/metrics", None, &[])
+        .await
+        .unwrap();
+    assert_error(&refused, 403, "forbidden");
 }
 
 #[tokio::test]

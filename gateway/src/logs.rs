@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use gigafactory_runtime::logs::{LogSink, LogStream};
 use serde::Serialize;
+use tokio::sync::broadcast;
 
 /// Lines kept per function; older ones are dropped.
 pub const LINES_PER_FUNCTION: usize = 1000;
@@ -43,11 +44,23 @@ impl FunctionLogs {
     }
 }
 
-/// One function's recent lines.
-#[derive(Default)]
+/// One function's recent lines, and a feed of new ones for followers.
 pub struct FunctionLog {
     lines: Mutex<VecDeque<LogLine>>,
+    feed: broadcast::Sender<LogLine>,
 }
+
+impl Default for FunctionLog {
+    fn default() -> Self {
+        Self {
+            lines: Mutex::default(),
+            feed: broadcast::channel(FOLLOW_BUFFER).0,
+        }
+    }
+}
+
+/// Lines a slow follower may fall behind before it skips some.
+const FOLLOW_BUFFER: usize = 256;
 
 impl FunctionLog {
     /// Appends a line, dropping the oldest past the bound.
@@ -56,11 +69,20 @@ impl FunctionLog {
         if lines.len() == LINES_PER_FUNCTION {
             lines.pop_front();
         }
-        lines.push_back(LogLine {
+        let line = LogLine {
             time_ms: now_ms(),
             stream,
             line: line.to_string(),
-        });
+        };
+        lines.push_back(line.clone());
+        // Nobody following is fine.
+        let _ = self.feed.send(line);
+    }
+
+    /// The recent lines and a receiver of every line after them.
+    pub fn follow(&self) -> (Vec<LogLine>, broadcast::Receiver<LogLine>) {
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        (lines.iter().cloned().collect(), self.feed.subscribe())
     }
 
     /// The last `limit` lines, oldest first.

@@ -81,6 +81,46 @@ impl Client {
         })
     }
 
+    /// GETs `path` and hands each line of the streamed body to `line`
+    /// as it arrives, until the server ends the response.
+    pub async fn follow_lines(&self, path: &str, mut line: impl FnMut(&str)) -> Result<()> {
+        let url = format!("{}{path}", self.base);
+        let mut builder = hyper::Request::get(&url);
+        if let Some(token) = &self.token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        let request = builder
+            .body(Full::new(Bytes::new()))
+            .context("building the request")?;
+        let response = self
+            .http
+            .request(request)
+            .await
+            .with_context(|| format!("GET {url}: is `gigafactory serve` running there?"))?;
+        let (parts, mut body) = response.into_parts();
+        if !parts.status.is_success() {
+            let body = body.collect().await?.to_bytes();
+            let reply = Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            };
+            bail!("GET {path}: {}", describe_error(&reply));
+        }
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.context("reading the stream")?.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let text: Vec<u8> = pending.drain(..=end).collect();
+                line(String::from_utf8_lossy(&text).trim_end());
+            }
+        }
+        Ok(())
+    }
+
     /// Calls the JSON API; a non-2xx answer becomes an error with the
     /// server's message.
     pub async fn api(

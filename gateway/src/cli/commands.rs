@@ -33,7 +33,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => invoke(&client()?, &name, data, &path, &headers).await,
         Command::Functions(command) => functions(&client()?, command, cli.json).await,
         Command::Models(ModelsCommand::List) => models(&client()?, cli.json).await,
-        Command::Logs { name } => logs(&client()?, &name, cli.json).await,
+        Command::Logs { name, follow } => logs(&client()?, &name, follow, cli.json).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }
 }
@@ -309,19 +309,27 @@ async fn models(client: &Client, as_json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn logs(client: &Client, name: &str, as_json: bool) -> Result<()> {
+async fn logs(client: &Client, name: &str, follow: bool, as_json: bool) -> Result<()> {
+    let show = |l: &Value| {
+        format!(
+            "[{}] {}",
+            l["stream"].as_str().unwrap_or("?"),
+            l["line"].as_str().unwrap_or("")
+        )
+    };
+    if follow {
+        let path = format!("/v1/functions/{name}/logs?follow=true");
+        return client
+            .follow_lines(&path, |line| match serde_json::from_str::<Value>(line) {
+                Ok(value) if !as_json => println!("{}", show(&value)),
+                _ => println!("{line}"),
+            })
+            .await;
+    }
     let reply = client
         .api(Method::GET, &format!("/v1/functions/{name}/logs"), None)
         .await?;
-    print_or(as_json, &reply, || {
-        list(&reply["lines"], |l| {
-            format!(
-                "[{}] {}",
-                l["stream"].as_str().unwrap_or("?"),
-                l["line"].as_str().unwrap_or("")
-            )
-        })
-    });
+    print_or(as_json, &reply, || list(&reply["lines"], show));
     Ok(())
 }
 

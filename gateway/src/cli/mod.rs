@@ -77,6 +77,9 @@ pub enum Command {
     Logs {
         /// The function's name.
         name: String,
+        /// Keep printing new lines as they are written.
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Measure requests/s of `hello` through gigafactory and `wasmtime serve`.
     Bench(crate::bench::BenchArgs),

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::routes::{Request, check_name, json};
-use super::{ApiError, Gateway, Metrics, Response};
+use super::{ApiError, Gateway, Response};
 use crate::auth::{self, Principal, TokenHash};
 use crate::bundle::Bundle;
 use crate::manifest::Caps;
@@ -165,6 +165,7 @@ impl Gateway {
         self.store.delete_tenant(tenant)?;
         for function in &functions {
             self.logs.remove(tenant, &function.name);
+            self.metrics.forget(tenant, Some(&function.name));
             self.evict_deleted(&function.versions)?;
         }
         tracing::info!(%tenant, "tenant deleted");
@@ -216,6 +217,7 @@ impl Gateway {
         let function = self.find_function(&tenant, name)?;
         self.store.delete_function(&tenant, name)?;
         self.logs.remove(&tenant, name);
+        self.metrics.forget(&tenant, Some(name));
         self.evict_deleted(&function.versions)?;
         tracing::info!(%tenant, function = %name, "function deleted");
         Ok(no_content())
@@ -224,7 +226,15 @@ impl Gateway {
     fn function_logs(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
         let tenant = self.require_tenant(request)?;
         self.find_function(&tenant, name)?;
-        let lines = self.logs.of(&tenant, name).tail(usize::MAX);
+        let log = self.logs.of(&tenant, name);
+        let query = request.uri().query().unwrap_or("");
+        if query
+            .split('&')
+            .any(|pair| pair == "follow=true" || pair == "follow=1")
+        {
+            return Ok(super::follow::follow(&log));
+        }
+        let lines = log.tail(usize::MAX);
         Ok(json(StatusCode::OK, serde_json::json!({ "lines": lines })))
     }
 
@@ -287,7 +297,7 @@ impl Gateway {
             files,
         };
         let deployed = self.store.deploy(&tenant, name, &new)?;
-        Metrics::count(&self.metrics.deploys);
+        self.metrics.deployed();
         let function = &deployed.function;
         tracing::info!(%tenant, function = %name, version = function.active, created = deployed.created, "deployed");
         let status = if deployed.created {

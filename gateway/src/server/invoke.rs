@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::bodies::{LimitedRequest, LimitedResponse};
 use super::routes::{Request, check_name};
-use super::{ApiError, Gateway, Metrics, Response};
+use super::{ApiError, Gateway, Response};
 use crate::quota::Quota;
 use crate::store::Version;
 
@@ -43,7 +43,23 @@ impl Gateway {
             .store
             .function(tenant, name)?
             .ok_or_else(|| ApiError::not_found(format!("no function {name:?}")))?;
-        let version = record.active_version();
+        let outcome = self
+            .run(request, tenant, name, record.active_version(), &rest)
+            .await;
+        let code = outcome.as_ref().map_or_else(ApiError::code, |_| "ok");
+        self.metrics.invoked(tenant, name, code);
+        outcome
+    }
+
+    /// Runs `version` for an admitted caller, under its limits and grants.
+    async fn run(
+        &self,
+        request: Request,
+        tenant: &str,
+        name: &str,
+        version: &Version,
+        rest: &str,
+    ) -> Result<Response, ApiError> {
         let quota = self
             .store
             .tenant(tenant)?
@@ -73,11 +89,9 @@ impl Gateway {
         let exceeded = Arc::new(AtomicBool::new(false));
         let (parts, body) = request.into_parts();
         let body = LimitedRequest::new(body, limits.request_bytes, exceeded.clone());
-        let guest_request = guest_request(hyper::Request::from_parts(parts, body), &rest)?;
-        Metrics::count(&self.metrics.invocations);
+        let guest_request = guest_request(hyper::Request::from_parts(parts, body), rest)?;
         let outcome = function.handle(guest_request, invocation).await;
         if exceeded.load(Ordering::Relaxed) {
-            Metrics::count(&self.metrics.invocation_errors);
             return Err(request_too_large(limits.request_bytes));
         }
         match outcome {
@@ -90,7 +104,6 @@ impl Gateway {
                 Ok(hyper::Response::from_parts(parts, body.boxed_unsync()))
             }
             Err(error) => {
-                Metrics::count(&self.metrics.invocation_errors);
                 match &error {
                     InvokeError::Trap(trap) | InvokeError::OutOfMemory(_, trap) => {
                         log.push("platform", &format!("{error}\n{}", trap.details));

@@ -6,14 +6,15 @@ mod bodies;
 mod control;
 mod error;
 mod files;
+mod follow;
 mod functions;
 mod invoke;
+mod metrics;
 mod routes;
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -95,21 +96,13 @@ pub struct Gateway {
     functions: FunctionCache,
     logs: FunctionLogs,
     admin_token: TokenHash,
-    metrics: Metrics,
+    metrics: metrics::Metrics,
     /// Running requests per function version with a `max_concurrency`.
     concurrency: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Per-tenant rate, concurrency and compute state.
     admission: admission::Admission,
     /// Models every tenant may use (`public = true` in model.toml).
     public_models: Arc<BTreeSet<String>>,
-}
-
-/// Request counters for `/metrics`.
-#[derive(Default)]
-struct Metrics {
-    invocations: AtomicU64,
-    invocation_errors: AtomicU64,
-    deploys: AtomicU64,
 }
 
 /// The name of the generated admin token's file in the data directory.
@@ -146,7 +139,7 @@ impl Gateway {
             public_models: Arc::new(public_models),
             functions: FunctionCache::default(),
             logs: FunctionLogs::default(),
-            metrics: Metrics::default(),
+            metrics: metrics::Metrics::default(),
             concurrency: Mutex::default(),
             admission: admission::Admission::default(),
             config,
@@ -236,10 +229,4 @@ fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     writeln!(file, "{secret}")?;
     Ok(())
-}
-
-impl Metrics {
-    fn count(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
 }

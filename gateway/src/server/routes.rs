@@ -1,7 +1,5 @@
 //! Request routing and authentication.
 
-use std::sync::atomic::Ordering;
-
 use hyper::body::Incoming;
 use hyper::{Method, StatusCode};
 
@@ -30,7 +28,7 @@ impl Gateway {
             (["healthz"], &Method::GET) => {
                 Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"})))
             }
-            (["metrics"], &Method::GET) => Ok(self.metrics_text()),
+            (["metrics"], &Method::GET) => self.metrics_text(&request),
             (["fn", tenant, function, ..], _) => {
                 let rest = rest_of_path(&path, 3);
                 self.invoke(request, tenant, function, rest).await
@@ -79,35 +77,13 @@ impl Gateway {
         }
     }
 
-    fn metrics_text(&self) -> Response {
-        let counters = self.runtime.counters();
-        let m = &self.metrics;
-        let text = format!(
-            "# HELP gigafactory_compilations_total Components compiled from wasm.\n\
-             # TYPE gigafactory_compilations_total counter\n\
-             gigafactory_compilations_total {}\n\
-             # HELP gigafactory_artifact_loads_total Precompiled artifacts loaded.\n\
-             # TYPE gigafactory_artifact_loads_total counter\n\
-             gigafactory_artifact_loads_total {}\n\
-             # HELP gigafactory_deploys_total Successful deploys.\n\
-             # TYPE gigafactory_deploys_total counter\n\
-             gigafactory_deploys_total {}\n\
-             # HELP gigafactory_invocations_total Function invocations.\n\
-             # TYPE gigafactory_invocations_total counter\n\
-             gigafactory_invocations_total {}\n\
-             # HELP gigafactory_invocation_errors_total Invocations that failed in the platform or the function.\n\
-             # TYPE gigafactory_invocation_errors_total counter\n\
-             gigafactory_invocation_errors_total {}\n",
-            counters.compilations(),
-            counters.artifact_loads(),
-            m.deploys.load(Ordering::Relaxed),
-            m.invocations.load(Ordering::Relaxed),
-            m.invocation_errors.load(Ordering::Relaxed),
-        );
-        hyper::Response::builder()
+    fn metrics_text(&self, request: &Request) -> Result<Response, ApiError> {
+        self.require_admin(request)?;
+        let text = self.metrics.render(self.runtime.counters());
+        Ok(hyper::Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
             .body(full(text))
-            .expect("a valid response")
+            .expect("a valid response"))
     }
 }
 
