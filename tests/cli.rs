@@ -75,6 +75,20 @@ fn a_tour_of_the_cli() {
         models.contains("all-minilm-l6-v2") && models.contains("ready"),
         "{models}"
     );
+    let quota = success(gigafactory(
+        &server,
+        ADMIN_TOKEN,
+        &[
+            "tenant",
+            "quota",
+            "demo",
+            "--set",
+            r#"{"max_functions": 5}"#,
+        ],
+    ));
+    let quota: serde_json::Value = serde_json::from_str(&quota).unwrap();
+    assert_eq!(quota["quota"]["max_functions"], 5);
+    assert_eq!(quota["usage"]["functions"], 1);
     let as_json = success(gigafactory(
         &server,
         key,

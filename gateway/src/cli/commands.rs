@@ -122,6 +122,26 @@ async fn tenant(client: &Client, command: TenantCommand, as_json: bool) -> Resul
                 .await?;
             println!("deleted tenant {name}");
         }
+        TenantCommand::Quota { name, set } => {
+            let tenant = match set {
+                Some(quota) => {
+                    let path = format!("/v1/tenants/{name}/quota");
+                    client
+                        .api(Method::PUT, &path, Some(("application/json", quota.into())))
+                        .await?
+                }
+                None => {
+                    client
+                        .api(Method::GET, &format!("/v1/tenants/{name}"), None)
+                        .await?
+                }
+            };
+            let shown = serde_json::json!({"quota": tenant["quota"], "usage": tenant["usage"]});
+            println!(
+                "{}",
+                serde_json::to_string_pretty(if as_json { &tenant } else { &shown })?
+            );
+        }
         TenantCommand::Key { name, quiet } => {
             let key = client
                 .api(Method::POST, &format!("/v1/tenants/{name}/keys"), None)

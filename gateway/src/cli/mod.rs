@@ -138,6 +138,14 @@ pub enum TenantCommand {
         /// The tenant's name.
         name: String,
     },
+    /// Show a tenant's quota and usage, or set its quota.
+    Quota {
+        /// The tenant's name.
+        name: String,
+        /// The new quota as JSON, e.g. '{"requests_per_second": 50, "max_memory_mib": 128}'.
+        #[arg(long)]
+        set: Option<String>,
+    },
     /// Create an API key for a tenant (shown once).
     Key {
         /// The tenant's name.
