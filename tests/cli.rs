@@ -212,3 +212,41 @@ fn logs_follow_prints_new_lines_as_they_are_written() {
     assert!(seen.contains(&"[stdout] to stdout".to_string()), "{seen:?}");
     assert!(seen.contains(&"[stderr] to stderr".to_string()), "{seen:?}");
 }
+
+#[test]
+fn deploy_bundles_the_manifest_next_to_the_crate() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let key = runtime.block_on(server.tenant("acme"));
+    let crate_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(crate_dir.path().join("assets")).unwrap();
+    std::fs::write(
+        crate_dir.path().join("assets/greeting.txt"),
+        "hello from the crate\n",
+    )
+    .unwrap();
+    let manifest = "memory_mib = 32\n[env]\nGREETING = \"from the manifest\"\n[files]\n\"/data/greeting.txt\" = \"assets/greeting.txt\"\n";
+    std::fs::write(crate_dir.path().join("gigafactory.toml"), manifest).unwrap();
+    let component = crate_dir.path().join("probe.wasm");
+    std::fs::write(&component, wasm("manifest_probe")).unwrap();
+
+    let output = Command::new(binary())
+        .args(["deploy", "probe", "probe.wasm"])
+        .current_dir(crate_dir.path())
+        .env("GIGAFACTORY_URL", &server.url)
+        .env("GIGAFACTORY_TOKEN", &key)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("with gigafactory.toml"), "{stderr}");
+    assert_eq!(
+        runtime.block_on(server.get_text(&key, "/fn/acme/probe/file")),
+        "ok:hello from the crate"
+    );
+    assert_eq!(
+        runtime.block_on(server.get_text(&key, "/fn/acme/probe/env")),
+        "GREETING=from the manifest PATH=-"
+    );
+}

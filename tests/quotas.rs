@@ -88,6 +88,23 @@ async fn manifests_cannot_ask_for_more_than_the_tenant_may_have() {
         .await;
     assert_error(&models, 403, "quota_exceeded");
 
+    let listed = server
+        .client(Some(&key))
+        .api(Method::GET, "/v1/models", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["models"],
+        json!([]),
+        "a tenant sees only the models it may use"
+    );
+    let all = server
+        .admin()
+        .api(Method::GET, "/v1/models", None)
+        .await
+        .unwrap();
+    assert_eq!(all["models"].as_array().unwrap().len(), 1);
+
     // Without a manifest the tenant's caps apply: 32 MiB, and no models at all.
     server.deploy(&key, "probe", wasm("manifest_probe")).await;
     let grown = server

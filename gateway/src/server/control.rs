@@ -238,9 +238,13 @@ impl Gateway {
         Ok(json(StatusCode::OK, serde_json::json!({ "lines": lines })))
     }
 
+    /// Every model for the admin; a tenant sees only the models it may use.
     fn list_models(&self, request: &Request) -> Result<Response, ApiError> {
-        self.authenticate(request)?;
-        let models = self.runtime.models().list();
+        let mut models = self.runtime.models().list();
+        if let Principal::Tenant(tenant) = self.authenticate(request)? {
+            let visible = self.visible_models(&self.tenant_record(&tenant)?.quota);
+            models.retain(|m| visible.contains(&m.name));
+        }
         Ok(json(
             StatusCode::OK,
             serde_json::json!({ "models": models }),
