@@ -17,10 +17,46 @@ const MAX_WORD_CHARS: usize = 100;
 /// A tokenizer built from a `vocab.txt` (one piece per line, id = line number).
 #[derive(Debug, Clone)]
 pub struct WordPiece {
-    ids: HashMap<String, i64>,
+    ids: Table,
     cls: i64,
     sep: i64,
     unk: i64,
+}
+
+/// Piece → id: a map built at run time, or a table sorted at build time
+/// (no start-up cost, which matters when every request is a fresh instance).
+#[derive(Debug, Clone)]
+enum Table {
+    Map(HashMap<String, i64>),
+    Sorted(&'static [(&'static str, i64)]),
+}
+
+impl Table {
+    fn get(&self, piece: &str) -> Option<i64> {
+        match self {
+            Self::Map(map) => map.get(piece).copied(),
+            Self::Sorted(table) => table
+                .binary_search_by(|(p, _)| p.as_bytes().cmp(piece.as_bytes()))
+                .ok()
+                .map(|i| table[i].1),
+        }
+    }
+}
+
+/// Rust source for a `&'static [(&str, i64)]` table of `vocab` sorted by
+/// bytes, for [`WordPiece::from_sorted`]; call it from a build script and
+/// `include!` the file.
+pub fn sorted_table_source(vocab: &str) -> String {
+    let mut entries: Vec<(&str, usize)> =
+        vocab.lines().enumerate().map(|(id, p)| (p, id)).collect();
+    entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    entries.dedup_by(|a, b| a.0 == b.0);
+    let mut source = String::from("&[\n");
+    for (piece, id) in entries {
+        source.push_str(&format!("    ({piece:?}, {id}),\n"));
+    }
+    source.push(']');
+    source
 }
 
 /// Token ids and attention mask for one text, special tokens included.
@@ -33,14 +69,22 @@ pub struct Encoding {
 impl WordPiece {
     /// Builds the tokenizer from the text of a `vocab.txt`.
     pub fn from_vocab(vocab: &str) -> Result<Self, String> {
-        let ids: HashMap<String, i64> = vocab
+        let ids = vocab
             .lines()
             .enumerate()
             .map(|(id, piece)| (piece.to_string(), id as i64))
             .collect();
+        Self::with_table(Table::Map(ids))
+    }
+
+    /// The tokenizer over a table made by [`sorted_table_source`].
+    pub fn from_sorted(table: &'static [(&'static str, i64)]) -> Result<Self, String> {
+        Self::with_table(Table::Sorted(table))
+    }
+
+    fn with_table(ids: Table) -> Result<Self, String> {
         let special = |name: &str| {
             ids.get(name)
-                .copied()
                 .ok_or_else(|| format!("vocabulary has no {name} token"))
         };
         Ok(Self {
@@ -91,7 +135,7 @@ impl WordPiece {
             if start > 0 {
                 piece.insert_str(0, "##");
             }
-            self.ids.get(&piece).map(|&id| (end, id))
+            self.ids.get(&piece).map(|id| (end, id))
         })
     }
 }
@@ -183,6 +227,33 @@ mod tests {
     fn truncates_to_the_token_budget() {
         let encoding = tokenizer().encode("the fox the fox the fox", 4);
         assert_eq!(encoding.ids, vec![2, 4, 5, 3]);
+    }
+
+    #[test]
+    fn a_sorted_table_tokenizes_like_the_map() {
+        let source = sorted_table_source(VOCAB);
+        assert!(
+            source.starts_with("&[\n    (\"##ning\", 7),\n    (\",\", 9),\n"),
+            "{source}"
+        );
+        // The same entries, sorted as the build script would emit them.
+        static TABLE: &[(&str, i64)] = &[
+            ("##ning", 7),
+            (",", 9),
+            (".", 8),
+            ("[CLS]", 2),
+            ("[PAD]", 0),
+            ("[SEP]", 3),
+            ("[UNK]", 1),
+            ("cafe", 10),
+            ("fox", 5),
+            ("run", 6),
+            ("the", 4),
+        ];
+        let sorted = WordPiece::from_sorted(TABLE).unwrap();
+        for text in ["The  FOX, running.", "Café zebra"] {
+            assert_eq!(sorted.encode(text, 64), tokenizer().encode(text, 64));
+        }
     }
 
     #[test]

@@ -13,7 +13,8 @@ use gigafactory_sdk::text::WordPiece;
 use serde::Deserialize;
 
 const MODEL: &str = "all-minilm-l6-v2";
-const VOCAB: &str = include_str!(env!("EMBED_VOCAB"));
+/// all-MiniLM-L6-v2's vocabulary, sorted at build time (see build.rs).
+static VOCAB: &[(&str, i64)] = include!(concat!(env!("OUT_DIR"), "/vocab_table.rs"));
 /// sentence-transformers' limit for this model.
 const MAX_TOKENS: usize = 256;
 const MAX_TEXTS: usize = 64;
@@ -84,7 +85,7 @@ fn json_response(value: serde_json::Value) -> Response {
 /// over the attention mask, L2-normalised.
 fn embed(texts: &[String]) -> Result<Vec<Vec<f32>>, Response> {
     let tokenizer =
-        WordPiece::from_vocab(VOCAB).map_err(|e| Response::error(500, "tokenizer", &e))?;
+        WordPiece::from_sorted(VOCAB).map_err(|e| Response::error(500, "tokenizer", &e))?;
     let encodings: Vec<Vec<i64>> = texts
         .iter()
         .map(|t| tokenizer.encode(t, MAX_TOKENS).ids)

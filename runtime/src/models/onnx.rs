@@ -60,11 +60,15 @@ impl OnnxGraph {
     }
 
     fn prepare(model: InferenceModel) -> Result<Arc<Self>> {
-        let typed = model
+        let mut typed = model
             .into_typed()
             .context("inferring types and shapes")?
             .into_decluttered()
             .context("simplifying the graph")?;
+        let folded = fold_constants(&mut typed).context("folding constant subgraphs")?;
+        if folded > 0 {
+            typed.declutter().context("simplifying the folded graph")?;
+        }
         let inputs = specs(&typed, &typed.inputs)?;
         let outputs = specs(&typed, &typed.outputs)?;
         let runtime = runtime_for_name("cpu")?.context("tract has no cpu runtime")?;
@@ -171,4 +175,57 @@ fn specs(model: &TypedModel, outlets: &[OutletId]) -> Result<Vec<TensorSpec>> {
             })
         })
         .collect()
+}
+
+/// The largest tensor [`fold_constants`] materialises.
+const MAX_FOLDED_BYTES: usize = 1 << 30;
+
+/// Evaluates once, at load, every node whose inputs are all constants, and
+/// replaces it by its value. tract's own folding declines to grow a
+/// constant (to save memory), which leaves quantised graphs — int8 weights
+/// cast and scaled to f32 inside the graph, as in the shipped MiniLM —
+/// dequantising their weights on every call. Returns how many nodes it folded.
+fn fold_constants(model: &mut TypedModel) -> TractResult<usize> {
+    let mut folded = 0;
+    while let Some(patch) = next_fold(model)? {
+        patch.apply(model)?;
+        folded += 1;
+    }
+    Ok(folded)
+}
+
+fn next_fold(model: &TypedModel) -> TractResult<Option<TypedModelPatch>> {
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        if node.inputs.is_empty() || node.op_is::<tract_onnx::tract_core::ops::konst::Const>() {
+            continue;
+        }
+        let facts = model.node_input_facts(id)?;
+        let Some(inputs) = facts
+            .iter()
+            .map(|fact| fact.konst.clone().map(|k| k.into_tvalue()))
+            .collect::<Option<TVec<_>>>()
+        else {
+            continue;
+        };
+        let Ok(Some(outputs)) = node.op.eval_out_of_plan(inputs) else {
+            continue;
+        };
+        if outputs
+            .iter()
+            .any(|t| t.datum_type().size_of() * t.volume() > MAX_FOLDED_BYTES)
+        {
+            continue;
+        }
+        let mut patch = TypedModelPatch::default();
+        for (slot, output) in outputs.into_iter().enumerate() {
+            let wire = patch.add_const(
+                format!("{}.folded.{slot}", node.name),
+                output.into_arc_tensor(),
+            )?;
+            patch.shunt_outside(model, OutletId::new(id, slot), wire)?;
+        }
+        return Ok(Some(patch));
+    }
+    Ok(None)
 }

@@ -190,8 +190,11 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             return self.fail(NnError::new(ErrorCode::RuntimeError, why));
         }
         let result = self.ctx.pool.compute(graph, named).await;
-        if let (Ok((_, spent)), Some(budget)) = (&result, &self.ctx.budget) {
-            budget.charge(*spent);
+        if let Ok((_, spent)) = &result {
+            tracing::debug!(ms = spent.as_secs_f64() * 1e3, "compute");
+            if let Some(budget) = &self.ctx.budget {
+                budget.charge(*spent);
+            }
         }
         match result.map(|(outputs, _)| outputs) {
             Ok(outputs) => {
