@@ -6,26 +6,13 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
+use gigafactory_gateway::cli::client::Reply;
 use hyper::Method;
 use serde_json::json;
 use support::{Server, assert_error, probe_bundle, text, wasm};
 
-async fn put(
-    server: &Server,
-    key: &str,
-    name: &str,
-    wasm: Vec<u8>,
-) -> gigafactory_gateway::cli::client::Reply {
-    server
-        .client(Some(key))
-        .send(
-            Method::PUT,
-            &format!("/v1/functions/{name}"),
-            Some(("application/wasm", Bytes::from(wasm))),
-            &[],
-        )
-        .await
-        .unwrap()
+async fn put(server: &Server, key: &str, name: &str, wasm: Vec<u8>) -> Reply {
+    server.put(key, name, "application/wasm", wasm).await
 }
 
 #[tokio::test]

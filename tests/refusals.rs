@@ -4,25 +4,12 @@
 mod support;
 
 use bytes::Bytes;
+use gigafactory_gateway::cli::client::Reply;
 use hyper::Method;
 use support::{Server, assert_error, json, text, wasm};
 
-async fn put(
-    server: &Server,
-    key: &str,
-    name: &str,
-    body: Vec<u8>,
-) -> gigafactory_gateway::cli::client::Reply {
-    server
-        .client(Some(key))
-        .send(
-            Method::PUT,
-            &format!("/v1/functions/{name}"),
-            Some(("application/wasm", Bytes::from(body))),
-            &[],
-        )
-        .await
-        .unwrap()
+async fn put(server: &Server, key: &str, name: &str, wasm: Vec<u8>) -> Reply {
+    server.put(key, name, "application/wasm", wasm).await
 }
 
 async fn snapshot(server: &Server, key: &str) -> (serde_json::Value, serde_json::Value) {

@@ -180,16 +180,7 @@ impl Server {
 
     /// Deploys `wasm` as `name` with `key`, asserting success.
     pub async fn deploy(&self, key: &str, name: &str, wasm: Vec<u8>) -> serde_json::Value {
-        let reply = self
-            .client(Some(key))
-            .send(
-                Method::PUT,
-                &format!("/v1/functions/{name}"),
-                Some(("application/wasm", Bytes::from(wasm))),
-                &[],
-            )
-            .await
-            .unwrap();
+        let reply = self.put(key, name, "application/wasm", wasm).await;
         assert!(
             reply.status.is_success(),
             "deploying {name}: {}",
@@ -198,17 +189,23 @@ impl Server {
         serde_json::from_slice(&reply.body).unwrap()
     }
 
-    /// Deploys a bundle (tar) as `name` with `key`, returning the reply.
-    pub async fn deploy_bundle(&self, key: &str, name: &str, tar: Vec<u8>) -> Reply {
+    /// `PUT /v1/functions/{name}` with `key`, returning whatever the gateway said.
+    pub async fn put(&self, key: &str, name: &str, content_type: &str, body: Vec<u8>) -> Reply {
+        let path = format!("/v1/functions/{name}");
         self.client(Some(key))
             .send(
                 Method::PUT,
-                &format!("/v1/functions/{name}"),
-                Some(("application/x-tar", Bytes::from(tar))),
+                &path,
+                Some((content_type, Bytes::from(body))),
                 &[],
             )
             .await
             .unwrap()
+    }
+
+    /// Deploys a bundle (tar) as `name` with `key`, returning the reply.
+    pub async fn deploy_bundle(&self, key: &str, name: &str, tar: Vec<u8>) -> Reply {
+        self.put(key, name, "application/x-tar", tar).await
     }
 
     /// GETs `path` with `key` and returns the body as text, asserting 200.

@@ -90,6 +90,11 @@ impl Admission {
         Ok(Admitted { permit, budget })
     }
 
+    /// Drops a deleted tenant's state.
+    pub fn forget(&self, tenant: &str) {
+        lock(&self.tenants).remove(tenant);
+    }
+
     fn state(&self, tenant: &str) -> Arc<TenantState> {
         lock(&self.tenants)
             .entry(tenant.to_string())

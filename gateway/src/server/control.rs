@@ -164,10 +164,9 @@ impl Gateway {
         let functions = self.store.functions(tenant)?;
         self.store.delete_tenant(tenant)?;
         for function in &functions {
-            self.logs.remove(tenant, &function.name);
-            self.metrics.forget(tenant, Some(&function.name));
-            self.evict_deleted(&function.versions)?;
+            self.forget_function(&function.tenant, &function.name, &function.versions)?;
         }
+        self.admission.forget(tenant);
         tracing::info!(%tenant, "tenant deleted");
         Ok(no_content())
     }
@@ -216,9 +215,7 @@ impl Gateway {
         let tenant = self.require_tenant(request)?;
         let function = self.find_function(&tenant, name)?;
         self.store.delete_function(&tenant, name)?;
-        self.logs.remove(&tenant, name);
-        self.metrics.forget(&tenant, Some(name));
-        self.evict_deleted(&function.versions)?;
+        self.forget_function(&tenant, name, &function.versions)?;
         tracing::info!(%tenant, function = %name, "function deleted");
         Ok(no_content())
     }

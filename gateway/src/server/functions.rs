@@ -80,8 +80,20 @@ impl Gateway {
             .clone())
     }
 
-    /// Drops cached functions whose wasm left the store (after a delete).
-    pub(super) fn evict_deleted(&self, versions: &[Version]) -> Result<(), ApiError> {
+    /// Drops everything kept in memory for a deleted function: its log,
+    /// counters, concurrency slots, and loaded versions whose wasm left the store.
+    pub(super) fn forget_function(
+        &self,
+        tenant: &str,
+        name: &str,
+        versions: &[Version],
+    ) -> Result<(), ApiError> {
+        self.logs.remove(tenant, name);
+        self.metrics.forget(tenant, Some(name));
+        let prefix = format!("{tenant}/{name}@");
+        let mut slots = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|key, _| !key.starts_with(&prefix));
+        drop(slots);
         let mut loaded = self
             .functions
             .loaded
