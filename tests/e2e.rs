@@ -295,7 +295,7 @@ async fn past_the_instance_limit_requests_get_503() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start_with(
         data.path(),
-        &["--max-instances", "1", "--timeout-secs", "3"],
+        &["--max-instances", "1", "--timeout-secs", "6"],
     );
     let key = server.tenant("acme").await;
     server
@@ -312,7 +312,7 @@ async fn past_the_instance_limit_requests_get_503() {
                 .unwrap()
         }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
     let refused = client
         .send(Method::GET, "/fn/acme/misbehave/ok", None, &[])
         .await

@@ -153,12 +153,12 @@ async fn past_max_concurrency_requests_get_429_with_retry_after() {
         let client = server.client(Some(&key));
         async move {
             client
-                .send(Method::GET, "/fn/acme/probe/sleep?ms=1500", None, &[])
+                .send(Method::GET, "/fn/acme/probe/sleep?ms=3000", None, &[])
                 .await
                 .unwrap()
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let refused = server
         .client(Some(&key))
         .send(Method::GET, "/fn/acme/probe/env", None, &[])
