@@ -9,6 +9,8 @@ use std::time::Duration;
 /// The grants of a function's invocation; [`Capabilities::default`] grants nothing.
 #[derive(Debug, Clone, Default)]
 pub struct Capabilities {
+    /// Whose request this is: batches are filled round-robin across tenants.
+    pub tenant: Arc<str>,
     /// Environment variables the guest sees.
     pub env: Vec<(String, String)>,
     /// A host directory the guest sees read-only as `/`.

@@ -49,11 +49,7 @@ impl HostState {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             hooks: OutboundPolicy(capabilities.outbound.clone()),
-            nn: NnCtx::new(
-                pool,
-                capabilities.models.clone(),
-                capabilities.compute.clone(),
-            ),
+            nn: NnCtx::new(pool, capabilities.clone()),
             memory: MemoryLimiter {
                 limit: memory_bytes,
                 refused: false,

@@ -49,6 +49,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.limits.timeout = Duration::from_secs(args.timeout_secs);
     config.limits.max_memory_bytes = args.memory_mib << 20;
     config.limits.max_instances = args.max_instances;
+    config.batching = !args.no_batching;
     if let Some(threads) = args.inference_threads {
         config.inference_workers = threads;
     }

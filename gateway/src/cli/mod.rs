@@ -121,6 +121,9 @@ pub struct ServeArgs {
     /// Threads running inference (default: all cores).
     #[arg(long)]
     pub inference_threads: Option<usize>,
+    /// Run every model call on its own, ignoring models' `[batching]` sections.
+    #[arg(long)]
+    pub no_batching: bool,
 }
 
 /// `gigafactory tenant …`

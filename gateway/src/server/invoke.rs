@@ -77,7 +77,7 @@ impl Gateway {
             .collect();
         let function = self.runnable(version).await?;
         let log = self.logs.of(tenant, name);
-        let mut capabilities = self.capabilities(version, &quota).await?;
+        let mut capabilities = self.capabilities(tenant, version, &quota).await?;
         capabilities.compute = admitted.budget;
         let invocation = Invocation {
             log: log.clone(),
@@ -141,6 +141,7 @@ impl Gateway {
     /// within the models its tenant may see.
     async fn capabilities(
         &self,
+        tenant: &str,
         version: &Version,
         quota: &Quota,
     ) -> Result<Capabilities, ApiError> {
@@ -148,6 +149,7 @@ impl Gateway {
         let set = |models: &[String]| Arc::new(models.iter().cloned().collect::<BTreeSet<_>>());
         let visible = self.visible_models(quota);
         Ok(Capabilities {
+            tenant: Arc::from(tenant),
             env: manifest
                 .env
                 .iter()

@@ -70,6 +70,8 @@ pub struct GatewayConfig {
     pub limits: SandboxLimits,
     /// Threads running inference.
     pub inference_workers: usize,
+    /// Whether models with a `[batching]` section batch calls across callers.
+    pub batching: bool,
 }
 
 impl GatewayConfig {
@@ -84,6 +86,7 @@ impl GatewayConfig {
             max_response_bytes: 64 << 20,
             limits: SandboxLimits::default(),
             inference_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            batching: true,
         }
     }
 }
@@ -114,7 +117,9 @@ impl Gateway {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let models = match &config.models_dir {
-            Some(dir) => ModelPool::load_repository(dir, config.inference_workers)?,
+            Some(dir) => {
+                ModelPool::load_repository(dir, config.inference_workers, config.batching)?
+            }
             None => ModelPool::empty(config.inference_workers),
         };
         let runtime = Runtime::new(config.limits.clone(), Arc::new(models))

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::batcher::BatchConfig;
+
 /// The contents of `models/<name>/model.toml`. Unknown keys are an error.
 ///
 /// ```toml
@@ -33,6 +35,9 @@ pub struct ModelConfig {
     /// quota names it).
     #[serde(default)]
     pub public: bool,
+    /// Dynamic batching across callers (see [`BatchConfig`]); absent: none.
+    #[serde(default)]
+    pub batching: Option<BatchConfig>,
 }
 
 fn default_file() -> String {

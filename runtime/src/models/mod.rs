@@ -2,6 +2,7 @@
 //! boot, then shared by all tenants; inference runs on a worker pool sized
 //! to the cores, so guests await it without holding an async worker.
 
+mod batcher;
 mod config;
 mod error;
 mod onnx;
@@ -16,6 +17,7 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+pub use batcher::{BatchConfig, Batcher, Pad, SliceBack};
 pub use config::{DevicePreference, ModelConfig, ModelFormat};
 pub use error::{ErrorCode, NnError};
 pub use onnx::{OnnxGraph, TensorSpec};
@@ -30,9 +32,16 @@ pub struct ModelPool {
     workers: Arc<Semaphore>,
 }
 
+/// A graph as callers hold it: the plan, and the model's batching queue if it has one.
+#[derive(Clone)]
+pub struct PoolGraph {
+    graph: Arc<OnnxGraph>,
+    batcher: Option<Arc<Batcher>>,
+}
+
 struct RepositoryModel {
     config: ModelConfig,
-    loaded: Result<Arc<OnnxGraph>, String>,
+    loaded: Result<PoolGraph, String>,
     size_bytes: u64,
     load_ms: u64,
 }
@@ -78,7 +87,9 @@ impl ModelPool {
 
     /// Loads every `<dir>/<name>/model.toml`. A model that fails to load is
     /// kept with its reason (and logged); only an unreadable directory fails.
-    pub fn load_repository(dir: &Path, workers: usize) -> Result<Self> {
+    /// With `batching` off, models ignore their `[batching]` section.
+    /// Call it inside a tokio runtime: batching models start a scheduler task.
+    pub fn load_repository(dir: &Path, workers: usize, batching: bool) -> Result<Self> {
         let mut pool = Self::empty(workers);
         for model_dir in model_dirs(dir)? {
             let name = model_dir
@@ -87,7 +98,7 @@ impl ModelPool {
                 .context("model directory name is not UTF-8")?
                 .to_string();
             tracing::info!(model = %name, "loading model");
-            match load_model(&model_dir) {
+            match load_model(&model_dir, batching.then_some(&pool.workers)) {
                 Ok(model) => {
                     match &model.loaded {
                         Ok(_) => tracing::info!(model = %name, ms = model.load_ms, "model ready"),
@@ -103,7 +114,7 @@ impl ModelPool {
 
     /// A repository model by name: `not-found` when there is none, a
     /// `runtime-error` when it failed to load.
-    pub fn get(&self, name: &str) -> Result<Arc<OnnxGraph>, NnError> {
+    pub fn get(&self, name: &str) -> Result<PoolGraph, NnError> {
         let model = self
             .models
             .get(name)
@@ -117,7 +128,7 @@ impl ModelPool {
     }
 
     /// Compiles a function's own ONNX graph on a worker.
-    pub async fn load_bytes(&self, bytes: Vec<u8>) -> Result<Arc<OnnxGraph>, NnError> {
+    pub async fn load_bytes(&self, bytes: Vec<u8>) -> Result<PoolGraph, NnError> {
         if bytes.len() > MAX_GUEST_GRAPH_BYTES {
             return Err(NnError::new(
                 ErrorCode::TooLarge,
@@ -127,25 +138,36 @@ impl ModelPool {
                 ),
             ));
         }
-        self.on_worker(move || {
-            OnnxGraph::from_bytes(&bytes)
-                .map_err(|e| NnError::new(ErrorCode::InvalidEncoding, format!("{e:#}")))
+        let graph = self
+            .on_worker(move || {
+                OnnxGraph::from_bytes(&bytes)
+                    .map_err(|e| NnError::new(ErrorCode::InvalidEncoding, format!("{e:#}")))
+            })
+            .await?;
+        Ok(PoolGraph {
+            graph,
+            batcher: None,
         })
-        .await
     }
 
-    /// Runs `graph` on named inputs on a worker and returns its named
-    /// outputs and the time the run took (not counting the wait for a worker).
+    /// Runs `graph` on named inputs — in a batch with other callers' when
+    /// the model batches — and returns its named outputs and the run time
+    /// charged to this call (its share of the batch; not counting the wait).
     pub async fn compute(
         &self,
-        graph: Arc<OnnxGraph>,
+        graph: PoolGraph,
         inputs: Vec<(String, HostTensor)>,
+        tenant: Arc<str>,
     ) -> Result<(Vec<(String, HostTensor)>, Duration), NnError> {
-        let bound = graph.bind(inputs)?;
+        let ordered = graph.graph.order(inputs)?;
+        if let Some(batcher) = &graph.batcher {
+            return batcher.compute(tenant, ordered).await;
+        }
+        let plan = graph.graph;
         self.on_worker(move || {
             let started = Instant::now();
-            let outputs = graph
-                .run(bound)
+            let outputs = plan
+                .run(plan.inputs_of(ordered)?)
                 .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("{e:#}")))?;
             Ok((outputs, started.elapsed()))
         })
@@ -182,8 +204,8 @@ impl RepositoryModel {
             Ok(graph) => (
                 "ready",
                 None,
-                graph.inputs().to_vec(),
-                graph.outputs().to_vec(),
+                graph.graph.inputs().to_vec(),
+                graph.graph.outputs().to_vec(),
             ),
             Err(reason) => ("failed", Some(reason.clone()), vec![], vec![]),
         };
@@ -220,7 +242,7 @@ fn model_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Reads `model.toml` (an error here skips the model) and loads the graph
 /// (an error here is kept as the model's failed state).
-fn load_model(dir: &Path) -> Result<RepositoryModel> {
+fn load_model(dir: &Path, batch_workers: Option<&Arc<Semaphore>>) -> Result<RepositoryModel> {
     let toml_path = dir.join("model.toml");
     let text = std::fs::read_to_string(&toml_path)
         .with_context(|| format!("reading {}", toml_path.display()))?;
@@ -235,6 +257,17 @@ fn load_model(dir: &Path) -> Result<RepositoryModel> {
             OnnxGraph::from_path(&file).map_err(|e| format!("{e:#}"))
         }
     };
+    let loaded = loaded.and_then(|graph| {
+        let batcher = match (&config.batching, batch_workers) {
+            (Some(batching), Some(workers)) => Some(Arc::new(Batcher::start(
+                graph.clone(),
+                batching.clone(),
+                workers.clone(),
+            )?)),
+            _ => None,
+        };
+        Ok(PoolGraph { graph, batcher })
+    });
     Ok(RepositoryModel {
         config,
         loaded,

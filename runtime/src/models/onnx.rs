@@ -26,6 +26,13 @@ pub struct TensorSpec {
     datum: DatumType,
 }
 
+impl TensorSpec {
+    /// The element type, when wasi-nn can carry it.
+    pub(crate) fn element_type(&self) -> Option<super::tensor::ElementType> {
+        super::tensor::ElementType::from_datum(self.datum)
+    }
+}
+
 /// An optimised ONNX graph, ready to run.
 pub struct OnnxGraph {
     plan: Box<dyn Runnable>,
@@ -91,8 +98,8 @@ impl OnnxGraph {
     }
 
     /// Puts named tensors in the graph's input order, checking names,
-    /// types and shapes so a mistake is an invalid-argument, not a crash.
-    pub fn bind(&self, named: Vec<(String, HostTensor)>) -> Result<TVec<TValue>, NnError> {
+    /// types, shapes and lengths so a mistake is an invalid-argument, not a crash.
+    pub fn order(&self, named: Vec<(String, HostTensor)>) -> Result<Vec<HostTensor>, NnError> {
         let mut slots: Vec<Option<HostTensor>> = vec![None; self.inputs.len()];
         for (name, tensor) in named {
             let index = self
@@ -116,9 +123,24 @@ impl OnnxGraph {
                 let tensor =
                     slot.ok_or_else(|| NnError::invalid(format!("missing input {:?}", spec.name)))?;
                 check_shape(spec, &tensor)?;
-                Ok(tensor.into_tract(spec.datum, &spec.name)?.into_tvalue())
+                tensor.check_for(spec.datum, &spec.name)?;
+                Ok(tensor)
             })
             .collect()
+    }
+
+    /// Converts ordered, checked tensors into the graph's inputs.
+    pub fn inputs_of(&self, tensors: Vec<HostTensor>) -> Result<TVec<TValue>, NnError> {
+        self.inputs
+            .iter()
+            .zip(tensors)
+            .map(|(spec, tensor)| Ok(tensor.into_tract(spec.datum, &spec.name)?.into_tvalue()))
+            .collect()
+    }
+
+    /// [`Self::order`] then [`Self::inputs_of`].
+    pub fn bind(&self, named: Vec<(String, HostTensor)>) -> Result<TVec<TValue>, NnError> {
+        self.inputs_of(self.order(named)?)
     }
 
     /// Runs the graph on bound inputs; blocking, call it off the async workers.

@@ -47,7 +47,7 @@ impl ElementType {
         })
     }
 
-    fn from_datum(datum: DatumType) -> Option<Self> {
+    pub(crate) fn from_datum(datum: DatumType) -> Option<Self> {
         Some(match datum {
             DatumType::F16 => Self::Fp16,
             DatumType::F32 => Self::Fp32,
@@ -101,8 +101,8 @@ impl HostTensor {
         }
     }
 
-    /// Converts to a tract tensor of the model's element type `datum`.
-    pub(crate) fn into_tract(self, datum: DatumType, name: &str) -> Result<Tensor, NnError> {
+    /// Checks the byte length and that the element type is `datum`.
+    pub(crate) fn check_for(&self, datum: DatumType, name: &str) -> Result<(), NnError> {
         self.validate()?;
         let Some(own) = self.ty.datum() else {
             return Err(NnError::unsupported(format!(
@@ -117,6 +117,12 @@ impl HostTensor {
                 wasi_type_name(datum)
             )));
         }
+        Ok(())
+    }
+
+    /// Converts to a tract tensor of the model's element type `datum`.
+    pub(crate) fn into_tract(self, datum: DatumType, name: &str) -> Result<Tensor, NnError> {
+        self.check_for(datum, name)?;
         let shape: Vec<usize> = self.dims.iter().map(|&d| d as usize).collect();
         let mut tensor = Tensor::zero_dt(datum, &shape)
             .map_err(|e| NnError::invalid(format!("input {name:?}: {e}")))?;
@@ -152,6 +158,64 @@ impl HostTensor {
     }
 }
 
+/// Layout helpers for batching: a tensor seen as `[outer, axis, inner]`.
+impl HostTensor {
+    fn split_at_axis(&self, axis: usize) -> (usize, usize, usize) {
+        let dims: Vec<usize> = self.dims.iter().map(|&d| d as usize).collect();
+        let outer = dims[..axis].iter().product();
+        let inner = dims[axis + 1..].iter().product::<usize>() * self.ty.size();
+        (outer, dims[axis], inner)
+    }
+
+    /// Pads (or cuts) `axis` to `len`, filling with the element `fill`
+    /// (little-endian bytes of one element).
+    pub(crate) fn resized(&self, axis: usize, len: usize, fill: &[u8]) -> Self {
+        let (outer, old, inner) = self.split_at_axis(axis);
+        let elem = self.ty.size();
+        let mut data = Vec::with_capacity(outer * len * inner);
+        for block in 0..outer {
+            let start = block * old * inner;
+            let kept = old.min(len) * inner;
+            data.extend_from_slice(&self.data[start..start + kept]);
+            for _ in 0..(len.saturating_sub(old) * inner / elem) {
+                data.extend_from_slice(fill);
+            }
+        }
+        let mut dims = self.dims.clone();
+        dims[axis] = len as u32;
+        Self {
+            dims,
+            ty: self.ty,
+            data,
+        }
+    }
+
+    /// Stacks tensors of equal trailing dimensions along axis 0.
+    pub(crate) fn concat(parts: &[Self]) -> Self {
+        let mut dims = parts[0].dims.clone();
+        dims[0] = parts.iter().map(|p| p.dims[0]).sum();
+        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        Self {
+            dims,
+            ty: parts[0].ty,
+            data,
+        }
+    }
+
+    /// Rows `start..start + rows` of axis 0.
+    pub(crate) fn rows(&self, start: usize, rows: usize) -> Self {
+        let (_, _, row) = self.split_at_axis(0);
+        let mut dims = self.dims.clone();
+        dims[0] = rows as u32;
+        let data = self.data[start * row..(start + rows) * row].to_vec();
+        Self {
+            dims,
+            ty: self.ty,
+            data,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +226,26 @@ mod tests {
             ty,
             data: vec![0; bytes],
         }
+    }
+
+    fn ints(dims: &[u32], values: &[i32]) -> HostTensor {
+        HostTensor {
+            dims: dims.to_vec(),
+            ty: ElementType::I32,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    #[test]
+    fn pads_concatenates_and_splits_rows() {
+        let a = ints(&[1, 2], &[1, 2]);
+        let b = ints(&[2, 3], &[3, 4, 5, 6, 7, 8]);
+        let padded = a.resized(1, 3, &0i32.to_le_bytes());
+        assert_eq!(padded, ints(&[1, 3], &[1, 2, 0]));
+        let batch = HostTensor::concat(&[padded, b]);
+        assert_eq!(batch, ints(&[3, 3], &[1, 2, 0, 3, 4, 5, 6, 7, 8]));
+        assert_eq!(batch.rows(1, 2).resized(1, 1, &[]), ints(&[2, 1], &[3, 6]));
+        assert_eq!(batch.rows(0, 1).resized(1, 2, &[]), ints(&[1, 2], &[1, 2]));
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::capabilities::{ComputeBudget, ModelAccess};
-use crate::models::{ElementType, ErrorCode, HostTensor, ModelPool, NnError, OnnxGraph};
+use crate::capabilities::Capabilities;
+use crate::models::{ElementType, ErrorCode, HostTensor, ModelPool, NnError, PoolGraph};
 
 mod generated {
     wasmtime::component::bindgen!({
@@ -31,10 +31,10 @@ mod generated {
 use generated::wasi::nn::{errors, graph, inference, tensor};
 
 /// A loaded graph, as a guest holds it.
-pub struct Graph(Arc<OnnxGraph>);
+pub struct Graph(PoolGraph);
 
 /// An execution context bound to a graph.
-pub struct ExecutionContext(Arc<OnnxGraph>);
+pub struct ExecutionContext(PoolGraph);
 
 /// A guest-visible tensor.
 pub struct Tensor(HostTensor);
@@ -46,22 +46,14 @@ pub struct Error(NnError);
 /// of its models the instance may load.
 pub struct NnCtx {
     pool: Arc<ModelPool>,
-    access: ModelAccess,
-    budget: Option<Arc<dyn ComputeBudget>>,
+    capabilities: Capabilities,
 }
 
 impl NnCtx {
-    /// A context over `pool` limited to `access`, charging compute to `budget`.
-    pub fn new(
-        pool: Arc<ModelPool>,
-        access: ModelAccess,
-        budget: Option<Arc<dyn ComputeBudget>>,
-    ) -> Self {
-        Self {
-            pool,
-            access,
-            budget,
-        }
+    /// A context over `pool` limited to the `capabilities`' model access,
+    /// charging compute to their budget, batched fairly as their tenant.
+    pub fn new(pool: Arc<ModelPool>, capabilities: Capabilities) -> Self {
+        Self { pool, capabilities }
     }
 }
 
@@ -137,7 +129,7 @@ impl graph::Host for NnView<'_> {
     }
 
     fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
-        if !self.ctx.access.is_visible(&name) {
+        if !self.ctx.capabilities.models.is_visible(&name) {
             let error = NnError::new(ErrorCode::NotFound, format!("no model named {name:?}"));
             return self.fail(error);
         }
@@ -145,7 +137,7 @@ impl graph::Host for NnView<'_> {
             Ok(graph) => graph,
             Err(error) => return self.fail(error),
         };
-        if !self.ctx.access.is_allowed(&name) {
+        if !self.ctx.capabilities.models.is_allowed(&name) {
             return self.fail(NnError::new(
                 ErrorCode::Security,
                 format!("model {name:?} is not in this function's manifest (`models`)"),
@@ -184,15 +176,19 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             // Inputs are owned handles: the guest gave them up.
             named.push((name, self.table.delete(tensor)?.0));
         }
-        if let Some(budget) = &self.ctx.budget
+        if let Some(budget) = &self.ctx.capabilities.compute
             && let Err(why) = budget.check()
         {
             return self.fail(NnError::new(ErrorCode::RuntimeError, why));
         }
-        let result = self.ctx.pool.compute(graph, named).await;
+        let result = self
+            .ctx
+            .pool
+            .compute(graph, named, self.ctx.capabilities.tenant.clone())
+            .await;
         if let Ok((_, spent)) = &result {
             tracing::debug!(ms = spent.as_secs_f64() * 1e3, "compute");
-            if let Some(budget) = &self.ctx.budget {
+            if let Some(budget) = &self.ctx.capabilities.compute {
                 budget.charge(*spent);
             }
         }

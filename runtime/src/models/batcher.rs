@@ -1,0 +1,593 @@
+//! Dynamic batching: `compute` calls of any instance of any tenant queue
+//! per model; a batch forms when `max_batch` rows wait or the oldest call
+//! has waited `max_queue_delay`, runs as one backend call, and its outputs
+//! are split back to each caller. Inputs named in `pad` are padded along
+//! their axis so calls of different lengths batch together; outputs named
+//! in `slice` are cut back to each caller's length. Calls whose shapes do
+//! not match otherwise wait for a batch of their own. Batches are filled
+//! round-robin across tenants, and the queue is bounded.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use super::error::{ErrorCode, NnError};
+use super::onnx::OnnxGraph;
+use super::tensor::{ElementType, HostTensor};
+
+/// `[batching]` in `model.toml`. The batch axis is axis 0 of every input and output.
+///
+/// ```toml
+/// [batching]
+/// max_batch = 16
+/// max_queue_delay_ms = 2
+/// max_queue = 256
+/// [batching.pad]
+/// input_ids = { axis = 1, value = 0 }
+/// [batching.slice]
+/// last_hidden_state = { axis = 1, like = "input_ids" }
+/// ```
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most rows (along axis 0) in one batch.
+    pub max_batch: usize,
+    /// How long the oldest call may wait for others, in milliseconds.
+    #[serde(default = "default_delay")]
+    pub max_queue_delay_ms: u64,
+    /// Most calls waiting; past it `compute` fails at once.
+    #[serde(default = "default_queue")]
+    pub max_queue: usize,
+    /// Inputs that may be padded: input name → axis and fill value.
+    #[serde(default)]
+    pub pad: BTreeMap<String, Pad>,
+    /// Outputs cut back to each caller's length: output name → axis and the
+    /// input whose length along that axis it follows.
+    #[serde(default)]
+    pub slice: BTreeMap<String, SliceBack>,
+}
+
+fn default_delay() -> u64 {
+    2
+}
+
+fn default_queue() -> usize {
+    256
+}
+
+/// How an input is padded.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pad {
+    /// The padded axis (not 0).
+    pub axis: usize,
+    /// The fill value.
+    #[serde(default)]
+    pub value: f64,
+}
+
+/// How an output is cut back.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SliceBack {
+    /// The output's axis to cut.
+    pub axis: usize,
+    /// The input whose length (along the same padded axis) it follows.
+    pub like: String,
+}
+
+/// A caller's outputs and its share of the run time.
+pub type Answer = (Vec<(String, HostTensor)>, Duration);
+
+/// What a caller gets back.
+pub type Reply = Result<Answer, NnError>;
+
+struct Call {
+    tenant: Arc<str>,
+    inputs: Vec<HostTensor>,
+    arrived: Instant,
+    reply: oneshot::Sender<Reply>,
+}
+
+impl Call {
+    fn rows(&self) -> usize {
+        self.inputs
+            .first()
+            .map_or(1, |t| t.dims.first().copied().unwrap_or(1) as usize)
+    }
+}
+
+/// One model's batching queue.
+pub struct Batcher {
+    calls: mpsc::UnboundedSender<Call>,
+    queued: Arc<AtomicUsize>,
+    max_queue: usize,
+    batches: Arc<AtomicUsize>,
+}
+
+/// Everything a batch run needs, shared by the scheduler and its runs.
+struct Plan {
+    graph: Arc<OnnxGraph>,
+    config: BatchConfig,
+    /// Per input (model order): the padded axis and its fill bytes.
+    pads: Vec<Option<(usize, Vec<u8>)>>,
+    workers: Arc<Semaphore>,
+    batches: Arc<AtomicUsize>,
+}
+
+impl Batcher {
+    /// Checks `config` against the graph and starts the model's scheduler.
+    pub fn start(
+        graph: Arc<OnnxGraph>,
+        config: BatchConfig,
+        workers: Arc<Semaphore>,
+    ) -> Result<Self, String> {
+        if config.max_batch == 0 || config.max_queue == 0 {
+            return Err("batching: max_batch and max_queue must be at least 1".into());
+        }
+        let mut pads = Vec::new();
+        for spec in graph.inputs() {
+            pads.push(match config.pad.get(&spec.name) {
+                Some(pad) => Some((pad.axis, fill(spec.element_type(), pad.value)?)),
+                None => None,
+            });
+        }
+        for name in config.pad.keys() {
+            if !graph.inputs().iter().any(|s| &s.name == name) {
+                return Err(format!("batching.pad: the model has no input {name:?}"));
+            }
+        }
+        for (name, slice) in &config.slice {
+            if !graph.outputs().iter().any(|s| &s.name == name) {
+                return Err(format!("batching.slice: the model has no output {name:?}"));
+            }
+            if !config.pad.contains_key(&slice.like) {
+                return Err(format!(
+                    "batching.slice: {name} follows {:?}, which is not padded",
+                    slice.like
+                ));
+            }
+        }
+        let (calls, receiver) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let max_queue = config.max_queue;
+        let batches = Arc::new(AtomicUsize::new(0));
+        let plan = Arc::new(Plan {
+            graph,
+            config,
+            pads,
+            workers,
+            batches: batches.clone(),
+        });
+        tokio::spawn(schedule(plan, receiver, queued.clone()));
+        Ok(Self {
+            calls,
+            queued,
+            max_queue,
+            batches,
+        })
+    }
+
+    /// Queues a call (inputs in model order, already checked) and waits for its outputs.
+    pub async fn compute(&self, tenant: Arc<str>, inputs: Vec<HostTensor>) -> Reply {
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(NnError::new(
+                ErrorCode::RuntimeError,
+                "the model is busy: its queue is full, retry shortly",
+            ));
+        }
+        let (reply, answer) = oneshot::channel();
+        let call = Call {
+            tenant,
+            inputs,
+            arrived: Instant::now(),
+            reply,
+        };
+        if self.calls.send(call).is_err() {
+            return Err(NnError::new(
+                ErrorCode::RuntimeError,
+                "the model's scheduler stopped",
+            ));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(NnError::new(
+                ErrorCode::RuntimeError,
+                "the batch was dropped",
+            ))
+        })
+    }
+
+    /// Calls waiting now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// Batches run so far.
+    pub fn batches(&self) -> usize {
+        self.batches.load(Ordering::SeqCst)
+    }
+}
+
+/// Calls per tenant, served round-robin.
+#[derive(Default)]
+struct Queues {
+    tenants: VecDeque<(Arc<str>, VecDeque<Call>)>,
+    rows: usize,
+}
+
+impl Queues {
+    fn push(&mut self, call: Call) {
+        self.rows += call.rows();
+        match self.tenants.iter_mut().find(|(t, _)| *t == call.tenant) {
+            Some((_, calls)) => calls.push_back(call),
+            None => self
+                .tenants
+                .push_back((call.tenant.clone(), VecDeque::from([call]))),
+        }
+    }
+
+    fn oldest(&self) -> Option<Instant> {
+        self.tenants
+            .iter()
+            .filter_map(|(_, calls)| calls.front())
+            .map(|c| c.arrived)
+            .min()
+    }
+
+    /// Up to `max_rows` rows of mutually compatible calls, one per tenant
+    /// per round; served tenants move to the back.
+    fn take(&mut self, plan: &Plan) -> Vec<Call> {
+        let mut batch: Vec<Call> = Vec::new();
+        let mut rows = 0;
+        loop {
+            let mut added = false;
+            for _ in 0..self.tenants.len() {
+                let Some((tenant, mut calls)) = self.tenants.pop_front() else {
+                    break;
+                };
+                // A call larger than max_batch still runs, alone.
+                let fits = calls.front().is_some_and(|call| {
+                    batch.is_empty()
+                        || (rows + call.rows() <= plan.config.max_batch
+                            && plan.compatible(&batch[0], call))
+                });
+                if fits {
+                    let call = calls.pop_front().expect("checked");
+                    rows += call.rows();
+                    batch.push(call);
+                    added = true;
+                }
+                if !calls.is_empty() {
+                    self.tenants.push_back((tenant, calls));
+                }
+            }
+            if !added || rows >= plan.config.max_batch {
+                break;
+            }
+        }
+        self.rows -= rows;
+        batch
+    }
+}
+
+impl Plan {
+    /// Same element types and dimensions, except axis 0 and padded axes.
+    fn compatible(&self, a: &Call, b: &Call) -> bool {
+        a.inputs
+            .iter()
+            .zip(&b.inputs)
+            .zip(&self.pads)
+            .all(|((x, y), pad)| {
+                x.ty == y.ty
+                    && x.dims.len() == y.dims.len()
+                    && x.dims
+                        .iter()
+                        .zip(&y.dims)
+                        .enumerate()
+                        .skip(1)
+                        .all(|(axis, (m, n))| {
+                            m == n || pad.as_ref().is_some_and(|(padded, _)| *padded == axis)
+                        })
+            })
+    }
+}
+
+async fn schedule(
+    plan: Arc<Plan>,
+    mut receiver: mpsc::UnboundedReceiver<Call>,
+    queued: Arc<AtomicUsize>,
+) {
+    let delay = Duration::from_millis(plan.config.max_queue_delay_ms);
+    let mut queues = Queues::default();
+    loop {
+        if queues.rows == 0 {
+            match receiver.recv().await {
+                Some(call) => queues.push(call),
+                None => return,
+            }
+        }
+        let deadline = queues.oldest().expect("a call waits") + delay;
+        while queues.rows < plan.config.max_batch {
+            tokio::select! {
+                call = receiver.recv() => match call {
+                    Some(call) => queues.push(call),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(deadline.into()) => break,
+            }
+        }
+        let Ok(permit) = plan.workers.clone().acquire_owned().await else {
+            return;
+        };
+        while let Ok(call) = receiver.try_recv() {
+            queues.push(call);
+        }
+        let batch = queues.take(&plan);
+        queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        plan.batches.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(run(plan.clone(), batch, permit));
+    }
+}
+
+/// Runs one batch on a worker and answers every caller.
+async fn run(plan: Arc<Plan>, batch: Vec<Call>, permit: OwnedSemaphorePermit) {
+    let (inputs, replies): (Vec<Vec<HostTensor>>, Vec<oneshot::Sender<Reply>>) = batch
+        .into_iter()
+        .map(|call| (call.inputs, call.reply))
+        .unzip();
+    let worker_plan = plan.clone();
+    let answers = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        worker_plan.execute(inputs)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(NnError::new(
+            ErrorCode::RuntimeError,
+            format!("inference worker failed: {e}"),
+        ))
+    });
+    match answers {
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+impl Plan {
+    /// Pads, stacks, runs and splits; blocking.
+    fn execute(&self, calls: Vec<Vec<HostTensor>>) -> Result<Vec<Answer>, NnError> {
+        let started = Instant::now();
+        let rows: Vec<usize> = calls
+            .iter()
+            .map(|inputs| inputs[0].dims[0] as usize)
+            .collect();
+        let total_rows: usize = rows.iter().sum();
+        let lengths: Vec<Vec<u32>> = calls
+            .iter()
+            .map(|inputs| {
+                inputs
+                    .iter()
+                    .zip(&self.pads)
+                    .map(|(tensor, pad)| pad.as_ref().map_or(0, |(axis, _)| tensor.dims[*axis]))
+                    .collect()
+            })
+            .collect();
+        let merged: Vec<HostTensor> = (0..self.pads.len())
+            .map(|input| {
+                let parts: Vec<&HostTensor> = calls.iter().map(|inputs| &inputs[input]).collect();
+                self.stack(input, &parts)
+            })
+            .collect();
+        let outputs = self
+            .graph
+            .run(self.graph.inputs_of(merged)?)
+            .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("{e:#}")))?;
+        let spent = started.elapsed();
+        let mut start = 0;
+        let mut answers = Vec::with_capacity(calls.len());
+        for (call, &count) in rows.iter().enumerate() {
+            let mine = outputs
+                .iter()
+                .map(|(name, tensor)| {
+                    let mut part = tensor.rows(start, count);
+                    if let Some(slice) = self.config.slice.get(name) {
+                        let like = self
+                            .graph
+                            .inputs()
+                            .iter()
+                            .position(|s| s.name == slice.like)
+                            .expect("checked at start");
+                        part = part.resized(slice.axis, lengths[call][like] as usize, &[]);
+                    }
+                    (name.clone(), part)
+                })
+                .collect();
+            let share = spent.mul_f64(count as f64 / total_rows as f64);
+            answers.push((mine, share));
+            start += count;
+        }
+        Ok(answers)
+    }
+
+    fn stack(&self, input: usize, parts: &[&HostTensor]) -> HostTensor {
+        let padded: Vec<HostTensor> = match &self.pads[input] {
+            Some((axis, fill)) => {
+                let len = parts.iter().map(|t| t.dims[*axis]).max().unwrap_or(0) as usize;
+                parts.iter().map(|t| t.resized(*axis, len, fill)).collect()
+            }
+            None => parts.iter().map(|t| (*t).clone()).collect(),
+        };
+        if padded.len() == 1 {
+            return padded.into_iter().next().expect("one part");
+        }
+        HostTensor::concat(&padded)
+    }
+}
+
+/// One element of `value` in the input's type, little-endian.
+fn fill(ty: Option<ElementType>, value: f64) -> Result<Vec<u8>, String> {
+    Ok(match ty {
+        Some(ElementType::Fp32) => (value as f32).to_le_bytes().to_vec(),
+        Some(ElementType::Fp64) => value.to_le_bytes().to_vec(),
+        Some(ElementType::I64) => (value as i64).to_le_bytes().to_vec(),
+        Some(ElementType::I32) => (value as i32).to_le_bytes().to_vec(),
+        Some(ElementType::U8) => vec![value as u8],
+        Some(ElementType::Fp16 | ElementType::Bf16) if value == 0.0 => vec![0, 0],
+        other => {
+            return Err(format!(
+                "batching.pad: cannot pad {other:?} inputs with {value}"
+            ));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn minilm() -> Option<(Arc<OnnxGraph>, BatchConfig)> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2");
+        if !dir.join("model.onnx").is_file() {
+            eprintln!(
+                "skipping: {} has no model.onnx (run ./dev models)",
+                dir.display()
+            );
+            return None;
+        }
+        let toml = std::fs::read_to_string(dir.join("model.toml")).unwrap();
+        let config: super::super::ModelConfig = toml::from_str(&toml).unwrap();
+        let graph = OnnxGraph::from_path(&dir.join("model.onnx")).unwrap();
+        Some((graph, config.batching.expect("model.toml has [batching]")))
+    }
+
+    fn ids(tokens: &[i64]) -> Vec<HostTensor> {
+        let tensor = |values: Vec<i64>| HostTensor {
+            dims: vec![1, values.len() as u32],
+            ty: ElementType::I64,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        vec![
+            tensor(tokens.to_vec()),
+            tensor(vec![1; tokens.len()]),
+            tensor(vec![0; tokens.len()]),
+        ]
+    }
+
+    fn floats(tensor: &HostTensor) -> Vec<f32> {
+        tensor
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+
+    fn alone(graph: &OnnxGraph, inputs: Vec<HostTensor>) -> HostTensor {
+        graph
+            .run(graph.inputs_of(inputs).unwrap())
+            .unwrap()
+            .remove(0)
+            .1
+    }
+
+    const SENTENCES: [&[i64]; 3] = [
+        &[101, 1996, 4248, 102],
+        &[
+            101, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1012, 102,
+        ],
+        &[101, 7592, 2088, 999, 102],
+    ];
+
+    async fn check_against_unbatched(graph: Arc<OnnxGraph>, config: BatchConfig) -> usize {
+        let batcher =
+            Arc::new(Batcher::start(graph.clone(), config, Arc::new(Semaphore::new(2))).unwrap());
+        let calls: Vec<_> = SENTENCES
+            .iter()
+            .zip(["a", "b", "a"])
+            .map(|(tokens, tenant)| {
+                let (batcher, inputs) = (batcher.clone(), ids(tokens));
+                tokio::spawn(async move { batcher.compute(Arc::from(tenant), inputs).await })
+            })
+            .collect();
+        for (tokens, call) in SENTENCES.iter().zip(calls) {
+            let (outputs, _) = call.await.unwrap().unwrap();
+            let batched = &outputs[0].1;
+            let expected = alone(&graph, ids(tokens));
+            assert_eq!(
+                batched.dims, expected.dims,
+                "cut back to the caller's length"
+            );
+            let worst = floats(batched)
+                .iter()
+                .zip(floats(&expected))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-4,
+                "{} tokens: batched differs by {worst}",
+                tokens.len()
+            );
+        }
+        batcher.batches()
+    }
+
+    #[tokio::test]
+    async fn padded_batches_equal_unbatched_results() {
+        let Some((graph, mut config)) = minilm() else {
+            return;
+        };
+        config.max_queue_delay_ms = 200;
+        assert_eq!(
+            check_against_unbatched(graph, config).await,
+            1,
+            "one batch for the three calls"
+        );
+    }
+
+    #[tokio::test]
+    async fn calls_that_cannot_merge_run_in_separate_batches() {
+        let Some((graph, mut config)) = minilm() else {
+            return;
+        };
+        config.max_queue_delay_ms = 200;
+        config.pad.clear();
+        config.slice.clear();
+        assert_eq!(
+            check_against_unbatched(graph, config).await,
+            3,
+            "three lengths, no padding: three batches"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once() {
+        let Some((graph, mut config)) = minilm() else {
+            return;
+        };
+        config.max_queue = 1;
+        config.max_queue_delay_ms = 500;
+        let batcher = Batcher::start(graph, config, Arc::new(Semaphore::new(1))).unwrap();
+        let (first, second) = tokio::join!(
+            batcher.compute(Arc::from("a"), ids(SENTENCES[0])),
+            batcher.compute(Arc::from("a"), ids(SENTENCES[1])),
+        );
+        let refused = [&first, &second].iter().filter(|r| r.is_err()).count();
+        assert_eq!(refused, 1);
+        let error = first.err().or(second.err()).unwrap();
+        assert!(error.message.contains("queue is full"), "{error}");
+    }
+}
