@@ -574,6 +574,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flooding_tenant_does_not_starve_another() {
+        let Some((graph, mut config)) = minilm() else {
+            return;
+        };
+        config.max_batch = 2;
+        config.max_queue_delay_ms = 200;
+        let batcher = Arc::new(Batcher::start(graph, config, Arc::new(Semaphore::new(1))).unwrap());
+        let finished = Arc::new(AtomicUsize::new(0));
+        let call = |tenant: &'static str| {
+            let (batcher, finished) = (batcher.clone(), finished.clone());
+            tokio::spawn(async move {
+                batcher
+                    .compute(Arc::from(tenant), ids(SENTENCES[0]))
+                    .await
+                    .unwrap();
+                finished.fetch_add(1, Ordering::SeqCst)
+            })
+        };
+        let flood: Vec<_> = (0..10).map(|_| call("flooder")).collect();
+        let single = call("quiet");
+        let rank = single.await.unwrap();
+        for call in flood {
+            call.await.unwrap();
+        }
+        assert!(
+            rank < 2,
+            "the quiet tenant finished {rank}th; it belongs in the first batch"
+        );
+    }
+
+    #[tokio::test]
     async fn a_full_queue_refuses_at_once() {
         let Some((graph, mut config)) = minilm() else {
             return;
