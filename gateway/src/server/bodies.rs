@@ -18,8 +18,27 @@ use super::BoxError;
 /// function sees an error and `exceeded` is set (the client gets 413).
 pub struct LimitedRequest {
     inner: Incoming,
-    remaining: u64,
+    budget: Budget,
     exceeded: Arc<AtomicBool>,
+}
+
+/// Bytes a body may still carry.
+struct Budget {
+    remaining: u64,
+}
+
+impl Budget {
+    /// Counts a frame's data; false once the body is over its limit.
+    fn spend(&mut self, frame: &Frame<Bytes>) -> bool {
+        let size = frame.data_ref().map_or(0, |data| data.len() as u64);
+        match self.remaining.checked_sub(size) {
+            Some(left) => {
+                self.remaining = left;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl LimitedRequest {
@@ -27,7 +46,7 @@ impl LimitedRequest {
     pub fn new(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
         Self {
             inner,
-            remaining: limit,
+            budget: Budget { remaining: limit },
             exceeded,
         }
     }
@@ -46,13 +65,9 @@ impl Body for LimitedRequest {
             Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
             None => return Poll::Ready(None),
         };
-        if let Some(data) = frame.data_ref() {
-            let size = data.len() as u64;
-            if size > self.remaining {
-                self.exceeded.store(true, Ordering::Relaxed);
-                return Poll::Ready(Some(Err(HttpError::HttpRequestBodySize(None))));
-            }
-            self.remaining -= size;
+        if !self.budget.spend(&frame) {
+            self.exceeded.store(true, Ordering::Relaxed);
+            return Poll::Ready(Some(Err(HttpError::HttpRequestBodySize(None))));
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -70,7 +85,7 @@ impl Body for LimitedRequest {
 /// is cut) past `limit` bytes; holds concurrency permits until it is done.
 pub struct LimitedResponse {
     inner: HyperOutgoingBody,
-    remaining: u64,
+    budget: Budget,
     limit: u64,
     _permits: Vec<OwnedSemaphorePermit>,
 }
@@ -80,7 +95,7 @@ impl LimitedResponse {
     pub fn new(inner: HyperOutgoingBody, limit: u64, permits: Vec<OwnedSemaphorePermit>) -> Self {
         Self {
             inner,
-            remaining: limit,
+            budget: Budget { remaining: limit },
             limit,
             _permits: permits,
         }
@@ -100,16 +115,10 @@ impl Body for LimitedResponse {
             Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
             None => return Poll::Ready(None),
         };
-        if let Some(data) = frame.data_ref() {
-            let size = data.len() as u64;
-            if size > self.remaining {
-                let limit = self.limit;
-                return Poll::Ready(Some(Err(format!(
-                    "the function's response is over its {limit}-byte limit"
-                )
-                .into())));
-            }
-            self.remaining -= size;
+        if !self.budget.spend(&frame) {
+            let limit = self.limit;
+            let error = format!("the function's response is over its {limit}-byte limit");
+            return Poll::Ready(Some(Err(error.into())));
         }
         Poll::Ready(Some(Ok(frame)))
     }
