@@ -72,7 +72,9 @@ fn a_tour_of_the_cli() {
     );
     let models = success(gigafactory(&server, key, &["models", "list"]));
     assert!(
-        models.contains("all-minilm-l6-v2") && models.contains("ready"),
+        models.contains("all-minilm-l6-v2")
+            && models.contains("ready")
+            && models.contains("0 calls, 0 batches"),
         "{models}"
     );
     let quota = success(gigafactory(

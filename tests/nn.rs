@@ -74,6 +74,15 @@ async fn models_are_listed_with_their_signature() {
     assert_eq!(minilm["outputs"][0]["name"], "last_hidden_state");
     assert_eq!(minilm["outputs"][0]["type"], "FP32");
     assert_eq!(minilm["outputs"][0]["shape"][2], 384);
+    // Weights are held as f32 once folded: about 4x the int8 file.
+    let (memory, file) = (
+        minilm["memory_bytes"].as_u64().unwrap(),
+        minilm["size_bytes"].as_u64().unwrap(),
+    );
+    assert!(memory > 2 * file, "memory {memory} for a file of {file}");
+    assert_eq!(minilm["batching"]["max_batch"], 16, "{minilm}");
+    assert_eq!(minilm["stats"]["calls"], 0, "{minilm}");
+    assert_eq!(minilm["stats"]["queued"], 0, "{minilm}");
 }
 
 #[tokio::test]

@@ -41,6 +41,10 @@ pub struct Quota {
     /// Seconds of model compute per minute, over all its functions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compute_seconds_per_minute: Option<f64>,
+    /// Memory for the graphs its functions `load` from their own ONNX bytes,
+    /// cached per content hash (default 256 MiB; least recently used evicted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_model_memory_mib: Option<u64>,
     /// Repository models it may use (default: those marked `public`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
@@ -62,6 +66,10 @@ impl Quota {
             ("max_functions", self.max_functions.map(f64::from)),
             ("max_stored_bytes", self.max_stored_bytes.map(|v| v as f64)),
             ("max_memory_mib", self.max_memory_mib.map(|v| v as f64)),
+            (
+                "max_model_memory_mib",
+                self.max_model_memory_mib.map(|v| v as f64),
+            ),
             ("max_concurrency", self.max_concurrency.map(f64::from)),
             ("requests_per_second", self.requests_per_second),
             ("burst", self.burst.map(f64::from)),

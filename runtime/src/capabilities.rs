@@ -21,6 +21,8 @@ pub struct Capabilities {
     pub outbound: OutboundAccess,
     /// Who pays for model compute, and whether there is budget left.
     pub compute: Option<Arc<dyn ComputeBudget>>,
+    /// Bytes the tenant's own `load`ed graphs may keep cached (0: none may load).
+    pub graph_memory: u64,
 }
 
 /// A budget of model compute time (the tenant's, usually).

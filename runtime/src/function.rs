@@ -66,6 +66,12 @@ pub enum InvokeError {
     /// The function answered with a wasi:http error code.
     #[error("the function failed with {0}")]
     Guest(String),
+    /// The function failed after a model refused its `compute` because the
+    /// model's queue was full; try again shortly.
+    #[error(
+        "a model the function uses is busy (its queue is full); retry shortly (the function then failed: {0})"
+    )]
+    ModelBusy(Box<InvokeError>),
     /// Every instance slot is busy; try again shortly.
     #[error("the platform is at its limit of concurrent instances; retry shortly")]
     Overloaded,
@@ -206,21 +212,24 @@ impl Function {
             };
             let outcome = tokio::time::timeout_at(deadline.into(), run).await;
             let memory_refused = store.data().memory.refused;
+            let model_busy = store.data().model_busy();
             drop(store);
             drop(log);
             Ending {
                 outcome,
                 memory_refused,
+                model_busy,
             }
         });
-        match receiver.await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(code)) => Err(InvokeError::Guest(format!("{code:?}"))),
-            Err(_) => Err(match task.await {
+        let error = match receiver.await {
+            Ok(Ok(response)) => return Ok(response),
+            Ok(Err(code)) => InvokeError::Guest(format!("{code:?}")),
+            Err(_) => match task.await {
                 Ok(ending) => ending.classify(invocation.timeout, memory_bytes),
                 Err(join) => InvokeError::Host(format!("the request task failed: {join}")),
-            }),
-        }
+            },
+        };
+        Err(error)
     }
 }
 
@@ -228,11 +237,24 @@ impl Function {
 struct Ending {
     outcome: Result<wasmtime::Result<()>, tokio::time::error::Elapsed>,
     memory_refused: bool,
+    model_busy: bool,
 }
 
 impl Ending {
-    /// Why the guest ended without sending a response.
+    /// Why the guest ended without sending a response: a trap or a missing
+    /// response after a model refused it as busy is that model's doing.
     fn classify(self, timeout: Duration, memory_bytes: usize) -> InvokeError {
+        let model_busy = self.model_busy;
+        let error = self.cause(timeout, memory_bytes);
+        match error {
+            InvokeError::Trap(_) | InvokeError::NoResponse if model_busy => {
+                InvokeError::ModelBusy(Box::new(error))
+            }
+            error => error,
+        }
+    }
+
+    fn cause(self, timeout: Duration, memory_bytes: usize) -> InvokeError {
         let error = match self.outcome {
             Ok(Ok(())) => return InvokeError::NoResponse,
             Err(_elapsed) => return InvokeError::Deadline(timeout),

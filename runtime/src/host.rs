@@ -57,6 +57,11 @@ impl HostState {
         })
     }
 
+    /// Whether a model refused this instance's `compute` as busy.
+    pub(crate) fn model_busy(&self) -> bool {
+        self.nn.was_refused_busy()
+    }
+
     pub(crate) fn nn(&mut self) -> NnView<'_> {
         NnView::new(&self.nn, &mut self.table)
     }

@@ -13,6 +13,7 @@ mod host;
 pub mod logs;
 pub mod models;
 pub mod nn;
+pub mod stats;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

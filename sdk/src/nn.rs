@@ -41,7 +41,16 @@ impl Error {
             message: message.into(),
         }
     }
+
+    /// Whether the host refused the call because the model is busy (its
+    /// queue is full): retrying shortly may succeed, so answer 503.
+    pub fn is_busy(&self) -> bool {
+        matches!(self.code, ErrorCode::RuntimeError) && self.message.starts_with(BUSY_PREFIX)
+    }
 }
+
+/// How Gigafactory's `runtime-error` message starts when a model is busy.
+pub const BUSY_PREFIX: &str = "model busy: ";
 
 impl From<errors::Error> for Error {
     fn from(error: errors::Error) -> Self {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gigafactory_gateway::cli::Client;
-use gigafactory_gateway::cli::client::Reply;
+pub use gigafactory_gateway::cli::client::Reply;
 use hyper::Method;
 
 pub const ADMIN_TOKEN: &str = "gfadmin_test-admin-token";
@@ -79,6 +79,11 @@ impl Server {
 
     /// Starts a server with extra `serve` flags.
     pub fn start_with(data: &Path, extra: &[&str]) -> Self {
+        Self::start_with_models(data, &root().join("models"), extra)
+    }
+
+    /// Starts a server on the model repository `models`, with extra `serve` flags.
+    pub fn start_with_models(data: &Path, models: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(binary())
             .args([
                 "serve",
@@ -90,7 +95,7 @@ impl Server {
             .arg("--data")
             .arg(data)
             .arg("--models")
-            .arg(root().join("models"))
+            .arg(models)
             .args(extra)
             .env("GIGAFACTORY_LOG", "info")
             .stdout(Stdio::null())

@@ -99,8 +99,13 @@ fn embed(texts: &[String]) -> Result<Vec<Vec<f32>>, Response> {
         mask[row * seq..row * seq + encoding.len()].fill(1);
     }
     let dims = [batch as u32, seq as u32];
-    let model_error =
-        |e: gigafactory_sdk::nn::Error| Response::error(502, "model_error", &e.to_string());
+    let model_error = |e: gigafactory_sdk::nn::Error| {
+        if e.is_busy() {
+            Response::error(503, "model_busy", &e.to_string()).with_header("retry-after", "1")
+        } else {
+            Response::error(502, "model_error", &e.to_string())
+        }
+    };
     let graph = Graph::by_name(MODEL).map_err(model_error)?;
     let outputs = graph
         .context()

@@ -313,13 +313,20 @@ async fn models(client: &Client, as_json: bool) -> Result<()> {
     let reply = client.api(Method::GET, "/v1/models", None).await?;
     print_or(as_json, &reply, || {
         list(&reply["models"], |m| {
+            let stats = &m["stats"];
             let mut line = format!(
-                "{:<24} {:<7} {:<4} {:>6} MiB  {}",
+                "{:<24} {:<7} {:<4} {:>5} MiB  {}\n    {} calls, {} batches ({:.1} rows each), {} rejected, {} queued, {:.1} s compute",
                 m["name"].as_str().unwrap_or("?"),
                 m["state"].as_str().unwrap_or("?"),
                 m["device"].as_str().unwrap_or("?"),
-                m["size_bytes"].as_u64().unwrap_or(0) >> 20,
-                m["description"].as_str().unwrap_or("")
+                m["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+                m["description"].as_str().unwrap_or(""),
+                stats["calls"].as_u64().unwrap_or(0),
+                stats["batches"].as_u64().unwrap_or(0),
+                stats["mean_batch_rows"].as_f64().unwrap_or(0.0),
+                stats["rejected"].as_u64().unwrap_or(0),
+                stats["queued"].as_u64().unwrap_or(0),
+                stats["compute_seconds"].as_f64().unwrap_or(0.0),
             );
             if let Some(error) = m["error"].as_str() {
                 line.push_str(&format!("\n    error: {error}"));

@@ -167,6 +167,8 @@ impl Gateway {
             self.forget_function(&function.tenant, &function.name, &function.versions)?;
         }
         self.admission.forget(tenant);
+        self.metrics.forget(tenant, None);
+        self.runtime.models().forget_tenant(tenant);
         tracing::info!(%tenant, "tenant deleted");
         Ok(no_content())
     }

@@ -31,6 +31,12 @@ impl ApiError {
         error
     }
 
+    /// Asks the client to retry after `seconds` (429s and 503s).
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
     /// 400.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)

@@ -23,6 +23,9 @@ use crate::store::Version;
 /// Response header naming the version that answered.
 pub const VERSION_HEADER: &str = "gigafactory-function-version";
 
+/// Memory a tenant's own `load`ed graphs may keep cached, without a quota.
+const DEFAULT_MODEL_MEMORY: u64 = 256 << 20;
+
 impl Gateway {
     pub(super) async fn invoke(
         &self,
@@ -43,11 +46,12 @@ impl Gateway {
             .store
             .function(tenant, name)?
             .ok_or_else(|| ApiError::not_found(format!("no function {name:?}")))?;
+        let started = std::time::Instant::now();
         let outcome = self
             .run(request, tenant, name, record.active_version(), &rest)
             .await;
         let code = outcome.as_ref().map_or_else(ApiError::code, |_| "ok");
-        self.metrics.invoked(tenant, name, code);
+        self.metrics.invoked(tenant, name, code, started.elapsed());
         outcome
     }
 
@@ -162,6 +166,9 @@ impl Gateway {
             },
             outbound: OutboundAccess::hosts(&manifest.allowed_hosts),
             compute: None,
+            graph_memory: quota
+                .max_model_memory_mib
+                .map_or(DEFAULT_MODEL_MEMORY, |mib| mib << 20),
         })
     }
 
@@ -249,7 +256,10 @@ fn invoke_error(error: InvokeError) -> ApiError {
         InvokeError::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
         InvokeError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_error"),
         InvokeError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+        InvokeError::ModelBusy(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_busy"),
         InvokeError::Host(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     };
-    ApiError::new(status, code, error.to_string())
+    let retry = matches!(error, InvokeError::Overloaded | InvokeError::ModelBusy(_));
+    let error = ApiError::new(status, code, error.to_string());
+    if retry { error.retry_after(1) } else { error }
 }

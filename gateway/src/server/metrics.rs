@@ -1,18 +1,24 @@
-//! Counters for `/metrics` (Prometheus text format, admin only): deploys,
-//! compilations, and every invocation's outcome per tenant and function.
+//! `/metrics` (Prometheus text format, admin only): deploys, compilations,
+//! every invocation's outcome and latency per tenant and function, and the
+//! model pool's series (batches, queue wait, compute, rejections, tenants'
+//! compute seconds).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use gigafactory_runtime::Counters;
+use gigafactory_runtime::models::ModelPool;
+use gigafactory_runtime::stats::{Histogram, LATENCY_BUCKETS, header};
 
 /// The gateway's counters.
 #[derive(Default)]
 pub struct Metrics {
     deploys: AtomicU64,
     outcomes: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+    latency: Mutex<BTreeMap<(String, String), Arc<Histogram>>>,
 }
 
 impl Metrics {
@@ -21,29 +27,40 @@ impl Metrics {
         self.deploys.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts an invocation of an existing function by its owner:
-    /// `ok` or the error code it ended with.
-    pub fn invoked(&self, tenant: &str, function: &str, outcome: &'static str) {
+    /// Counts an invocation of an existing function by its owner: `ok` or
+    /// the error code it ended with, and the time to its response head.
+    pub fn invoked(&self, tenant: &str, function: &str, outcome: &'static str, took: Duration) {
         let mut outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
         *outcomes
             .entry((tenant.to_string(), function.to_string(), outcome))
             .or_default() += 1;
+        drop(outcomes);
+        let histogram = self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((tenant.to_string(), function.to_string()))
+            .or_insert_with(|| Arc::new(Histogram::new(LATENCY_BUCKETS)))
+            .clone();
+        histogram.observe_duration(took);
     }
 
-    /// Forgets a deleted function's counters.
+    /// Forgets a deleted function's counters (all of a tenant's with `None`).
     pub fn forget(&self, tenant: &str, function: Option<&str>) {
+        let keep = |t: &str, f: &str| t != tenant || function.is_some_and(|name| name != f);
         let mut outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
-        outcomes.retain(|(t, f, _), _| t != tenant || function.is_some_and(|name| name != f));
+        outcomes.retain(|(t, f, _), _| keep(t, f));
+        drop(outcomes);
+        let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        latency.retain(|(t, f), _| keep(t, f));
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self, runtime: &Counters) -> String {
+    pub fn render(&self, runtime: &Counters, models: &ModelPool) -> String {
         let mut text = String::new();
         let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = write!(
-                text,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
-            );
+            header(&mut text, name, "counter", help);
+            let _ = writeln!(text, "{name} {value}");
         };
         counter(
             "gigafactory_compilations_total",
@@ -60,9 +77,11 @@ impl Metrics {
             "Successful deploys.",
             self.deploys.load(Ordering::Relaxed),
         );
-        text.push_str(
-            "# HELP gigafactory_function_requests_total Invocations by tenant, function and outcome (ok or the error code).\n\
-             # TYPE gigafactory_function_requests_total counter\n",
+        header(
+            &mut text,
+            "gigafactory_function_requests_total",
+            "counter",
+            "Invocations by tenant, function and outcome (ok or the error code).",
         );
         let outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
         for ((tenant, function, outcome), count) in outcomes.iter() {
@@ -72,6 +91,23 @@ impl Metrics {
                 "gigafactory_function_requests_total{{tenant=\"{tenant}\",function=\"{function}\",outcome=\"{outcome}\"}} {count}"
             );
         }
+        drop(outcomes);
+        header(
+            &mut text,
+            "gigafactory_function_duration_seconds",
+            "histogram",
+            "Time from a request's arrival to its response head, by tenant and function.",
+        );
+        let latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        for ((tenant, function), histogram) in latency.iter() {
+            histogram.render(
+                &mut text,
+                "gigafactory_function_duration_seconds",
+                &format!("tenant=\"{tenant}\",function=\"{function}\""),
+            );
+        }
+        drop(latency);
+        models.render_metrics(&mut text);
         text
     }
 }
@@ -81,17 +117,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_outcomes_per_function() {
+    fn renders_outcomes_and_latency_per_function() {
         let metrics = Metrics::default();
-        metrics.invoked("a", "f", "ok");
-        metrics.invoked("a", "f", "ok");
-        metrics.invoked("a", "f", "deadline_exceeded");
-        metrics.invoked("b", "g", "ok");
+        let ms = Duration::from_millis;
+        metrics.invoked("a", "f", "ok", ms(3));
+        metrics.invoked("a", "f", "ok", ms(3));
+        metrics.invoked("a", "f", "deadline_exceeded", ms(2000));
+        metrics.invoked("b", "g", "ok", ms(1));
         metrics.forget("b", None);
-        let text = metrics.render(&Counters::default());
+        let text = metrics.render(&Counters::default(), &ModelPool::empty(1));
         assert!(text.contains("gigafactory_function_requests_total{tenant=\"a\",function=\"f\",outcome=\"ok\"} 2\n"), "{text}");
         assert!(
             text.contains("outcome=\"deadline_exceeded\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gigafactory_function_duration_seconds_bucket{tenant=\"a\",function=\"f\",le=\"0.005\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "gigafactory_function_duration_seconds_count{tenant=\"a\",function=\"f\"} 3\n"
+            ),
             "{text}"
         );
         assert!(!text.contains("tenant=\"b\""), "{text}");

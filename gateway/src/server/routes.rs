@@ -79,7 +79,9 @@ impl Gateway {
 
     fn metrics_text(&self, request: &Request) -> Result<Response, ApiError> {
         self.require_admin(request)?;
-        let text = self.metrics.render(self.runtime.counters());
+        let text = self
+            .metrics
+            .render(self.runtime.counters(), self.runtime.models());
         Ok(hyper::Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
             .body(full(text))

@@ -7,9 +7,8 @@
 //! not match otherwise wait for a batch of their own. Batches are filled
 //! round-robin across tenants, and the queue is bounded.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::error::{ErrorCode, NnError};
 use super::onnx::OnnxGraph;
+use super::stats::ModelStats;
 use super::tensor::{ElementType, HostTensor};
 
 /// `[batching]` in `model.toml`. The batch axis is axis 0 of every input and output.
@@ -42,6 +42,10 @@ pub struct BatchConfig {
     /// Most calls waiting; past it `compute` fails at once.
     #[serde(default = "default_queue")]
     pub max_queue: usize,
+    /// Most calls one tenant may have waiting (default: half of
+    /// `max_queue`), so a tenant flooding the model leaves room for others.
+    #[serde(default)]
+    pub max_queue_per_tenant: Option<usize>,
     /// Inputs that may be padded: input name → axis and fill value.
     #[serde(default)]
     pub pad: BTreeMap<String, Pad>,
@@ -104,9 +108,54 @@ impl Call {
 /// One model's batching queue.
 pub struct Batcher {
     calls: mpsc::UnboundedSender<Call>,
-    queued: Arc<AtomicUsize>,
-    max_queue: usize,
-    batches: Arc<AtomicUsize>,
+    waiting: Arc<Waiting>,
+    stats: Arc<ModelStats>,
+}
+
+/// Calls queued and not yet taken into a batch, in all and per tenant.
+struct Waiting {
+    max: usize,
+    max_per_tenant: usize,
+    counts: Mutex<(usize, HashMap<Arc<str>, usize>)>,
+}
+
+impl Waiting {
+    /// Counts a call in, or says why the queue cannot take it.
+    fn enter(&self, tenant: &Arc<str>) -> Result<(), String> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, tenants) = &mut *counts;
+        let mine = tenants.get(tenant).copied().unwrap_or(0);
+        if *total >= self.max {
+            return Err(format!("its queue is full ({} calls waiting)", self.max));
+        }
+        if mine >= self.max_per_tenant {
+            return Err(format!(
+                "this tenant already has {mine} calls waiting, its share of the queue"
+            ));
+        }
+        *total += 1;
+        tenants.insert(tenant.clone(), mine + 1);
+        Ok(())
+    }
+
+    /// Counts calls out (taken into a batch, or never queued).
+    fn leave<'a>(&self, tenants: impl IntoIterator<Item = &'a Arc<str>>) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, waiting) = &mut *counts;
+        for tenant in tenants {
+            *total -= 1;
+            if let Some(count) = waiting.get_mut(tenant) {
+                *count -= 1;
+                if *count == 0 {
+                    waiting.remove(tenant);
+                }
+            }
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
 }
 
 /// Everything a batch run needs, shared by the scheduler and its runs.
@@ -116,15 +165,17 @@ struct Plan {
     /// Per input (model order): the padded axis and its fill bytes.
     pads: Vec<Option<(usize, Vec<u8>)>>,
     workers: Arc<Semaphore>,
-    batches: Arc<AtomicUsize>,
+    stats: Arc<ModelStats>,
 }
 
 impl Batcher {
-    /// Checks `config` against the graph and starts the model's scheduler.
+    /// Checks `config` against the graph and starts the model's scheduler,
+    /// which records what it does in `stats`.
     pub fn start(
         graph: Arc<OnnxGraph>,
         config: BatchConfig,
         workers: Arc<Semaphore>,
+        stats: Arc<ModelStats>,
     ) -> Result<Self, String> {
         if config.max_batch == 0 || config.max_queue == 0 {
             return Err("batching: max_batch and max_queue must be at least 1".into());
@@ -153,33 +204,34 @@ impl Batcher {
             }
         }
         let (calls, receiver) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let max_queue = config.max_queue;
-        let batches = Arc::new(AtomicUsize::new(0));
+        let waiting = Arc::new(Waiting {
+            max: config.max_queue,
+            max_per_tenant: config
+                .max_queue_per_tenant
+                .unwrap_or(config.max_queue / 2)
+                .clamp(1, config.max_queue),
+            counts: Mutex::default(),
+        });
         let plan = Arc::new(Plan {
             graph,
             config,
             pads,
             workers,
-            batches: batches.clone(),
+            stats: stats.clone(),
         });
-        tokio::spawn(schedule(plan, receiver, queued.clone()));
+        tokio::spawn(schedule(plan, receiver, waiting.clone()));
         Ok(Self {
             calls,
-            queued,
-            max_queue,
-            batches,
+            waiting,
+            stats,
         })
     }
 
     /// Queues a call (inputs in model order, already checked) and waits for its outputs.
     pub async fn compute(&self, tenant: Arc<str>, inputs: Vec<HostTensor>) -> Reply {
-        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            return Err(NnError::new(
-                ErrorCode::RuntimeError,
-                "the model is busy: its queue is full, retry shortly",
-            ));
+        if let Err(why) = self.waiting.enter(&tenant) {
+            self.stats.rejected();
+            return Err(NnError::busy(why));
         }
         let (reply, answer) = oneshot::channel();
         let call = Call {
@@ -188,7 +240,8 @@ impl Batcher {
             arrived: Instant::now(),
             reply,
         };
-        if self.calls.send(call).is_err() {
+        if let Err(refused) = self.calls.send(call) {
+            self.waiting.leave([&refused.0.tenant]);
             return Err(NnError::new(
                 ErrorCode::RuntimeError,
                 "the model's scheduler stopped",
@@ -204,12 +257,12 @@ impl Batcher {
 
     /// Calls waiting now.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::SeqCst)
+        self.waiting.total()
     }
 
     /// Batches run so far.
-    pub fn batches(&self) -> usize {
-        self.batches.load(Ordering::SeqCst)
+    pub fn batches(&self) -> u64 {
+        self.stats.snapshot(0).batches
     }
 }
 
@@ -300,7 +353,7 @@ impl Plan {
 async fn schedule(
     plan: Arc<Plan>,
     mut receiver: mpsc::UnboundedReceiver<Call>,
-    queued: Arc<AtomicUsize>,
+    waiting: Arc<Waiting>,
 ) {
     let delay = Duration::from_millis(plan.config.max_queue_delay_ms);
     let mut queues = Queues::default();
@@ -328,19 +381,28 @@ async fn schedule(
             queues.push(call);
         }
         let batch = queues.take(&plan);
-        queued.fetch_sub(batch.len(), Ordering::SeqCst);
-        plan.batches.fetch_add(1, Ordering::SeqCst);
+        waiting.leave(batch.iter().map(|call| &call.tenant));
+        let now = Instant::now();
+        for call in &batch {
+            plan.stats.waited(now - call.arrived);
+        }
         tokio::spawn(run(plan.clone(), batch, permit));
     }
 }
 
 /// Runs one batch on a worker and answers every caller.
 async fn run(plan: Arc<Plan>, batch: Vec<Call>, permit: OwnedSemaphorePermit) {
-    let (inputs, replies): (Vec<Vec<HostTensor>>, Vec<oneshot::Sender<Reply>>) = batch
-        .into_iter()
-        .map(|call| (call.inputs, call.reply))
-        .unzip();
+    let rows: usize = batch.iter().map(Call::rows).sum();
+    let mut tenants = Vec::with_capacity(batch.len());
+    let mut inputs = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    for call in batch {
+        tenants.push(call.tenant);
+        inputs.push(call.inputs);
+        replies.push(call.reply);
+    }
     let worker_plan = plan.clone();
+    let started = Instant::now();
     let answers = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         worker_plan.execute(inputs)
@@ -354,11 +416,14 @@ async fn run(plan: Arc<Plan>, batch: Vec<Call>, permit: OwnedSemaphorePermit) {
     });
     match answers {
         Ok(answers) => {
-            for (reply, answer) in replies.into_iter().zip(answers) {
+            plan.stats.ran(rows, started.elapsed(), 0);
+            for ((reply, answer), tenant) in replies.into_iter().zip(answers).zip(&tenants) {
+                plan.stats.charge(tenant, answer.1);
                 let _ = reply.send(Ok(answer));
             }
         }
         Err(error) => {
+            plan.stats.ran(rows, started.elapsed(), replies.len());
             for reply in replies {
                 let _ = reply.send(Err(error.clone()));
             }
@@ -457,8 +522,14 @@ fn fill(ty: Option<ElementType>, value: f64) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    fn start(graph: Arc<OnnxGraph>, config: BatchConfig, workers: usize) -> Arc<Batcher> {
+        let stats = Arc::new(ModelStats::default());
+        Arc::new(Batcher::start(graph, config, Arc::new(Semaphore::new(workers)), stats).unwrap())
+    }
 
     fn minilm() -> Option<(Arc<OnnxGraph>, BatchConfig)> {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2");
@@ -512,9 +583,8 @@ mod tests {
         &[101, 7592, 2088, 999, 102],
     ];
 
-    async fn check_against_unbatched(graph: Arc<OnnxGraph>, config: BatchConfig) -> usize {
-        let batcher =
-            Arc::new(Batcher::start(graph.clone(), config, Arc::new(Semaphore::new(2))).unwrap());
+    async fn check_against_unbatched(graph: Arc<OnnxGraph>, config: BatchConfig) -> u64 {
+        let batcher = start(graph.clone(), config, 2);
         let calls: Vec<_> = SENTENCES
             .iter()
             .zip(["a", "b", "a"])
@@ -580,7 +650,7 @@ mod tests {
         };
         config.max_batch = 2;
         config.max_queue_delay_ms = 200;
-        let batcher = Arc::new(Batcher::start(graph, config, Arc::new(Semaphore::new(1))).unwrap());
+        let batcher = start(graph, config, 1);
         let finished = Arc::new(AtomicUsize::new(0));
         let call = |tenant: &'static str| {
             let (batcher, finished) = (batcher.clone(), finished.clone());
@@ -611,7 +681,7 @@ mod tests {
         };
         config.max_queue = 1;
         config.max_queue_delay_ms = 500;
-        let batcher = Batcher::start(graph, config, Arc::new(Semaphore::new(1))).unwrap();
+        let batcher = start(graph, config, 1);
         let (first, second) = tokio::join!(
             batcher.compute(Arc::from("a"), ids(SENTENCES[0])),
             batcher.compute(Arc::from("a"), ids(SENTENCES[1])),
@@ -619,6 +689,39 @@ mod tests {
         let refused = [&first, &second].iter().filter(|r| r.is_err()).count();
         assert_eq!(refused, 1);
         let error = first.err().or(second.err()).unwrap();
+        assert!(error.is_busy(), "{error}");
         assert!(error.message.contains("queue is full"), "{error}");
+        let stats = batcher.stats.snapshot(batcher.queued());
+        assert_eq!((stats.calls, stats.rejected, stats.batches), (1, 1, 1));
+        assert_eq!(stats.queued, 0);
+    }
+
+    #[tokio::test]
+    async fn one_tenant_cannot_take_the_whole_queue() {
+        let Some((graph, mut config)) = minilm() else {
+            return;
+        };
+        config.max_batch = 1;
+        config.max_queue = 4;
+        config.max_queue_delay_ms = 300;
+        let batcher = start(graph, config, 1);
+        let call = |tenant: &'static str| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.compute(Arc::from(tenant), ids(SENTENCES[0])).await })
+        };
+        let flood: Vec<_> = (0..8).map(|_| call("flooder")).collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let quiet = call("quiet").await.unwrap();
+        assert!(quiet.is_ok(), "the quiet tenant was refused: {quiet:?}");
+        let mut refused = 0;
+        for call in flood {
+            if let Err(error) = call.await.unwrap() {
+                assert!(error.is_busy(), "{error}");
+                assert!(error.message.contains("its share"), "{error}");
+                refused += 1;
+            }
+        }
+        // Half of the queue (2) may wait, one more may be running: at least 5 of 8 refused.
+        assert!(refused >= 5, "only {refused} of the flood refused");
     }
 }

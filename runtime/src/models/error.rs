@@ -26,6 +26,9 @@ pub enum ErrorCode {
     Unknown,
 }
 
+/// How a busy model's `runtime-error` message starts.
+pub const BUSY_PREFIX: &str = "model busy: ";
+
 /// A wasi-nn error: a code and a message for the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NnError {
@@ -47,6 +50,21 @@ impl NnError {
     /// An `invalid-argument` error.
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidArgument, message)
+    }
+
+    /// A `runtime-error` saying the model is too busy to take the call now.
+    /// The message starts with [`BUSY_PREFIX`], which is how guests (the
+    /// SDK's `Error::is_busy`) and the gateway tell it from a failure.
+    pub fn busy(why: impl fmt::Display) -> Self {
+        Self::new(
+            ErrorCode::RuntimeError,
+            format!("{BUSY_PREFIX}{why}; retry shortly"),
+        )
+    }
+
+    /// Whether this is a [`Self::busy`] refusal.
+    pub fn is_busy(&self) -> bool {
+        self.code == ErrorCode::RuntimeError && self.message.starts_with(BUSY_PREFIX)
     }
 
     /// An `unsupported-operation` error.

@@ -6,11 +6,13 @@ mod batcher;
 mod config;
 mod error;
 mod onnx;
+mod stats;
+mod tenant;
 mod tensor;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -19,8 +21,10 @@ use tokio::sync::Semaphore;
 
 pub use batcher::{BatchConfig, Batcher, Pad, SliceBack};
 pub use config::{DevicePreference, ModelConfig, ModelFormat};
-pub use error::{ErrorCode, NnError};
+pub use error::{BUSY_PREFIX, ErrorCode, NnError};
 pub use onnx::{OnnxGraph, TensorSpec};
+pub use stats::{ModelStats, StatsSnapshot};
+pub use tenant::TenantGraphStats;
 pub use tensor::{ElementType, HostTensor};
 
 /// The largest ONNX graph a function may pass to `load`.
@@ -30,18 +34,22 @@ pub const MAX_GUEST_GRAPH_BYTES: usize = 256 * 1024 * 1024;
 pub struct ModelPool {
     models: BTreeMap<String, RepositoryModel>,
     workers: Arc<Semaphore>,
+    tenant_graphs: Mutex<tenant::TenantGraphs>,
 }
 
-/// A graph as callers hold it: the plan, and the model's batching queue if it has one.
+/// A graph as callers hold it: the plan, the model's batching queue if it
+/// has one, and its counters if it is a repository model.
 #[derive(Clone)]
 pub struct PoolGraph {
     graph: Arc<OnnxGraph>,
     batcher: Option<Arc<Batcher>>,
+    stats: Option<Arc<ModelStats>>,
 }
 
 struct RepositoryModel {
     config: ModelConfig,
     loaded: Result<PoolGraph, String>,
+    stats: Arc<ModelStats>,
     size_bytes: u64,
     load_ms: u64,
 }
@@ -66,6 +74,13 @@ pub struct ModelInfo {
     /// Why it failed, when it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Memory its weights take where it runs (0 when it failed).
+    pub memory_bytes: u64,
+    /// Its dynamic batching settings, when it batches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batching: Option<BatchConfig>,
+    /// What it has done since start.
+    pub stats: StatsSnapshot,
     /// The graph's inputs.
     pub inputs: Vec<TensorSpec>,
     /// The graph's outputs.
@@ -82,6 +97,7 @@ impl ModelPool {
         Self {
             models: BTreeMap::new(),
             workers: Arc::new(Semaphore::new(workers.max(1))),
+            tenant_graphs: Mutex::default(),
         }
     }
 
@@ -127,8 +143,15 @@ impl ModelPool {
         })
     }
 
-    /// Compiles a function's own ONNX graph on a worker.
-    pub async fn load_bytes(&self, bytes: Vec<u8>) -> Result<PoolGraph, NnError> {
+    /// A function's own ONNX graph, compiled on a worker once per content
+    /// hash and cached for its `tenant`, whose cached graphs may hold at most
+    /// `budget` bytes of weights (least recently used ones are evicted).
+    pub async fn load_bytes(
+        &self,
+        bytes: Vec<u8>,
+        tenant: &Arc<str>,
+        budget: u64,
+    ) -> Result<PoolGraph, NnError> {
         if bytes.len() > MAX_GUEST_GRAPH_BYTES {
             return Err(NnError::new(
                 ErrorCode::TooLarge,
@@ -138,16 +161,43 @@ impl ModelPool {
                 ),
             ));
         }
+        let hash = tenant::content_hash(&bytes);
+        if let Some(graph) = self.tenant_graphs().get(tenant, &hash) {
+            return Ok(PoolGraph {
+                graph,
+                batcher: None,
+                stats: None,
+            });
+        }
+        let size = bytes.len() as u64;
         let graph = self
             .on_worker(move || {
                 OnnxGraph::from_bytes(&bytes)
                     .map_err(|e| NnError::new(ErrorCode::InvalidEncoding, format!("{e:#}")))
             })
             .await?;
+        let cost = graph.weight_bytes().max(size);
+        self.tenant_graphs()
+            .insert(tenant, hash, graph.clone(), cost, budget)?;
         Ok(PoolGraph {
             graph,
             batcher: None,
+            stats: None,
         })
+    }
+
+    fn tenant_graphs(&self) -> std::sync::MutexGuard<'_, tenant::TenantGraphs> {
+        self.tenant_graphs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What `tenant`'s graph cache holds.
+    pub fn tenant_graph_stats(&self, tenant: &str) -> TenantGraphStats {
+        self.tenant_graphs().stats(tenant)
+    }
+
+    /// Drops a deleted tenant's cached graphs.
+    pub fn forget_tenant(&self, tenant: &str) {
+        self.tenant_graphs().forget(tenant);
     }
 
     /// Runs `graph` on named inputs — in a batch with other callers' when
@@ -163,15 +213,36 @@ impl ModelPool {
         if let Some(batcher) = &graph.batcher {
             return batcher.compute(tenant, ordered).await;
         }
+        let rows = ordered
+            .first()
+            .and_then(|t| t.dims.first())
+            .map_or(1, |&rows| rows as usize);
         let plan = graph.graph;
-        self.on_worker(move || {
-            let started = Instant::now();
-            let outputs = plan
-                .run(plan.inputs_of(ordered)?)
-                .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("{e:#}")))?;
-            Ok((outputs, started.elapsed()))
-        })
-        .await
+        let arrived = Instant::now();
+        let (result, waited) = self
+            .on_worker(move || {
+                let started = Instant::now();
+                let result = plan
+                    .inputs_of(ordered)
+                    .and_then(|inputs| {
+                        plan.run(inputs)
+                            .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("{e:#}")))
+                    })
+                    .map(|outputs| (outputs, started.elapsed()));
+                Ok((result, started - arrived))
+            })
+            .await?;
+        if let Some(stats) = &graph.stats {
+            stats.waited(waited);
+            match &result {
+                Ok((_, spent)) => {
+                    stats.ran(rows, *spent, 0);
+                    stats.charge(&tenant, *spent);
+                }
+                Err(_) => stats.ran(rows, Duration::ZERO, 1),
+            }
+        }
+        result
     }
 
     async fn on_worker<T: Send + 'static>(
@@ -196,18 +267,48 @@ impl ModelPool {
             .map(|(name, model)| model.info(name))
             .collect()
     }
+
+    /// Appends the pool's Prometheus series: per model calls, rejections,
+    /// queue depth, batch sizes, queue wait, compute time and compute
+    /// seconds per tenant; per tenant the graph cache.
+    pub fn render_metrics(&self, out: &mut String) {
+        let models: Vec<(&str, &ModelStats, usize)> = self
+            .models
+            .iter()
+            .map(|(name, model)| (name.as_str(), &*model.stats, model.queued()))
+            .collect();
+        stats::render(out, &models);
+        self.tenant_graphs().render(out);
+    }
 }
 
 impl RepositoryModel {
+    fn queued(&self) -> usize {
+        match &self.loaded {
+            Ok(PoolGraph {
+                batcher: Some(batcher),
+                ..
+            }) => batcher.queued(),
+            _ => 0,
+        }
+    }
+
     fn info(&self, name: &str) -> ModelInfo {
-        let (state, error, inputs, outputs) = match &self.loaded {
+        let (state, error, inputs, outputs, memory_bytes) = match &self.loaded {
             Ok(graph) => (
                 "ready",
                 None,
                 graph.graph.inputs().to_vec(),
                 graph.graph.outputs().to_vec(),
+                graph.graph.weight_bytes(),
             ),
-            Err(reason) => ("failed", Some(reason.clone()), vec![], vec![]),
+            Err(reason) => ("failed", Some(reason.clone()), vec![], vec![], 0),
+        };
+        let batching = match &self.loaded {
+            Ok(PoolGraph {
+                batcher: Some(_), ..
+            }) => self.config.batching.clone(),
+            _ => None,
         };
         ModelInfo {
             name: name.to_string(),
@@ -218,6 +319,9 @@ impl RepositoryModel {
             public: self.config.public,
             state,
             error,
+            memory_bytes,
+            batching,
+            stats: self.stats.snapshot(self.queued()),
             inputs,
             outputs,
             size_bytes: self.size_bytes,
@@ -251,6 +355,7 @@ fn load_model(dir: &Path, batch_workers: Option<&Arc<Semaphore>>) -> Result<Repo
     let file = dir.join(&config.file);
     let size_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
     let started = Instant::now();
+    let stats = Arc::new(ModelStats::default());
     let loaded = match config.device {
         DevicePreference::Gpu => Err("device = \"gpu\" but this build has no GPU backend".into()),
         DevicePreference::Auto | DevicePreference::Cpu => {
@@ -263,14 +368,20 @@ fn load_model(dir: &Path, batch_workers: Option<&Arc<Semaphore>>) -> Result<Repo
                 graph.clone(),
                 batching.clone(),
                 workers.clone(),
+                stats.clone(),
             )?)),
             _ => None,
         };
-        Ok(PoolGraph { graph, batcher })
+        Ok(PoolGraph {
+            graph,
+            batcher,
+            stats: Some(stats.clone()),
+        })
     });
     Ok(RepositoryModel {
         config,
         loaded,
+        stats,
         size_bytes,
         load_ms: started.elapsed().as_millis() as u64,
     })

@@ -38,6 +38,7 @@ pub struct OnnxGraph {
     plan: Box<dyn Runnable>,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
+    weight_bytes: u64,
 }
 
 impl std::fmt::Debug for OnnxGraph {
@@ -78,13 +79,21 @@ impl OnnxGraph {
         }
         let inputs = specs(&typed, &typed.inputs)?;
         let outputs = specs(&typed, &typed.outputs)?;
+        let weight_bytes = weight_bytes(&typed);
         let runtime = runtime_for_name("cpu")?.context("tract has no cpu runtime")?;
         let plan = runtime.prepare(typed).context("optimising the graph")?;
         Ok(Arc::new(Self {
             plan,
             inputs,
             outputs,
+            weight_bytes,
         }))
+    }
+
+    /// Bytes of constants (weights) the graph holds: what it costs in memory,
+    /// give or take the optimiser's repacking.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// The graph's inputs, in order.
@@ -197,6 +206,15 @@ fn specs(model: &TypedModel, outlets: &[OutletId]) -> Result<Vec<TensorSpec>> {
             })
         })
         .collect()
+}
+
+fn weight_bytes(model: &TypedModel) -> u64 {
+    model
+        .nodes()
+        .iter()
+        .filter_map(|node| node.op_as::<tract_onnx::tract_core::ops::konst::Const>())
+        .map(|konst| (konst.val().len() * konst.val().datum_type().size_of()) as u64)
+        .sum()
 }
 
 /// The largest tensor [`fold_constants`] materialises.

@@ -4,6 +4,7 @@
 //! holds no tokio worker; the work runs on the model pool's workers.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
@@ -47,13 +48,25 @@ pub struct Error(NnError);
 pub struct NnCtx {
     pool: Arc<ModelPool>,
     capabilities: Capabilities,
+    /// Whether a `compute` was refused because its model was busy.
+    busy: AtomicBool,
 }
 
 impl NnCtx {
     /// A context over `pool` limited to the `capabilities`' model access,
     /// charging compute to their budget, batched fairly as their tenant.
     pub fn new(pool: Arc<ModelPool>, capabilities: Capabilities) -> Self {
-        Self { pool, capabilities }
+        Self {
+            pool,
+            capabilities,
+            busy: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether this instance was refused a `compute` because a model's
+    /// queue was full: the gateway answers 503 if the guest then fails.
+    pub fn was_refused_busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed)
     }
 }
 
@@ -71,6 +84,9 @@ impl<'a> NnView<'a> {
 
     fn fail<T>(&mut self, error: NnError) -> wasmtime::Result<Result<T, Resource<Error>>> {
         tracing::debug!("wasi-nn error for guest: {error}");
+        if error.is_busy() {
+            self.ctx.busy.store(true, Ordering::Relaxed);
+        }
         Ok(Err(self.table.push(Error(error))?))
     }
 }
@@ -122,7 +138,13 @@ impl graph::Host for NnView<'_> {
             )));
         }
         let bytes = builders.pop().expect("one builder");
-        match self.ctx.pool.load_bytes(bytes).await {
+        let capabilities = &self.ctx.capabilities;
+        let loaded = self
+            .ctx
+            .pool
+            .load_bytes(bytes, &capabilities.tenant, capabilities.graph_memory)
+            .await;
+        match loaded {
             Ok(graph) => Ok(Ok(self.table.push(Graph(graph))?)),
             Err(error) => self.fail(error),
         }

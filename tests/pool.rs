@@ -1,0 +1,267 @@
+//! The shared model pool through HTTP: a tenant flooding a model gets
+//! prompt 503s and never starves another tenant; the pool's counters show
+//! in `GET /v1/models` and `/metrics`; tenants' own graphs are compiled once.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::Method;
+use support::{Server, assert_error, root, text, wasm};
+
+const MODEL: &str = "all-minilm-l6-v2";
+
+/// A repository with the shipped MiniLM under a small queue: 4 rows per
+/// batch, 8 calls waiting at most, 4 of them per tenant.
+fn small_queue_repository(dir: &Path) {
+    let model = dir.join(MODEL);
+    std::fs::create_dir_all(&model).unwrap();
+    let shipped = root().join("models").join(MODEL).join("model.onnx");
+    assert!(
+        shipped.is_file(),
+        "{} is missing: run ./dev models",
+        shipped.display()
+    );
+    std::os::unix::fs::symlink(&shipped, model.join("model.onnx")).unwrap();
+    std::fs::write(
+        model.join("model.toml"),
+        r#"
+format = "onnx"
+public = true
+[batching]
+max_batch = 4
+max_queue_delay_ms = 2
+max_queue = 8
+[batching.pad]
+input_ids = { axis = 1 }
+attention_mask = { axis = 1 }
+token_type_ids = { axis = 1 }
+[batching.slice]
+last_hidden_state = { axis = 1, like = "input_ids" }
+"#,
+    )
+    .unwrap();
+}
+
+async fn embed(server: &Server, key: &str, tenant: &str, function: &str) -> support::Reply {
+    server
+        .client(Some(key))
+        .send(
+            Method::POST,
+            &format!("/fn/{tenant}/{function}"),
+            Some(("text/plain", Bytes::from_static(b"a quick brown fox"))),
+            &[],
+        )
+        .await
+        .unwrap()
+}
+
+fn summary(latencies: &mut [Duration]) -> String {
+    latencies.sort();
+    format!(
+        "p50 {:.1} ms, max {:.1} ms over {}",
+        latencies[latencies.len() / 2].as_secs_f64() * 1e3,
+        latencies[latencies.len() - 1].as_secs_f64() * 1e3,
+        latencies.len()
+    )
+}
+
+#[tokio::test]
+async fn a_flooding_tenant_gets_503s_and_another_tenant_is_always_served() {
+    let data = tempfile::tempdir().unwrap();
+    let models = tempfile::tempdir().unwrap();
+    small_queue_repository(models.path());
+    let server = Arc::new(Server::start_with_models(data.path(), models.path(), &[]));
+    let flooder = server.tenant("flooder").await;
+    let quiet = server.tenant("quiet").await;
+    server.deploy(&flooder, "embed", wasm("embed")).await;
+    server.deploy(&flooder, "unwrap", wasm("nn_unwrap")).await;
+    server.deploy(&quiet, "embed", wasm("embed")).await;
+
+    let mut alone = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let reply = embed(&server, &quiet, "quiet", "embed").await;
+        assert_eq!(reply.status, 200, "{}", text(&reply));
+        alone.push(started.elapsed());
+    }
+
+    // 32 clients of the flooder, half through the SDK's error handling
+    // (embed answers 503 itself), half through a function that traps on
+    // the refusal (the gateway answers 503 for it).
+    let flooding = Arc::new(AtomicBool::new(true));
+    let clients: Vec<_> = (0..32)
+        .map(|client| {
+            let (server, key, flooding) = (server.clone(), flooder.clone(), flooding.clone());
+            let function = ["embed", "unwrap"][client % 2];
+            tokio::spawn(async move {
+                let (mut served, mut refused) = (0, 0);
+                while flooding.load(Ordering::Relaxed) {
+                    let reply = embed(&server, &key, "flooder", function).await;
+                    if reply.status == 200 {
+                        served += 1;
+                    } else {
+                        assert_error(&reply, 503, "model_busy");
+                        assert_eq!(
+                            reply.headers.get("retry-after").map(|v| v.as_bytes()),
+                            Some(&b"1"[..]),
+                            "{function}: 503 without Retry-After"
+                        );
+                        refused += 1;
+                    }
+                }
+                (client % 2, served, refused)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut during = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let reply = embed(&server, &quiet, "quiet", "embed").await;
+        assert_eq!(
+            reply.status,
+            200,
+            "the quiet tenant was refused during the flood: {}",
+            text(&reply)
+        );
+        during.push(started.elapsed());
+    }
+    flooding.store(false, Ordering::Relaxed);
+    let (mut served, mut refused, mut refused_by) = (0, 0, [0u64; 2]);
+    for client in clients {
+        let (function, s, r) = client.await.unwrap();
+        served += s;
+        refused += r;
+        refused_by[function] += r;
+    }
+    eprintln!(
+        "quiet tenant alone: {}; during the flood: {}; flooder: {served} served, {refused} refused with 503",
+        summary(&mut alone),
+        summary(&mut during)
+    );
+    assert!(served > 0, "the flooder was never served");
+    assert!(
+        refused_by.iter().all(|&r| r > 0),
+        "32 clients never overflowed a queue of 8 for both functions: {refused_by:?}"
+    );
+
+    let models = server
+        .client(Some(&quiet))
+        .api(Method::GET, "/v1/models", None)
+        .await
+        .unwrap();
+    let stats = &models["models"][0]["stats"];
+    assert_eq!(stats["rejected"].as_u64(), Some(refused), "{stats}");
+    assert_eq!(
+        stats["calls"].as_u64(),
+        Some(served + 25),
+        "every served request is one call: {stats}"
+    );
+    assert!(
+        stats["batches"].as_u64().unwrap() < stats["calls"].as_u64().unwrap(),
+        "no call shared a batch: {stats}"
+    );
+    assert_eq!(stats["queued"], 0, "{stats}");
+
+    let metrics = server
+        .admin()
+        .send(Method::GET, "/metrics", None, &[])
+        .await
+        .unwrap();
+    let metrics = text(&metrics);
+    let series = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in /metrics:\n{metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let model = format!("{{model=\"{MODEL}\"}}");
+    assert_eq!(
+        series(&format!("gigafactory_model_rejections_total{model}")),
+        refused as f64
+    );
+    assert_eq!(
+        series(&format!("gigafactory_model_batch_rows_count{model}")),
+        stats["batches"].as_f64().unwrap()
+    );
+    assert_eq!(
+        series(&format!(
+            "gigafactory_model_queue_wait_seconds_count{model}"
+        )),
+        stats["calls"].as_f64().unwrap()
+    );
+    for tenant in ["flooder", "quiet"] {
+        let seconds = series(&format!(
+            "gigafactory_model_tenant_compute_seconds_total{{model=\"{MODEL}\",tenant=\"{tenant}\"}}"
+        ));
+        assert!(seconds > 0.0, "{tenant} was charged nothing");
+    }
+    assert_eq!(
+        series("gigafactory_function_duration_seconds_count{tenant=\"quiet\",function=\"embed\"}"),
+        25.0
+    );
+    // The function that traps was answered 503 by the gateway; embed
+    // answered its own 503s, which count as responses.
+    assert_eq!(
+        series(
+            "gigafactory_function_requests_total{tenant=\"flooder\",function=\"unwrap\",outcome=\"model_busy\"}"
+        ),
+        refused_by[1] as f64
+    );
+}
+
+#[tokio::test]
+async fn a_tenants_own_graph_is_compiled_once_and_dropped_with_the_tenant() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    server.deploy(&key, "tiny", wasm("nn_load")).await;
+    for _ in 0..3 {
+        let reply = server
+            .client(Some(&key))
+            .send(Method::GET, "/fn/acme/tiny", None, &[])
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", text(&reply));
+    }
+    let metrics = || async {
+        let reply = server
+            .admin()
+            .send(Method::GET, "/metrics", None, &[])
+            .await
+            .unwrap();
+        text(&reply)
+    };
+    let before = metrics().await;
+    for line in [
+        "gigafactory_tenant_graph_loads_total{tenant=\"acme\",result=\"miss\"} 1",
+        "gigafactory_tenant_graph_loads_total{tenant=\"acme\",result=\"hit\"} 2",
+        "gigafactory_tenant_graph_evictions_total{tenant=\"acme\"} 0",
+    ] {
+        assert!(before.lines().any(|l| l == line), "no {line}:\n{before}");
+    }
+    let cached: u64 = before
+        .lines()
+        .find_map(|l| l.strip_prefix("gigafactory_tenant_graph_bytes{tenant=\"acme\"} "))
+        .expect("the tenant's cached bytes")
+        .parse()
+        .unwrap();
+    assert!(cached > 0, "{before}");
+
+    let reply = server
+        .admin()
+        .send(Method::DELETE, "/v1/tenants/acme", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 204, "{}", text(&reply));
+    let after = metrics().await;
+    assert!(!after.contains("tenant=\"acme\""), "{after}");
+}
