@@ -77,6 +77,11 @@ fn a_tour_of_the_cli() {
             && models.contains("0 calls, 0 batches"),
         "{models}"
     );
+    let devices = success(gigafactory(&server, key, &["models", "devices"]));
+    assert!(
+        devices.starts_with("cpu ") && devices.contains("MiB total"),
+        "{devices}"
+    );
     let quota = success(gigafactory(
         &server,
         ADMIN_TOKEN,

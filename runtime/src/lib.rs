@@ -7,6 +7,7 @@
 //! [`Function`] and calls [`Function::handle`] per request.
 
 mod capabilities;
+pub mod devices;
 mod engine;
 mod function;
 mod host;

@@ -33,6 +33,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => invoke(&client()?, &name, data, &path, &headers).await,
         Command::Functions(command) => functions(&client()?, command, cli.json).await,
         Command::Models(ModelsCommand::List) => models(&client()?, cli.json).await,
+        Command::Models(ModelsCommand::Devices) => devices(&client()?, cli.json).await,
         Command::Logs { name, follow } => logs(&client()?, &name, follow, cli.json).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }
@@ -333,6 +334,28 @@ async fn models(client: &Client, as_json: bool) -> Result<()> {
             }
             line
         })
+    });
+    Ok(())
+}
+
+async fn devices(client: &Client, as_json: bool) -> Result<()> {
+    let reply = client.api(Method::GET, "/v1/devices", None).await?;
+    print_or(as_json, &reply, || {
+        let mut text = list(&reply["devices"], |d| {
+            format!(
+                "{:<8} {:<40} {:>7} MiB total {:>7} MiB free {:>7} MiB budget {:>7} MiB used by models",
+                d["id"].as_str().unwrap_or("?"),
+                d["name"].as_str().unwrap_or("?"),
+                d["memory_total_bytes"].as_u64().unwrap_or(0) >> 20,
+                d["memory_free_bytes"].as_u64().unwrap_or(0) >> 20,
+                d["budget_bytes"].as_u64().unwrap_or(0) >> 20,
+                d["used_bytes"].as_u64().unwrap_or(0) >> 20,
+            )
+        });
+        if let Some(why) = reply["cuda_unavailable"].as_str() {
+            text.push_str(&format!("\nno GPU: {why}"));
+        }
+        text
     });
     Ok(())
 }

@@ -181,6 +181,8 @@ pub enum FunctionsCommand {
 pub enum ModelsCommand {
     /// List the repository's models and their state.
     List,
+    /// List the machine's devices (CPU, GPUs) and their memory.
+    Devices,
 }
 
 /// Parses the command line, runs it, prints the cause chain on failure.

@@ -48,8 +48,9 @@ impl Gateway {
             (["functions", name], &Method::DELETE) => self.delete_function(&request, name),
             (["functions", name, "logs"], &Method::GET) => self.function_logs(&request, name),
             (["models"], &Method::GET) => self.list_models(&request),
+            (["devices"], &Method::GET) => self.list_devices(&request),
             (
-                ["whoami" | "tenants" | "functions" | "models"]
+                ["whoami" | "tenants" | "functions" | "models" | "devices"]
                 | ["tenants", _]
                 | ["tenants", _, "quota" | "keys"]
                 | ["tenants", _, "keys", _]
@@ -247,6 +248,16 @@ impl Gateway {
         Ok(json(
             StatusCode::OK,
             serde_json::json!({ "models": models }),
+        ))
+    }
+
+    /// The machine's devices, their memory and what models take of it.
+    fn list_devices(&self, request: &Request) -> Result<Response, ApiError> {
+        self.authenticate(request)?;
+        Ok(json(
+            StatusCode::OK,
+            serde_json::to_value(self.runtime.models().devices().list())
+                .map_err(anyhow::Error::from)?,
         ))
     }
 

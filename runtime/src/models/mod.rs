@@ -16,16 +16,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+
+use crate::devices::Devices;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
 pub use batcher::{BatchConfig, Batcher, Pad, SliceBack};
 pub use config::{DevicePreference, ModelConfig, ModelFormat};
 pub use error::{BUSY_PREFIX, ErrorCode, NnError};
-pub use onnx::{OnnxGraph, TensorSpec};
+pub use onnx::{OnnxGraph, TensorSpec, TypedGraph};
 pub use stats::{ModelStats, StatsSnapshot};
 pub use tenant::TenantGraphStats;
 pub use tensor::{ElementType, HostTensor};
+
+/// The share of each GPU's free memory repository models may take.
+pub const DEFAULT_GPU_BUDGET: f64 = 0.9;
 
 /// The largest ONNX graph a function may pass to `load`.
 pub const MAX_GUEST_GRAPH_BYTES: usize = 256 * 1024 * 1024;
@@ -33,6 +38,7 @@ pub const MAX_GUEST_GRAPH_BYTES: usize = 256 * 1024 * 1024;
 /// All models of the operator's repository, plus the inference workers.
 pub struct ModelPool {
     models: BTreeMap<String, RepositoryModel>,
+    devices: Devices,
     workers: Arc<Semaphore>,
     tenant_graphs: Mutex<tenant::TenantGraphs>,
 }
@@ -65,8 +71,8 @@ pub struct ModelInfo {
     pub format: ModelFormat,
     /// What the model does.
     pub task: Option<String>,
-    /// Where it runs.
-    pub device: &'static str,
+    /// Where it runs: `cpu` or `cuda:N` (empty when it failed).
+    pub device: String,
     /// Whether every tenant may use it.
     pub public: bool,
     /// `ready` or `failed`.
@@ -96,6 +102,7 @@ impl ModelPool {
     pub fn empty(workers: usize) -> Self {
         Self {
             models: BTreeMap::new(),
+            devices: Devices::discover(DEFAULT_GPU_BUDGET),
             workers: Arc::new(Semaphore::new(workers.max(1))),
             tenant_graphs: Mutex::default(),
         }
@@ -107,6 +114,7 @@ impl ModelPool {
     /// Call it inside a tokio runtime: batching models start a scheduler task.
     pub fn load_repository(dir: &Path, workers: usize, batching: bool) -> Result<Self> {
         let mut pool = Self::empty(workers);
+        let workers = batching.then(|| pool.workers.clone());
         for model_dir in model_dirs(dir)? {
             let name = model_dir
                 .file_name()
@@ -114,10 +122,15 @@ impl ModelPool {
                 .context("model directory name is not UTF-8")?
                 .to_string();
             tracing::info!(model = %name, "loading model");
-            match load_model(&model_dir, batching.then_some(&pool.workers)) {
+            match load_model(&name, &model_dir, workers.as_ref(), &pool.devices) {
                 Ok(model) => {
                     match &model.loaded {
-                        Ok(_) => tracing::info!(model = %name, ms = model.load_ms, "model ready"),
+                        Ok(graph) => tracing::info!(
+                            model = %name,
+                            device = graph.graph.device(),
+                            ms = model.load_ms,
+                            "model ready"
+                        ),
                         Err(e) => tracing::error!(model = %name, "model failed: {e}"),
                     }
                     pool.models.insert(name, model);
@@ -260,6 +273,11 @@ impl ModelPool {
         })
     }
 
+    /// The machine's devices and what models take of them.
+    pub fn devices(&self) -> &Devices {
+        &self.devices
+    }
+
     /// Every repository model with its state, by name.
     pub fn list(&self) -> Vec<ModelInfo> {
         self.models
@@ -294,15 +312,23 @@ impl RepositoryModel {
     }
 
     fn info(&self, name: &str) -> ModelInfo {
-        let (state, error, inputs, outputs, memory_bytes) = match &self.loaded {
+        let (state, error, inputs, outputs, memory_bytes, device) = match &self.loaded {
             Ok(graph) => (
                 "ready",
                 None,
                 graph.graph.inputs().to_vec(),
                 graph.graph.outputs().to_vec(),
                 graph.graph.weight_bytes(),
+                graph.graph.device().to_string(),
             ),
-            Err(reason) => ("failed", Some(reason.clone()), vec![], vec![], 0),
+            Err(reason) => (
+                "failed",
+                Some(reason.clone()),
+                vec![],
+                vec![],
+                0,
+                String::new(),
+            ),
         };
         let batching = match &self.loaded {
             Ok(PoolGraph {
@@ -315,7 +341,7 @@ impl RepositoryModel {
             description: self.config.description.clone(),
             format: self.config.format,
             task: self.config.task.clone(),
-            device: "cpu",
+            device,
             public: self.config.public,
             state,
             error,
@@ -346,7 +372,12 @@ fn model_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Reads `model.toml` (an error here skips the model) and loads the graph
 /// (an error here is kept as the model's failed state).
-fn load_model(dir: &Path, batch_workers: Option<&Arc<Semaphore>>) -> Result<RepositoryModel> {
+fn load_model(
+    name: &str,
+    dir: &Path,
+    batch_workers: Option<&Arc<Semaphore>>,
+    devices: &Devices,
+) -> Result<RepositoryModel> {
     let toml_path = dir.join("model.toml");
     let text = std::fs::read_to_string(&toml_path)
         .with_context(|| format!("reading {}", toml_path.display()))?;
@@ -356,13 +387,7 @@ fn load_model(dir: &Path, batch_workers: Option<&Arc<Semaphore>>) -> Result<Repo
     let size_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
     let started = Instant::now();
     let stats = Arc::new(ModelStats::default());
-    let loaded = match config.device {
-        DevicePreference::Gpu => Err("device = \"gpu\" but this build has no GPU backend".into()),
-        DevicePreference::Auto | DevicePreference::Cpu => {
-            OnnxGraph::from_path(&file).map_err(|e| format!("{e:#}"))
-        }
-    };
-    let loaded = loaded.and_then(|graph| {
+    let loaded = place(name, &file, config.device, devices).and_then(|graph| {
         let batcher = match (&config.batching, batch_workers) {
             (Some(batching), Some(workers)) => Some(Arc::new(Batcher::start(
                 graph.clone(),
@@ -385,4 +410,39 @@ fn load_model(dir: &Path, batch_workers: Option<&Arc<Semaphore>>) -> Result<Repo
         size_bytes,
         load_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Loads the graph at `file` and places it where `preference` and the
+/// devices' budgets allow: `auto` falls back to the CPU (saying why), `gpu`
+/// fails without a GPU.
+fn place(
+    name: &str,
+    file: &Path,
+    preference: DevicePreference,
+    devices: &Devices,
+) -> Result<Arc<OnnxGraph>, String> {
+    let typed = TypedGraph::from_path(file).map_err(|e| format!("{e:#}"))?;
+    let bytes = typed.weight_bytes();
+    let device = match preference {
+        DevicePreference::Cpu => "cpu".to_string(),
+        DevicePreference::Gpu => devices
+            .gpu_with_room(bytes)
+            .map_err(|why| format!("device = \"gpu\": {why}"))?,
+        DevicePreference::Auto => devices.gpu_with_room(bytes).unwrap_or_else(|why| {
+            tracing::info!(model = %name, "device auto: on the CPU ({why})");
+            "cpu".to_string()
+        }),
+    };
+    let graph = match typed.place(&device) {
+        Ok(graph) => graph,
+        Err(e) if preference == DevicePreference::Auto && device != "cpu" => {
+            tracing::warn!(model = %name, "device auto: {device} failed ({e:#}); on the CPU");
+            TypedGraph::from_path(file)
+                .and_then(|typed| typed.place("cpu"))
+                .map_err(|e| format!("{e:#}"))?
+        }
+        Err(e) => return Err(format!("placing on {device}: {e:#}")),
+    };
+    devices.place(graph.device(), bytes);
+    Ok(graph)
 }

@@ -39,6 +39,98 @@ pub struct OnnxGraph {
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
     weight_bytes: u64,
+    device: String,
+}
+
+/// A parsed, typed and folded graph, not yet placed on a device.
+pub struct TypedGraph {
+    model: TypedModel,
+    weight_bytes: u64,
+}
+
+impl TypedGraph {
+    /// Parses and simplifies the ONNX file at `path`.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let model = tract_onnx::onnx()
+            .model_for_path(path)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        Self::new(model)
+    }
+
+    fn new(model: InferenceModel) -> Result<Self> {
+        let mut model = model
+            .into_typed()
+            .context("inferring types and shapes")?
+            .into_decluttered()
+            .context("simplifying the graph")?;
+        let folded = fold_constants(&mut model).context("folding constant subgraphs")?;
+        if folded > 0 {
+            model.declutter().context("simplifying the folded graph")?;
+        }
+        let weight_bytes = weight_bytes(&model);
+        Ok(Self {
+            model,
+            weight_bytes,
+        })
+    }
+
+    /// Bytes of constants (weights) the graph holds.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// Optimises the graph for `device` (`cpu`, or `cuda:N` in builds with
+    /// the `cuda` feature) and makes it runnable.
+    pub fn place(self, device: &str) -> Result<Arc<OnnxGraph>> {
+        let inputs = specs(&self.model, &self.model.inputs)?;
+        let outputs = specs(&self.model, &self.model.outputs)?;
+        let plan = if device == "cpu" {
+            let runtime = runtime_for_name("cpu")?.context("tract has no cpu runtime")?;
+            runtime
+                .prepare(self.model)
+                .context("optimising the graph")?
+        } else {
+            prepare_gpu(self.model, device)?
+        };
+        Ok(Arc::new(OnnxGraph {
+            plan,
+            inputs,
+            outputs,
+            weight_bytes: self.weight_bytes,
+            device: device.to_string(),
+        }))
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn prepare_gpu(model: TypedModel, device: &str) -> Result<Box<dyn Runnable>> {
+    // Linking the crate registers tract's "cuda" runtime.
+    use tract_cuda as _;
+    if device != "cuda:0" {
+        anyhow::bail!("tract-cuda runs on cuda:0 only (select the GPU with CUDA_VISIBLE_DEVICES)");
+    }
+    let runtime = runtime_for_name("cuda")
+        .context("the CUDA runtime is not usable")?
+        .context("this build has no CUDA runtime")?;
+    // tract-cuda panics when the toolkit or the GPU misbehaves: keep that to this model.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.prepare(model)))
+        .map_err(|panic| anyhow::anyhow!("tract-cuda panicked: {}", panic_text(&panic)))?
+        .context("optimising the graph for the GPU")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn prepare_gpu(_model: TypedModel, device: &str) -> Result<Box<dyn Runnable>> {
+    anyhow::bail!(
+        "cannot place a graph on {device}: this binary was built without the `cuda` feature"
+    )
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 impl std::fmt::Debug for OnnxGraph {
@@ -51,43 +143,22 @@ impl std::fmt::Debug for OnnxGraph {
 }
 
 impl OnnxGraph {
-    /// Loads and optimises the ONNX file at `path`.
+    /// Loads and optimises the ONNX file at `path` for the CPU.
     pub fn from_path(path: &Path) -> Result<Arc<Self>> {
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
-            .with_context(|| format!("parsing {}", path.display()))?;
-        Self::prepare(model)
+        TypedGraph::from_path(path)?.place("cpu")
     }
 
-    /// Loads and optimises ONNX bytes (a function's own model).
+    /// Loads and optimises ONNX bytes (a function's own model) for the CPU.
     pub fn from_bytes(mut bytes: &[u8]) -> Result<Arc<Self>> {
         let model = tract_onnx::onnx()
             .model_for_read(&mut bytes)
             .context("parsing the ONNX graph")?;
-        Self::prepare(model)
+        TypedGraph::new(model)?.place("cpu")
     }
 
-    fn prepare(model: InferenceModel) -> Result<Arc<Self>> {
-        let mut typed = model
-            .into_typed()
-            .context("inferring types and shapes")?
-            .into_decluttered()
-            .context("simplifying the graph")?;
-        let folded = fold_constants(&mut typed).context("folding constant subgraphs")?;
-        if folded > 0 {
-            typed.declutter().context("simplifying the folded graph")?;
-        }
-        let inputs = specs(&typed, &typed.inputs)?;
-        let outputs = specs(&typed, &typed.outputs)?;
-        let weight_bytes = weight_bytes(&typed);
-        let runtime = runtime_for_name("cpu")?.context("tract has no cpu runtime")?;
-        let plan = runtime.prepare(typed).context("optimising the graph")?;
-        Ok(Arc::new(Self {
-            plan,
-            inputs,
-            outputs,
-            weight_bytes,
-        }))
+    /// Where the graph runs: `cpu` or `cuda:N`.
+    pub fn device(&self) -> &str {
+        &self.device
     }
 
     /// Bytes of constants (weights) the graph holds: what it costs in memory,
@@ -154,7 +225,14 @@ impl OnnxGraph {
 
     /// Runs the graph on bound inputs; blocking, call it off the async workers.
     pub fn run(&self, inputs: TVec<TValue>) -> Result<Vec<(String, HostTensor)>> {
-        let outputs = self.plan.run(inputs).context("running the graph")?;
+        let outputs = if self.device == "cpu" {
+            self.plan.run(inputs)
+        } else {
+            // tract-cuda panics on device errors (out of memory, …).
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.plan.run(inputs)))
+                .map_err(|panic| anyhow::anyhow!("the GPU run panicked: {}", panic_text(&panic)))?
+        }
+        .context("running the graph")?;
         self.outputs
             .iter()
             .zip(outputs)

@@ -1,0 +1,131 @@
+//! Devices and model placement. Where there is no GPU (or the binary was
+//! built without the `cuda` feature), `auto` models run on the CPU and
+//! `gpu` models fail with the reason; where there is one, a model placed on
+//! it gives the same embeddings as onnxruntime on the CPU within 1e-3.
+
+mod support;
+
+use std::path::Path;
+
+use bytes::Bytes;
+use hyper::Method;
+use support::{Server, json, root, text, wasm};
+
+const MODEL: &str = "all-minilm-l6-v2";
+
+/// A repository with the shipped MiniLM placed by `device`.
+fn repository(dir: &Path, device: &str) {
+    let model = dir.join(MODEL);
+    std::fs::create_dir_all(&model).unwrap();
+    let shipped = root().join("models").join(MODEL);
+    for file in ["model.onnx"] {
+        std::os::unix::fs::symlink(shipped.join(file), model.join(file)).unwrap();
+    }
+    std::fs::write(
+        model.join("model.toml"),
+        format!("format = \"onnx\"\npublic = true\ndevice = \"{device}\"\n"),
+    )
+    .unwrap();
+}
+
+async fn devices(server: &Server, key: &str) -> serde_json::Value {
+    server
+        .client(Some(key))
+        .api(Method::GET, "/v1/devices", None)
+        .await
+        .unwrap()
+}
+
+fn gpus(devices: &serde_json::Value) -> usize {
+    devices["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["id"].as_str().unwrap().starts_with("cuda:"))
+        .count()
+}
+
+/// A server whose repository asks for MiniLM on a GPU, a tenant's key,
+/// and the devices it found.
+async fn start_with_a_gpu_model() -> ([tempfile::TempDir; 2], Server, String, serde_json::Value) {
+    let (data, models) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    repository(models.path(), "gpu");
+    let server = Server::start_with_models(data.path(), models.path(), &[]);
+    let key = server.tenant("acme").await;
+    let listed = devices(&server, &key).await;
+    ([data, models], server, key, listed)
+}
+
+#[tokio::test]
+async fn devices_are_listed_and_placement_says_where_each_model_went() {
+    let (_dirs, server, key, listed) = start_with_a_gpu_model().await;
+    assert_eq!(listed["devices"][0]["id"], "cpu", "{listed}");
+    assert!(listed["devices"][0]["memory_total_bytes"].as_u64().unwrap() > 0);
+    let unauthenticated = server
+        .client(None)
+        .send(Method::GET, "/v1/devices", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status, 401);
+
+    let model = &server
+        .client(Some(&key))
+        .api(Method::GET, "/v1/models", None)
+        .await
+        .unwrap()["models"][0];
+    if gpus(&listed) == 0 {
+        let why = listed["cuda_unavailable"].as_str().expect("a reason");
+        eprintln!("no GPU here ({why}): checking that device = \"gpu\" fails clearly");
+        assert_eq!(model["state"], "failed", "{model}");
+        let error = model["error"].as_str().unwrap();
+        assert!(
+            error.contains("device = \"gpu\"") && error.contains(why),
+            "{error}"
+        );
+    } else {
+        assert_eq!(model["state"], "ready", "{model}");
+        assert_eq!(model["device"], "cuda:0", "{model}");
+        let used = listed["devices"][1]["used_bytes"].as_u64().unwrap();
+        assert_eq!(used, model["memory_bytes"].as_u64().unwrap(), "{listed}");
+    }
+}
+
+#[tokio::test]
+async fn gpu_embeddings_equal_the_cpu_reference() {
+    let (_dirs, server, key, listed) = start_with_a_gpu_model().await;
+    if gpus(&listed) == 0 {
+        eprintln!(
+            "skipping: no GPU ({})",
+            listed["cuda_unavailable"].as_str().unwrap_or("?")
+        );
+        return;
+    }
+    server.deploy(&key, "embed", wasm("embed")).await;
+    let reference: serde_json::Value =
+        serde_json::from_str(include_str!("data/reference.json")).unwrap();
+    for case in reference["cases"].as_array().unwrap() {
+        let reply = server
+            .client(Some(&key))
+            .send(
+                Method::POST,
+                "/fn/acme/embed",
+                Some((
+                    "text/plain",
+                    Bytes::from(case["text"].as_str().unwrap().to_string()),
+                )),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", text(&reply));
+        let got = json(&reply)["embedding"].clone();
+        let worst = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["embedding"].as_array().unwrap())
+            .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
+            .fold(0f64, f64::max);
+        assert!(worst < 1e-3, "{}: GPU differs by {worst}", case["text"]);
+    }
+}
