@@ -18,9 +18,7 @@ fn repository(dir: &Path, device: &str) {
     let model = dir.join(MODEL);
     std::fs::create_dir_all(&model).unwrap();
     let shipped = root().join("models").join(MODEL);
-    for file in ["model.onnx"] {
-        std::os::unix::fs::symlink(shipped.join(file), model.join(file)).unwrap();
-    }
+    std::os::unix::fs::symlink(shipped.join("model.onnx"), model.join("model.onnx")).unwrap();
     std::fs::write(
         model.join("model.toml"),
         format!("format = \"onnx\"\npublic = true\ndevice = \"{device}\"\n"),

@@ -35,7 +35,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Models(ModelsCommand::List) => models(&client()?, cli.json).await,
         Command::Models(ModelsCommand::Devices) => devices(&client()?, cli.json).await,
         Command::Logs { name, follow } => logs(&client()?, &name, follow, cli.json).await,
-        Command::Bench(args) => crate::bench::run(args).await,
+        Command::Bench(command) => crate::bench::run(command).await,
     }
 }
 

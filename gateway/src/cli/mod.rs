@@ -81,8 +81,9 @@ pub enum Command {
         #[arg(long, short)]
         follow: bool,
     },
-    /// Measure requests/s of `hello` through gigafactory and `wasmtime serve`.
-    Bench(crate::bench::BenchArgs),
+    /// Measure the platform against a peer in the same run.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 /// `gigafactory serve` options.

@@ -1,0 +1,158 @@
+//! `gigafactory bench`: the platform measured against a peer in the same
+//! run, on the same machine, under the same closed-loop load from the same
+//! built-in client.
+//!
+//! - `bench hello`: requests/s of a plain component through gigafactory and
+//!   through `wasmtime serve`.
+//! - `bench embed`: the `embed` function with 1, 8 and 64 clients, batching
+//!   on and off, against onnxruntime running the same model in-process.
+
+mod embed;
+mod hello;
+mod load;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use hyper::Method;
+
+pub use embed::EmbedArgs;
+pub use hello::HelloArgs;
+pub use load::{Load, Stats};
+
+use crate::cli::Client;
+
+/// `gigafactory bench …`
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Requests/s of a component: gigafactory vs `wasmtime serve`.
+    Hello(HelloArgs),
+    /// The embed function (1/8/64 clients, batching on and off) vs onnxruntime.
+    Embed(EmbedArgs),
+}
+
+/// Runs a benchmark and prints its Markdown table.
+pub async fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Hello(args) => hello::run(args).await,
+        BenchCommand::Embed(args) => embed::run(args).await,
+    }
+}
+
+/// A `gigafactory serve` child on a scratch data directory with one tenant
+/// (`bench`) and its key; killed when dropped.
+struct Gigafactory {
+    _child: Guard,
+    _data: tempfile::TempDir,
+    address: SocketAddr,
+    key: String,
+}
+
+impl Gigafactory {
+    /// Starts `gigafactory serve` with `extra` flags and creates the tenant.
+    async fn start(extra: &[&str]) -> Result<Self> {
+        let data = tempfile::tempdir().context("creating a scratch data directory")?;
+        let address = free_address()?;
+        let token = "gfadmin_bench";
+        let child = Command::new(std::env::current_exe()?)
+            .args([
+                "serve",
+                "--listen",
+                &address.to_string(),
+                "--admin-token",
+                token,
+            ])
+            .arg("--data")
+            .arg(data.path())
+            .args(extra)
+            .env("GIGAFACTORY_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting gigafactory serve")?;
+        let child = Guard(child);
+        wait_until_up(&address, "/healthz").await?;
+        let admin = Client::new(&format!("http://{address}"), Some(token.into()))?;
+        let body = Bytes::from_static(br#"{"name":"bench"}"#);
+        admin
+            .api(
+                Method::POST,
+                "/v1/tenants",
+                Some(("application/json", body)),
+            )
+            .await?;
+        let key = admin
+            .api(Method::POST, "/v1/tenants/bench/keys", None)
+            .await?;
+        let key = key["key"]
+            .as_str()
+            .context("no key in the reply")?
+            .to_string();
+        Ok(Self {
+            _child: child,
+            _data: data,
+            address,
+            key,
+        })
+    }
+
+    /// Deploys `wasm` as the tenant's function `name`.
+    async fn deploy(&self, name: &str, wasm: &Path) -> Result<()> {
+        let bytes = std::fs::read(wasm).with_context(|| {
+            format!(
+                "reading {} (build the examples first: ./dev build)",
+                wasm.display()
+            )
+        })?;
+        Client::new(&format!("http://{}", self.address), Some(self.key.clone()))?
+            .api(
+                Method::PUT,
+                &format!("/v1/functions/{name}"),
+                Some(("application/wasm", Bytes::from(bytes))),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Kills the child when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_address() -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+async fn wait_until_up(address: &SocketAddr, path: &str) -> Result<()> {
+    for _ in 0..600 {
+        if let Ok(status) = load::request_once(address, path).await
+            && status == 200
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the server at {address} did not come up")
+}
+
+/// A Markdown table row for `stats`.
+fn row(cells: &[&str], stats: &Stats) -> String {
+    format!(
+        "| {} | {:.0} | {:.2} ms | {:.2} ms | {} |",
+        cells.join(" | "),
+        stats.rps,
+        stats.p50.as_secs_f64() * 1e3,
+        stats.p99.as_secs_f64() * 1e3,
+        stats.errors
+    )
+}
