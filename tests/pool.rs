@@ -265,3 +265,63 @@ async fn a_tenants_own_graph_is_compiled_once_and_dropped_with_the_tenant() {
     let after = metrics().await;
     assert!(!after.contains("tenant=\"acme\""), "{after}");
 }
+
+#[tokio::test]
+async fn models_load_at_boot_or_on_first_use_and_failures_keep_their_reason() {
+    let data = tempfile::tempdir().unwrap();
+    let models = tempfile::tempdir().unwrap();
+    let lazy = models.path().join(MODEL);
+    std::fs::create_dir_all(&lazy).unwrap();
+    std::os::unix::fs::symlink(
+        root().join("models").join(MODEL).join("model.onnx"),
+        lazy.join("model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        lazy.join("model.toml"),
+        "format = \"onnx\"\npublic = true\nload = \"first-use\"\n",
+    )
+    .unwrap();
+    let broken = models.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("model.onnx"), b"not an onnx graph").unwrap();
+    std::fs::write(
+        broken.join("model.toml"),
+        "format = \"onnx\"\npublic = true\n",
+    )
+    .unwrap();
+
+    let server = Server::start_with_models(data.path(), models.path(), &[]);
+    let key = server.tenant("acme").await;
+    let listed = || async {
+        let models = server
+            .client(Some(&key))
+            .api(Method::GET, "/v1/models", None)
+            .await
+            .unwrap();
+        models["models"].as_array().unwrap().clone()
+    };
+    let before = listed().await;
+    let (minilm, broken) = (&before[0], &before[1]);
+    assert_eq!(minilm["name"], MODEL);
+    assert_eq!(minilm["load"], "first-use", "{minilm}");
+    assert_eq!(minilm["state"], "unloaded", "{minilm}");
+    assert_eq!(broken["state"], "failed", "{broken}");
+    assert!(
+        broken["error"].as_str().unwrap().contains("parsing"),
+        "{broken}"
+    );
+
+    server.deploy(&key, "unwrap", wasm("nn_unwrap")).await;
+    let reply = server
+        .client(Some(&key))
+        .send(Method::GET, "/fn/acme/unwrap", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    assert_eq!(text(&reply), "[1, 6, 384]\n");
+    let after = listed().await;
+    assert_eq!(after[0]["state"], "ready", "{}", after[0]);
+    assert!(after[0]["load_ms"].as_u64().unwrap() > 0, "{}", after[0]);
+    assert_eq!(after[0]["stats"]["calls"], 1, "{}", after[0]);
+}

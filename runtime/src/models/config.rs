@@ -35,6 +35,10 @@ pub struct ModelConfig {
     /// quota names it).
     #[serde(default)]
     pub public: bool,
+    /// When the model loads: `"boot"` (default: at start, so the first call
+    /// is fast) or `"first-use"` (when a function first asks for it).
+    #[serde(default)]
+    pub load: LoadPolicy,
     /// Dynamic batching across callers (see [`BatchConfig`]); absent: none.
     #[serde(default)]
     pub batching: Option<BatchConfig>,
@@ -50,6 +54,17 @@ fn default_file() -> String {
 pub enum ModelFormat {
     /// An ONNX graph, run with tract.
     Onnx,
+}
+
+/// When a repository model loads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadPolicy {
+    /// At start.
+    #[default]
+    Boot,
+    /// When a function first calls `load-by-name` with it.
+    FirstUse,
 }
 
 /// Where the operator wants a model placed.

@@ -12,6 +12,7 @@ mod tensor;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,10 +20,10 @@ use anyhow::{Context as _, Result};
 
 use crate::devices::Devices;
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
 pub use batcher::{BatchConfig, Batcher, Pad, SliceBack};
-pub use config::{DevicePreference, ModelConfig, ModelFormat};
+pub use config::{DevicePreference, LoadPolicy, ModelConfig, ModelFormat};
 pub use error::{BUSY_PREFIX, ErrorCode, NnError};
 pub use onnx::{OnnxGraph, TensorSpec, TypedGraph};
 pub use stats::{ModelStats, StatsSnapshot};
@@ -38,8 +39,10 @@ pub const MAX_GUEST_GRAPH_BYTES: usize = 256 * 1024 * 1024;
 /// All models of the operator's repository, plus the inference workers.
 pub struct ModelPool {
     models: BTreeMap<String, RepositoryModel>,
-    devices: Devices,
+    devices: Arc<Devices>,
     workers: Arc<Semaphore>,
+    /// Whether repository models batch (`serve --no-batching` turns it off).
+    batching: bool,
     tenant_graphs: Mutex<tenant::TenantGraphs>,
 }
 
@@ -53,10 +56,18 @@ pub struct PoolGraph {
 }
 
 struct RepositoryModel {
+    name: String,
     config: ModelConfig,
-    loaded: Result<PoolGraph, String>,
+    file: PathBuf,
     stats: Arc<ModelStats>,
     size_bytes: u64,
+    /// Set once loaded (or failed); empty until first use for `first-use` models.
+    loaded: OnceCell<Loaded>,
+    loading: AtomicBool,
+}
+
+struct Loaded {
+    graph: Result<PoolGraph, String>,
     load_ms: u64,
 }
 
@@ -75,8 +86,10 @@ pub struct ModelInfo {
     pub device: String,
     /// Whether every tenant may use it.
     pub public: bool,
-    /// `ready` or `failed`.
+    /// `unloaded` (a `first-use` model nobody used yet), `loading`, `ready` or `failed`.
     pub state: &'static str,
+    /// When it loads: `boot` or `first-use`.
+    pub load: LoadPolicy,
     /// Why it failed, when it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -102,58 +115,118 @@ impl ModelPool {
     pub fn empty(workers: usize) -> Self {
         Self {
             models: BTreeMap::new(),
-            devices: Devices::discover(DEFAULT_GPU_BUDGET),
+            devices: Arc::new(Devices::discover(DEFAULT_GPU_BUDGET)),
             workers: Arc::new(Semaphore::new(workers.max(1))),
+            batching: false,
             tenant_graphs: Mutex::default(),
         }
     }
 
-    /// Loads every `<dir>/<name>/model.toml`. A model that fails to load is
-    /// kept with its reason (and logged); only an unreadable directory fails.
-    /// With `batching` off, models ignore their `[batching]` section.
-    /// Call it inside a tokio runtime: batching models start a scheduler task.
+    /// Reads every `<dir>/<name>/model.toml` and loads the `boot` models;
+    /// `first-use` models load when a function first asks for them. A model
+    /// that fails to load is kept with its reason (and logged); only an
+    /// unreadable directory fails. With `batching` off, models ignore their
+    /// `[batching]` section. Call it inside a tokio runtime: batching models
+    /// start a scheduler task.
     pub fn load_repository(dir: &Path, workers: usize, batching: bool) -> Result<Self> {
         let mut pool = Self::empty(workers);
-        let workers = batching.then(|| pool.workers.clone());
+        pool.batching = batching;
         for model_dir in model_dirs(dir)? {
             let name = model_dir
                 .file_name()
                 .and_then(|n| n.to_str())
                 .context("model directory name is not UTF-8")?
                 .to_string();
-            tracing::info!(model = %name, "loading model");
-            match load_model(&name, &model_dir, workers.as_ref(), &pool.devices) {
-                Ok(model) => {
-                    match &model.loaded {
-                        Ok(graph) => tracing::info!(
-                            model = %name,
-                            device = graph.graph.device(),
-                            ms = model.load_ms,
-                            "model ready"
-                        ),
-                        Err(e) => tracing::error!(model = %name, "model failed: {e}"),
-                    }
-                    pool.models.insert(name, model);
+            let model = match RepositoryModel::read(&name, &model_dir) {
+                Ok(model) => model,
+                Err(e) => {
+                    tracing::error!(model = %name, "skipping model: {e:#}");
+                    continue;
                 }
-                Err(e) => tracing::error!(model = %name, "skipping model: {e:#}"),
+            };
+            if model.config.load == LoadPolicy::Boot {
+                tracing::info!(model = %name, "loading model");
+                let started = Instant::now();
+                let graph = place(&name, &model.file, model.config.device, &pool.devices);
+                let loaded = pool.finish_load(&model, graph, started);
+                let _ = model.loaded.set(loaded);
+            } else {
+                tracing::info!(model = %name, "model loads on first use");
             }
+            pool.models.insert(name, model);
         }
         Ok(pool)
     }
 
-    /// A repository model by name: `not-found` when there is none, a
-    /// `runtime-error` when it failed to load.
-    pub fn get(&self, name: &str) -> Result<PoolGraph, NnError> {
+    /// Whether the repository has a model by that name (loaded or not).
+    pub fn has(&self, name: &str) -> bool {
+        self.models.contains_key(name)
+    }
+
+    /// A repository model by name, loaded on first use if it must be:
+    /// `not-found` when there is none, a `runtime-error` when it failed to load.
+    pub async fn get(&self, name: &str) -> Result<PoolGraph, NnError> {
         let model = self
             .models
             .get(name)
             .ok_or_else(|| NnError::new(ErrorCode::NotFound, format!("no model named {name:?}")))?;
-        model.loaded.clone().map_err(|reason| {
+        let loaded = model
+            .loaded
+            .get_or_init(|| async {
+                tracing::info!(model = %name, "loading model on first use");
+                model.loading.store(true, Ordering::Relaxed);
+                let started = Instant::now();
+                let (name, file) = (model.name.clone(), model.file.clone());
+                let (preference, devices) = (model.config.device, self.devices.clone());
+                let graph = self
+                    .on_worker(move || Ok(place(&name, &file, preference, &devices)))
+                    .await
+                    .unwrap_or_else(|e| Err(e.message));
+                self.finish_load(model, graph, started)
+            })
+            .await;
+        loaded.graph.clone().map_err(|reason| {
             NnError::new(
                 ErrorCode::RuntimeError,
                 format!("model {name:?} failed to load: {reason}"),
             )
         })
+    }
+
+    /// Starts a loaded graph's batcher (when it batches) and logs the outcome.
+    fn finish_load(
+        &self,
+        model: &RepositoryModel,
+        graph: Result<Arc<OnnxGraph>, String>,
+        started: Instant,
+    ) -> Loaded {
+        let graph = graph.and_then(|graph| {
+            let batcher = match (&model.config.batching, self.batching) {
+                (Some(batching), true) => Some(Arc::new(Batcher::start(
+                    graph.clone(),
+                    batching.clone(),
+                    self.workers.clone(),
+                    model.stats.clone(),
+                )?)),
+                _ => None,
+            };
+            Ok(PoolGraph {
+                graph,
+                batcher,
+                stats: Some(model.stats.clone()),
+            })
+        });
+        let load_ms = started.elapsed().as_millis() as u64;
+        match &graph {
+            Ok(graph) => tracing::info!(
+                model = %model.name,
+                device = graph.graph.device(),
+                ms = load_ms,
+                "model ready"
+            ),
+            Err(e) => tracing::error!(model = %model.name, "model failed: {e}"),
+        }
+        Loaded { graph, load_ms }
     }
 
     /// A function's own ONNX graph, compiled on a worker once per content
@@ -301,39 +374,69 @@ impl ModelPool {
 }
 
 impl RepositoryModel {
+    /// Reads `model.toml` in `dir`; an error here skips the model.
+    fn read(name: &str, dir: &Path) -> Result<Self> {
+        let toml_path = dir.join("model.toml");
+        let text = std::fs::read_to_string(&toml_path)
+            .with_context(|| format!("reading {}", toml_path.display()))?;
+        let config: ModelConfig =
+            toml::from_str(&text).with_context(|| format!("parsing {}", toml_path.display()))?;
+        let file = dir.join(&config.file);
+        let size_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+        Ok(Self {
+            name: name.to_string(),
+            config,
+            file,
+            stats: Arc::new(ModelStats::default()),
+            size_bytes,
+            loaded: OnceCell::new(),
+            loading: AtomicBool::new(false),
+        })
+    }
+
     fn queued(&self) -> usize {
-        match &self.loaded {
-            Ok(PoolGraph {
+        match self.loaded.get().map(|l| &l.graph) {
+            Some(Ok(PoolGraph {
                 batcher: Some(batcher),
                 ..
-            }) => batcher.queued(),
+            })) => batcher.queued(),
             _ => 0,
         }
     }
 
     fn info(&self, name: &str) -> ModelInfo {
-        let (state, error, inputs, outputs, memory_bytes, device) = match &self.loaded {
-            Ok(graph) => (
-                "ready",
-                None,
-                graph.graph.inputs().to_vec(),
-                graph.graph.outputs().to_vec(),
-                graph.graph.weight_bytes(),
-                graph.graph.device().to_string(),
-            ),
-            Err(reason) => (
-                "failed",
-                Some(reason.clone()),
-                vec![],
-                vec![],
-                0,
-                String::new(),
-            ),
+        let not_loaded = || {
+            let state = if self.loading.load(Ordering::Relaxed) {
+                "loading"
+            } else {
+                "unloaded"
+            };
+            (state, None, vec![], vec![], 0, String::new())
         };
-        let batching = match &self.loaded {
-            Ok(PoolGraph {
+        let (state, error, inputs, outputs, memory_bytes, device) =
+            match self.loaded.get().map(|l| &l.graph) {
+                None => not_loaded(),
+                Some(Ok(graph)) => (
+                    "ready",
+                    None,
+                    graph.graph.inputs().to_vec(),
+                    graph.graph.outputs().to_vec(),
+                    graph.graph.weight_bytes(),
+                    graph.graph.device().to_string(),
+                ),
+                Some(Err(reason)) => (
+                    "failed",
+                    Some(reason.clone()),
+                    vec![],
+                    vec![],
+                    0,
+                    String::new(),
+                ),
+            };
+        let batching = match self.loaded.get().map(|l| &l.graph) {
+            Some(Ok(PoolGraph {
                 batcher: Some(_), ..
-            }) => self.config.batching.clone(),
+            })) => self.config.batching.clone(),
             _ => None,
         };
         ModelInfo {
@@ -344,6 +447,7 @@ impl RepositoryModel {
             device,
             public: self.config.public,
             state,
+            load: self.config.load,
             error,
             memory_bytes,
             batching,
@@ -351,7 +455,7 @@ impl RepositoryModel {
             inputs,
             outputs,
             size_bytes: self.size_bytes,
-            load_ms: self.load_ms,
+            load_ms: self.loaded.get().map_or(0, |l| l.load_ms),
         }
     }
 }
@@ -368,48 +472,6 @@ fn model_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     dirs.sort();
     Ok(dirs)
-}
-
-/// Reads `model.toml` (an error here skips the model) and loads the graph
-/// (an error here is kept as the model's failed state).
-fn load_model(
-    name: &str,
-    dir: &Path,
-    batch_workers: Option<&Arc<Semaphore>>,
-    devices: &Devices,
-) -> Result<RepositoryModel> {
-    let toml_path = dir.join("model.toml");
-    let text = std::fs::read_to_string(&toml_path)
-        .with_context(|| format!("reading {}", toml_path.display()))?;
-    let config: ModelConfig =
-        toml::from_str(&text).with_context(|| format!("parsing {}", toml_path.display()))?;
-    let file = dir.join(&config.file);
-    let size_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-    let started = Instant::now();
-    let stats = Arc::new(ModelStats::default());
-    let loaded = place(name, &file, config.device, devices).and_then(|graph| {
-        let batcher = match (&config.batching, batch_workers) {
-            (Some(batching), Some(workers)) => Some(Arc::new(Batcher::start(
-                graph.clone(),
-                batching.clone(),
-                workers.clone(),
-                stats.clone(),
-            )?)),
-            _ => None,
-        };
-        Ok(PoolGraph {
-            graph,
-            batcher,
-            stats: Some(stats.clone()),
-        })
-    });
-    Ok(RepositoryModel {
-        config,
-        loaded,
-        stats,
-        size_bytes,
-        load_ms: started.elapsed().as_millis() as u64,
-    })
 }
 
 /// Loads the graph at `file` and places it where `preference` and the

@@ -23,6 +23,7 @@ mod generated {
         },
         imports: {
             "wasi:nn/graph.load": async | trappable,
+            "wasi:nn/graph.load-by-name": async | trappable,
             "wasi:nn/inference.[method]graph-execution-context.compute": async | trappable,
             default: trappable,
         },
@@ -150,22 +151,21 @@ impl graph::Host for NnView<'_> {
         }
     }
 
-    fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
-        if !self.ctx.capabilities.models.is_visible(&name) {
+    async fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
+        if !self.ctx.capabilities.models.is_visible(&name) || !self.ctx.pool.has(&name) {
             let error = NnError::new(ErrorCode::NotFound, format!("no model named {name:?}"));
             return self.fail(error);
         }
-        let graph = match self.ctx.pool.get(&name) {
-            Ok(graph) => graph,
-            Err(error) => return self.fail(error),
-        };
         if !self.ctx.capabilities.models.is_allowed(&name) {
             return self.fail(NnError::new(
                 ErrorCode::Security,
                 format!("model {name:?} is not in this function's manifest (`models`)"),
             ));
         }
-        Ok(Ok(self.table.push(Graph(graph))?))
+        match self.ctx.pool.get(&name).await {
+            Ok(graph) => Ok(Ok(self.table.push(Graph(graph))?)),
+            Err(error) => self.fail(error),
+        }
     }
 }
 
