@@ -90,7 +90,13 @@ async fn manifests_cannot_ask_for_more_than_the_tenant_may_have() {
         .api(Method::GET, "/v1/models", None)
         .await
         .unwrap();
-    assert_eq!(all["models"].as_array().unwrap().len(), 1);
+    let names: Vec<&str> = all["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["all-minilm-l6-v2", "smollm2-135m-instruct"]);
 
     // Without a manifest the tenant's caps apply: 32 MiB, and no models at all.
     server.deploy(&key, "probe", wasm("manifest_probe")).await;

@@ -11,9 +11,11 @@ pub mod devices;
 mod engine;
 mod function;
 mod host;
+pub mod llm;
 pub mod logs;
 pub mod models;
 pub mod nn;
+mod queue;
 pub mod stats;
 
 use std::sync::Arc;

@@ -7,8 +7,8 @@
 //! not match otherwise wait for a batch of their own. Batches are filled
 //! round-robin across tenants, and the queue is bounded.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,7 @@ use super::error::{ErrorCode, NnError};
 use super::onnx::OnnxGraph;
 use super::stats::ModelStats;
 use super::tensor::{ElementType, HostTensor};
+use crate::queue::Waiting;
 
 /// `[batching]` in `model.toml`. The batch axis is axis 0 of every input and output.
 ///
@@ -112,52 +113,6 @@ pub struct Batcher {
     stats: Arc<ModelStats>,
 }
 
-/// Calls queued and not yet taken into a batch, in all and per tenant.
-struct Waiting {
-    max: usize,
-    max_per_tenant: usize,
-    counts: Mutex<(usize, HashMap<Arc<str>, usize>)>,
-}
-
-impl Waiting {
-    /// Counts a call in, or says why the queue cannot take it.
-    fn enter(&self, tenant: &Arc<str>) -> Result<(), String> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let (total, tenants) = &mut *counts;
-        let mine = tenants.get(tenant).copied().unwrap_or(0);
-        if *total >= self.max {
-            return Err(format!("its queue is full ({} calls waiting)", self.max));
-        }
-        if mine >= self.max_per_tenant {
-            return Err(format!(
-                "this tenant already has {mine} calls waiting, its share of the queue"
-            ));
-        }
-        *total += 1;
-        tenants.insert(tenant.clone(), mine + 1);
-        Ok(())
-    }
-
-    /// Counts calls out (taken into a batch, or never queued).
-    fn leave<'a>(&self, tenants: impl IntoIterator<Item = &'a Arc<str>>) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let (total, waiting) = &mut *counts;
-        for tenant in tenants {
-            *total -= 1;
-            if let Some(count) = waiting.get_mut(tenant) {
-                *count -= 1;
-                if *count == 0 {
-                    waiting.remove(tenant);
-                }
-            }
-        }
-    }
-
-    fn total(&self) -> usize {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).0
-    }
-}
-
 /// Everything a batch run needs, shared by the scheduler and its runs.
 struct Plan {
     graph: Arc<OnnxGraph>,
@@ -204,14 +159,7 @@ impl Batcher {
             }
         }
         let (calls, receiver) = mpsc::unbounded_channel();
-        let waiting = Arc::new(Waiting {
-            max: config.max_queue,
-            max_per_tenant: config
-                .max_queue_per_tenant
-                .unwrap_or(config.max_queue / 2)
-                .clamp(1, config.max_queue),
-            counts: Mutex::default(),
-        });
+        let waiting = Arc::new(Waiting::new(config.max_queue, config.max_queue_per_tenant));
         let plan = Arc::new(Plan {
             graph,
             config,
@@ -241,7 +189,7 @@ impl Batcher {
             reply,
         };
         if let Err(refused) = self.calls.send(call) {
-            self.waiting.leave([&refused.0.tenant]);
+            self.waiting.leave(&refused.0.tenant);
             return Err(NnError::new(
                 ErrorCode::RuntimeError,
                 "the model's scheduler stopped",
@@ -381,7 +329,9 @@ async fn schedule(
             queues.push(call);
         }
         let batch = queues.take(&plan);
-        waiting.leave(batch.iter().map(|call| &call.tenant));
+        for call in &batch {
+            waiting.leave(&call.tenant);
+        }
         let now = Instant::now();
         for call in &batch {
             plan.stats.waited(now - call.arrived);

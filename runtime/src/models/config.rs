@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::batcher::BatchConfig;
+use crate::llm::GenerationConfig;
 
 /// The contents of `models/<name>/model.toml`. Unknown keys are an error.
 ///
@@ -20,7 +21,8 @@ pub struct ModelConfig {
     /// One line on what the model is, shown in `GET /v1/models`.
     #[serde(default)]
     pub description: String,
-    /// The model's format; `"onnx"` is the only one so far.
+    /// The model's format: `"onnx"` (tensors, through wasi-nn) or `"gguf"`
+    /// (text generation, through gigafactory:ai).
     pub format: ModelFormat,
     /// The model file, relative to the model's directory. Default: `model.onnx`.
     #[serde(default = "default_file")]
@@ -42,6 +44,9 @@ pub struct ModelConfig {
     /// Dynamic batching across callers (see [`BatchConfig`]); absent: none.
     #[serde(default)]
     pub batching: Option<BatchConfig>,
+    /// Text models: continuous batching and KV cache (see [`GenerationConfig`]).
+    #[serde(default)]
+    pub generation: Option<GenerationConfig>,
 }
 
 fn default_file() -> String {
@@ -54,6 +59,8 @@ fn default_file() -> String {
 pub enum ModelFormat {
     /// An ONNX graph, run with tract.
     Onnx,
+    /// A GGUF language model, run with llama.cpp.
+    Gguf,
 }
 
 /// When a repository model loads.

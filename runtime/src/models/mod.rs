@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 
 use crate::devices::Devices;
+use crate::llm::{TextInfo, TextModel};
 use serde::Serialize;
 use tokio::sync::{OnceCell, Semaphore};
 
@@ -67,8 +68,22 @@ struct RepositoryModel {
 }
 
 struct Loaded {
-    graph: Result<PoolGraph, String>,
+    model: Result<Resident, String>,
     load_ms: u64,
+}
+
+/// A loaded repository model: a tensor graph (wasi-nn) or a text model
+/// (gigafactory:ai `generate`).
+#[derive(Clone)]
+enum Resident {
+    Graph(PoolGraph),
+    Text(Arc<TextModel>),
+}
+
+/// What loading produced, before the pool wires it up.
+enum Prepared {
+    Graph(Arc<OnnxGraph>),
+    Text(Arc<TextModel>),
 }
 
 /// What `GET /v1/models` shows of one model.
@@ -98,8 +113,11 @@ pub struct ModelInfo {
     /// Its dynamic batching settings, when it batches.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batching: Option<BatchConfig>,
-    /// What it has done since start.
+    /// What it has done since start (tensor models).
     pub stats: StatsSnapshot,
+    /// Text models: their `[generation]` settings and counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<TextInfo>,
     /// The graph's inputs.
     pub inputs: Vec<TensorSpec>,
     /// The graph's outputs.
@@ -147,8 +165,8 @@ impl ModelPool {
             if model.config.load == LoadPolicy::Boot {
                 tracing::info!(model = %name, "loading model");
                 let started = Instant::now();
-                let graph = place(&name, &model.file, model.config.device, &pool.devices);
-                let loaded = pool.finish_load(&model, graph, started);
+                let prepared = prepare(&name, &model.file, &model.config, &pool.devices);
+                let loaded = pool.finish_load(&model, prepared, started);
                 let _ = model.loaded.set(loaded);
             } else {
                 tracing::info!(model = %name, "model loads on first use");
@@ -163,9 +181,30 @@ impl ModelPool {
         self.models.contains_key(name)
     }
 
-    /// A repository model by name, loaded on first use if it must be:
-    /// `not-found` when there is none, a `runtime-error` when it failed to load.
+    /// A repository tensor model by name, loaded on first use if it must
+    /// be: `not-found` when there is none, `unsupported-operation` for a
+    /// text model, a `runtime-error` when it failed to load.
     pub async fn get(&self, name: &str) -> Result<PoolGraph, NnError> {
+        match self.resident(name).await? {
+            Resident::Graph(graph) => Ok(graph),
+            Resident::Text(_) => Err(NnError::unsupported(format!(
+                "{name:?} is a text-generation model: use gigafactory:ai generate"
+            ))),
+        }
+    }
+
+    /// A repository text model by name, loaded on first use if it must be;
+    /// errors as for [`Self::get`].
+    pub async fn text(&self, name: &str) -> Result<Arc<TextModel>, NnError> {
+        match self.resident(name).await? {
+            Resident::Text(model) => Ok(model),
+            Resident::Graph(_) => Err(NnError::unsupported(format!(
+                "{name:?} is not a text-generation model"
+            ))),
+        }
+    }
+
+    async fn resident(&self, name: &str) -> Result<Resident, NnError> {
         let model = self
             .models
             .get(name)
@@ -177,15 +216,15 @@ impl ModelPool {
                 model.loading.store(true, Ordering::Relaxed);
                 let started = Instant::now();
                 let (name, file) = (model.name.clone(), model.file.clone());
-                let (preference, devices) = (model.config.device, self.devices.clone());
-                let graph = self
-                    .on_worker(move || Ok(place(&name, &file, preference, &devices)))
+                let (config, devices) = (model.config.clone(), self.devices.clone());
+                let prepared = self
+                    .on_worker(move || Ok(prepare(&name, &file, &config, &devices)))
                     .await
                     .unwrap_or_else(|e| Err(e.message));
-                self.finish_load(model, graph, started)
+                self.finish_load(model, prepared, started)
             })
             .await;
-        loaded.graph.clone().map_err(|reason| {
+        loaded.model.clone().map_err(|reason| {
             NnError::new(
                 ErrorCode::RuntimeError,
                 format!("model {name:?} failed to load: {reason}"),
@@ -197,10 +236,14 @@ impl ModelPool {
     fn finish_load(
         &self,
         model: &RepositoryModel,
-        graph: Result<Arc<OnnxGraph>, String>,
+        prepared: Result<Prepared, String>,
         started: Instant,
     ) -> Loaded {
-        let graph = graph.and_then(|graph| {
+        let resident = prepared.and_then(|prepared| {
+            let graph = match prepared {
+                Prepared::Text(model) => return Ok(Resident::Text(model)),
+                Prepared::Graph(graph) => graph,
+            };
             let batcher = match (&model.config.batching, self.batching) {
                 (Some(batching), true) => Some(Arc::new(Batcher::start(
                     graph.clone(),
@@ -210,23 +253,26 @@ impl ModelPool {
                 )?)),
                 _ => None,
             };
-            Ok(PoolGraph {
+            Ok(Resident::Graph(PoolGraph {
                 graph,
                 batcher,
                 stats: Some(model.stats.clone()),
-            })
+            }))
         });
         let load_ms = started.elapsed().as_millis() as u64;
-        match &graph {
-            Ok(graph) => tracing::info!(
+        match &resident {
+            Ok(resident) => tracing::info!(
                 model = %model.name,
-                device = graph.graph.device(),
+                device = resident.device(),
                 ms = load_ms,
                 "model ready"
             ),
             Err(e) => tracing::error!(model = %model.name, "model failed: {e}"),
         }
-        Loaded { graph, load_ms }
+        Loaded {
+            model: resident,
+            load_ms,
+        }
     }
 
     /// A function's own ONNX graph, compiled on a worker once per content
@@ -395,11 +441,11 @@ impl RepositoryModel {
     }
 
     fn queued(&self) -> usize {
-        match self.loaded.get().map(|l| &l.graph) {
-            Some(Ok(PoolGraph {
+        match self.loaded.get().map(|l| &l.model) {
+            Some(Ok(Resident::Graph(PoolGraph {
                 batcher: Some(batcher),
                 ..
-            })) => batcher.queued(),
+            }))) => batcher.queued(),
             _ => 0,
         }
     }
@@ -414,9 +460,17 @@ impl RepositoryModel {
             (state, None, vec![], vec![], 0, String::new())
         };
         let (state, error, inputs, outputs, memory_bytes, device) =
-            match self.loaded.get().map(|l| &l.graph) {
+            match self.loaded.get().map(|l| &l.model) {
                 None => not_loaded(),
-                Some(Ok(graph)) => (
+                Some(Ok(Resident::Text(text))) => (
+                    "ready",
+                    None,
+                    vec![],
+                    vec![],
+                    text.size_bytes(),
+                    "cpu".to_string(),
+                ),
+                Some(Ok(Resident::Graph(graph))) => (
                     "ready",
                     None,
                     graph.graph.inputs().to_vec(),
@@ -433,10 +487,14 @@ impl RepositoryModel {
                     String::new(),
                 ),
             };
-        let batching = match self.loaded.get().map(|l| &l.graph) {
-            Some(Ok(PoolGraph {
+        let batching = match self.loaded.get().map(|l| &l.model) {
+            Some(Ok(Resident::Graph(PoolGraph {
                 batcher: Some(_), ..
-            })) => self.config.batching.clone(),
+            }))) => self.config.batching.clone(),
+            _ => None,
+        };
+        let generation = match self.loaded.get().map(|l| &l.model) {
+            Some(Ok(Resident::Text(text))) => Some(text.info()),
             _ => None,
         };
         ModelInfo {
@@ -452,6 +510,7 @@ impl RepositoryModel {
             memory_bytes,
             batching,
             stats: self.stats.snapshot(self.queued()),
+            generation,
             inputs,
             outputs,
             size_bytes: self.size_bytes,
@@ -507,4 +566,32 @@ fn place(
     };
     devices.place(graph.device(), bytes);
     Ok(graph)
+}
+
+impl Resident {
+    fn device(&self) -> &str {
+        match self {
+            Resident::Graph(graph) => graph.graph.device(),
+            Resident::Text(_) => "cpu",
+        }
+    }
+}
+
+/// Loads a repository model's file as its format says; blocking.
+fn prepare(
+    name: &str,
+    file: &Path,
+    config: &ModelConfig,
+    devices: &Devices,
+) -> Result<Prepared, String> {
+    match config.format {
+        ModelFormat::Onnx => place(name, file, config.device, devices).map(Prepared::Graph),
+        ModelFormat::Gguf => {
+            if config.device == DevicePreference::Gpu {
+                return Err("device = \"gpu\": text models run on the CPU in this build".into());
+            }
+            let generation = config.generation.clone().unwrap_or_default();
+            TextModel::load(name, file, generation).map(Prepared::Text)
+        }
+    }
 }

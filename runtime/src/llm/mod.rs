@@ -1,0 +1,641 @@
+//! Text generation: GGUF models run by llama.cpp, loaded once and shared by
+//! every tenant. The host owns tokenisation, the chat template, the KV cache
+//! and batching: one scheduler thread per model decodes every active
+//! sequence of every tenant together, one `llama_batch` per step
+//! (continuous batching); sequences join and leave between steps.
+
+mod scheduler;
+mod text;
+
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc as tokio_mpsc;
+
+pub use text::{Step, TextStream};
+
+/// `[generation]` in a text model's `model.toml`.
+///
+/// ```toml
+/// [generation]
+/// max_sequences = 8      # generations decoded together
+/// context_tokens = 2048  # KV cache of each (prompt + output tokens)
+/// batch_tokens = 512     # most tokens per decode step (prompts are fed in chunks)
+/// threads = 0            # 0: the machine's cores
+/// max_queue = 64         # waiting generations; past it, refused at once
+/// ```
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationConfig {
+    /// Sequences decoded together.
+    #[serde(default = "default_sequences")]
+    pub max_sequences: u32,
+    /// Tokens of KV cache per sequence: a prompt plus `max_tokens` must fit.
+    /// The model's KV budget is `max_sequences × context_tokens`.
+    #[serde(default = "default_context")]
+    pub context_tokens: u32,
+    /// Most tokens in one decode step.
+    #[serde(default = "default_batch")]
+    pub batch_tokens: u32,
+    /// Threads llama.cpp uses; 0: the machine's cores.
+    #[serde(default)]
+    pub threads: u32,
+    /// Generations waiting for a slot; past it `generate` is refused at once.
+    #[serde(default = "default_queue")]
+    pub max_queue: usize,
+    /// Generations one tenant may have waiting (default: half of `max_queue`).
+    #[serde(default)]
+    pub max_queue_per_tenant: Option<usize>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_sequences: default_sequences(),
+            context_tokens: default_context(),
+            batch_tokens: default_batch(),
+            threads: 0,
+            max_queue: default_queue(),
+            max_queue_per_tenant: None,
+        }
+    }
+}
+
+fn default_sequences() -> u32 {
+    8
+}
+
+fn default_context() -> u32 {
+    2048
+}
+
+fn default_batch() -> u32 {
+    512
+}
+
+fn default_queue() -> usize {
+    64
+}
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// Raw text, tokenised as is (special tokens in it are parsed).
+    Text(String),
+    /// Chat messages `(role, content)`, rendered with the model's own template.
+    Chat(Vec<(String, String)>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability (1: off).
+    pub top_p: f32,
+    /// Keep only the k most likely tokens (0: off).
+    pub top_k: u32,
+    /// The sampler's seed.
+    pub seed: u32,
+    /// Generation ends before the first of these strings.
+    pub stop: Vec<String>,
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Self {
+            prompt: Prompt::Text(String::new()),
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop: vec![],
+        }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its turn, or a stop string was reached.
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+}
+
+/// Token counts of a finished generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Tokens of the prompt (after the chat template).
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+}
+
+/// What a generation yields, in order: text chunks, then one `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The next piece of text.
+    Text(String),
+    /// Generation ended.
+    Done(Usage),
+    /// Generation failed.
+    Failed(String),
+}
+
+/// Why a request could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenerateError {
+    /// A parameter is out of range, or the prompt cannot be rendered.
+    #[error("{0}")]
+    Invalid(String),
+    /// The prompt and `max_tokens` need more KV cache than the model has.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The queue is full (in all, or this tenant's share); retry shortly.
+    #[error("model busy: {0}; retry shortly")]
+    Busy(String),
+    /// The model's scheduler stopped.
+    #[error("the model stopped: {0}")]
+    Stopped(String),
+}
+
+/// A running generation; dropping it cancels the generation and frees its
+/// KV cache at the scheduler's next step.
+pub struct Generation {
+    events: tokio_mpsc::UnboundedReceiver<Event>,
+    prompt_tokens: u32,
+}
+
+impl Generation {
+    /// The next event; `None` after `Done`/`Failed`.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Tokens in the prompt.
+    pub fn prompt_tokens(&self) -> u32 {
+        self.prompt_tokens
+    }
+}
+
+/// Counters for `/v1/models` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct TextStats {
+    /// Generations decoding now.
+    pub active: AtomicUsize,
+    /// Generations waiting for a slot.
+    pub queued: AtomicUsize,
+    /// Generations started.
+    pub started: AtomicU64,
+    /// Generations refused because the queue was full.
+    pub rejected: AtomicU64,
+    /// Generations cancelled by their caller before the end.
+    pub cancelled: AtomicU64,
+    /// Prompt tokens processed.
+    pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
+    pub completion_tokens: AtomicU64,
+    /// Decode steps run.
+    pub steps: AtomicU64,
+}
+
+/// A text model's settings and counters, as `GET /v1/models` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextInfo {
+    /// Its `[generation]` settings.
+    pub config: GenerationConfig,
+    /// Generations decoding now.
+    pub active: usize,
+    /// Generations waiting for a slot.
+    pub queued: usize,
+    /// Generations started.
+    pub started: u64,
+    /// Generations refused because the queue was full.
+    pub rejected: u64,
+    /// Generations their caller dropped before the end.
+    pub cancelled: u64,
+    /// Prompt tokens processed.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+    /// Decode steps run.
+    pub steps: u64,
+}
+
+/// A resident text model and its scheduler.
+pub struct TextModel {
+    model: Arc<LlamaModel>,
+    template: Option<LlamaChatTemplate>,
+    config: GenerationConfig,
+    jobs: Mutex<mpsc::Sender<scheduler::Job>>,
+    waiting: Arc<crate::queue::Waiting>,
+    stats: Arc<TextStats>,
+}
+
+/// llama.cpp's process-wide state, initialised once.
+fn backend() -> Result<&'static LlamaBackend, String> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| format!("initialising llama.cpp: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+impl TextModel {
+    /// Loads the GGUF file at `path` and starts its scheduler thread
+    /// (named after `name`); blocking.
+    pub fn load(name: &str, path: &Path, config: GenerationConfig) -> Result<Arc<Self>, String> {
+        if config.max_sequences == 0
+            || config.context_tokens == 0
+            || config.batch_tokens == 0
+            || config
+                .context_tokens
+                .checked_mul(config.max_sequences)
+                .is_none()
+        {
+            return Err(
+                "generation: max_sequences, context_tokens and batch_tokens must be at least 1, and their product fit 32 bits"
+                    .into(),
+            );
+        }
+        let backend = backend()?;
+        let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+            .map_err(|e| format!("loading {}: {e}", path.display()))?;
+        let model = Arc::new(model);
+        let template = model.chat_template(None).ok();
+        let threads = match config.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()) as i32,
+            n => n as i32,
+        };
+        let context = NonZeroU32::new(config.context_tokens).expect("checked above");
+        let waiting = Arc::new(crate::queue::Waiting::new(
+            config.max_queue,
+            config.max_queue_per_tenant,
+        ));
+        let stats = Arc::new(TextStats::default());
+        let (jobs, receiver) = mpsc::channel();
+        let started = scheduler::start(
+            name,
+            scheduler::Setup {
+                model: model.clone(),
+                context,
+                batch_tokens: config.batch_tokens,
+                max_sequences: config.max_sequences,
+                threads,
+                waiting: waiting.clone(),
+                stats: stats.clone(),
+            },
+            receiver,
+        )?;
+        started
+            .recv()
+            .map_err(|_| "the scheduler thread died".to_string())??;
+        Ok(Arc::new(Self {
+            model,
+            template,
+            config,
+            jobs: Mutex::new(jobs),
+            waiting,
+            stats,
+        }))
+    }
+
+    /// The model's counters.
+    pub fn stats(&self) -> &TextStats {
+        &self.stats
+    }
+
+    /// Settings and counters for `GET /v1/models`.
+    pub fn info(&self) -> TextInfo {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        let stats = &self.stats;
+        TextInfo {
+            config: self.config.clone(),
+            active: stats.active.load(Ordering::Relaxed),
+            queued: stats.queued.load(Ordering::Relaxed),
+            started: load(&stats.started),
+            rejected: load(&stats.rejected),
+            cancelled: load(&stats.cancelled),
+            prompt_tokens: load(&stats.prompt_tokens),
+            completion_tokens: load(&stats.completion_tokens),
+            steps: load(&stats.steps),
+        }
+    }
+
+    /// The model's `[generation]` settings.
+    pub fn config(&self) -> &GenerationConfig {
+        &self.config
+    }
+
+    /// Bytes of weights.
+    pub fn size_bytes(&self) -> u64 {
+        self.model.size()
+    }
+
+    /// Renders `prompt` (the chat template for messages) and tokenises it.
+    pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<LlamaToken>, GenerateError> {
+        let text = match prompt {
+            Prompt::Text(text) => text.clone(),
+            Prompt::Chat(messages) => {
+                let template = self.template.as_ref().ok_or_else(|| {
+                    GenerateError::Invalid("this model has no chat template; send a prompt".into())
+                })?;
+                let messages = messages
+                    .iter()
+                    .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| GenerateError::Invalid(format!("a chat message: {e}")))?;
+                self.model
+                    .apply_chat_template(template, &messages, true)
+                    .map_err(|e| {
+                        GenerateError::Invalid(format!("applying the chat template: {e}"))
+                    })?
+            }
+        };
+        let vocab = self.model.vocab();
+        Ok(vocab.tokenize(text.as_bytes(), vocab.should_add_bos(), true))
+    }
+
+    /// Queues a generation for `tenant`; text arrives through the returned
+    /// [`Generation`] as it is produced.
+    pub fn generate(
+        &self,
+        tenant: Arc<str>,
+        request: Request,
+    ) -> Result<Generation, GenerateError> {
+        check(&request)?;
+        let tokens = self.tokenize(&request.prompt)?;
+        if tokens.is_empty() {
+            return Err(GenerateError::Invalid("the prompt is empty".into()));
+        }
+        let needed = tokens.len() as u64 + u64::from(request.max_tokens);
+        if needed > u64::from(self.config.context_tokens) {
+            return Err(GenerateError::TooLarge(format!(
+                "the prompt ({} tokens) plus max_tokens ({}) exceed the model's context of {} tokens",
+                tokens.len(),
+                request.max_tokens,
+                self.config.context_tokens
+            )));
+        }
+        self.waiting.enter(&tenant).map_err(|why| {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            GenerateError::Busy(why)
+        })?;
+        let (events, receiver) = tokio_mpsc::unbounded_channel();
+        let prompt_tokens = tokens.len() as u32;
+        let job = scheduler::Job {
+            tenant,
+            tokens,
+            request,
+            events,
+        };
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(refused) = jobs.send(job) {
+            self.waiting.leave(&refused.0.tenant);
+            return Err(GenerateError::Stopped("its scheduler is gone".into()));
+        }
+        Ok(Generation {
+            events: receiver,
+            prompt_tokens,
+        })
+    }
+}
+
+fn check(request: &Request) -> Result<(), GenerateError> {
+    let invalid = |why: String| Err(GenerateError::Invalid(why));
+    if request.max_tokens == 0 {
+        return invalid("max_tokens must be at least 1".into());
+    }
+    if !(request.temperature.is_finite() && (0.0..=2.0).contains(&request.temperature)) {
+        return invalid(format!(
+            "temperature must be between 0 and 2, got {}",
+            request.temperature
+        ));
+    }
+    if !(request.top_p > 0.0 && request.top_p <= 1.0) {
+        return invalid(format!("top_p must be in (0, 1], got {}", request.top_p));
+    }
+    if request.stop.len() > 16 || request.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return invalid("stop: at most 16 strings of 1 to 256 bytes".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use super::*;
+
+    /// The reference prompt of SmolLM2-135M-Instruct and its greedy answer.
+    const PROMPT: &str =
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    const ANSWER: &str = "The capital of France is Paris.";
+
+    /// The model shared by the tests that only look at outputs.
+    fn model() -> Option<Arc<TextModel>> {
+        static MODEL: OnceLock<Option<Arc<TextModel>>> = OnceLock::new();
+        MODEL.get_or_init(own_model).clone()
+    }
+
+    /// A model of its own, for tests that count its sequences.
+    fn own_model() -> Option<Arc<TextModel>> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/smollm2-135m-instruct/model.gguf");
+        if !path.is_file() {
+            eprintln!("skipping: {} is missing (run ./dev models)", path.display());
+            return None;
+        }
+        let config = GenerationConfig {
+            max_sequences: 8,
+            context_tokens: 1024,
+            ..GenerationConfig::default()
+        };
+        Some(TextModel::load("smollm2", &path, config).unwrap())
+    }
+
+    fn request(prompt: Prompt, max_tokens: u32) -> Request {
+        Request {
+            prompt,
+            max_tokens,
+            ..Request::default()
+        }
+    }
+
+    async fn collect(mut generation: Generation) -> (String, Usage) {
+        let mut text = String::new();
+        loop {
+            match generation.next().await.expect("an event before the end") {
+                Event::Text(chunk) => text.push_str(&chunk),
+                Event::Done(usage) => return (text, usage),
+                Event::Failed(why) => panic!("generation failed: {why}"),
+            }
+        }
+    }
+
+    fn tenant(name: &str) -> Arc<str> {
+        Arc::from(name)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn greedy_generation_answers_the_reference_prompt() {
+        let Some(model) = model() else { return };
+        let chat = Prompt::Chat(vec![(
+            "user".into(),
+            "What is the capital of France?".into(),
+        )]);
+        assert_eq!(
+            model.tokenize(&chat).unwrap(),
+            model.tokenize(&Prompt::Text(PROMPT.into())).unwrap(),
+            "the chat template renders the reference prompt"
+        );
+        let generation = model.generate(tenant("a"), request(chat, 64)).unwrap();
+        let (text, usage) = collect(generation).await;
+        assert_eq!(text, ANSWER);
+        assert_eq!(usage.finish_reason, FinishReason::Stop);
+        assert_eq!(
+            usage.completion_tokens, 7,
+            "7 tokens of text, then end of turn (not counted)"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_generations_equal_each_one_alone() {
+        let Some(model) = own_model() else { return };
+        let questions = [
+            "What is the capital of France?",
+            "Name three colours.",
+            "What is 2 plus 2?",
+            "Write a haiku about the sea.",
+            "Who wrote Romeo and Juliet?",
+            "What do bees make?",
+            "Say hello in Spanish.",
+            "What is the largest planet?",
+        ];
+        let prompt = |q: &str| Prompt::Chat(vec![("user".into(), q.into())]);
+        let mut alone = Vec::new();
+        for question in questions {
+            let generation = model
+                .generate(tenant("a"), request(prompt(question), 24))
+                .unwrap();
+            alone.push(collect(generation).await);
+        }
+        let together: Vec<_> = questions
+            .iter()
+            .enumerate()
+            .map(|(i, question)| {
+                model
+                    .generate(tenant(["a", "b"][i % 2]), request(prompt(question), 24))
+                    .unwrap()
+            })
+            .collect();
+        let mut results = Vec::new();
+        for generation in together {
+            results.push(collect(generation).await);
+        }
+        for ((question, alone), together) in questions.iter().zip(&alone).zip(&results) {
+            assert_eq!(alone, together, "{question}");
+        }
+        assert_eq!(model.stats().active.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn max_tokens_and_stop_strings_end_generation() {
+        let Some(model) = model() else { return };
+        let (text, usage) = collect(
+            model
+                .generate(tenant("a"), request(Prompt::Text(PROMPT.into()), 3))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(usage.finish_reason, FinishReason::Length);
+        assert_eq!(usage.completion_tokens, 3);
+        assert_eq!(text, "The capital of");
+        let stopped = Request {
+            stop: vec![" is".into()],
+            ..request(Prompt::Text(PROMPT.into()), 64)
+        };
+        let (text, usage) = collect(model.generate(tenant("a"), stopped).unwrap()).await;
+        assert_eq!(text, "The capital of France");
+        assert_eq!(usage.finish_reason, FinishReason::Stop);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn dropping_a_generation_frees_its_sequence() {
+        let Some(model) = own_model() else { return };
+        let long = Prompt::Chat(vec![(
+            "user".into(),
+            "Tell me a long story about a dragon.".into(),
+        )]);
+        let mut generation = model.generate(tenant("a"), request(long, 900)).unwrap();
+        assert!(matches!(generation.next().await, Some(Event::Text(_))));
+        assert_eq!(model.stats().active.load(Ordering::Relaxed), 1);
+        drop(generation);
+        for _ in 0..200 {
+            if model.stats().active.load(Ordering::Relaxed) == 0 {
+                assert_eq!(model.info().cancelled, 1);
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the dropped generation still holds its sequence");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn bad_requests_are_refused_before_queueing() {
+        let Some(model) = model() else { return };
+        let refuse = |request: Request| model.generate(tenant("a"), request).err().unwrap();
+        let base = || request(Prompt::Text(PROMPT.into()), 16);
+        assert!(matches!(
+            refuse(Request {
+                max_tokens: 0,
+                ..base()
+            }),
+            GenerateError::Invalid(_)
+        ));
+        assert!(matches!(
+            refuse(Request {
+                temperature: 3.0,
+                ..base()
+            }),
+            GenerateError::Invalid(_)
+        ));
+        assert!(matches!(
+            refuse(Request {
+                top_p: 0.0,
+                ..base()
+            }),
+            GenerateError::Invalid(_)
+        ));
+        assert!(matches!(
+            refuse(Request {
+                max_tokens: 1024,
+                ..base()
+            }),
+            GenerateError::TooLarge(_)
+        ));
+        assert!(matches!(
+            refuse(request(Prompt::Text(String::new()), 4)),
+            GenerateError::Invalid(_)
+        ));
+    }
+}

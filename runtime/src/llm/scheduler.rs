@@ -1,0 +1,358 @@
+//! One thread per text model owns its llama.cpp context. Each step it
+//! admits waiting generations into free sequence slots (round-robin across
+//! tenants, within the KV budget), drops cancelled ones, puts one token of
+//! every active sequence — or a chunk of a new one's prompt — into a single
+//! `llama_batch`, decodes, and samples each sequence's next token. Each
+//! sequence has its own KV stream of `context_tokens`, so its output is
+//! the same whether it runs alone or with others.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc as tokio_mpsc;
+
+use super::text::{Step, TextStream};
+use super::{Event, FinishReason, Request, TextStats, Usage};
+use crate::queue::Waiting;
+
+/// A queued generation.
+pub struct Job {
+    pub tenant: Arc<str>,
+    pub tokens: Vec<LlamaToken>,
+    pub request: Request,
+    pub events: tokio_mpsc::UnboundedSender<Event>,
+}
+
+/// What the scheduler thread is given.
+pub struct Setup {
+    pub model: Arc<LlamaModel>,
+    /// KV cache per sequence, in tokens.
+    pub context: NonZeroU32,
+    pub batch_tokens: u32,
+    pub max_sequences: u32,
+    pub threads: i32,
+    pub waiting: Arc<Waiting>,
+    pub stats: Arc<TextStats>,
+}
+
+/// Starts the scheduler thread; the returned channel says whether its
+/// context could be created.
+pub fn start(
+    name: &str,
+    setup: Setup,
+    jobs: mpsc::Receiver<Job>,
+) -> Result<mpsc::Receiver<Result<(), String>>, String> {
+    let (ready, started) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("llm-{name}"))
+        .spawn(move || run(setup, jobs, ready))
+        .map_err(|e| format!("starting the scheduler thread: {e}"))?;
+    Ok(started)
+}
+
+/// An active generation.
+struct Sequence {
+    id: i32,
+    tenant: Arc<str>,
+    prompt: Vec<LlamaToken>,
+    /// Prompt tokens already in the KV cache.
+    fed: usize,
+    /// The next position in the sequence.
+    position: i32,
+    /// The last sampled token, fed at the next step.
+    last: Option<LlamaToken>,
+    /// This step's logits row in the batch, when it asked for one.
+    row: Option<i32>,
+    sampler: LlamaSampler,
+    text: TextStream,
+    generated: u32,
+    max_tokens: u32,
+    events: tokio_mpsc::UnboundedSender<Event>,
+}
+
+fn run(setup: Setup, jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>) {
+    let backend = match super::backend() {
+        Ok(backend) => backend,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(setup.context.get() * setup.max_sequences))
+        .with_n_batch(setup.batch_tokens)
+        .with_n_ubatch(setup.batch_tokens)
+        .with_n_seq_max(setup.max_sequences)
+        // One KV stream per sequence: a sequence's attention sees the same
+        // cache layout as when it runs alone, so batching never changes
+        // what a sequence generates.
+        .with_kv_unified(false)
+        .with_n_threads(setup.threads)
+        .with_n_threads_batch(setup.threads);
+    let mut context = match setup.model.new_context(backend, params) {
+        Ok(context) => context,
+        Err(e) => {
+            let _ = ready.send(Err(format!("creating the llama.cpp context: {e}")));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    Scheduler {
+        setup: &setup,
+        batch: LlamaBatch::new(setup.batch_tokens as usize, 1),
+        queue: VecDeque::new(),
+        active: Vec::new(),
+        free: (0..setup.max_sequences as i32).rev().collect(),
+    }
+    .serve(&mut context, &jobs);
+}
+
+struct Scheduler<'a> {
+    setup: &'a Setup,
+    batch: LlamaBatch<'static>,
+    /// Waiting generations per tenant, served round-robin.
+    queue: VecDeque<(Arc<str>, VecDeque<Job>)>,
+    active: Vec<Sequence>,
+    free: Vec<i32>,
+}
+
+impl Scheduler<'_> {
+    fn serve(&mut self, context: &mut LlamaContext<'_>, jobs: &mpsc::Receiver<Job>) {
+        loop {
+            if self.active.is_empty() && self.queue.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => self.push(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                self.push(job);
+            }
+            self.drop_cancelled(context);
+            self.admit();
+            if self.active.is_empty() {
+                continue;
+            }
+            self.step(context);
+        }
+    }
+
+    fn push(&mut self, job: Job) {
+        self.setup.stats.queued.fetch_add(1, Ordering::Relaxed);
+        match self.queue.iter_mut().find(|(t, _)| *t == job.tenant) {
+            Some((_, jobs)) => jobs.push_back(job),
+            None => self
+                .queue
+                .push_back((job.tenant.clone(), VecDeque::from([job]))),
+        }
+    }
+
+    /// Callers that went away: queued ones are forgotten, active ones
+    /// leave the batch and their KV cells are freed now.
+    fn drop_cancelled(&mut self, context: &mut LlamaContext<'_>) {
+        let stats = &self.setup.stats;
+        for (tenant, jobs) in &mut self.queue {
+            jobs.retain(|job| {
+                let gone = job.events.is_closed();
+                if gone {
+                    self.setup.waiting.leave(tenant);
+                    stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+                !gone
+            });
+        }
+        self.queue.retain(|(_, jobs)| !jobs.is_empty());
+        let mut index = 0;
+        while index < self.active.len() {
+            if self.active[index].events.is_closed() {
+                let sequence = self.active.swap_remove(index);
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                self.release(context, sequence);
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    /// Fills free slots from the queue, one tenant at a time. Every request
+    /// fits a slot's KV stream (`generate` checked it).
+    fn admit(&mut self) {
+        while !self.free.is_empty() {
+            let Some((tenant, mut jobs)) = self.queue.pop_front() else {
+                break;
+            };
+            let job = jobs.pop_front().expect("queues are never empty");
+            if !jobs.is_empty() {
+                self.queue.push_back((tenant.clone(), jobs));
+            }
+            self.setup.waiting.leave(&tenant);
+            let stats = &self.setup.stats;
+            stats.queued.fetch_sub(1, Ordering::Relaxed);
+            stats.active.fetch_add(1, Ordering::Relaxed);
+            stats.started.fetch_add(1, Ordering::Relaxed);
+            let id = self.free.pop().expect("checked");
+            self.active.push(Sequence {
+                id,
+                tenant,
+                sampler: sampler(&job.request),
+                text: TextStream::new(job.request.stop.clone()),
+                prompt: job.tokens,
+                fed: 0,
+                position: 0,
+                last: None,
+                row: None,
+                generated: 0,
+                max_tokens: job.request.max_tokens,
+                events: job.events,
+            });
+        }
+    }
+
+    /// One decode: a token of every generating sequence, then prompt chunks
+    /// while the batch has room.
+    fn step(&mut self, context: &mut LlamaContext<'_>) {
+        self.batch.clear();
+        let mut room = self.setup.batch_tokens as usize;
+        for sequence in &mut self.active {
+            sequence.row = None;
+            if let Some(token) = sequence.last {
+                let row = self.batch.n_tokens();
+                if self
+                    .batch
+                    .add(token, sequence.position, &[sequence.id], true)
+                    .is_ok()
+                {
+                    sequence.row = Some(row);
+                    sequence.position += 1;
+                    room -= 1;
+                }
+            }
+        }
+        for sequence in &mut self.active {
+            if sequence.last.is_some() || room == 0 {
+                continue;
+            }
+            let end = (sequence.fed + room).min(sequence.prompt.len());
+            for index in sequence.fed..end {
+                let last = index + 1 == sequence.prompt.len();
+                let row = self.batch.n_tokens();
+                if self
+                    .batch
+                    .add(sequence.prompt[index], index as i32, &[sequence.id], last)
+                    .is_err()
+                {
+                    break;
+                }
+                if last {
+                    sequence.row = Some(row);
+                }
+                sequence.fed = index + 1;
+                sequence.position = index as i32 + 1;
+                room -= 1;
+            }
+        }
+        if let Err(e) = context.decode(&mut self.batch) {
+            let why = format!("decoding failed: {e}");
+            tracing::error!("{why}");
+            for sequence in std::mem::take(&mut self.active) {
+                let _ = sequence.events.send(Event::Failed(why.clone()));
+                self.release(context, sequence);
+            }
+            return;
+        }
+        let stats = &self.setup.stats;
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        let vocab = self.setup.model.vocab();
+        let mut finished = Vec::new();
+        for (index, sequence) in self.active.iter_mut().enumerate() {
+            let Some(row) = sequence.row else {
+                continue;
+            };
+            if sequence.last.is_none() {
+                stats
+                    .prompt_tokens
+                    .fetch_add(sequence.prompt.len() as u64, Ordering::Relaxed);
+            }
+            let token = sequence.sampler.sample(context, row);
+            if vocab.is_eog(token) {
+                finished.push((index, FinishReason::Stop));
+                continue;
+            }
+            sequence.generated += 1;
+            stats.completion_tokens.fetch_add(1, Ordering::Relaxed);
+            sequence.last = Some(token);
+            let piece = vocab.token_to_piece(token, false, None);
+            match sequence.text.push(&piece) {
+                Step::Text(text) => {
+                    if !text.is_empty() {
+                        let _ = sequence.events.send(Event::Text(text));
+                    }
+                    if sequence.generated >= sequence.max_tokens {
+                        finished.push((index, FinishReason::Length));
+                    }
+                }
+                Step::Stopped(text) => {
+                    if !text.is_empty() {
+                        let _ = sequence.events.send(Event::Text(text));
+                    }
+                    finished.push((index, FinishReason::Stop));
+                }
+            }
+        }
+        for (index, reason) in finished.into_iter().rev() {
+            let mut sequence = self.active.swap_remove(index);
+            let rest = if reason == FinishReason::Length {
+                sequence.text.finish()
+            } else {
+                String::new()
+            };
+            let usage = Usage {
+                prompt_tokens: sequence.prompt.len() as u32,
+                completion_tokens: sequence.generated,
+                finish_reason: reason,
+            };
+            let events = sequence.events.clone();
+            // Freed before the caller hears of the end.
+            self.release(context, sequence);
+            if !rest.is_empty() {
+                let _ = events.send(Event::Text(rest));
+            }
+            let _ = events.send(Event::Done(usage));
+        }
+    }
+
+    /// Frees a sequence's KV cells and slot.
+    fn release(&mut self, context: &mut LlamaContext<'_>, sequence: Sequence) {
+        if let Err(e) = context.clear_kv_cache_seq(Some(sequence.id as u32), None, None) {
+            tracing::error!(tenant = %sequence.tenant, "freeing a sequence's KV cache: {e}");
+        }
+        self.free.push(sequence.id);
+        self.setup.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The sampler chain for a request: greedy at temperature 0.
+fn sampler(request: &Request) -> LlamaSampler {
+    if request.temperature <= 0.0 {
+        return LlamaSampler::greedy();
+    }
+    let mut chain = Vec::new();
+    if request.top_k > 0 {
+        chain.push(LlamaSampler::top_k(request.top_k as i32));
+    }
+    if request.top_p < 1.0 {
+        chain.push(LlamaSampler::top_p(request.top_p, 1));
+    }
+    chain.push(LlamaSampler::temp(request.temperature));
+    chain.push(LlamaSampler::dist(request.seed));
+    LlamaSampler::chain_simple(chain)
+}
