@@ -10,6 +10,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::ai::AiView;
 use crate::capabilities::{Capabilities, OutboundAccess};
 use crate::logs::{LogStream, RequestLog};
 use crate::models::ModelPool;
@@ -64,6 +65,10 @@ impl HostState {
 
     pub(crate) fn nn(&mut self) -> NnView<'_> {
         NnView::new(&self.nn, &mut self.table)
+    }
+
+    pub(crate) fn ai(&mut self) -> AiView<'_> {
+        AiView::new(&self.nn, &mut self.table)
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`Runtime::compile`], keeps the artifact, [`Runtime::load`]s it into a
 //! [`Function`] and calls [`Function::handle`] per request.
 
+mod ai;
 mod capabilities;
 pub mod devices;
 mod engine;
@@ -84,6 +85,7 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         nn::add_to_linker(&mut linker, HostState::nn)?;
+        ai::add_to_linker(&mut linker, HostState::ai)?;
         let fingerprint = fingerprint(&engine);
         Ok(Self {
             inner: Arc::new(Inner {

@@ -1,7 +1,6 @@
-//! A buffered HTTP handler: read the whole request, return a whole response.
-//!
-//! Functions that need to stream can implement
-//! `wasip2::exports::http::incoming_handler::Guest` directly instead.
+//! An HTTP handler: read the whole request, return a response whose body
+//! is either whole or streamed ([`Response::stream`]: each write reaches
+//! the client while the function runs, e.g. server-sent events).
 
 use std::io::{Read, Write};
 
@@ -41,15 +40,48 @@ impl Request {
     }
 }
 
-/// A response to send back whole.
-#[derive(Debug, Clone)]
+/// A response: status, headers, and a body sent whole or streamed.
 pub struct Response {
     /// The HTTP status code.
     pub status: u16,
     /// Header names and values.
     pub headers: Vec<(String, Vec<u8>)>,
-    /// The response body.
+    /// The response body (sent before any streamed part).
     pub body: Vec<u8>,
+    stream: Option<StreamBody>,
+}
+
+/// What produces a streamed body.
+type StreamBody = Box<dyn FnOnce(&mut BodyWriter)>;
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .field("streamed", &self.stream.is_some())
+            .finish()
+    }
+}
+
+/// Writes a streamed body: each [`BodyWriter::send`] is flushed to the client.
+pub struct BodyWriter {
+    stream: wasip2::io::streams::OutputStream,
+}
+
+/// The client went away; stop producing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientGone;
+
+impl BodyWriter {
+    /// Sends `bytes` now.
+    pub fn send(&mut self, bytes: &[u8]) -> Result<(), ClientGone> {
+        self.stream
+            .write_all(bytes)
+            .and_then(|()| Write::flush(&mut self.stream))
+            .map_err(|_| ClientGone)
+    }
 }
 
 impl Response {
@@ -59,6 +91,20 @@ impl Response {
             status,
             headers: vec![("content-type".into(), content_type.as_bytes().to_vec())],
             body: body.into(),
+            stream: None,
+        }
+    }
+
+    /// A response whose body `write` produces while the client receives it,
+    /// e.g. `text/event-stream` for server-sent events.
+    pub fn stream(
+        status: u16,
+        content_type: &str,
+        write: impl FnOnce(&mut BodyWriter) + 'static,
+    ) -> Self {
+        Self {
+            stream: Some(Box::new(write)),
+            ..Self::new(status, content_type, Vec::new())
         }
     }
 
@@ -174,11 +220,14 @@ fn write_response(response: Response, response_out: ResponseOutparam) {
     let body = outgoing.body().expect("a new response has a body");
     ResponseOutparam::set(response_out, Ok(outgoing));
     {
-        let mut stream = body.write().expect("a new body has a stream");
+        let stream = body.write().expect("a new body has a stream");
+        let mut writer = BodyWriter { stream };
         // The client may be gone; nothing useful to do then.
-        let _ = stream
-            .write_all(&response.body)
-            .and_then(|()| Write::flush(&mut stream));
+        if writer.send(&response.body).is_ok()
+            && let Some(write) = response.stream
+        {
+            write(&mut writer);
+        }
     }
     let _ = OutgoingBody::finish(body, None);
 }

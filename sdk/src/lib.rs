@@ -3,8 +3,10 @@
 //! A function is a `wasi:http/incoming-handler` component built with
 //! `cargo build --target wasm32-wasip2`. This crate gives it:
 //!
-//! - [`http`]: a buffered request/response handler, exported with
-//!   [`export_handler!`];
+//! - [`http`]: a request/response handler (whole or streamed response
+//!   bodies), exported with [`export_handler!`];
+//! - [`ai`]: text generation with the platform's resident language
+//!   models (`gigafactory:ai`), streamed as it is produced;
 //! - [`nn`]: typed wrappers over the standard `wasi:nn` interface
 //!   (`wasi:nn@0.2.0-rc-2024-10-28`): graphs by name, tensors from and to
 //!   slices;
@@ -25,6 +27,7 @@
 //! gigafactory_sdk::export_handler!(Hello);
 //! ```
 
+pub mod ai;
 pub mod http;
 pub mod nn;
 pub mod text;

@@ -64,6 +64,16 @@ impl NnCtx {
         }
     }
 
+    /// The shared model pool.
+    pub(crate) fn pool(&self) -> &Arc<ModelPool> {
+        &self.pool
+    }
+
+    /// What the instance may use.
+    pub(crate) fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
     /// Whether this instance was refused a `compute` because a model's
     /// queue was full: the gateway answers 503 if the guest then fails.
     pub fn was_refused_busy(&self) -> bool {

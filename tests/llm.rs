@@ -1,0 +1,211 @@
+//! Text generation through a function: the `chat` example streams
+//! SmolLM2's answer as server-sent events through wasi:http while the model
+//! decodes it on the host; a client that leaves frees its sequence.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Method;
+use support::{Server, assert_error, text, wasm};
+use tokio::net::TcpStream;
+
+const MODEL: &str = "smollm2-135m-instruct";
+
+fn chat(question: &str, extra: serde_json::Value) -> Bytes {
+    let mut body = serde_json::json!({
+        "messages": [{"role": "user", "content": question}],
+    });
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    Bytes::from(body.to_string())
+}
+
+/// The `(event, data)` pairs of a server-sent event stream.
+fn events(stream: &str) -> Vec<(String, serde_json::Value)> {
+    stream
+        .split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let mut name = "message".to_string();
+            let mut data = serde_json::Value::Null;
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    name = value.to_string();
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(value).unwrap();
+                }
+            }
+            (name, data)
+        })
+        .collect()
+}
+
+async fn generation_stats(server: &Server, key: &str) -> serde_json::Value {
+    let models = server
+        .client(Some(key))
+        .api(Method::GET, "/v1/models", None)
+        .await
+        .unwrap();
+    models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == MODEL)
+        .expect("the text model is listed")
+        .clone()
+}
+
+#[tokio::test]
+async fn chat_streams_the_reference_answer_as_server_sent_events() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    server.deploy(&key, "chat", wasm("chat")).await;
+    let reply = server
+        .client(Some(&key))
+        .send(
+            Method::POST,
+            "/fn/acme/chat",
+            Some((
+                "application/json",
+                chat("What is the capital of France?", serde_json::json!({})),
+            )),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    assert_eq!(reply.headers["content-type"], "text/event-stream");
+    let events = events(&text(&reply));
+    let answer: String = events
+        .iter()
+        .filter(|(name, _)| name == "message")
+        .map(|(_, data)| data["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(answer, "The capital of France is Paris.");
+    let (name, usage) = events.last().unwrap();
+    assert_eq!(name, "done");
+    assert_eq!(usage["finish_reason"], "stop");
+    assert_eq!(usage["completion_tokens"], 7);
+
+    let model = generation_stats(&server, &key).await;
+    assert_eq!(model["state"], "ready", "{model}");
+    assert_eq!(model["generation"]["completion_tokens"], 7, "{model}");
+    assert_eq!(model["generation"]["active"], 0, "{model}");
+}
+
+#[tokio::test]
+async fn tokens_arrive_while_generating_and_a_client_that_leaves_frees_its_sequence() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    server.deploy(&key, "chat", wasm("chat")).await;
+
+    let address = server.address().to_string();
+    let stream = TcpStream::connect(&address).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::post("/fn/acme/chat")
+        .header("host", &address)
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::new(chat(
+            "Tell me a long story about a dragon and a knight.",
+            serde_json::json!({"max_tokens": 500}),
+        )))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = loop {
+        let frame = body.frame().await.expect("a frame").unwrap();
+        if let Ok(data) = frame.into_data()
+            && !data.is_empty()
+        {
+            break String::from_utf8(data.to_vec()).unwrap();
+        }
+    };
+    assert!(first.starts_with("data: {\"text\":"), "{first}");
+    let model = generation_stats(&server, &key).await;
+    assert_eq!(
+        model["generation"]["active"], 1,
+        "the first token reached the client while generation goes on: {model}"
+    );
+
+    // The client leaves mid-stream.
+    drop(body);
+    drop(sender);
+    connection.abort();
+    for _ in 0..300 {
+        let model = generation_stats(&server, &key).await;
+        if model["generation"]["active"] == 0 {
+            assert_eq!(model["generation"]["cancelled"], 1, "{model}");
+            assert!(
+                model["generation"]["completion_tokens"].as_u64().unwrap() < 500,
+                "{model}"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the sequence of a client that left is still active");
+}
+
+#[tokio::test]
+async fn bad_chats_and_forbidden_models_get_clear_errors() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    server.deploy(&key, "chat", wasm("chat")).await;
+    let post = |body: Bytes| {
+        let client = server.client(Some(&key));
+        async move {
+            client
+                .send(
+                    Method::POST,
+                    "/fn/acme/chat",
+                    Some(("application/json", body)),
+                    &[],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let hi = |extra| chat("Hi", extra);
+    assert_error(
+        &post(hi(serde_json::json!({"max_tokens": 0}))).await,
+        400,
+        "invalid_request",
+    );
+    assert_error(
+        &post(hi(serde_json::json!({"temperature": 5.0}))).await,
+        400,
+        "invalid_request",
+    );
+    assert_error(
+        &post(hi(serde_json::json!({"top_p": 0.0}))).await,
+        400,
+        "invalid_request",
+    );
+    assert_error(
+        &post(Bytes::from_static(b"{\"messages\": 3}")).await,
+        400,
+        "bad_request",
+    );
+
+    // A tenant whose quota does not include the model does not see it.
+    server
+        .set_quota("acme", serde_json::json!({"models": ["all-minilm-l6-v2"]}))
+        .await;
+    assert_error(
+        &post(hi(serde_json::json!({}))).await,
+        404,
+        "model_not_found",
+    );
+}
