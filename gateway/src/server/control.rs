@@ -83,7 +83,7 @@ impl Gateway {
         Ok(json(StatusCode::OK, body))
     }
 
-    fn tenant_record(&self, tenant: &str) -> Result<crate::store::Tenant, ApiError> {
+    pub(super) fn tenant_record(&self, tenant: &str) -> Result<crate::store::Tenant, ApiError> {
         check_name("tenant", tenant)?;
         self.store
             .tenant(tenant)?

@@ -10,6 +10,7 @@ mod follow;
 mod functions;
 mod invoke;
 mod metrics;
+mod openai;
 mod routes;
 
 use std::collections::{BTreeSet, HashMap};

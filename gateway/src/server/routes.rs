@@ -34,6 +34,7 @@ impl Gateway {
                 self.invoke(request, tenant, function, rest).await
             }
             (["v1", ..], _) => self.control(request, &segments[1..], &method).await,
+            (["openai", ..], _) => self.openai(request, &segments[1..], &method).await,
             _ => Err(ApiError::not_found(format!("no route for {method} {path}"))),
         }
     }

@@ -188,6 +188,11 @@ impl Generation {
         self.events.recv().await
     }
 
+    /// Polls for the next event (for hand-written futures and bodies).
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Event>> {
+        self.events.poll_recv(cx)
+    }
+
     /// Tokens in the prompt.
     pub fn prompt_tokens(&self) -> u32 {
         self.prompt_tokens

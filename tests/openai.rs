@@ -1,0 +1,136 @@
+//! The OpenAI-compatible endpoints, called with the official `openai`
+//! Python client (`GIGAFACTORY_TEST_PYTHON`, set up by `./dev test`) and
+//! with raw HTTP for what the client hides.
+
+mod support;
+
+use std::process::Command;
+
+use bytes::Bytes;
+use hyper::Method;
+use support::{Server, assert_error, root, text};
+
+const MODEL: &str = "smollm2-135m-instruct";
+
+fn python() -> String {
+    std::env::var("GIGAFACTORY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+#[tokio::test]
+async fn the_openai_client_chats_streams_and_lists_models() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let base = format!("{}/openai/v1", server.url);
+    let script = root().join("tests/data/openai_client.py");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(script)
+            .args([&base, &key, MODEL])
+            .output()
+            .expect("running python")
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "the openai client failed (does {} have `openai`? ./dev test sets it up):\n{}",
+        python(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let answer = "The capital of France is Paris.";
+    assert_eq!(report["whole"]["content"], answer, "{report}");
+    assert_eq!(report["whole"]["role"], "assistant");
+    assert_eq!(report["whole"]["finish_reason"], "stop");
+    assert_eq!(report["whole"]["completion_tokens"], 7);
+    assert_eq!(report["stream"]["content"], answer, "{report}");
+    assert_eq!(
+        report["stream"]["chunks"], 7,
+        "one chunk per token: {report}"
+    );
+    assert_eq!(report["stream"]["finish_reason"], "stop");
+    assert_eq!(report["stream"]["completion_tokens"], 7);
+    assert_eq!(report["stop"], "The capital of France");
+    assert_eq!(
+        report["length"],
+        serde_json::json!(["The capital", "length"])
+    );
+    assert_eq!(
+        report["models"],
+        serde_json::json!(["all-minilm-l6-v2", MODEL])
+    );
+    assert_eq!(report["unknown_model"], 404);
+    assert_eq!(report["bad_temperature"], 400);
+}
+
+#[tokio::test]
+async fn keys_quotas_and_permissions_apply() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let body = |model: &str| {
+        let chat = serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+        });
+        Some(("application/json", Bytes::from(chat.to_string())))
+    };
+    let path = "/openai/v1/chat/completions";
+    let anonymous = server
+        .client(None)
+        .send(Method::POST, path, body(MODEL), &[])
+        .await
+        .unwrap();
+    assert_error(&anonymous, 401, "unauthorized");
+    let admin = server
+        .admin()
+        .send(Method::POST, path, body(MODEL), &[])
+        .await
+        .unwrap();
+    assert_error(&admin, 403, "forbidden");
+    let embedder = server
+        .client(Some(&key))
+        .send(Method::POST, path, body("all-minilm-l6-v2"), &[])
+        .await
+        .unwrap();
+    assert_error(&embedder, 400, "invalid_request");
+    let garbage = server
+        .client(Some(&key))
+        .send(
+            Method::POST,
+            path,
+            Some(("application/json", Bytes::from_static(b"{\"model\": 1}"))),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_error(&garbage, 400, "invalid_request");
+
+    // A quota without the model hides it; a rate quota applies here too.
+    server
+        .set_quota(
+            "acme",
+            serde_json::json!({"models": ["all-minilm-l6-v2"], "requests_per_second": 1, "burst": 1}),
+        )
+        .await;
+    let hidden = server
+        .client(Some(&key))
+        .send(Method::POST, path, body(MODEL), &[])
+        .await
+        .unwrap();
+    assert_error(&hidden, 404, "model_not_found");
+    let limited = server
+        .client(Some(&key))
+        .send(Method::POST, path, body(MODEL), &[])
+        .await
+        .unwrap();
+    assert_error(&limited, 429, "too_many_requests");
+    let listed = server
+        .client(Some(&key))
+        .send(Method::GET, "/openai/v1/models", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(listed.status, 200, "{}", text(&listed));
+}
