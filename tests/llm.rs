@@ -150,6 +150,13 @@ async fn tokens_arrive_while_generating_and_a_client_that_leaves_frees_its_seque
                 model["generation"]["completion_tokens"].as_u64().unwrap() < 500,
                 "{model}"
             );
+            let metrics = server.metrics().await;
+            for line in [
+                format!("gigafactory_text_active_sequences{{model=\"{MODEL}\"}} 0"),
+                format!("gigafactory_text_cancellations_total{{model=\"{MODEL}\"}} 1"),
+            ] {
+                assert!(metrics.lines().any(|l| l == line), "no {line}:\n{metrics}");
+            }
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

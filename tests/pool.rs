@@ -168,12 +168,7 @@ async fn a_flooding_tenant_gets_503s_and_another_tenant_is_always_served() {
     );
     assert_eq!(stats["queued"], 0, "{stats}");
 
-    let metrics = server
-        .admin()
-        .send(Method::GET, "/metrics", None, &[])
-        .await
-        .unwrap();
-    let metrics = text(&metrics);
+    let metrics = server.metrics().await;
     let series = |prefix: &str| -> f64 {
         metrics
             .lines()
@@ -232,15 +227,7 @@ async fn a_tenants_own_graph_is_compiled_once_and_dropped_with_the_tenant() {
             .unwrap();
         assert_eq!(reply.status, 200, "{}", text(&reply));
     }
-    let metrics = || async {
-        let reply = server
-            .admin()
-            .send(Method::GET, "/metrics", None, &[])
-            .await
-            .unwrap();
-        text(&reply)
-    };
-    let before = metrics().await;
+    let before = server.metrics().await;
     for line in [
         "gigafactory_tenant_graph_loads_total{tenant=\"acme\",result=\"miss\"} 1",
         "gigafactory_tenant_graph_loads_total{tenant=\"acme\",result=\"hit\"} 2",
@@ -262,7 +249,7 @@ async fn a_tenants_own_graph_is_compiled_once_and_dropped_with_the_tenant() {
         .await
         .unwrap();
     assert_eq!(reply.status, 204, "{}", text(&reply));
-    let after = metrics().await;
+    let after = server.metrics().await;
     assert!(!after.contains("tenant=\"acme\""), "{after}");
 }
 

@@ -168,6 +168,17 @@ impl Server {
         key["key"].as_str().expect("a key").to_string()
     }
 
+    /// `/metrics` as the admin sees it.
+    pub async fn metrics(&self) -> String {
+        let reply = self
+            .admin()
+            .send(Method::GET, "/metrics", None, &[])
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", text(&reply));
+        text(&reply)
+    }
+
     /// Sets a tenant's quota (JSON), asserting success.
     pub async fn set_quota(&self, tenant: &str, quota: serde_json::Value) {
         let reply = self

@@ -6,7 +6,10 @@
 //!   through `wasmtime serve`.
 //! - `bench embed`: the `embed` function with 1, 8 and 64 clients, batching
 //!   on and off, against onnxruntime running the same model in-process.
+//! - `bench chat`: generated tokens/s of the `chat` function against the
+//!   text engine called directly, then with 8 and 32 clients.
 
+mod chat;
 mod embed;
 mod hello;
 mod load;
@@ -20,6 +23,7 @@ use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use hyper::Method;
 
+pub use chat::ChatArgs;
 pub use embed::EmbedArgs;
 pub use hello::HelloArgs;
 pub use load::{Load, Stats};
@@ -33,6 +37,8 @@ pub enum BenchCommand {
     Hello(HelloArgs),
     /// The embed function (1/8/64 clients, batching on and off) vs onnxruntime.
     Embed(EmbedArgs),
+    /// The chat function's tokens/s vs the text engine called directly.
+    Chat(ChatArgs),
 }
 
 /// Runs a benchmark and prints its Markdown table.
@@ -40,6 +46,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Hello(args) => hello::run(args).await,
         BenchCommand::Embed(args) => embed::run(args).await,
+        BenchCommand::Chat(args) => chat::run(args).await,
     }
 }
 

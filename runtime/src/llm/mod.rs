@@ -425,6 +425,72 @@ impl TextModel {
     }
 }
 
+/// Appends the text models' Prometheus series.
+pub fn render_metrics(out: &mut String, models: &[(&str, TextInfo)]) {
+    use crate::stats::{header, label};
+    /// Name, type, help, and the value of one model.
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&TextInfo) -> u64,
+    );
+    let series: [Series; 7] = [
+        (
+            "gigafactory_text_active_sequences",
+            "gauge",
+            "Generations decoding now.",
+            |i| i.active as u64,
+        ),
+        (
+            "gigafactory_text_queued",
+            "gauge",
+            "Generations waiting for a sequence slot.",
+            |i| i.queued as u64,
+        ),
+        (
+            "gigafactory_text_generations_total",
+            "counter",
+            "Generations started.",
+            |i| i.started,
+        ),
+        (
+            "gigafactory_text_rejections_total",
+            "counter",
+            "Generations refused because the queue was full.",
+            |i| i.rejected,
+        ),
+        (
+            "gigafactory_text_cancellations_total",
+            "counter",
+            "Generations their caller left before the end.",
+            |i| i.cancelled,
+        ),
+        (
+            "gigafactory_text_prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed.",
+            |i| i.prompt_tokens,
+        ),
+        (
+            "gigafactory_text_completion_tokens_total",
+            "counter",
+            "Tokens generated.",
+            |i| i.completion_tokens,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        header(out, name, kind, help);
+        for (model, info) in models {
+            out.push_str(&format!(
+                "{name}{{model=\"{}\"}} {}\n",
+                label(model),
+                value(info)
+            ));
+        }
+    }
+}
+
 fn check(request: &Request) -> Result<(), GenerateError> {
     let invalid = |why: String| Err(GenerateError::Invalid(why));
     if request.max_tokens == 0 {

@@ -412,9 +412,19 @@ impl ModelPool {
         let models: Vec<(&str, &ModelStats, usize)> = self
             .models
             .iter()
+            .filter(|(_, model)| model.config.format == ModelFormat::Onnx)
             .map(|(name, model)| (name.as_str(), &*model.stats, model.queued()))
             .collect();
         stats::render(out, &models);
+        let text: Vec<(&str, TextInfo)> = self
+            .models
+            .iter()
+            .filter_map(|(name, model)| match model.loaded.get().map(|l| &l.model) {
+                Some(Ok(Resident::Text(text))) => Some((name.as_str(), text.info())),
+                _ => None,
+            })
+            .collect();
+        crate::llm::render_metrics(out, &text);
         self.tenant_graphs().render(out);
     }
 }
