@@ -220,12 +220,7 @@ async fn a_tenants_own_graph_is_compiled_once_and_dropped_with_the_tenant() {
     let key = server.tenant("acme").await;
     server.deploy(&key, "tiny", wasm("nn_load")).await;
     for _ in 0..3 {
-        let reply = server
-            .client(Some(&key))
-            .send(Method::GET, "/fn/acme/tiny", None, &[])
-            .await
-            .unwrap();
-        assert_eq!(reply.status, 200, "{}", text(&reply));
+        server.get_text(&key, "/fn/acme/tiny").await;
     }
     let before = server.metrics().await;
     for line in [
@@ -300,13 +295,10 @@ async fn models_load_at_boot_or_on_first_use_and_failures_keep_their_reason() {
     );
 
     server.deploy(&key, "unwrap", wasm("nn_unwrap")).await;
-    let reply = server
-        .client(Some(&key))
-        .send(Method::GET, "/fn/acme/unwrap", None, &[])
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{}", text(&reply));
-    assert_eq!(text(&reply), "[1, 6, 384]\n");
+    assert_eq!(
+        server.get_text(&key, "/fn/acme/unwrap").await,
+        "[1, 6, 384]\n"
+    );
     let after = listed().await;
     assert_eq!(after[0]["state"], "ready", "{}", after[0]);
     assert!(after[0]["load_ms"].as_u64().unwrap() > 0, "{}", after[0]);
