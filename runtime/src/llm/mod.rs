@@ -19,7 +19,6 @@ use llama_cpp_2::token::LlamaToken;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc as tokio_mpsc;
 
-
 /// `[generation]` in a text model's `model.toml`.
 ///
 /// ```toml
