@@ -134,3 +134,78 @@ async fn keys_quotas_and_permissions_apply() {
         .unwrap();
     assert_eq!(listed.status, 200, "{}", text(&listed));
 }
+
+#[tokio::test]
+async fn generated_tokens_count_against_the_tenant_quota() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    server.deploy(&key, "chat", support::wasm("chat")).await;
+    let question =
+        serde_json::json!([{"role": "user", "content": "What is the capital of France?"}]);
+    let openai = || async {
+        let chat = serde_json::json!({"model": MODEL, "messages": question, "temperature": 0});
+        server
+            .client(Some(&key))
+            .send(
+                Method::POST,
+                "/openai/v1/chat/completions",
+                Some(("application/json", Bytes::from(chat.to_string()))),
+                &[],
+            )
+            .await
+            .unwrap()
+    };
+    let function = || async {
+        let chat = serde_json::json!({"messages": question, "temperature": 0});
+        server
+            .client(Some(&key))
+            .send(
+                Method::POST,
+                "/fn/acme/chat",
+                Some(("application/json", Bytes::from(chat.to_string()))),
+                &[],
+            )
+            .await
+            .unwrap()
+    };
+
+    // The answer is 7 tokens: a cap of 5 lets one generation run to its
+    // end, and refuses the next, over either door.
+    server
+        .set_quota(
+            "acme",
+            serde_json::json!({"generated_tokens_per_minute": 5}),
+        )
+        .await;
+    let first = openai().await;
+    assert_eq!(first.status, 200, "{}", text(&first));
+    assert_eq!(support::json(&first)["usage"]["completion_tokens"], 7);
+    let refused = openai().await;
+    assert_error(&refused, 429, "too_many_requests");
+    let wait: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "retry-after {wait}");
+    let refused = function().await;
+    assert_error(&refused, 429, "too_many_requests");
+    assert!(
+        text(&refused).contains("generated tokens per minute"),
+        "{}",
+        text(&refused)
+    );
+
+    // The tokens are the tenant's: a larger cap admits both again.
+    server
+        .set_quota(
+            "acme",
+            serde_json::json!({"generated_tokens_per_minute": 100}),
+        )
+        .await;
+    let again = function().await;
+    assert_eq!(again.status, 200, "{}", text(&again));
+    assert!(text(&again).contains("event: done"), "{}", text(&again));
+    assert_eq!(openai().await.status, 200);
+}

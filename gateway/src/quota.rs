@@ -1,6 +1,7 @@
 //! Tenant quotas: caps the admin sets per tenant, checked on every deploy
 //! (functions, stored bytes, what a manifest may ask for) and every request
-//! (concurrency, requests per second, model compute time per minute).
+//! (concurrency, requests per second, model compute time and generated
+//! tokens per minute).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -15,7 +16,8 @@ use crate::manifest::Manifest;
 /// ```json
 /// {"max_functions": 10, "max_stored_bytes": 104857600, "max_memory_mib": 128,
 ///  "max_concurrency": 20, "requests_per_second": 50, "burst": 100,
-///  "compute_seconds_per_minute": 30, "models": ["all-minilm-l6-v2"]}
+///  "compute_seconds_per_minute": 30, "generated_tokens_per_minute": 20000,
+///  "models": ["all-minilm-l6-v2"]}
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +43,11 @@ pub struct Quota {
     /// Seconds of model compute per minute, over all its functions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compute_seconds_per_minute: Option<f64>,
+    /// Tokens its functions and OpenAI-compatible calls may generate per
+    /// minute. A generation started under the cap runs to its end; the
+    /// next is refused until the minute's tokens expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated_tokens_per_minute: Option<u64>,
     /// Memory for the graphs its functions `load` from their own ONNX bytes,
     /// cached per content hash (default 256 MiB; least recently used evicted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,6 +83,10 @@ impl Quota {
             (
                 "compute_seconds_per_minute",
                 self.compute_seconds_per_minute,
+            ),
+            (
+                "generated_tokens_per_minute",
+                self.generated_tokens_per_minute.map(|v| v as f64),
             ),
         ];
         for (key, value) in positive {
@@ -179,25 +190,36 @@ impl TokenBucket {
     }
 }
 
-/// Model compute charged to a tenant over the last minute.
+/// What a tenant was charged over the last minute: model compute time, or
+/// generated tokens.
 #[derive(Debug, Default)]
-pub struct ComputeWindow {
-    charges: VecDeque<(Instant, Duration)>,
-    total: Duration,
+pub struct Window<A> {
+    charges: VecDeque<(Instant, A)>,
+    total: A,
 }
 
 const WINDOW: Duration = Duration::from_secs(60);
 
-impl ComputeWindow {
+/// Charges this close together are kept as one (a generation charges each
+/// token as it comes).
+const COALESCE: Duration = Duration::from_millis(100);
+
+impl<A> Window<A>
+where
+    A: Copy + Default + std::ops::AddAssign + std::ops::SubAssign,
+{
     /// Adds a charge.
-    pub fn charge(&mut self, now: Instant, amount: Duration) {
+    pub fn charge(&mut self, now: Instant, amount: A) {
         self.expire(now);
-        self.charges.push_back((now, amount));
         self.total += amount;
+        match self.charges.back_mut() {
+            Some((at, last)) if now.saturating_duration_since(*at) < COALESCE => *last += amount,
+            _ => self.charges.push_back((now, amount)),
+        }
     }
 
-    /// Compute used in the last minute.
-    pub fn used(&mut self, now: Instant) -> Duration {
+    /// What was charged in the last minute.
+    pub fn used(&mut self, now: Instant) -> A {
         self.expire(now);
         self.total
     }
@@ -239,7 +261,7 @@ mod tests {
     #[test]
     fn compute_charges_expire_after_a_minute() {
         let start = Instant::now();
-        let mut window = ComputeWindow::default();
+        let mut window = Window::<Duration>::default();
         window.charge(start, Duration::from_secs(2));
         window.charge(start + Duration::from_secs(30), Duration::from_secs(3));
         assert_eq!(
@@ -254,6 +276,19 @@ mod tests {
             window.used(start + Duration::from_secs(61)),
             Duration::from_secs(3)
         );
+    }
+
+    #[test]
+    fn token_charges_coalesce_and_expire() {
+        let start = Instant::now();
+        let mut window = Window::<u64>::default();
+        for ms in [0, 10, 20, 150] {
+            window.charge(start + Duration::from_millis(ms), 1);
+        }
+        assert_eq!(window.charges.len(), 2, "{:?}", window.charges);
+        assert_eq!(window.used(start + Duration::from_secs(1)), 4);
+        assert_eq!(window.used(start + Duration::from_millis(60_100)), 1);
+        assert_eq!(window.used(start + Duration::from_secs(61)), 0);
     }
 
     #[test]

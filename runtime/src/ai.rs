@@ -1,5 +1,6 @@
 //! The host side of `gigafactory:ai` (wit/gigafactory-ai): text generation
-//! with the repository's text models. Model permissions are wasi-nn's:
+//! with the repository's text models and sentence embeddings with its
+//! embedding models. Model permissions are wasi-nn's:
 //! models the tenant may not see do not exist, models outside the
 //! manifest are denied.
 
@@ -21,12 +22,13 @@ mod generated {
         imports: {
             "gigafactory:ai/generation.generate": async | trappable,
             "gigafactory:ai/generation.[method]generation-stream.next": async | trappable,
+            "gigafactory:ai/embeddings.embed": async | trappable,
             default: trappable,
         },
     });
 }
 
-use generated::gigafactory::ai::{generation, types};
+use generated::gigafactory::ai::{embeddings, generation, types};
 
 /// A generation as a guest holds it; dropping it cancels the generation.
 pub struct GenerationStream {
@@ -61,6 +63,7 @@ pub fn add_to_linker<T: Send + 'static>(
 ) -> wasmtime::Result<()> {
     types::add_to_linker::<_, Ai>(linker, view)?;
     generation::add_to_linker::<_, Ai>(linker, view)?;
+    embeddings::add_to_linker::<_, Ai>(linker, view)?;
     Ok(())
 }
 
@@ -75,18 +78,16 @@ impl generation::Host for AiView<'_> {
         prompt: generation::Prompt,
         options: generation::Options,
     ) -> AiResult<Resource<GenerationStream>> {
+        if let Err(error) = self.permit(&model) {
+            return Ok(Err(error));
+        }
         let capabilities = self.ctx.capabilities();
+        if let Some(budget) = &capabilities.compute
+            && let Err(why) = budget.check_tokens()
+        {
+            return Ok(Err(types::Error::Quota(why)));
+        }
         let pool = self.ctx.pool();
-        if !capabilities.models.is_visible(&model) || !pool.has(&model) {
-            return Ok(Err(types::Error::NotFound(format!(
-                "no model named {model:?}"
-            ))));
-        }
-        if !capabilities.models.is_allowed(&model) {
-            return Ok(Err(types::Error::Denied(format!(
-                "model {model:?} is not in this function's manifest (`models`)"
-            ))));
-        }
         let text_model = match pool.text(&model).await {
             Ok(text_model) => text_model,
             Err(error) => return Ok(Err(from_pool(error))),
@@ -104,6 +105,7 @@ impl generation::Host for AiView<'_> {
             top_k: options.top_k,
             seed: options.seed,
             stop: options.stop,
+            budget: capabilities.compute.clone(),
         };
         let tenant: Arc<str> = capabilities.tenant.clone();
         match text_model.generate(tenant, request) {
@@ -113,6 +115,59 @@ impl generation::Host for AiView<'_> {
             })?)),
             Err(error) => Ok(Err(from_generate(error))),
         }
+    }
+}
+
+impl AiView<'_> {
+    /// Whether this instance may use the repository model `model`: models
+    /// the tenant may not see do not exist, models outside the manifest are
+    /// denied.
+    fn permit(&self, model: &str) -> Result<(), types::Error> {
+        let capabilities = self.ctx.capabilities();
+        if !capabilities.models.is_visible(model) || !self.ctx.pool().has(model) {
+            return Err(types::Error::NotFound(format!("no model named {model:?}")));
+        }
+        if !capabilities.models.is_allowed(model) {
+            return Err(types::Error::Denied(format!(
+                "model {model:?} is not in this function's manifest (`models`)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl embeddings::Host for AiView<'_> {
+    async fn embed(
+        &mut self,
+        model: String,
+        texts: Vec<String>,
+    ) -> AiResult<embeddings::Embeddings> {
+        if let Err(error) = self.permit(&model) {
+            return Ok(Err(error));
+        }
+        let capabilities = self.ctx.capabilities();
+        if let Some(budget) = &capabilities.compute
+            && let Err(why) = budget.check()
+        {
+            return Ok(Err(types::Error::Quota(why)));
+        }
+        let result = self
+            .ctx
+            .pool()
+            .embed(&model, &texts, capabilities.tenant.clone())
+            .await;
+        Ok(match result {
+            Ok((embeddings, spent)) => {
+                if let Some(budget) = &capabilities.compute {
+                    budget.charge(spent);
+                }
+                Ok(embeddings::Embeddings {
+                    vectors: embeddings.vectors,
+                    prompt_tokens: u32::try_from(embeddings.tokens).unwrap_or(u32::MAX),
+                })
+            }
+            Err(error) => Err(from_pool(error)),
+        })
     }
 }
 
@@ -168,6 +223,9 @@ fn from_generate(error: GenerateError) -> types::Error {
 }
 
 fn from_pool(error: NnError) -> types::Error {
+    if error.is_busy() {
+        return types::Error::Busy(error.message);
+    }
     match error.code {
         ErrorCode::NotFound => types::Error::NotFound(error.message),
         ErrorCode::UnsupportedOperation | ErrorCode::InvalidArgument => {

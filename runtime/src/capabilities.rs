@@ -25,12 +25,17 @@ pub struct Capabilities {
     pub graph_memory: u64,
 }
 
-/// A budget of model compute time (the tenant's, usually).
+/// A budget of model work — compute time and generated tokens — usually
+/// the tenant's quota.
 pub trait ComputeBudget: Send + Sync + std::fmt::Debug {
     /// `Err(why)` when no compute is left.
     fn check(&self) -> Result<(), String>;
     /// Records compute time spent.
     fn charge(&self, spent: Duration);
+    /// `Err(why)` when no more tokens may be generated for now.
+    fn check_tokens(&self) -> Result<(), String>;
+    /// Records generated tokens.
+    fn charge_tokens(&self, tokens: u64);
 }
 
 /// Model permissions: those the tenant may see at all, and those this

@@ -1,7 +1,10 @@
-//! Text generation with the platform's resident language models
-//! (`gigafactory:ai`): the host tokenises, applies the model's chat
-//! template, keeps the KV cache and decodes every caller's generations
-//! together; text comes back as it is produced.
+//! The platform's resident text models (`gigafactory:ai`).
+//!
+//! - [`generate`]: text generation. The host tokenises, applies the model's
+//!   chat template, keeps the KV cache and decodes every caller's
+//!   generations together; text comes back as it is produced.
+//! - [`embed`]: sentence embeddings. The host tokenises and pools; the
+//!   model runs batched with every other caller's calls.
 //!
 //! ```ignore
 //! use gigafactory_sdk::ai::{self, Chunk, Message, Options, Prompt};
@@ -13,6 +16,8 @@
 //!         Chunk::Done(usage) => println!("\n{} tokens", usage.completion_tokens),
 //!     }
 //! }
+//!
+//! let vectors = ai::embed("all-minilm-l6-v2", &["a cat", "a dog"])?.vectors;
 //! ```
 
 #[allow(missing_docs)]
@@ -23,8 +28,9 @@ mod bindings {
     });
 }
 
-use bindings::gigafactory::ai::generation;
+use bindings::gigafactory::ai::{embeddings, generation};
 
+pub use bindings::gigafactory::ai::embeddings::Embeddings;
 pub use bindings::gigafactory::ai::generation::{
     Chunk, FinishReason, Message, Options, Prompt, Usage,
 };
@@ -53,6 +59,7 @@ impl Error {
             | Error::Invalid(m)
             | Error::TooLarge(m)
             | Error::Busy(m)
+            | Error::Quota(m)
             | Error::Failed(m) => m,
         }
     }
@@ -65,6 +72,7 @@ impl Error {
             Error::Invalid(_) => (400, "invalid_request"),
             Error::TooLarge(_) => (413, "context_too_large"),
             Error::Busy(_) => (503, "model_busy"),
+            Error::Quota(_) => (429, "too_many_requests"),
             Error::Failed(_) => (502, "model_error"),
         }
     }
@@ -86,4 +94,11 @@ impl Iterator for Generation {
 /// Starts generating with the repository text model `model`.
 pub fn generate(model: &str, prompt: &Prompt, options: &Options) -> Result<Generation, Error> {
     generation::generate(model, prompt, options).map(Generation)
+}
+
+/// Embeds `texts` (1 to 2048) with the repository embedding model `model`:
+/// one vector per text, in order.
+pub fn embed<S: AsRef<str>>(model: &str, texts: &[S]) -> Result<Embeddings, Error> {
+    let texts: Vec<String> = texts.iter().map(|t| t.as_ref().to_string()).collect();
+    embeddings::embed(model, &texts)
 }

@@ -1,6 +1,6 @@
 //! Per-tenant admission of requests: requests per second (token bucket),
-//! concurrent requests, and model compute per minute. Refusals are 429
-//! with `Retry-After`.
+//! concurrent requests, model compute and generated tokens per minute.
+//! Refusals are 429 with `Retry-After`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,7 +10,7 @@ use gigafactory_runtime::ComputeBudget;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ApiError;
-use crate::quota::{ComputeWindow, Quota, TokenBucket};
+use crate::quota::{Quota, TokenBucket, Window};
 
 /// The in-memory state behind every tenant's request-time quotas.
 #[derive(Default)]
@@ -22,7 +22,8 @@ pub struct Admission {
 struct TenantState {
     bucket: Mutex<Option<TokenBucket>>,
     running: Mutex<Option<(u32, Arc<Semaphore>)>>,
-    compute: Mutex<ComputeWindow>,
+    compute: Mutex<Window<Duration>>,
+    tokens: Mutex<Window<u64>>,
 }
 
 /// What an admitted request holds: its concurrency slot and its compute budget.
@@ -38,24 +39,26 @@ impl Admission {
     pub fn admit(&self, tenant: &str, quota: &Quota) -> Result<Admitted, ApiError> {
         let state = self.state(tenant);
         let now = Instant::now();
-        let budget = match quota.compute_seconds_per_minute {
-            Some(seconds) => {
-                let budget = TenantCompute {
-                    state: state.clone(),
-                    cap: Duration::from_secs_f64(seconds),
-                };
-                let mut window = lock(&state.compute);
-                if window.used(now) >= budget.cap {
-                    let wait = window.relief_in(now);
-                    return Err(ApiError::too_many_requests(
-                        format!("the tenant used its {seconds} s of model compute this minute"),
-                        whole_seconds(wait),
-                    ));
-                }
-                Some(Arc::new(budget) as Arc<dyn ComputeBudget>)
+        if let Some(seconds) = quota.compute_seconds_per_minute {
+            let mut window = lock(&state.compute);
+            if window.used(now) >= Duration::from_secs_f64(seconds) {
+                return Err(ApiError::too_many_requests(
+                    format!("the tenant used its {seconds} s of model compute this minute"),
+                    whole_seconds(window.relief_in(now)),
+                ));
             }
-            None => None,
-        };
+        }
+        let budget = (quota.compute_seconds_per_minute.is_some()
+            || quota.generated_tokens_per_minute.is_some())
+        .then(|| {
+            Arc::new(TenantBudget {
+                state: state.clone(),
+                compute: quota
+                    .compute_seconds_per_minute
+                    .map(Duration::from_secs_f64),
+                tokens: quota.generated_tokens_per_minute,
+            }) as Arc<dyn ComputeBudget>
+        });
         if let Some(rate) = quota.requests_per_second {
             let capacity = quota.burst.map_or(rate.ceil().max(1.0), f64::from);
             let mut bucket = lock(&state.bucket);
@@ -90,6 +93,24 @@ impl Admission {
         Ok(Admitted { permit, budget })
     }
 
+    /// Refuses `tenant` while the tokens it generated this minute reach
+    /// its quota's cap.
+    pub fn may_generate(&self, tenant: &str, quota: &Quota) -> Result<(), ApiError> {
+        let Some(cap) = quota.generated_tokens_per_minute else {
+            return Ok(());
+        };
+        let state = self.state(tenant);
+        let now = Instant::now();
+        let mut window = lock(&state.tokens);
+        if window.used(now) >= cap {
+            return Err(ApiError::too_many_requests(
+                format!("the tenant generated its {cap} tokens this minute"),
+                whole_seconds(window.relief_in(now)),
+            ));
+        }
+        Ok(())
+    }
+
     /// Drops a deleted tenant's state.
     pub fn forget(&self, tenant: &str) {
         lock(&self.tenants).remove(tenant);
@@ -103,27 +124,48 @@ impl Admission {
     }
 }
 
-/// A tenant's compute budget, as the runtime sees it.
+/// A tenant's budget of model work, as the runtime sees it.
 #[derive(Debug)]
-struct TenantCompute {
+struct TenantBudget {
     state: Arc<TenantState>,
-    cap: Duration,
+    compute: Option<Duration>,
+    tokens: Option<u64>,
 }
 
-impl ComputeBudget for TenantCompute {
+impl ComputeBudget for TenantBudget {
     fn check(&self) -> Result<(), String> {
-        if lock(&self.state.compute).used(Instant::now()) >= self.cap {
-            Err(format!(
+        match self.compute {
+            Some(cap) if lock(&self.state.compute).used(Instant::now()) >= cap => Err(format!(
                 "the tenant's model compute quota ({:.1} s per minute) is used up",
-                self.cap.as_secs_f64()
+                cap.as_secs_f64()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn charge(&self, spent: Duration) {
+        lock(&self.state.compute).charge(Instant::now(), spent);
+    }
+
+    fn check_tokens(&self) -> Result<(), String> {
+        let Some(cap) = self.tokens else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let window = &mut lock(&self.state.tokens);
+        if window.used(now) >= cap {
+            Err(format!(
+                "the tenant's quota of {cap} generated tokens per minute is used up \
+                 (retry in {} s)",
+                whole_seconds(window.relief_in(now))
             ))
         } else {
             Ok(())
         }
     }
 
-    fn charge(&self, spent: Duration) {
-        lock(&self.state.compute).charge(Instant::now(), spent);
+    fn charge_tokens(&self, tokens: u64) {
+        lock(&self.state.tokens).charge(Instant::now(), tokens);
     }
 }
 

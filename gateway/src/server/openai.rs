@@ -1,7 +1,8 @@
 //! OpenAI-compatible endpoints for tenants who just want a model, no
 //! function: `POST /openai/v1/chat/completions` (whole or streamed as
-//! server-sent events) and `GET /openai/v1/models`. The tenant's API key is
-//! the bearer token; the tenant's rate and concurrency quotas and model
+//! server-sent events), `POST /openai/v1/embeddings` and
+//! `GET /openai/v1/models`. The tenant's API key is the bearer token; the
+//! tenant's quotas (rate, concurrency, compute, generated tokens) and model
 //! permissions apply as they do to its functions.
 
 use std::pin::Pin;
@@ -24,6 +25,8 @@ use super::{ApiError, BoxError, Gateway, Response};
 
 /// The largest chat request body.
 const MAX_BODY: usize = 1 << 20;
+/// The largest embeddings request body (2048 texts of a few hundred words).
+const MAX_EMBEDDINGS_BODY: usize = 8 << 20;
 /// `max_tokens` when the request gives none.
 const DEFAULT_MAX_TOKENS: u32 = 512;
 
@@ -97,11 +100,14 @@ impl Gateway {
         match (segments, method) {
             (["v1", "models"], &Method::GET) => self.openai_models(&request),
             (["v1", "chat", "completions"], &Method::POST) => self.chat_completions(request).await,
-            (["v1", "models"] | ["v1", "chat", "completions"], _) => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed here"),
-            )),
+            (["v1", "embeddings"], &Method::POST) => self.embeddings(request).await,
+            (["v1", "models"] | ["v1", "chat", "completions"] | ["v1", "embeddings"], _) => {
+                Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{method} is not allowed here"),
+                ))
+            }
             _ => Err(ApiError::not_found(format!(
                 "no OpenAI-compatible route /openai/{}",
                 segments.join("/")
@@ -138,6 +144,7 @@ impl Gateway {
         let tenant = self.require_tenant(&request)?;
         let quota = self.tenant_record(&tenant)?.quota;
         let admitted = self.admission.admit(&tenant, &quota)?;
+        self.admission.may_generate(&tenant, &quota)?;
         let body = read_body(request, MAX_BODY).await?;
         let chat: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request(
@@ -190,6 +197,7 @@ impl Gateway {
                 Some(Stop::One(stop)) => vec![stop],
                 Some(Stop::Many(stops)) => stops,
             },
+            budget: admitted.budget.clone(),
         };
         let generation = model
             .generate(tenant.as_str().into(), generate)
@@ -220,6 +228,144 @@ impl Gateway {
         let _permit = admitted.permit;
         whole(generation, head).await
     }
+
+    async fn embeddings(&self, request: Request) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(&request)?;
+        let quota = self.tenant_record(&tenant)?.quota;
+        let admitted = self.admission.admit(&tenant, &quota)?;
+        let body = read_body(request, MAX_EMBEDDINGS_BODY).await?;
+        let asked: EmbeddingRequest = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request("invalid_request", format!("not an embeddings request: {e}"))
+        })?;
+        let base64 = match asked.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    format!("encoding_format {other:?}: use \"float\" or \"base64\""),
+                ));
+            }
+        };
+        let texts = texts_of(asked.input)?;
+        if !self.visible_models(&quota).contains(&asked.model) {
+            return Err(model_not_found(&asked.model));
+        }
+        let (embeddings, spent) = self
+            .runtime
+            .models()
+            .embed(&asked.model, &texts, tenant.as_str().into())
+            .await
+            .map_err(|e| {
+                if e.is_busy() {
+                    return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.message)
+                        .retry_after(1);
+                }
+                match e.code {
+                    ErrorCode::NotFound => model_not_found(&asked.model),
+                    ErrorCode::UnsupportedOperation | ErrorCode::InvalidArgument => {
+                        ApiError::bad_request("invalid_request", e.message)
+                    }
+                    _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", e.message),
+                }
+            })?;
+        if let Some(budget) = &admitted.budget {
+            budget.charge(spent);
+        }
+        let width = embeddings.vectors.first().map_or(0, Vec::len);
+        if let Some(dimensions) = asked.dimensions
+            && dimensions as usize != width
+        {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!(
+                    "dimensions: {:?} makes {width}-dimensional vectors only",
+                    asked.model
+                ),
+            ));
+        }
+        let data: Vec<Value> = embeddings
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(index, vector)| {
+                let embedding = if base64 {
+                    json!(base64_of_floats(vector))
+                } else {
+                    json!(vector)
+                };
+                json!({"object": "embedding", "index": index, "embedding": embedding})
+            })
+            .collect();
+        Ok(json(
+            StatusCode::OK,
+            json!({
+                "object": "list",
+                "data": data,
+                "model": asked.model,
+                "usage": {"prompt_tokens": embeddings.tokens, "total_tokens": embeddings.tokens},
+            }),
+        ))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingRequest {
+    model: String,
+    input: Value,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<u32>,
+    /// Accepted and ignored, as an end-user id is only a hint.
+    #[serde(default)]
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+/// `input`: a string or a list of strings (token-id arrays are refused:
+/// the host tokenises with the model's own vocabulary).
+fn texts_of(input: Value) -> Result<Vec<String>, ApiError> {
+    let refuse = |why: &str| ApiError::bad_request("invalid_request", format!("input: {why}"));
+    match input {
+        Value::String(text) => Ok(vec![text]),
+        Value::Array(items) if items.is_empty() => Err(refuse("send at least one text")),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(text) => Ok(text),
+                Value::Number(_) | Value::Array(_) => Err(refuse(
+                    "token ids are not supported; send text (the model's vocabulary is applied here)",
+                )),
+                _ => Err(refuse("expected a string or a list of strings")),
+            })
+            .collect(),
+        _ => Err(refuse("expected a string or a list of strings")),
+    }
+}
+
+/// The vector as base64 of its little-endian f32 bytes, as OpenAI's
+/// `encoding_format: "base64"` (which the official clients ask for).
+fn base64_of_floats(vector: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let b = [
+            group[0],
+            *group.get(1).unwrap_or(&0),
+            *group.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= group.len() {
+                out.push(ALPHABET[(n >> shift & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// What every response and chunk of one completion repeats.

@@ -19,6 +19,8 @@ use llama_cpp_2::token::LlamaToken;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc as tokio_mpsc;
 
+use crate::ComputeBudget;
+
 /// `[generation]` in a text model's `model.toml`.
 ///
 /// ```toml
@@ -108,6 +110,8 @@ pub struct Request {
     pub seed: u32,
     /// Generation ends before the first of these strings.
     pub stop: Vec<String>,
+    /// Who pays for the tokens, charged as each is generated.
+    pub budget: Option<Arc<dyn ComputeBudget>>,
 }
 
 impl Default for Request {
@@ -120,6 +124,7 @@ impl Default for Request {
             top_k: 0,
             seed: 0,
             stop: vec![],
+            budget: None,
         }
     }
 }

@@ -21,6 +21,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 
 use super::text::{Step, TextStream};
 use super::{Event, FinishReason, Request, TextStats, Usage};
+use crate::ComputeBudget;
 use crate::queue::Waiting;
 
 /// A queued generation.
@@ -75,6 +76,7 @@ struct Sequence {
     text: TextStream,
     generated: u32,
     max_tokens: u32,
+    budget: Option<Arc<dyn ComputeBudget>>,
     events: tokio_mpsc::UnboundedSender<Event>,
 }
 
@@ -212,6 +214,7 @@ impl Scheduler<'_> {
                 row: None,
                 generated: 0,
                 max_tokens: job.request.max_tokens,
+                budget: job.request.budget.clone(),
                 events: job.events,
             });
         }
@@ -289,6 +292,9 @@ impl Scheduler<'_> {
             }
             sequence.generated += 1;
             stats.completion_tokens.fetch_add(1, Ordering::Relaxed);
+            if let Some(budget) = &sequence.budget {
+                budget.charge_tokens(1);
+            }
             sequence.last = Some(token);
             let piece = vocab.token_to_piece(token, false, None);
             match sequence.text.push(&piece) {

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::batcher::BatchConfig;
+use super::embedding::EmbeddingConfig;
 use crate::llm::GenerationConfig;
 
 /// The contents of `models/<name>/model.toml`. Unknown keys are an error.
@@ -47,6 +48,10 @@ pub struct ModelConfig {
     /// Text models: continuous batching and KV cache (see [`GenerationConfig`]).
     #[serde(default)]
     pub generation: Option<GenerationConfig>,
+    /// Sentence-embedding models: tokenizer and pooling for
+    /// `gigafactory:ai` `embed` (see [`EmbeddingConfig`]).
+    #[serde(default)]
+    pub embedding: Option<EmbeddingConfig>,
 }
 
 fn default_file() -> String {

@@ -4,6 +4,7 @@
 
 mod batcher;
 mod config;
+mod embedding;
 mod error;
 mod onnx;
 mod stats;
@@ -25,6 +26,7 @@ use tokio::sync::{OnceCell, Semaphore};
 
 pub use batcher::{BatchConfig, Batcher, Pad, SliceBack};
 pub use config::{DevicePreference, LoadPolicy, ModelConfig, ModelFormat};
+pub use embedding::{Embedder, EmbeddingConfig, Embeddings, MAX_TEXTS, Pooling};
 pub use error::{BUSY_PREFIX, ErrorCode, NnError};
 pub use onnx::{OnnxGraph, TensorSpec, TypedGraph};
 pub use stats::{ModelStats, StatsSnapshot};
@@ -33,6 +35,9 @@ pub use tensor::{ElementType, HostTensor};
 
 /// The share of each GPU's free memory repository models may take.
 pub const DEFAULT_GPU_BUDGET: f64 = 0.9;
+
+/// Texts per model call for `embed` when the model does not batch.
+const DEFAULT_EMBED_ROWS: usize = 32;
 
 /// The largest ONNX graph a function may pass to `load`.
 pub const MAX_GUEST_GRAPH_BYTES: usize = 256 * 1024 * 1024;
@@ -54,6 +59,8 @@ pub struct PoolGraph {
     graph: Arc<OnnxGraph>,
     batcher: Option<Arc<Batcher>>,
     stats: Option<Arc<ModelStats>>,
+    /// Repository models with `[embedding]`: their tokenizer and pooling.
+    embedder: Option<Arc<Embedder>>,
 }
 
 struct RepositoryModel {
@@ -82,7 +89,7 @@ enum Resident {
 
 /// What loading produced, before the pool wires it up.
 enum Prepared {
-    Graph(Arc<OnnxGraph>),
+    Graph(Arc<OnnxGraph>, Option<Arc<Embedder>>),
     Text(Arc<TextModel>),
 }
 
@@ -118,6 +125,9 @@ pub struct ModelInfo {
     /// Text models: their `[generation]` settings and counters.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<TextInfo>,
+    /// Sentence-embedding models: their `[embedding]` settings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<EmbeddingConfig>,
     /// The graph's inputs.
     pub inputs: Vec<TensorSpec>,
     /// The graph's outputs.
@@ -240,9 +250,9 @@ impl ModelPool {
         started: Instant,
     ) -> Loaded {
         let resident = prepared.and_then(|prepared| {
-            let graph = match prepared {
+            let (graph, embedder) = match prepared {
                 Prepared::Text(model) => return Ok(Resident::Text(model)),
-                Prepared::Graph(graph) => graph,
+                Prepared::Graph(graph, embedder) => (graph, embedder),
             };
             let batcher = match (&model.config.batching, self.batching) {
                 (Some(batching), true) => Some(Arc::new(Batcher::start(
@@ -257,6 +267,7 @@ impl ModelPool {
                 graph,
                 batcher,
                 stats: Some(model.stats.clone()),
+                embedder,
             }))
         });
         let load_ms = started.elapsed().as_millis() as u64;
@@ -299,6 +310,7 @@ impl ModelPool {
                 graph,
                 batcher: None,
                 stats: None,
+                embedder: None,
             });
         }
         let size = bytes.len() as u64;
@@ -315,6 +327,7 @@ impl ModelPool {
             graph,
             batcher: None,
             stats: None,
+            embedder: None,
         })
     }
 
@@ -375,6 +388,63 @@ impl ModelPool {
             }
         }
         result
+    }
+
+    /// Embeds `texts` with the repository model `name`, which must have an
+    /// `[embedding]` section: tokenised here, run in calls of at most one
+    /// batch of texts each (batched with other callers' calls when the
+    /// model batches), pooled into one vector per text. Also returns the
+    /// run time charged to this call.
+    pub async fn embed(
+        &self,
+        name: &str,
+        texts: &[String],
+        tenant: Arc<str>,
+    ) -> Result<(Embeddings, Duration), NnError> {
+        if texts.is_empty() || texts.len() > MAX_TEXTS {
+            return Err(NnError::invalid(format!(
+                "send between 1 and {MAX_TEXTS} texts, not {}",
+                texts.len()
+            )));
+        }
+        let model = self
+            .models
+            .get(name)
+            .ok_or_else(|| NnError::new(ErrorCode::NotFound, format!("no model named {name:?}")))?;
+        if model.config.embedding.is_none() {
+            return Err(NnError::unsupported(format!(
+                "{name:?} does not make sentence embeddings (its model.toml has no [embedding])"
+            )));
+        }
+        let graph = self.get(name).await?;
+        let embedder = graph.embedder.clone().ok_or_else(|| {
+            NnError::new(
+                ErrorCode::RuntimeError,
+                format!("{name:?} has no tokenizer"),
+            )
+        })?;
+        let rows = model
+            .config
+            .batching
+            .as_ref()
+            .map_or(DEFAULT_EMBED_ROWS, |batching| batching.max_batch);
+        let mut chunks = embedder.chunks(texts, rows);
+        let calls = chunks.iter_mut().map(|chunk| {
+            let inputs = std::mem::take(&mut chunk.inputs);
+            self.compute(graph.clone(), inputs, tenant.clone())
+        });
+        let results = futures_util::future::join_all(calls).await;
+        let mut vectors = vec![Vec::new(); texts.len()];
+        let mut spent = Duration::ZERO;
+        for (chunk, result) in chunks.iter().zip(results) {
+            let (outputs, time) = result?;
+            spent += time;
+            for (&index, vector) in chunk.indices.iter().zip(embedder.pool(chunk, &outputs)?) {
+                vectors[index] = vector;
+            }
+        }
+        let tokens = chunks.iter().map(|c| c.tokens() as u64).sum();
+        Ok((Embeddings { vectors, tokens }, spent))
     }
 
     async fn on_worker<T: Send + 'static>(
@@ -521,6 +591,7 @@ impl RepositoryModel {
             batching,
             stats: self.stats.snapshot(self.queued()),
             generation,
+            embedding: self.config.embedding.clone(),
             inputs,
             outputs,
             size_bytes: self.size_bytes,
@@ -595,7 +666,17 @@ fn prepare(
     devices: &Devices,
 ) -> Result<Prepared, String> {
     match config.format {
-        ModelFormat::Onnx => place(name, file, config.device, devices).map(Prepared::Graph),
+        ModelFormat::Onnx => {
+            let graph = place(name, file, config.device, devices)?;
+            let embedder = match &config.embedding {
+                Some(embedding) => {
+                    let dir = file.parent().unwrap_or(Path::new("."));
+                    Some(Arc::new(Embedder::new(embedding.clone(), dir, &graph)?))
+                }
+                None => None,
+            };
+            Ok(Prepared::Graph(graph, embedder))
+        }
         ModelFormat::Gguf => {
             if config.device == DevicePreference::Gpu {
                 return Err("device = \"gpu\": text models run on the CPU in this build".into());

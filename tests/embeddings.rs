@@ -1,0 +1,285 @@
+//! Sentence embeddings computed by the host: `gigafactory:ai` `embed` from
+//! a function, and `POST /openai/v1/embeddings` with the official `openai`
+//! Python client (`GIGAFACTORY_TEST_PYTHON`, set up by `./dev test`).
+//! Both must match onnxruntime's reference vectors and the `embed`
+//! example, which tokenises in the sandbox and calls wasi-nn itself.
+
+mod support;
+
+use std::process::Command;
+
+use bytes::Bytes;
+use hyper::Method;
+use support::{Reply, Server, assert_error, json, root, text, wasm};
+
+const MODEL: &str = "all-minilm-l6-v2";
+
+fn reference() -> Vec<(String, Vec<f32>, usize)> {
+    let reference: serde_json::Value =
+        serde_json::from_str(include_str!("data/reference.json")).expect("reference.json");
+    reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            (
+                case["text"].as_str().unwrap().to_string(),
+                floats(&case["embedding"]),
+                case["ids"].as_array().unwrap().len(),
+            )
+        })
+        .collect()
+}
+
+fn floats(value: &serde_json::Value) -> Vec<f32> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {value}"))
+        .iter()
+        .map(|v| v.as_f64().expect("a number") as f32)
+        .collect()
+}
+
+fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "vector lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+async fn embed_via_function(server: &Server, key: &str, model: &str, texts: &[&str]) -> Reply {
+    server
+        .client(Some(key))
+        .send(
+            Method::POST,
+            "/fn/acme/ai-embed",
+            Some(("text/plain", Bytes::from(texts.join("\n")))),
+            &[("x-model".to_string(), model.to_string())],
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_function_embeds_through_the_host_as_the_reference_does() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    server.deploy(&key, "ai-embed", wasm("ai_embed")).await;
+    server.deploy(&key, "embed", wasm("embed")).await;
+    let cases = reference();
+
+    // All three texts (12 to 19 tokens) in one call: padded together.
+    let texts: Vec<&str> = cases.iter().map(|(t, _, _)| t.as_str()).collect();
+    let reply = embed_via_function(&server, &key, MODEL, &texts).await;
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    let body = json(&reply);
+    let tokens: usize = cases.iter().map(|(_, _, n)| n).sum();
+    assert_eq!(body["prompt_tokens"], tokens, "{body}");
+    let vectors = body["vectors"].as_array().unwrap();
+    assert_eq!(vectors.len(), cases.len());
+    for ((text_in, expected, _), vector) in cases.iter().zip(vectors) {
+        let got = floats(vector);
+        assert_eq!(got.len(), 384);
+        let off = largest_difference(&got, expected);
+        assert!(off < 1e-3, "{text_in:?} vs onnxruntime: {off}");
+        // The example tokenises in the sandbox and runs the model alone.
+        let reply = server
+            .client(Some(&key))
+            .send(
+                Method::POST,
+                "/fn/acme/embed",
+                Some(("text/plain", Bytes::from(text_in.clone()))),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", text(&reply));
+        let guest = floats(&json(&reply)["embedding"]);
+        let off = largest_difference(&got, &guest);
+        assert!(off < 1e-4, "{text_in:?} vs the wasi-nn example: {off}");
+    }
+}
+
+#[tokio::test]
+async fn embed_refuses_what_it_cannot_do() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    server.deploy(&key, "ai-embed", wasm("ai_embed")).await;
+
+    let unknown = embed_via_function(&server, &key, "no-such-model", &["hi"]).await;
+    assert_error(&unknown, 404, "model_not_found");
+    let text_model = embed_via_function(&server, &key, "smollm2-135m-instruct", &["hi"]).await;
+    assert_error(&text_model, 400, "invalid_request");
+    assert!(
+        text(&text_model).contains("does not make sentence embeddings"),
+        "{}",
+        text(&text_model)
+    );
+    let none = embed_via_function(&server, &key, MODEL, &[]).await;
+    assert_error(&none, 400, "invalid_request");
+    let many = vec!["a"; 2049];
+    let too_many = embed_via_function(&server, &key, MODEL, &many).await;
+    assert_error(&too_many, 400, "invalid_request");
+
+    // A function whose manifest names another model is denied this one.
+    let bundle = gigafactory_gateway::bundle::Bundle::pack(
+        &wasm("ai_embed"),
+        Some("models = [\"smollm2-135m-instruct\"]"),
+        &[],
+    )
+    .unwrap();
+    let deployed = server.deploy_bundle(&key, "ai-embed", bundle).await;
+    assert_eq!(deployed.status, 201, "{}", text(&deployed));
+    let denied = embed_via_function(&server, &key, MODEL, &["hi"]).await;
+    assert_error(&denied, 403, "model_denied");
+}
+
+fn python() -> String {
+    std::env::var("GIGAFACTORY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+#[tokio::test]
+async fn the_openai_client_gets_the_reference_embeddings() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let cases = reference();
+    let base = format!("{}/openai/v1", server.url);
+    let script = root().join("tests/data/openai_embeddings.py");
+    let texts: Vec<String> = cases.iter().map(|(t, _, _)| t.clone()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(script)
+            .args([&base, &key, MODEL])
+            .args(&texts)
+            .output()
+            .expect("running python")
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "the openai client failed (does {} have `openai`? ./dev test sets it up):\n{}",
+        python(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let batch = &report["batch"];
+    assert_eq!(batch["model"], MODEL);
+    assert_eq!(batch["indices"], serde_json::json!([0, 1, 2]));
+    let tokens: usize = cases.iter().map(|(_, _, n)| n).sum();
+    assert_eq!(batch["prompt_tokens"], tokens, "{batch}");
+    assert_eq!(batch["total_tokens"], tokens);
+    for ((text_in, expected, _), vector) in cases.iter().zip(batch["vectors"].as_array().unwrap()) {
+        let off = largest_difference(&floats(vector), expected);
+        assert!(off < 1e-3, "{text_in:?} (base64) vs onnxruntime: {off}");
+    }
+    let off = largest_difference(&floats(&report["single"]), &cases[0].1);
+    assert!(off < 1e-3, "float encoding vs onnxruntime: {off}");
+    assert_eq!(report["unknown_model"], 404);
+}
+
+#[tokio::test]
+async fn the_embeddings_endpoint_checks_its_input_keys_and_quotas() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let path = "/openai/v1/embeddings";
+    let post = |token: Option<String>, body: serde_json::Value| {
+        let client = server.client(token.as_deref());
+        async move {
+            client
+                .send(
+                    Method::POST,
+                    path,
+                    Some(("application/json", Bytes::from(body.to_string()))),
+                    &[],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let me = || Some(key.clone());
+
+    let one = post(me(), serde_json::json!({"model": MODEL, "input": "hello"})).await;
+    assert_eq!(one.status, 200, "{}", text(&one));
+    let body = json(&one);
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["data"][0]["object"], "embedding");
+    assert_eq!(body["data"][0]["embedding"].as_array().unwrap().len(), 384);
+    assert_eq!(body["usage"]["prompt_tokens"], 3, "[CLS] hello [SEP]");
+
+    let cases = [
+        (
+            serde_json::json!({"model": MODEL, "input": [101, 7592, 102]}),
+            "token ids",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "input": []}),
+            "at least one",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "input": {"text": "hi"}}),
+            "a string or a list",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "input": "hi", "dimensions": 128}),
+            "384-dimensional",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "input": "hi", "encoding_format": "int8"}),
+            "encoding_format",
+        ),
+        (
+            serde_json::json!({"model": "smollm2-135m-instruct", "input": "hi"}),
+            "does not make sentence embeddings",
+        ),
+        (serde_json::json!({"input": "hi"}), "model"),
+    ];
+    for (request, why) in cases {
+        let refused = post(me(), request.clone()).await;
+        assert_error(&refused, 400, "invalid_request");
+        assert!(
+            text(&refused).contains(why),
+            "{request}: {}",
+            text(&refused)
+        );
+    }
+    let unknown = post(me(), serde_json::json!({"model": "gpt-9", "input": "hi"})).await;
+    assert_error(&unknown, 404, "model_not_found");
+    let anonymous = post(None, serde_json::json!({"model": MODEL, "input": "hi"})).await;
+    assert_error(&anonymous, 401, "unauthorized");
+    let listed = server
+        .client(me().as_deref())
+        .send(Method::GET, path, None, &[])
+        .await
+        .unwrap();
+    assert_error(&listed, 405, "method_not_allowed");
+
+    // Compute is charged to the tenant: with a tiny compute quota, the
+    // first call spends it and the next is refused until it expires.
+    server
+        .set_quota(
+            "acme",
+            serde_json::json!({"compute_seconds_per_minute": 0.001}),
+        )
+        .await;
+    let spent = post(me(), serde_json::json!({"model": MODEL, "input": "hello"})).await;
+    assert_eq!(spent.status, 200, "{}", text(&spent));
+    let refused = post(me(), serde_json::json!({"model": MODEL, "input": "hello"})).await;
+    assert_error(&refused, 429, "too_many_requests");
+    assert!(refused.headers.contains_key("retry-after"));
+
+    // A quota without the model hides it.
+    server
+        .set_quota(
+            "acme",
+            serde_json::json!({"models": ["smollm2-135m-instruct"]}),
+        )
+        .await;
+    let hidden = post(me(), serde_json::json!({"model": MODEL, "input": "hi"})).await;
+    assert_error(&hidden, 404, "model_not_found");
+}
