@@ -1,7 +1,9 @@
 //! Devices and model placement. Where there is no GPU (or the binary was
 //! built without the `cuda` feature), `auto` models run on the CPU and
 //! `gpu` models fail with the reason; where there is one, a model placed on
-//! it gives the same embeddings as onnxruntime on the CPU within 1e-3.
+//! it gives the same embeddings as onnxruntime on the CPU within 1e-3. Text
+//! models go to a GPU only in a build with llama.cpp's CUDA backend
+//! (`llm-cuda`), and there give the reference answer.
 
 mod support;
 
@@ -126,4 +128,70 @@ async fn gpu_embeddings_equal_the_cpu_reference() {
             .fold(0f64, f64::max);
         assert!(worst < 1e-3, "{}: GPU differs by {worst}", case["text"]);
     }
+}
+
+/// A repository with the shipped SmolLM2 placed by `device`, loaded at boot.
+fn text_repository(dir: &Path, device: &str) {
+    let model = dir.join(TEXT_MODEL);
+    std::fs::create_dir_all(&model).unwrap();
+    let shipped = root().join("models").join(TEXT_MODEL);
+    std::os::unix::fs::symlink(shipped.join("model.gguf"), model.join("model.gguf")).unwrap();
+    std::fs::write(
+        model.join("model.toml"),
+        format!(
+            "format = \"gguf\"\nfile = \"model.gguf\"\npublic = true\ndevice = \"{device}\"\n\
+             [generation]\nmax_sequences = 2\ncontext_tokens = 512\n"
+        ),
+    )
+    .unwrap();
+}
+
+const TEXT_MODEL: &str = "smollm2-135m-instruct";
+
+#[tokio::test]
+async fn text_models_go_to_a_gpu_only_in_an_llm_cuda_build() {
+    let (data, models) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    text_repository(models.path(), "gpu");
+    let server = Server::start_with_models(data.path(), models.path(), &[]);
+    let key = server.tenant("acme").await;
+    let listed = devices(&server, &key).await;
+    let model = &server
+        .client(Some(&key))
+        .api(Method::GET, "/v1/models", None)
+        .await
+        .unwrap()["models"][0];
+    if !cfg!(feature = "llm-cuda") {
+        eprintln!("built without llm-cuda: checking that device = \"gpu\" fails clearly");
+        assert_eq!(model["state"], "failed", "{model}");
+        let error = model["error"].as_str().unwrap();
+        assert!(error.contains("llm-cuda"), "{error}");
+        return;
+    }
+    if gpus(&listed) == 0 {
+        eprintln!("no GPU here: checking that device = \"gpu\" fails clearly");
+        assert_eq!(model["state"], "failed", "{model}");
+        return;
+    }
+    assert_eq!(model["state"], "ready", "{model}");
+    assert_eq!(model["device"], "cuda:0", "{model}");
+    let chat = serde_json::json!({
+        "model": TEXT_MODEL,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0,
+    });
+    let reply = server
+        .client(Some(&key))
+        .send(
+            Method::POST,
+            "/openai/v1/chat/completions",
+            Some(("application/json", Bytes::from(chat.to_string()))),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    assert_eq!(
+        json(&reply)["choices"][0]["message"]["content"],
+        "The capital of France is Paris."
+    );
 }

@@ -58,7 +58,7 @@ pub(super) async fn run(args: ChatArgs) -> Result<()> {
     );
     let engine = {
         let (file, generation) = (dir.join(&config.file), generation.clone());
-        tokio::task::spawn_blocking(move || TextModel::load(MODEL, &file, generation))
+        tokio::task::spawn_blocking(move || TextModel::load(MODEL, &file, generation, "cpu"))
             .await?
             .map_err(anyhow::Error::msg)?
     };
@@ -66,6 +66,34 @@ pub(super) async fn run(args: ChatArgs) -> Result<()> {
     let mut direct = Vec::new();
     for _ in 0..args.runs {
         direct.push(direct_run(&engine, args.max_tokens).await?);
+    }
+    let mut direct_aggregate = Vec::new();
+    for &clients in &args.clients {
+        eprintln!(
+            "the engine directly, {clients} concurrent generations for {} s …",
+            args.seconds
+        );
+        let end = Instant::now() + Duration::from_secs(args.seconds);
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let engine = engine.clone();
+                let max_tokens = args.max_tokens;
+                tokio::spawn(async move {
+                    let mut tokens = 0.0;
+                    while Instant::now() < end {
+                        let (rate, took) = direct_generation(&engine, max_tokens).await?;
+                        tokens += rate * took;
+                    }
+                    anyhow::Ok(tokens)
+                })
+            })
+            .collect();
+        let mut tokens = 0.0;
+        for task in tasks {
+            tokens += task.await??;
+        }
+        direct_aggregate.push(tokens / started.elapsed().as_secs_f64());
     }
     drop(engine);
 
@@ -114,17 +142,20 @@ pub(super) async fn run(args: ChatArgs) -> Result<()> {
     println!("| setup | clients | generated tokens/s |\n|---|---|---|");
     println!("| engine called directly (no HTTP, no Wasm) | 1 | {direct:.1} |");
     println!("| gigafactory, chat function, SSE | 1 | {single:.1} |");
-    for (clients, rate) in &aggregate {
+    for ((clients, rate), direct_rate) in aggregate.iter().zip(&direct_aggregate) {
+        println!("| engine called directly | {clients} | {direct_rate:.1} (aggregate) |");
         println!("| gigafactory, chat function, SSE | {clients} | {rate:.1} (aggregate) |");
     }
     println!(
         "\n- single stream: platform / direct = {:.2}x",
         single / direct
     );
-    for (clients, rate) in &aggregate {
+    for ((clients, rate), direct_rate) in aggregate.iter().zip(&direct_aggregate) {
         println!(
-            "- {clients} clients: aggregate / single stream = {:.2}x",
-            rate / single
+            "- {clients} clients: aggregate / single stream = {:.2}x (the engine alone: {:.2}x); platform / engine = {:.2}x",
+            rate / single,
+            direct_rate / direct,
+            rate / direct_rate
         );
     }
     println!(
@@ -149,6 +180,11 @@ fn chat_request(max_tokens: u32) -> Request {
 
 /// Tokens/s of one generation through the engine.
 async fn direct_run(engine: &TextModel, max_tokens: u32) -> Result<f64> {
+    Ok(direct_generation(engine, max_tokens).await?.0)
+}
+
+/// Tokens/s of one generation through the engine, and the seconds it took.
+async fn direct_generation(engine: &TextModel, max_tokens: u32) -> Result<(f64, f64)> {
     let started = Instant::now();
     let mut generation = engine
         .generate("bench".into(), chat_request(max_tokens))
@@ -157,7 +193,8 @@ async fn direct_run(engine: &TextModel, max_tokens: u32) -> Result<f64> {
         match generation.next().await {
             Some(Event::Text(_)) => {}
             Some(Event::Done(usage)) => {
-                return Ok(usage.completion_tokens as f64 / started.elapsed().as_secs_f64());
+                let took = started.elapsed().as_secs_f64();
+                return Ok((usage.completion_tokens as f64 / took, took));
             }
             Some(Event::Failed(why)) => bail!("generation failed: {why}"),
             None => bail!("the engine stopped"),

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use llama_cpp_2::llama_backend::LlamaBackend;
-use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::params::{LlamaModelParams, LlamaSplitMode};
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use serde::{Deserialize, Serialize};
@@ -249,6 +249,8 @@ pub struct TextInfo {
 /// A resident text model and its scheduler.
 pub struct TextModel {
     model: Arc<LlamaModel>,
+    /// `cpu`, or `cuda:N` where its layers and KV cache live.
+    device: String,
     template: Option<LlamaChatTemplate>,
     config: GenerationConfig,
     jobs: Mutex<mpsc::Sender<scheduler::Job>>,
@@ -268,10 +270,20 @@ fn backend() -> Result<&'static LlamaBackend, String> {
         .map_err(Clone::clone)
 }
 
+/// Whether this build can run text models on GPUs (feature `llm-cuda`:
+/// llama.cpp's CUDA backend, which needs the CUDA toolkit to build).
+pub const GPU_BUILD: bool = cfg!(feature = "llm-cuda");
+
 impl TextModel {
-    /// Loads the GGUF file at `path` and starts its scheduler thread
-    /// (named after `name`); blocking.
-    pub fn load(name: &str, path: &Path, config: GenerationConfig) -> Result<Arc<Self>, String> {
+    /// Loads the GGUF file at `path` onto `device` (`cpu`, or `cuda:N` in a
+    /// [`GPU_BUILD`]: every layer and the KV cache on that GPU) and starts
+    /// its scheduler thread (named after `name`); blocking.
+    pub fn load(
+        name: &str,
+        path: &Path,
+        config: GenerationConfig,
+        device: &str,
+    ) -> Result<Arc<Self>, String> {
         if config.max_sequences == 0
             || config.context_tokens == 0
             || config.batch_tokens == 0
@@ -285,8 +297,25 @@ impl TextModel {
                     .into(),
             );
         }
+        let params = match device.strip_prefix("cuda:") {
+            None if device == "cpu" => LlamaModelParams::default().with_n_gpu_layers(0),
+            Some(index) if GPU_BUILD => {
+                let index: i32 = index
+                    .parse()
+                    .map_err(|_| format!("no such device {device:?}"))?;
+                LlamaModelParams::default()
+                    .with_n_gpu_layers(u32::MAX)
+                    .with_split_mode(LlamaSplitMode::None)
+                    .with_main_gpu(index)
+            }
+            _ => {
+                return Err(format!(
+                    "text models cannot run on {device:?} in this build"
+                ));
+            }
+        };
         let backend = backend()?;
-        let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+        let model = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| format!("loading {}: {e}", path.display()))?;
         let model = Arc::new(model);
         let template = model.chat_template(None).ok();
@@ -319,6 +348,7 @@ impl TextModel {
             .map_err(|_| "the scheduler thread died".to_string())??;
         Ok(Arc::new(Self {
             model,
+            device: device.to_string(),
             template,
             config,
             jobs: Mutex::new(jobs),
@@ -357,6 +387,11 @@ impl TextModel {
     /// Bytes of weights.
     pub fn size_bytes(&self) -> u64 {
         self.model.size()
+    }
+
+    /// Where it runs: `cpu` or `cuda:N`.
+    pub fn device(&self) -> &str {
+        &self.device
     }
 
     /// Renders `prompt` (the chat template for messages) and tokenises it.
@@ -544,7 +579,7 @@ mod tests {
             context_tokens: 1024,
             ..GenerationConfig::default()
         };
-        Some(TextModel::load("smollm2", &path, config).unwrap())
+        Some(TextModel::load("smollm2", &path, config, "cpu").unwrap())
     }
 
     fn request(prompt: Prompt, max_tokens: u32) -> Request {

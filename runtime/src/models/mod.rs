@@ -548,7 +548,7 @@ impl RepositoryModel {
                     vec![],
                     vec![],
                     text.size_bytes(),
-                    "cpu".to_string(),
+                    text.device().to_string(),
                 ),
                 Some(Ok(Resident::Graph(graph))) => (
                     "ready",
@@ -653,8 +653,33 @@ impl Resident {
     fn device(&self) -> &str {
         match self {
             Resident::Graph(graph) => graph.graph.device(),
-            Resident::Text(_) => "cpu",
+            Resident::Text(text) => text.device(),
         }
+    }
+}
+
+/// Where a text model of `weights` bytes goes: a GPU with room for them
+/// when the build has llama.cpp's CUDA backend (`llm-cuda`) and the
+/// preference allows, else the CPU (`gpu` fails instead).
+fn text_device(
+    name: &str,
+    preference: DevicePreference,
+    weights: u64,
+    devices: &Devices,
+) -> Result<String, String> {
+    match (preference, crate::llm::GPU_BUILD) {
+        (DevicePreference::Cpu, _) | (DevicePreference::Auto, false) => Ok("cpu".into()),
+        (DevicePreference::Gpu, false) => Err(
+            "device = \"gpu\": this build runs text models on the CPU (build with the llm-cuda feature)"
+                .into(),
+        ),
+        (DevicePreference::Gpu, true) => devices
+            .gpu_with_room(weights)
+            .map_err(|why| format!("device = \"gpu\": {why}")),
+        (DevicePreference::Auto, true) => Ok(devices.gpu_with_room(weights).unwrap_or_else(|why| {
+            tracing::info!(model = %name, "device auto: on the CPU ({why})");
+            "cpu".into()
+        })),
     }
 }
 
@@ -678,11 +703,12 @@ fn prepare(
             Ok(Prepared::Graph(graph, embedder))
         }
         ModelFormat::Gguf => {
-            if config.device == DevicePreference::Gpu {
-                return Err("device = \"gpu\": text models run on the CPU in this build".into());
-            }
+            let weights = std::fs::metadata(file).map_or(0, |m| m.len());
+            let device = text_device(name, config.device, weights, devices)?;
             let generation = config.generation.clone().unwrap_or_default();
-            TextModel::load(name, file, generation).map(Prepared::Text)
+            let model = TextModel::load(name, file, generation, &device)?;
+            devices.place(&device, model.size_bytes());
+            Ok(Prepared::Text(model))
         }
     }
 }
