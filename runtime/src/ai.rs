@@ -105,6 +105,8 @@ impl generation::Host for AiView<'_> {
             top_k: options.top_k,
             seed: options.seed,
             stop: options.stop,
+            repeat_penalty: 1.0,
+            repeat_last_n: 0,
             budget: capabilities.compute.clone(),
         };
         let tenant: Arc<str> = capabilities.tenant.clone();
@@ -118,21 +120,36 @@ impl generation::Host for AiView<'_> {
     }
 }
 
+/// Why an instance may not use a repository model.
+pub(crate) enum Refusal {
+    /// The tenant may not see it, or there is none: it does not exist.
+    NotFound(String),
+    /// The function's manifest does not name it.
+    Denied(String),
+}
+
+/// Whether the instance of `ctx` may use the repository model `model`:
+/// models the tenant may not see do not exist, models outside the
+/// manifest are denied (as for wasi-nn `load-by-name`).
+pub(crate) fn permit(ctx: &NnCtx, model: &str) -> Result<(), Refusal> {
+    let capabilities = ctx.capabilities();
+    if !capabilities.models.is_visible(model) || !ctx.pool().has(model) {
+        return Err(Refusal::NotFound(format!("no model named {model:?}")));
+    }
+    if !capabilities.models.is_allowed(model) {
+        return Err(Refusal::Denied(format!(
+            "model {model:?} is not in this function's manifest (`models`)"
+        )));
+    }
+    Ok(())
+}
+
 impl AiView<'_> {
-    /// Whether this instance may use the repository model `model`: models
-    /// the tenant may not see do not exist, models outside the manifest are
-    /// denied.
     fn permit(&self, model: &str) -> Result<(), types::Error> {
-        let capabilities = self.ctx.capabilities();
-        if !capabilities.models.is_visible(model) || !self.ctx.pool().has(model) {
-            return Err(types::Error::NotFound(format!("no model named {model:?}")));
-        }
-        if !capabilities.models.is_allowed(model) {
-            return Err(types::Error::Denied(format!(
-                "model {model:?} is not in this function's manifest (`models`)"
-            )));
-        }
-        Ok(())
+        permit(self.ctx, model).map_err(|refusal| match refusal {
+            Refusal::NotFound(why) => types::Error::NotFound(why),
+            Refusal::Denied(why) => types::Error::Denied(why),
+        })
     }
 }
 

@@ -15,6 +15,7 @@ use crate::capabilities::{Capabilities, OutboundAccess};
 use crate::logs::{LogStream, RequestLog};
 use crate::models::ModelPool;
 use crate::nn::{NnCtx, NnView};
+use crate::spin::SpinView;
 
 /// Per-request store data.
 pub struct HostState {
@@ -69,6 +70,10 @@ impl HostState {
 
     pub(crate) fn ai(&mut self) -> AiView<'_> {
         AiView::new(&self.nn, &mut self.table)
+    }
+
+    pub(crate) fn spin(&mut self) -> SpinView<'_> {
+        SpinView::new(&self.nn)
     }
 }
 

@@ -17,6 +17,7 @@ pub mod logs;
 pub mod models;
 pub mod nn;
 mod queue;
+mod spin;
 pub mod stats;
 
 use std::sync::Arc;
@@ -86,6 +87,7 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         nn::add_to_linker(&mut linker, HostState::nn)?;
         ai::add_to_linker(&mut linker, HostState::ai)?;
+        spin::add_to_linker(&mut linker, HostState::spin)?;
         let fingerprint = fingerprint(&engine);
         Ok(Self {
             inner: Arc::new(Inner {

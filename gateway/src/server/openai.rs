@@ -197,6 +197,8 @@ impl Gateway {
                 Some(Stop::One(stop)) => vec![stop],
                 Some(Stop::Many(stops)) => stops,
             },
+            repeat_penalty: 1.0,
+            repeat_last_n: 0,
             budget: admitted.budget.clone(),
         };
         let generation = model

@@ -110,6 +110,11 @@ pub struct Request {
     pub seed: u32,
     /// Generation ends before the first of these strings.
     pub stop: Vec<String>,
+    /// Divides the odds of tokens among the last `repeat_last_n` (prompt
+    /// included) by this much (1: off).
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    pub repeat_last_n: u32,
     /// Who pays for the tokens, charged as each is generated.
     pub budget: Option<Arc<dyn ComputeBudget>>,
 }
@@ -124,6 +129,8 @@ impl Default for Request {
             top_k: 0,
             seed: 0,
             stop: vec![],
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
             budget: None,
         }
     }
@@ -546,6 +553,12 @@ fn check(request: &Request) -> Result<(), GenerateError> {
     if request.stop.len() > 16 || request.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
         return invalid("stop: at most 16 strings of 1 to 256 bytes".into());
     }
+    if !(request.repeat_penalty > 0.0 && request.repeat_penalty <= 2.0) {
+        return invalid(format!(
+            "repeat_penalty must be in (0, 2], got {}",
+            request.repeat_penalty
+        ));
+    }
     Ok(())
 }
 
@@ -710,6 +723,22 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn a_repeat_penalty_steers_away_from_the_prompt_repeatably() {
+        let Some(model) = model() else { return };
+        let penalised = || Request {
+            repeat_penalty: 2.0,
+            repeat_last_n: 64,
+            ..request(Prompt::Text(PROMPT.into()), 7)
+        };
+        let (first, _) = collect(model.generate(tenant("a"), penalised()).unwrap()).await;
+        let (again, _) = collect(model.generate(tenant("a"), penalised()).unwrap()).await;
+        assert_eq!(first, again, "greedy with a penalty is still deterministic");
+        // The answer repeats the prompt's "capital of France": penalised, it cannot.
+        assert_ne!(first, ANSWER);
+        assert!(!first.contains("capital of France"), "{first:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn bad_requests_are_refused_before_queueing() {
         let Some(model) = model() else { return };
         let refuse = |request: Request| model.generate(tenant("a"), request).err().unwrap();
@@ -731,6 +760,13 @@ mod tests {
         assert!(matches!(
             refuse(Request {
                 top_p: 0.0,
+                ..base()
+            }),
+            GenerateError::Invalid(_)
+        ));
+        assert!(matches!(
+            refuse(Request {
+                repeat_penalty: 0.0,
                 ..base()
             }),
             GenerateError::Invalid(_)

@@ -205,7 +205,7 @@ impl Scheduler<'_> {
             self.active.push(Sequence {
                 id,
                 tenant,
-                sampler: sampler(&job.request),
+                sampler: sampler(&job.request, &self.setup.model, &job.tokens),
                 text: TextStream::new(job.request.stop.clone()),
                 prompt: job.tokens,
                 fed: 0,
@@ -347,11 +347,27 @@ impl Scheduler<'_> {
 }
 
 /// The sampler chain for a request: greedy at temperature 0.
-fn sampler(request: &Request) -> LlamaSampler {
-    if request.temperature <= 0.0 {
-        return LlamaSampler::greedy();
-    }
+/// The request's sampler chain; a repeat penalty starts out having seen
+/// the `prompt`.
+fn sampler(request: &Request, model: &LlamaModel, prompt: &[LlamaToken]) -> LlamaSampler {
     let mut chain = Vec::new();
+    let penalised = request.repeat_penalty != 1.0 && request.repeat_last_n > 0;
+    if penalised {
+        chain.push(LlamaSampler::penalties(
+            model.n_vocab(),
+            i32::try_from(request.repeat_last_n).unwrap_or(i32::MAX),
+            request.repeat_penalty,
+            0.0,
+            0.0,
+        ));
+    }
+    if request.temperature <= 0.0 {
+        if !penalised {
+            return LlamaSampler::greedy();
+        }
+        chain.push(LlamaSampler::greedy());
+        return LlamaSampler::chain_simple(chain).with_tokens(prompt);
+    }
     if request.top_k > 0 {
         chain.push(LlamaSampler::top_k(request.top_k as i32));
     }
@@ -360,5 +376,10 @@ fn sampler(request: &Request) -> LlamaSampler {
     }
     chain.push(LlamaSampler::temp(request.temperature));
     chain.push(LlamaSampler::dist(request.seed));
-    LlamaSampler::chain_simple(chain)
+    let chain = LlamaSampler::chain_simple(chain);
+    if penalised {
+        chain.with_tokens(prompt)
+    } else {
+        chain
+    }
 }
