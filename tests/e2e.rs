@@ -5,19 +5,10 @@ mod support;
 
 use bytes::Bytes;
 use hyper::Method;
-use support::{Server, assert_error, json, text, wasm};
+use support::{Server, assert_error, floats, json, text, wasm};
 
 fn reference() -> serde_json::Value {
     serde_json::from_str(include_str!("data/reference.json")).expect("reference.json")
-}
-
-fn floats(value: &serde_json::Value) -> Vec<f32> {
-    value
-        .as_array()
-        .expect("an array")
-        .iter()
-        .map(|v| v.as_f64().expect("a number") as f32)
-        .collect()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {

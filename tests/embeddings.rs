@@ -6,47 +6,14 @@
 
 mod support;
 
-use std::process::Command;
-
 use bytes::Bytes;
 use hyper::Method;
-use support::{Reply, Server, assert_error, json, root, text, wasm};
+use support::{
+    Reply, Server, assert_error, floats, json, largest_difference, reference_embeddings,
+    run_python, text, wasm,
+};
 
 const MODEL: &str = "all-minilm-l6-v2";
-
-fn reference() -> Vec<(String, Vec<f32>, usize)> {
-    let reference: serde_json::Value =
-        serde_json::from_str(include_str!("data/reference.json")).expect("reference.json");
-    reference["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|case| {
-            (
-                case["text"].as_str().unwrap().to_string(),
-                floats(&case["embedding"]),
-                case["ids"].as_array().unwrap().len(),
-            )
-        })
-        .collect()
-}
-
-fn floats(value: &serde_json::Value) -> Vec<f32> {
-    value
-        .as_array()
-        .unwrap_or_else(|| panic!("not an array: {value}"))
-        .iter()
-        .map(|v| v.as_f64().expect("a number") as f32)
-        .collect()
-}
-
-fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "vector lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-}
 
 async fn embed_via_function(server: &Server, key: &str, model: &str, texts: &[&str]) -> Reply {
     server
@@ -68,7 +35,7 @@ async fn a_function_embeds_through_the_host_as_the_reference_does() {
     let key = server.tenant("acme").await;
     server.deploy(&key, "ai-embed", wasm("ai_embed")).await;
     server.deploy(&key, "embed", wasm("embed")).await;
-    let cases = reference();
+    let cases = reference_embeddings();
 
     // All three texts (12 to 19 tokens) in one call: padded together.
     let texts: Vec<&str> = cases.iter().map(|(t, _, _)| t.as_str()).collect();
@@ -86,15 +53,8 @@ async fn a_function_embeds_through_the_host_as_the_reference_does() {
         assert!(off < 1e-3, "{text_in:?} vs onnxruntime: {off}");
         // The example tokenises in the sandbox and runs the model alone.
         let reply = server
-            .client(Some(&key))
-            .send(
-                Method::POST,
-                "/fn/acme/embed",
-                Some(("text/plain", Bytes::from(text_in.clone()))),
-                &[],
-            )
-            .await
-            .unwrap();
+            .post(&key, "/fn/acme/embed", "text/plain", text_in.clone())
+            .await;
         assert_eq!(reply.status, 200, "{}", text(&reply));
         let guest = floats(&json(&reply)["embedding"]);
         let off = largest_difference(&got, &guest);
@@ -137,36 +97,15 @@ async fn embed_refuses_what_it_cannot_do() {
     assert_error(&denied, 403, "model_denied");
 }
 
-fn python() -> String {
-    std::env::var("GIGAFACTORY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
 #[tokio::test]
 async fn the_openai_client_gets_the_reference_embeddings() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path());
     let key = server.tenant("acme").await;
-    let cases = reference();
-    let base = format!("{}/openai/v1", server.url);
-    let script = root().join("tests/data/openai_embeddings.py");
-    let texts: Vec<String> = cases.iter().map(|(t, _, _)| t.clone()).collect();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script)
-            .args([&base, &key, MODEL])
-            .args(&texts)
-            .output()
-            .expect("running python")
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "the openai client failed (does {} have `openai`? ./dev test sets it up):\n{}",
-        python(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let cases = reference_embeddings();
+    let mut args = vec![format!("{}/openai/v1", server.url), key, MODEL.to_string()];
+    args.extend(cases.iter().map(|(t, _, _)| t.clone()));
+    let report = run_python("openai_embeddings.py", args).await;
     let batch = &report["batch"];
     assert_eq!(batch["model"], MODEL);
     assert_eq!(batch["indices"], serde_json::json!([0, 1, 2]));

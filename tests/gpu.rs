@@ -9,9 +9,8 @@ mod support;
 
 use std::path::Path;
 
-use bytes::Bytes;
 use hyper::Method;
-use support::{Server, json, root, text, wasm};
+use support::{Server, floats, json, largest_difference, reference_embeddings, root, text, wasm};
 
 const MODEL: &str = "all-minilm-l6-v2";
 
@@ -101,32 +100,13 @@ async fn gpu_embeddings_equal_the_cpu_reference() {
         return;
     }
     server.deploy(&key, "embed", wasm("embed")).await;
-    let reference: serde_json::Value =
-        serde_json::from_str(include_str!("data/reference.json")).unwrap();
-    for case in reference["cases"].as_array().unwrap() {
+    for (text_in, expected, _) in reference_embeddings() {
         let reply = server
-            .client(Some(&key))
-            .send(
-                Method::POST,
-                "/fn/acme/embed",
-                Some((
-                    "text/plain",
-                    Bytes::from(case["text"].as_str().unwrap().to_string()),
-                )),
-                &[],
-            )
-            .await
-            .unwrap();
+            .post(&key, "/fn/acme/embed", "text/plain", text_in.clone())
+            .await;
         assert_eq!(reply.status, 200, "{}", text(&reply));
-        let got = json(&reply)["embedding"].clone();
-        let worst = got
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(case["embedding"].as_array().unwrap())
-            .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
-            .fold(0f64, f64::max);
-        assert!(worst < 1e-3, "{}: GPU differs by {worst}", case["text"]);
+        let off = largest_difference(&floats(&json(&reply)["embedding"]), &expected);
+        assert!(off < 1e-3, "{text_in:?}: GPU differs by {off}");
     }
 }
 
@@ -180,15 +160,13 @@ async fn text_models_go_to_a_gpu_only_in_an_llm_cuda_build() {
         "temperature": 0,
     });
     let reply = server
-        .client(Some(&key))
-        .send(
-            Method::POST,
+        .post(
+            &key,
             "/openai/v1/chat/completions",
-            Some(("application/json", Bytes::from(chat.to_string()))),
-            &[],
+            "application/json",
+            chat.to_string(),
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(reply.status, 200, "{}", text(&reply));
     assert_eq!(
         json(&reply)["choices"][0]["message"]["content"],

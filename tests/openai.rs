@@ -4,17 +4,11 @@
 
 mod support;
 
-use std::process::Command;
-
 use bytes::Bytes;
 use hyper::Method;
-use support::{Server, assert_error, root, text};
+use support::{Server, assert_error, run_python, text};
 
 const MODEL: &str = "smollm2-135m-instruct";
-
-fn python() -> String {
-    std::env::var("GIGAFACTORY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
 
 #[tokio::test]
 async fn the_openai_client_chats_streams_and_lists_models() {
@@ -22,23 +16,7 @@ async fn the_openai_client_chats_streams_and_lists_models() {
     let server = Server::start(data.path());
     let key = server.tenant("acme").await;
     let base = format!("{}/openai/v1", server.url);
-    let script = root().join("tests/data/openai_client.py");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script)
-            .args([&base, &key, MODEL])
-            .output()
-            .expect("running python")
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "the openai client failed (does {} have `openai`? ./dev test sets it up):\n{}",
-        python(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let report = run_python("openai_client.py", vec![base, key, MODEL.to_string()]).await;
     let answer = "The capital of France is Paris.";
     assert_eq!(report["whole"]["content"], answer, "{report}");
     assert_eq!(report["whole"]["role"], "assistant");
@@ -146,28 +124,19 @@ async fn generated_tokens_count_against_the_tenant_quota() {
     let openai = || async {
         let chat = serde_json::json!({"model": MODEL, "messages": question, "temperature": 0});
         server
-            .client(Some(&key))
-            .send(
-                Method::POST,
+            .post(
+                &key,
                 "/openai/v1/chat/completions",
-                Some(("application/json", Bytes::from(chat.to_string()))),
-                &[],
+                "application/json",
+                chat.to_string(),
             )
             .await
-            .unwrap()
     };
     let function = || async {
         let chat = serde_json::json!({"messages": question, "temperature": 0});
         server
-            .client(Some(&key))
-            .send(
-                Method::POST,
-                "/fn/acme/chat",
-                Some(("application/json", Bytes::from(chat.to_string()))),
-                &[],
-            )
+            .post(&key, "/fn/acme/chat", "application/json", chat.to_string())
             .await
-            .unwrap()
     };
 
     // The answer is 7 tokens: a cap of 5 lets one generation run to its

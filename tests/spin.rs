@@ -4,9 +4,7 @@
 
 mod support;
 
-use bytes::Bytes;
-use hyper::Method;
-use support::{Reply, Server, json, text, wasm};
+use support::{Reply, Server, floats, json, largest_difference, reference_embeddings, text, wasm};
 
 /// SmolLM2's chat template around the reference question (../MODELS.md).
 const PROMPT: &str =
@@ -14,15 +12,13 @@ const PROMPT: &str =
 
 async fn post(server: &Server, key: &str, route: &str, body: &str) -> Reply {
     server
-        .client(Some(key))
-        .send(
-            Method::POST,
+        .post(
+            key,
             &format!("/fn/acme/spin{route}"),
-            Some(("text/plain", Bytes::from(body.to_string()))),
-            &[],
+            "text/plain",
+            body.to_string(),
         )
         .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -45,27 +41,19 @@ async fn a_spin_sdk_component_infers_and_embeds() {
     let generated = json(&sampled)["generated_tokens"].as_u64().unwrap();
     assert!((1..=100).contains(&generated), "{generated} tokens");
 
-    let reference: serde_json::Value =
-        serde_json::from_str(include_str!("data/reference.json")).unwrap();
-    let cases = reference["cases"].as_array().unwrap();
-    let lines: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let cases = reference_embeddings();
+    let lines: Vec<&str> = cases
+        .iter()
+        .map(|(text_in, _, _)| text_in.as_str())
+        .collect();
     let embedded = post(&server, &key, "/embed", &lines.join("\n")).await;
     assert_eq!(embedded.status, 200, "{}", text(&embedded));
     let body = json(&embedded);
-    let tokens: usize = cases
-        .iter()
-        .map(|c| c["ids"].as_array().unwrap().len())
-        .sum();
+    let tokens: usize = cases.iter().map(|(_, _, n)| n).sum();
     assert_eq!(body["prompt_tokens"], tokens);
-    for (case, vector) in cases.iter().zip(body["vectors"].as_array().unwrap()) {
-        let worst = vector
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(case["embedding"].as_array().unwrap())
-            .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
-            .fold(0f64, f64::max);
-        assert!(worst < 1e-3, "{}: differs by {worst}", case["text"]);
+    for ((text_in, expected, _), vector) in cases.iter().zip(body["vectors"].as_array().unwrap()) {
+        let off = largest_difference(&floats(vector), expected);
+        assert!(off < 1e-3, "{text_in:?}: differs from onnxruntime by {off}");
     }
 }
 

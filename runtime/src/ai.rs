@@ -4,12 +4,10 @@
 //! models the tenant may not see do not exist, models outside the
 //! manifest are denied.
 
-use std::sync::Arc;
-
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::llm::{self, Event, GenerateError, Generation};
-use crate::models::{ErrorCode, NnError};
+use crate::models::{Embeddings, ErrorCode, NnError};
 use crate::nn::NnCtx;
 
 mod generated {
@@ -78,20 +76,6 @@ impl generation::Host for AiView<'_> {
         prompt: generation::Prompt,
         options: generation::Options,
     ) -> AiResult<Resource<GenerationStream>> {
-        if let Err(error) = self.permit(&model) {
-            return Ok(Err(error));
-        }
-        let capabilities = self.ctx.capabilities();
-        if let Some(budget) = &capabilities.compute
-            && let Err(why) = budget.check_tokens()
-        {
-            return Ok(Err(types::Error::Quota(why)));
-        }
-        let pool = self.ctx.pool();
-        let text_model = match pool.text(&model).await {
-            Ok(text_model) => text_model,
-            Err(error) => return Ok(Err(from_pool(error))),
-        };
         let request = llm::Request {
             prompt: match prompt {
                 generation::Prompt::Text(text) => llm::Prompt::Text(text),
@@ -107,50 +91,90 @@ impl generation::Host for AiView<'_> {
             stop: options.stop,
             repeat_penalty: 1.0,
             repeat_last_n: 0,
-            budget: capabilities.compute.clone(),
+            budget: None, // the tenant's, set by start_generation
         };
-        let tenant: Arc<str> = capabilities.tenant.clone();
-        match text_model.generate(tenant, request) {
+        match start_generation(self.ctx, &model, request).await {
             Ok(generation) => Ok(Ok(self.table.push(GenerationStream {
                 generation,
                 done: false,
             })?)),
-            Err(error) => Ok(Err(from_generate(error))),
+            Err(failure) => Ok(Err(error_of(failure))),
         }
     }
 }
 
-/// Why an instance may not use a repository model.
-pub(crate) enum Refusal {
-    /// The tenant may not see it, or there is none: it does not exist.
+/// Why a text call failed, before each interface words it.
+pub(crate) enum Failure {
+    /// The tenant may not see the model, or there is none: it does not exist.
     NotFound(String),
-    /// The function's manifest does not name it.
+    /// The function's manifest does not name the model.
     Denied(String),
+    /// The tenant's budget (tokens or compute) is used up for now.
+    Quota(String),
+    /// The model pool refused or failed.
+    Pool(NnError),
+    /// The text engine refused the request.
+    Generate(GenerateError),
 }
 
 /// Whether the instance of `ctx` may use the repository model `model`:
 /// models the tenant may not see do not exist, models outside the
 /// manifest are denied (as for wasi-nn `load-by-name`).
-pub(crate) fn permit(ctx: &NnCtx, model: &str) -> Result<(), Refusal> {
+fn permit(ctx: &NnCtx, model: &str) -> Result<(), Failure> {
     let capabilities = ctx.capabilities();
     if !capabilities.models.is_visible(model) || !ctx.pool().has(model) {
-        return Err(Refusal::NotFound(format!("no model named {model:?}")));
+        return Err(Failure::NotFound(format!("no model named {model:?}")));
     }
     if !capabilities.models.is_allowed(model) {
-        return Err(Refusal::Denied(format!(
+        return Err(Failure::Denied(format!(
             "model {model:?} is not in this function's manifest (`models`)"
         )));
     }
     Ok(())
 }
 
-impl AiView<'_> {
-    fn permit(&self, model: &str) -> Result<(), types::Error> {
-        permit(self.ctx, model).map_err(|refusal| match refusal {
-            Refusal::NotFound(why) => types::Error::NotFound(why),
-            Refusal::Denied(why) => types::Error::Denied(why),
-        })
+/// Starts `request` for the instance of `ctx` on the text model `model`
+/// (loaded on first use), once permissions and the tenant's token budget
+/// allow; the budget then pays for each token as it is generated.
+pub(crate) async fn start_generation(
+    ctx: &NnCtx,
+    model: &str,
+    mut request: llm::Request,
+) -> Result<Generation, Failure> {
+    permit(ctx, model)?;
+    let capabilities = ctx.capabilities();
+    if let Some(budget) = &capabilities.compute {
+        budget.check_tokens().map_err(Failure::Quota)?;
     }
+    let text_model = ctx.pool().text(model).await.map_err(Failure::Pool)?;
+    request.budget = capabilities.compute.clone();
+    text_model
+        .generate(capabilities.tenant.clone(), request)
+        .map_err(Failure::Generate)
+}
+
+/// Embeds `texts` for the instance of `ctx` with the embedding model
+/// `model`, once permissions and the tenant's compute budget allow; the
+/// compute is charged to the budget.
+pub(crate) async fn embed(
+    ctx: &NnCtx,
+    model: &str,
+    texts: &[String],
+) -> Result<Embeddings, Failure> {
+    permit(ctx, model)?;
+    let capabilities = ctx.capabilities();
+    if let Some(budget) = &capabilities.compute {
+        budget.check().map_err(Failure::Quota)?;
+    }
+    let (embeddings, spent) = ctx
+        .pool()
+        .embed(model, texts, capabilities.tenant.clone())
+        .await
+        .map_err(Failure::Pool)?;
+    if let Some(budget) = &capabilities.compute {
+        budget.charge(spent);
+    }
+    Ok(embeddings)
 }
 
 impl embeddings::Host for AiView<'_> {
@@ -159,32 +183,13 @@ impl embeddings::Host for AiView<'_> {
         model: String,
         texts: Vec<String>,
     ) -> AiResult<embeddings::Embeddings> {
-        if let Err(error) = self.permit(&model) {
-            return Ok(Err(error));
-        }
-        let capabilities = self.ctx.capabilities();
-        if let Some(budget) = &capabilities.compute
-            && let Err(why) = budget.check()
-        {
-            return Ok(Err(types::Error::Quota(why)));
-        }
-        let result = self
-            .ctx
-            .pool()
-            .embed(&model, &texts, capabilities.tenant.clone())
-            .await;
-        Ok(match result {
-            Ok((embeddings, spent)) => {
-                if let Some(budget) = &capabilities.compute {
-                    budget.charge(spent);
-                }
-                Ok(embeddings::Embeddings {
-                    vectors: embeddings.vectors,
-                    prompt_tokens: u32::try_from(embeddings.tokens).unwrap_or(u32::MAX),
-                })
-            }
-            Err(error) => Err(from_pool(error)),
-        })
+        Ok(embed(self.ctx, &model, &texts)
+            .await
+            .map(|embeddings| embeddings::Embeddings {
+                vectors: embeddings.vectors,
+                prompt_tokens: u32::try_from(embeddings.tokens).unwrap_or(u32::MAX),
+            })
+            .map_err(error_of))
     }
 }
 
@@ -227,6 +232,16 @@ impl generation::HostGenerationStream for AiView<'_> {
         // the sequence at its next step.
         self.table.delete(stream)?;
         Ok(())
+    }
+}
+
+fn error_of(failure: Failure) -> types::Error {
+    match failure {
+        Failure::NotFound(why) => types::Error::NotFound(why),
+        Failure::Denied(why) => types::Error::Denied(why),
+        Failure::Quota(why) => types::Error::Quota(why),
+        Failure::Pool(error) => from_pool(error),
+        Failure::Generate(error) => from_generate(error),
     }
 }
 

@@ -9,7 +9,7 @@ use std::hash::{BuildHasher, RandomState};
 
 use wasmtime::component::{HasData, Linker};
 
-use crate::ai::{self, Refusal};
+use crate::ai::{self, Failure};
 use crate::llm::{self, Event, GenerateError};
 use crate::models::{ErrorCode, NnError};
 use crate::nn::NnCtx;
@@ -62,14 +62,6 @@ const DEFAULTS: spin::InferencingParams = spin::InferencingParams {
     top_p: 0.9,
 };
 
-impl SpinView<'_> {
-    fn permit(&self, model: &str) -> Result<(), spin::Error> {
-        ai::permit(self.ctx, model).map_err(|refusal| match refusal {
-            Refusal::NotFound(_) | Refusal::Denied(_) => spin::Error::ModelNotSupported,
-        })
-    }
-}
-
 impl spin::Host for SpinView<'_> {
     async fn infer(
         &mut self,
@@ -77,19 +69,6 @@ impl spin::Host for SpinView<'_> {
         prompt: String,
         params: Option<spin::InferencingParams>,
     ) -> SpinResult<spin::InferencingResult> {
-        if let Err(error) = self.permit(&model) {
-            return Ok(Err(error));
-        }
-        let capabilities = self.ctx.capabilities();
-        if let Some(budget) = &capabilities.compute
-            && let Err(why) = budget.check_tokens()
-        {
-            return Ok(Err(spin::Error::RuntimeError(why)));
-        }
-        let text_model = match self.ctx.pool().text(&model).await {
-            Ok(text_model) => text_model,
-            Err(error) => return Ok(Err(from_pool(error))),
-        };
         let params = params.unwrap_or(DEFAULTS);
         let request = llm::Request {
             prompt: llm::Prompt::Text(prompt),
@@ -102,11 +81,11 @@ impl spin::Host for SpinView<'_> {
             stop: vec![],
             repeat_penalty: params.repeat_penalty,
             repeat_last_n: params.repeat_penalty_last_n_token_count,
-            budget: capabilities.compute.clone(),
+            budget: None, // the tenant's, set by start_generation
         };
-        let mut generation = match text_model.generate(capabilities.tenant.clone(), request) {
+        let mut generation = match ai::start_generation(self.ctx, &model, request).await {
             Ok(generation) => generation,
-            Err(error) => return Ok(Err(from_generate(error))),
+            Err(failure) => return Ok(Err(error_of(failure))),
         };
         let mut text = String::new();
         loop {
@@ -134,34 +113,24 @@ impl spin::Host for SpinView<'_> {
         model: String,
         text: Vec<String>,
     ) -> SpinResult<spin::EmbeddingsResult> {
-        if let Err(error) = self.permit(&model) {
-            return Ok(Err(error));
-        }
-        let capabilities = self.ctx.capabilities();
-        if let Some(budget) = &capabilities.compute
-            && let Err(why) = budget.check()
-        {
-            return Ok(Err(spin::Error::RuntimeError(why)));
-        }
-        let result = self
-            .ctx
-            .pool()
-            .embed(&model, &text, capabilities.tenant.clone())
-            .await;
-        Ok(match result {
-            Ok((embeddings, spent)) => {
-                if let Some(budget) = &capabilities.compute {
-                    budget.charge(spent);
-                }
-                Ok(spin::EmbeddingsResult {
-                    embeddings: embeddings.vectors,
-                    usage: spin::EmbeddingsUsage {
-                        prompt_token_count: u32::try_from(embeddings.tokens).unwrap_or(u32::MAX),
-                    },
-                })
-            }
-            Err(error) => Err(from_pool(error)),
-        })
+        Ok(ai::embed(self.ctx, &model, &text)
+            .await
+            .map(|embeddings| spin::EmbeddingsResult {
+                embeddings: embeddings.vectors,
+                usage: spin::EmbeddingsUsage {
+                    prompt_token_count: u32::try_from(embeddings.tokens).unwrap_or(u32::MAX),
+                },
+            })
+            .map_err(error_of))
+    }
+}
+
+fn error_of(failure: Failure) -> spin::Error {
+    match failure {
+        Failure::NotFound(_) | Failure::Denied(_) => spin::Error::ModelNotSupported,
+        Failure::Quota(why) => spin::Error::RuntimeError(why),
+        Failure::Pool(error) => from_pool(error),
+        Failure::Generate(error) => from_generate(error),
     }
 }
 

@@ -219,6 +219,20 @@ impl Server {
             .unwrap()
     }
 
+    /// POSTs `body` as `content_type` to `path` with `key`.
+    pub async fn post(
+        &self,
+        key: &str,
+        path: &str,
+        content_type: &str,
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        self.client(Some(key))
+            .send(Method::POST, path, Some((content_type, body.into())), &[])
+            .await
+            .unwrap()
+    }
+
     /// Deploys a bundle (tar) as `name` with `key`, returning the reply.
     pub async fn deploy_bundle(&self, key: &str, name: &str, tar: Vec<u8>) -> Reply {
         self.put(key, name, "application/x-tar", tar).await
@@ -316,4 +330,66 @@ pub fn assert_error(reply: &Reply, status: u16, code: &str) {
             .is_some_and(|m| !m.is_empty()),
         "{body}"
     );
+}
+
+/// Runs `tests/data/<script>` with the test Python (`GIGAFACTORY_TEST_PYTHON`,
+/// which `./dev test` points at a venv with the `openai` client) and parses
+/// the JSON report it prints.
+pub async fn run_python(script: &str, args: Vec<String>) -> serde_json::Value {
+    let python = std::env::var("GIGAFACTORY_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let path = root().join("tests/data").join(script);
+    let runner = python.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(runner)
+            .arg(path)
+            .args(args)
+            .output()
+            .expect("running python")
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{script} failed (does {python} have `openai`? ./dev test sets it up):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// onnxruntime's all-MiniLM-L6-v2 embeddings of a few sentences
+/// (`tests/data/reference.json`): text, vector, token count.
+pub fn reference_embeddings() -> Vec<(String, Vec<f32>, usize)> {
+    let reference: serde_json::Value =
+        serde_json::from_str(include_str!("../data/reference.json")).expect("reference.json");
+    reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            (
+                case["text"].as_str().unwrap().to_string(),
+                floats(&case["embedding"]),
+                case["ids"].as_array().unwrap().len(),
+            )
+        })
+        .collect()
+}
+
+/// A JSON array of numbers.
+pub fn floats(value: &serde_json::Value) -> Vec<f32> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {value}"))
+        .iter()
+        .map(|v| v.as_f64().expect("a number") as f32)
+        .collect()
+}
+
+/// The largest element-wise difference of two vectors of the same length.
+pub fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "vector lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
