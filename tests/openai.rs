@@ -150,6 +150,11 @@ async fn generated_tokens_count_against_the_tenant_quota() {
     let first = openai().await;
     assert_eq!(first.status, 200, "{}", text(&first));
     assert_eq!(support::json(&first)["usage"]["completion_tokens"], 7);
+    let metrics = server.metrics().await;
+    let line = format!(
+        "gigafactory_text_tenant_generated_tokens_total{{model=\"{MODEL}\",tenant=\"acme\"}} 7"
+    );
+    assert!(metrics.contains(&line), "no {line:?} in\n{metrics}");
     let refused = openai().await;
     assert_error(&refused, 429, "too_many_requests");
     let wait: u64 = refused.headers["retry-after"]

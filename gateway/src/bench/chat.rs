@@ -1,7 +1,8 @@
 //! `gigafactory bench chat`: generated tokens/s of the `chat` example
 //! through the whole platform (HTTP, Wasm, the shared text engine) against
-//! the same engine called directly in this process (no HTTP, no Wasm), in
-//! the same run; then the aggregate with 8 and 32 concurrent clients.
+//! the same engine called directly in this process (no HTTP, no Wasm), the
+//! two taking turns in the same run; then the aggregate of both with 8 and
+//! 32 concurrent clients.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -52,51 +53,13 @@ pub(super) async fn run(args: ChatArgs) -> Result<()> {
     )?;
     let generation = config.generation.clone().unwrap_or_default();
 
-    eprintln!(
-        "the engine directly: {} runs of {} tokens …",
-        args.runs, args.max_tokens
-    );
+    eprintln!("loading the engine in this process …");
     let engine = {
         let (file, generation) = (dir.join(&config.file), generation.clone());
         tokio::task::spawn_blocking(move || TextModel::load(MODEL, &file, generation, "cpu"))
             .await?
             .map_err(anyhow::Error::msg)?
     };
-    direct_run(&engine, args.max_tokens).await?; // warm-up, as on the platform side
-    let mut direct = Vec::new();
-    for _ in 0..args.runs {
-        direct.push(direct_run(&engine, args.max_tokens).await?);
-    }
-    let mut direct_aggregate = Vec::new();
-    for &clients in &args.clients {
-        eprintln!(
-            "the engine directly, {clients} concurrent generations for {} s …",
-            args.seconds
-        );
-        let end = Instant::now() + Duration::from_secs(args.seconds);
-        let started = Instant::now();
-        let tasks: Vec<_> = (0..clients)
-            .map(|_| {
-                let engine = engine.clone();
-                let max_tokens = args.max_tokens;
-                tokio::spawn(async move {
-                    let mut tokens = 0.0;
-                    while Instant::now() < end {
-                        let (rate, took) = direct_generation(&engine, max_tokens).await?;
-                        tokens += rate * took;
-                    }
-                    anyhow::Ok(tokens)
-                })
-            })
-            .collect();
-        let mut tokens = 0.0;
-        for task in tasks {
-            tokens += task.await??;
-        }
-        direct_aggregate.push(tokens / started.elapsed().as_secs_f64());
-    }
-    drop(engine);
-
     eprintln!("starting gigafactory serve …");
     let models = args.models.display().to_string();
     let server = Gigafactory::start(&["--models", &models]).await?;
@@ -106,36 +69,35 @@ pub(super) async fn run(args: ChatArgs) -> Result<()> {
         key: server.key.clone(),
         max_tokens: args.max_tokens,
     };
-    url.request().await?; // loads the model (first use)
-    eprintln!("one stream through the platform: {} runs …", args.runs);
-    let mut platform = Vec::new();
+    // Warm-ups: the platform loads the model on first use.
+    direct_run(&engine, args.max_tokens).await?;
+    url.request().await?;
+
+    // The two sides alternate, so a machine that speeds up or slows down
+    // during the run (shared cores) affects both alike.
+    eprintln!(
+        "one stream, engine and platform in turn: {} runs each of {} tokens …",
+        args.runs, args.max_tokens
+    );
+    let (mut direct, mut platform) = (Vec::new(), Vec::new());
     for _ in 0..args.runs {
+        direct.push(direct_run(&engine, args.max_tokens).await?);
         let (tokens, took) = url.request().await?;
         platform.push(tokens as f64 / took.as_secs_f64());
     }
-    let mut aggregate = Vec::new();
+    let (mut direct_aggregate, mut aggregate) = (Vec::new(), Vec::new());
     for &clients in &args.clients {
-        eprintln!("{clients} concurrent clients for {} s …", args.seconds);
-        let end = Instant::now() + Duration::from_secs(args.seconds);
-        let tasks: Vec<_> = (0..clients)
-            .map(|_| {
-                let url = url.clone();
-                tokio::spawn(async move {
-                    let mut tokens = 0u64;
-                    while Instant::now() < end {
-                        tokens += url.request().await?.0 as u64;
-                    }
-                    anyhow::Ok(tokens)
-                })
-            })
-            .collect();
-        let started = Instant::now();
-        let mut tokens = 0;
-        for task in tasks {
-            tokens += task.await??;
-        }
-        aggregate.push((clients, tokens as f64 / started.elapsed().as_secs_f64()));
+        eprintln!(
+            "{clients} concurrent generations for {} s, engine then platform …",
+            args.seconds
+        );
+        direct_aggregate.push(engine_aggregate(&engine, clients, &args).await?);
+        aggregate.push((
+            clients,
+            platform_aggregate(&url, clients, args.seconds).await?,
+        ));
     }
+    drop(engine);
 
     let direct = median(&mut direct);
     let single = median(&mut platform);
@@ -176,6 +138,60 @@ fn chat_request(max_tokens: u32) -> Request {
         // the same tokens.
         ..Request::default()
     }
+}
+
+/// Aggregate tokens/s of `clients` callers of the engine, each starting
+/// one generation after another for `args.seconds`.
+async fn engine_aggregate(
+    engine: &std::sync::Arc<TextModel>,
+    clients: usize,
+    args: &ChatArgs,
+) -> Result<f64> {
+    let end = Instant::now() + Duration::from_secs(args.seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let engine = engine.clone();
+            let max_tokens = args.max_tokens;
+            tokio::spawn(async move {
+                let mut tokens = 0.0;
+                while Instant::now() < end {
+                    let (rate, took) = direct_generation(&engine, max_tokens).await?;
+                    tokens += rate * took;
+                }
+                anyhow::Ok(tokens)
+            })
+        })
+        .collect();
+    let mut tokens = 0.0;
+    for task in tasks {
+        tokens += task.await??;
+    }
+    Ok(tokens / started.elapsed().as_secs_f64())
+}
+
+/// Aggregate tokens/s of `clients` HTTP clients of the chat function, each
+/// sending one chat after another for `seconds`.
+async fn platform_aggregate(url: &Target, clients: usize, seconds: u64) -> Result<f64> {
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut tokens = 0u64;
+                while Instant::now() < end {
+                    tokens += url.request().await?.0 as u64;
+                }
+                anyhow::Ok(tokens)
+            })
+        })
+        .collect();
+    let mut tokens = 0;
+    for task in tasks {
+        tokens += task.await??;
+    }
+    Ok(tokens as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Tokens/s of one generation through the engine.

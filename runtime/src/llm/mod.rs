@@ -7,6 +7,7 @@
 mod scheduler;
 mod text;
 
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -228,6 +229,28 @@ pub struct TextStats {
     pub completion_tokens: AtomicU64,
     /// Decode steps run.
     pub steps: AtomicU64,
+    /// Per tenant: prompt and generated tokens of its finished (or
+    /// cancelled) generations. Only `/metrics` (admin) shows it.
+    tenants: Mutex<BTreeMap<Arc<str>, (u64, u64)>>,
+}
+
+impl TextStats {
+    /// Adds a generation's tokens to its tenant, when it leaves its slot.
+    pub(crate) fn charge_tenant(&self, tenant: &Arc<str>, prompt: u64, generated: u64) {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let tokens = tenants.entry(tenant.clone()).or_default();
+        tokens.0 += prompt;
+        tokens.1 += generated;
+    }
+
+    /// `(tenant, prompt tokens, generated tokens)` of generations that ended.
+    pub fn tenant_tokens(&self) -> Vec<(Arc<str>, u64, u64)> {
+        let tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        tenants
+            .iter()
+            .map(|(t, &(p, g))| (t.clone(), p, g))
+            .collect()
+    }
 }
 
 /// A text model's settings and counters, as `GET /v1/models` shows them.
@@ -470,8 +493,39 @@ impl TextModel {
     }
 }
 
-/// Appends the text models' Prometheus series.
-pub fn render_metrics(out: &mut String, models: &[(&str, TextInfo)]) {
+/// Appends the text models' Prometheus series: per model, and per tenant
+/// and model the tokens of generations that ended.
+pub fn render_metrics(out: &mut String, models: &[(&str, &TextModel)]) {
+    let infos: Vec<(&str, TextInfo)> = models.iter().map(|(n, m)| (*n, m.info())).collect();
+    render_model_series(out, &infos);
+    use crate::stats::{header, label};
+    for (name, help, pick) in [
+        (
+            "gigafactory_text_tenant_prompt_tokens_total",
+            "Prompt tokens of each tenant's ended generations.",
+            (|(_, p, _)| *p) as fn(&(Arc<str>, u64, u64)) -> u64,
+        ),
+        (
+            "gigafactory_text_tenant_generated_tokens_total",
+            "Tokens generated for each tenant (ended generations).",
+            |(_, _, g)| *g,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        for (model, text) in models {
+            for entry in text.stats().tenant_tokens() {
+                out.push_str(&format!(
+                    "{name}{{model=\"{}\",tenant=\"{}\"}} {}\n",
+                    label(model),
+                    label(&entry.0),
+                    pick(&entry)
+                ));
+            }
+        }
+    }
+}
+
+fn render_model_series(out: &mut String, models: &[(&str, TextInfo)]) {
     use crate::stats::{header, label};
     /// Name, type, help, and the value of one model.
     type Series = (

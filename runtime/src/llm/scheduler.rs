@@ -338,6 +338,11 @@ impl Scheduler<'_> {
 
     /// Frees a sequence's KV cells and slot.
     fn release(&mut self, context: &mut LlamaContext<'_>, sequence: Sequence) {
+        self.setup.stats.charge_tenant(
+            &sequence.tenant,
+            sequence.fed as u64,
+            u64::from(sequence.generated),
+        );
         if let Err(e) = context.clear_kv_cache_seq(Some(sequence.id as u32), None, None) {
             tracing::error!(tenant = %sequence.tenant, "freeing a sequence's KV cache: {e}");
         }
@@ -346,9 +351,8 @@ impl Scheduler<'_> {
     }
 }
 
-/// The sampler chain for a request: greedy at temperature 0.
-/// The request's sampler chain; a repeat penalty starts out having seen
-/// the `prompt`.
+/// The request's sampler chain (greedy at temperature 0); a repeat
+/// penalty starts out having seen the `prompt`.
 fn sampler(request: &Request, model: &LlamaModel, prompt: &[LlamaToken]) -> LlamaSampler {
     let mut chain = Vec::new();
     let penalised = request.repeat_penalty != 1.0 && request.repeat_last_n > 0;

@@ -486,11 +486,11 @@ impl ModelPool {
             .map(|(name, model)| (name.as_str(), &*model.stats, model.queued()))
             .collect();
         stats::render(out, &models);
-        let text: Vec<(&str, TextInfo)> = self
+        let text: Vec<(&str, &TextModel)> = self
             .models
             .iter()
             .filter_map(|(name, model)| match model.loaded.get().map(|l| &l.model) {
-                Some(Ok(Resident::Text(text))) => Some((name.as_str(), text.info())),
+                Some(Ok(Resident::Text(text))) => Some((name.as_str(), &**text)),
                 _ => None,
             })
             .collect();
