@@ -150,6 +150,11 @@ async fn the_embeddings_endpoint_checks_its_input_keys_and_quotas() {
     assert_eq!(body["data"][0]["object"], "embedding");
     assert_eq!(body["data"][0]["embedding"].as_array().unwrap().len(), 384);
     assert_eq!(body["usage"]["prompt_tokens"], 3, "[CLS] hello [SEP]");
+    // A text past the model's 256 tokens is truncated, whatever its size.
+    let huge = "!".repeat(4 << 20);
+    let truncated = post(me(), serde_json::json!({"model": MODEL, "input": huge})).await;
+    assert_eq!(truncated.status, 200, "{}", text(&truncated));
+    assert_eq!(json(&truncated)["usage"]["prompt_tokens"], 256);
 
     let cases = [
         (

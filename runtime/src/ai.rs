@@ -166,15 +166,14 @@ pub(crate) async fn embed(
     if let Some(budget) = &capabilities.compute {
         budget.check().map_err(Failure::Quota)?;
     }
-    let (embeddings, spent) = ctx
+    let (result, spent) = ctx
         .pool()
         .embed(model, texts, capabilities.tenant.clone())
-        .await
-        .map_err(Failure::Pool)?;
+        .await;
     if let Some(budget) = &capabilities.compute {
         budget.charge(spent);
     }
-    Ok(embeddings)
+    result.map_err(Failure::Pool)
 }
 
 impl embeddings::Host for AiView<'_> {

@@ -100,12 +100,18 @@ impl WordPiece {
     pub fn encode(&self, text: &str, max_tokens: usize) -> Encoding {
         let mut ids = vec![self.cls];
         let budget = max_tokens.saturating_sub(2);
-        'words: for word in basic_tokens(text) {
-            for id in self.word_pieces(&word) {
-                if ids.len() - 1 == budget {
-                    break 'words;
+        // Words are normalised and split one at a time, so a long text
+        // costs work only up to the budget.
+        let spaced = clean(text);
+        'words: for word in spaced.split_whitespace() {
+            let normalised = normalise(word);
+            for token in split_punctuation(&normalised) {
+                for id in self.word_pieces(token) {
+                    if ids.len() - 1 == budget {
+                        break 'words;
+                    }
+                    ids.push(id);
                 }
-                ids.push(id);
             }
         }
         ids.push(self.sep);
@@ -140,9 +146,9 @@ impl WordPiece {
     }
 }
 
-/// Cleans, lower-cases, strips accents and splits `text` into words and
-/// punctuation marks.
-fn basic_tokens(text: &str) -> Vec<String> {
+/// Drops control characters, spaces out CJK ideographs and turns every
+/// kind of whitespace into a space.
+fn clean(text: &str) -> String {
     let mut spaced = String::with_capacity(text.len());
     for c in text.chars() {
         if c == '\0' || c == '\u{fffd}' || (c.is_control() && !c.is_whitespace()) {
@@ -156,33 +162,31 @@ fn basic_tokens(text: &str) -> Vec<String> {
             spaced.push(c);
         }
     }
-    let mut tokens = Vec::new();
-    for word in spaced.split_whitespace() {
-        let normalised: String = word
-            .to_lowercase()
-            .nfd()
-            .filter(|&c| !is_combining_mark(c))
-            .collect();
-        split_punctuation(&normalised, &mut tokens);
-    }
-    tokens
+    spaced
 }
 
-fn split_punctuation(word: &str, tokens: &mut Vec<String>) {
-    let mut current = String::new();
-    for c in word.chars() {
-        if is_punctuation(c) {
-            if !current.is_empty() {
-                tokens.push(std::mem::take(&mut current));
-            }
-            tokens.push(c.to_string());
+/// Lower-cases a word and strips its accents.
+fn normalise(word: &str) -> String {
+    word.to_lowercase()
+        .nfd()
+        .filter(|&c| !is_combining_mark(c))
+        .collect()
+}
+
+/// A word's runs of non-punctuation and its punctuation marks, one by one.
+fn split_punctuation(word: &str) -> impl Iterator<Item = &str> {
+    let mut rest = word;
+    std::iter::from_fn(move || {
+        let first = rest.chars().next()?;
+        let end = if is_punctuation(first) {
+            first.len_utf8()
         } else {
-            current.push(c);
-        }
-    }
-    if !current.is_empty() {
-        tokens.push(current);
-    }
+            rest.find(is_punctuation).unwrap_or(rest.len())
+        };
+        let (token, tail) = rest.split_at(end);
+        rest = tail;
+        Some(token)
+    })
 }
 
 /// BERT treats all non-alphanumeric ASCII symbols as punctuation, plus the
@@ -221,6 +225,21 @@ mod tests {
     fn strips_accents_and_marks_unknown_words() {
         let encoding = tokenizer().encode("Café zebra", 64);
         assert_eq!(encoding.ids, vec![2, 10, 1, 3]);
+    }
+
+    #[test]
+    fn a_huge_text_costs_only_its_budget() {
+        // Eight million punctuation marks in one word: only four become ids
+        // (and only those four are split off and looked up).
+        let text = "!".repeat(8 << 20);
+        let encoding = tokenizer().encode(&text, 6);
+        assert_eq!(encoding.ids, vec![2, 1, 1, 1, 1, 3]);
+    }
+
+    #[test]
+    fn punctuation_splits_inside_words() {
+        let pieces: Vec<&str> = split_punctuation("it's-a,b").collect();
+        assert_eq!(pieces, vec!["it", "'", "s", "-", "a", ",", "b"]);
     }
 
     #[test]

@@ -253,27 +253,27 @@ impl Gateway {
         if !self.visible_models(&quota).contains(&asked.model) {
             return Err(model_not_found(&asked.model));
         }
-        let (embeddings, spent) = self
+        let (result, spent) = self
             .runtime
             .models()
             .embed(&asked.model, &texts, tenant.as_str().into())
-            .await
-            .map_err(|e| {
-                if e.is_busy() {
-                    return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.message)
-                        .retry_after(1);
-                }
-                match e.code {
-                    ErrorCode::NotFound => model_not_found(&asked.model),
-                    ErrorCode::UnsupportedOperation | ErrorCode::InvalidArgument => {
-                        ApiError::bad_request("invalid_request", e.message)
-                    }
-                    _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", e.message),
-                }
-            })?;
+            .await;
         if let Some(budget) = &admitted.budget {
             budget.charge(spent);
         }
+        let embeddings = result.map_err(|e| {
+            if e.is_busy() {
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.message)
+                    .retry_after(1);
+            }
+            match e.code {
+                ErrorCode::NotFound => model_not_found(&asked.model),
+                ErrorCode::UnsupportedOperation | ErrorCode::InvalidArgument => {
+                    ApiError::bad_request("invalid_request", e.message)
+                }
+                _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", e.message),
+            }
+        })?;
         let width = embeddings.vectors.first().map_or(0, Vec::len);
         if let Some(dimensions) = asked.dimensions
             && dimensions as usize != width

@@ -243,6 +243,12 @@ impl TextStats {
         tokens.1 += generated;
     }
 
+    /// Forgets a deleted tenant.
+    pub(crate) fn forget_tenant(&self, tenant: &str) {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        tenants.remove(tenant);
+    }
+
     /// `(tenant, prompt tokens, generated tokens)` of generations that ended.
     pub fn tenant_tokens(&self) -> Vec<(Arc<str>, u64, u64)> {
         let tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
@@ -590,6 +596,10 @@ fn render_model_series(out: &mut String, models: &[(&str, TextInfo)]) {
     }
 }
 
+/// The most recent tokens a repeat penalty may look at (llama.cpp keeps a
+/// window of that many per sequence).
+const MAX_REPEAT_WINDOW: u32 = 4096;
+
 fn check(request: &Request) -> Result<(), GenerateError> {
     let invalid = |why: String| Err(GenerateError::Invalid(why));
     if request.max_tokens == 0 {
@@ -606,6 +616,12 @@ fn check(request: &Request) -> Result<(), GenerateError> {
     }
     if request.stop.len() > 16 || request.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
         return invalid("stop: at most 16 strings of 1 to 256 bytes".into());
+    }
+    if request.repeat_last_n > MAX_REPEAT_WINDOW {
+        return invalid(format!(
+            "repeat_last_n: at most {MAX_REPEAT_WINDOW} tokens, got {}",
+            request.repeat_last_n
+        ));
     }
     if !(request.repeat_penalty > 0.0 && request.repeat_penalty <= 2.0) {
         return invalid(format!(
@@ -821,6 +837,14 @@ mod tests {
         assert!(matches!(
             refuse(Request {
                 repeat_penalty: 0.0,
+                ..base()
+            }),
+            GenerateError::Invalid(_)
+        ));
+        assert!(matches!(
+            refuse(Request {
+                repeat_penalty: 1.1,
+                repeat_last_n: u32::MAX,
                 ..base()
             }),
             GenerateError::Invalid(_)

@@ -17,7 +17,7 @@ use std::path::Path;
 use gigafactory_text::WordPiece;
 use serde::{Deserialize, Serialize};
 
-use super::error::NnError;
+use super::error::{ErrorCode, NnError};
 use super::onnx::OnnxGraph;
 use super::tensor::{ElementType, HostTensor};
 
@@ -203,17 +203,17 @@ impl Embedder {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, tensor)| tensor)
-            .ok_or_else(|| NnError::invalid(format!("the model returned no {name:?}")))?;
+            .ok_or_else(|| fault(format!("the model returned no {name:?}")))?;
         let rows = chunk.indices.len();
         let width = chunk.mask.len() / rows.max(1);
         let [r, w, dims] = output.dims[..] else {
-            return Err(NnError::invalid(format!(
+            return Err(fault(format!(
                 "{name:?} has shape {:?}, expected [texts, tokens, dimensions]",
                 output.dims
             )));
         };
         if output.ty != ElementType::Fp32 || r as usize != rows || w as usize != width {
-            return Err(NnError::invalid(format!(
+            return Err(fault(format!(
                 "{name:?} is a {:?} tensor of {:?}, expected FP32 [{rows}, {width}, _]",
                 output.ty, output.dims
             )));
@@ -246,6 +246,12 @@ impl Chunk {
     pub fn tokens(&self) -> usize {
         self.tokens
     }
+}
+
+/// The model's outputs do not fit `[embedding]`: the operator's fault,
+/// not the caller's.
+fn fault(why: String) -> NnError {
+    NnError::new(ErrorCode::RuntimeError, why)
 }
 
 fn mean(tokens: &[f32], mask: &[i64], dims: usize) -> Vec<f32> {

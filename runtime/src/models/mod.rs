@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use futures_util::StreamExt as _;
 
 use crate::devices::Devices;
 use crate::llm::{TextInfo, TextModel};
@@ -38,6 +39,9 @@ pub const DEFAULT_GPU_BUDGET: f64 = 0.9;
 
 /// Texts per model call for `embed` when the model does not batch.
 const DEFAULT_EMBED_ROWS: usize = 32;
+
+/// Model calls one `embed` keeps in flight.
+const EMBED_CALLS_IN_FLIGHT: usize = 4;
 
 /// The largest ONNX graph a function may pass to `load`.
 pub const MAX_GUEST_GRAPH_BYTES: usize = 256 * 1024 * 1024;
@@ -340,9 +344,15 @@ impl ModelPool {
         self.tenant_graphs().stats(tenant)
     }
 
-    /// Drops a deleted tenant's cached graphs.
+    /// Drops a deleted tenant's cached graphs and its per-tenant counters.
     pub fn forget_tenant(&self, tenant: &str) {
         self.tenant_graphs().forget(tenant);
+        for model in self.models.values() {
+            model.stats.forget_tenant(tenant);
+            if let Some(Ok(Resident::Text(text))) = model.loaded.get().map(|l| &l.model) {
+                text.stats().forget_tenant(tenant);
+            }
+        }
     }
 
     /// Runs `graph` on named inputs — in a batch with other callers' when
@@ -391,16 +401,29 @@ impl ModelPool {
     }
 
     /// Embeds `texts` with the repository model `name`, which must have an
-    /// `[embedding]` section: tokenised here, run in calls of at most one
-    /// batch of texts each (batched with other callers' calls when the
-    /// model batches), pooled into one vector per text. Also returns the
-    /// run time charged to this call.
+    /// `[embedding]` section: tokenised on a blocking thread, run in calls
+    /// of at most one batch of texts each, a few at a time (batched with
+    /// other callers' calls when the model batches), pooled into one vector
+    /// per text. Also returns the run time to charge to the caller, spent
+    /// even when a later call failed.
     pub async fn embed(
         &self,
         name: &str,
         texts: &[String],
         tenant: Arc<str>,
-    ) -> Result<(Embeddings, Duration), NnError> {
+    ) -> (Result<Embeddings, NnError>, Duration) {
+        let mut spent = Duration::ZERO;
+        let result = self.embed_charging(name, texts, tenant, &mut spent).await;
+        (result, spent)
+    }
+
+    async fn embed_charging(
+        &self,
+        name: &str,
+        texts: &[String],
+        tenant: Arc<str>,
+        spent: &mut Duration,
+    ) -> Result<Embeddings, NnError> {
         if texts.is_empty() || texts.len() > MAX_TEXTS {
             return Err(NnError::invalid(format!(
                 "send between 1 and {MAX_TEXTS} texts, not {}",
@@ -428,23 +451,31 @@ impl ModelPool {
             .batching
             .as_ref()
             .map_or(DEFAULT_EMBED_ROWS, |batching| batching.max_batch);
-        let mut chunks = embedder.chunks(texts, rows);
-        let calls = chunks.iter_mut().map(|chunk| {
-            let inputs = std::mem::take(&mut chunk.inputs);
-            self.compute(graph.clone(), inputs, tenant.clone())
-        });
-        let results = futures_util::future::join_all(calls).await;
+        let mut chunks = {
+            let (embedder, texts) = (embedder.clone(), texts.to_vec());
+            tokio::task::spawn_blocking(move || embedder.chunks(&texts, rows))
+                .await
+                .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("tokenising: {e}")))?
+        };
+        let inputs: Vec<_> = chunks
+            .iter_mut()
+            .map(|chunk| std::mem::take(&mut chunk.inputs))
+            .collect();
+        // A few calls in flight: enough to fill batches, without one caller
+        // taking every worker or its whole queue share at once.
+        let mut results = futures_util::stream::iter(inputs)
+            .map(|inputs| self.compute(graph.clone(), inputs, tenant.clone()))
+            .buffered(EMBED_CALLS_IN_FLIGHT);
         let mut vectors = vec![Vec::new(); texts.len()];
-        let mut spent = Duration::ZERO;
-        for (chunk, result) in chunks.iter().zip(results) {
-            let (outputs, time) = result?;
-            spent += time;
+        for chunk in &chunks {
+            let (outputs, time) = results.next().await.expect("one result per chunk")?;
+            *spent += time;
             for (&index, vector) in chunk.indices.iter().zip(embedder.pool(chunk, &outputs)?) {
                 vectors[index] = vector;
             }
         }
         let tokens = chunks.iter().map(|c| c.tokens() as u64).sum();
-        Ok((Embeddings { vectors, tokens }, spent))
+        Ok(Embeddings { vectors, tokens })
     }
 
     async fn on_worker<T: Send + 'static>(
@@ -706,8 +737,15 @@ fn prepare(
             let weights = std::fs::metadata(file).map_or(0, |m| m.len());
             let device = text_device(name, config.device, weights, devices)?;
             let generation = config.generation.clone().unwrap_or_default();
-            let model = TextModel::load(name, file, generation, &device)?;
-            devices.place(&device, model.size_bytes());
+            let model = match TextModel::load(name, file, generation.clone(), &device) {
+                Ok(model) => model,
+                Err(e) if config.device == DevicePreference::Auto && device != "cpu" => {
+                    tracing::warn!(model = %name, "device auto: {device} failed ({e}); on the CPU");
+                    TextModel::load(name, file, generation, "cpu")?
+                }
+                Err(e) => return Err(e),
+            };
+            devices.place(model.device(), model.size_bytes());
             Ok(Prepared::Text(model))
         }
     }

@@ -83,6 +83,15 @@ impl ModelStats {
         *seconds.entry(tenant.to_string()).or_default() += spent.as_secs_f64();
     }
 
+    /// Forgets a deleted tenant's compute seconds.
+    pub fn forget_tenant(&self, tenant: &str) {
+        let mut seconds = self
+            .tenant_seconds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        seconds.remove(tenant);
+    }
+
     /// The counters now, with `queued` calls waiting.
     pub fn snapshot(&self, queued: usize) -> StatsSnapshot {
         let batches = self.batch_rows.count();
