@@ -306,6 +306,43 @@ fn backend() -> Result<&'static LlamaBackend, String> {
         .map_err(Clone::clone)
 }
 
+/// Bytes of KV cache `config` makes `model` allocate: keys and values (f16,
+/// llama.cpp's default) of every layer for `max_sequences × context_tokens`
+/// cells. Read from the GGUF header (`<arch>.block_count`, …), which a
+/// header-only load has too; 0 if the header lacks them.
+fn kv_bytes(model: &LlamaModel, config: &GenerationConfig) -> u64 {
+    let number = |key: &str| -> Option<u64> {
+        let arch = model.meta_val_str("general.architecture").ok()?;
+        model
+            .meta_val_str(&format!("{arch}.{key}"))
+            .ok()?
+            .parse()
+            .ok()
+    };
+    let (Some(layers), Some(width), Some(heads)) = (
+        number("block_count"),
+        number("embedding_length"),
+        number("attention.head_count"),
+    ) else {
+        return 0;
+    };
+    let kv_heads = number("attention.head_count_kv").unwrap_or(heads);
+    let per_token = 2 * layers * kv_heads * (width / heads.max(1)) * 2;
+    per_token * u64::from(config.max_sequences) * u64::from(config.context_tokens)
+}
+
+/// The memory loading the GGUF file at `path` with `config` will take
+/// (weights and KV cache), read from its header without loading weights.
+pub fn estimate_memory(path: &Path, config: &GenerationConfig) -> Result<u64, String> {
+    let params = LlamaModelParams::default()
+        .with_vocab_only(true)
+        .with_n_gpu_layers(0);
+    let header = LlamaModel::load_from_file(backend()?, path, &params)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let weights = std::fs::metadata(path).map_or(0, |m| m.len());
+    Ok(weights + kv_bytes(&header, config))
+}
+
 /// Whether this build can run text models on GPUs (feature `llm-cuda`:
 /// llama.cpp's CUDA backend, which needs the CUDA toolkit to build).
 pub const GPU_BUILD: bool = cfg!(feature = "llm-cuda");
@@ -428,6 +465,12 @@ impl TextModel {
     /// Where it runs: `cpu` or `cuda:N`.
     pub fn device(&self) -> &str {
         &self.device
+    }
+
+    /// Memory it holds where it runs: weights and the KV cache of every
+    /// sequence slot.
+    pub fn memory_bytes(&self) -> u64 {
+        self.model.size() + kv_bytes(&self.model, &self.config)
     }
 
     /// Renders `prompt` (the chat template for messages) and tokenises it.
@@ -790,6 +833,22 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         panic!("the dropped generation still holds its sequence");
+    }
+
+    #[test]
+    fn memory_counts_the_kv_cache_of_every_slot() {
+        let Some(model) = model() else { return };
+        // SmolLM2-135M: 30 layers, 3 KV heads of 64 dimensions, f16 keys
+        // and values: 22.5 KiB per token.
+        let per_token = 2 * 30 * 3 * 64 * 2;
+        let config = &model.config;
+        let kv = per_token * u64::from(config.max_sequences) * u64::from(config.context_tokens);
+        assert_eq!(model.memory_bytes(), model.size_bytes() + kv);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/smollm2-135m-instruct/model.gguf");
+        let estimate = estimate_memory(&path, config).unwrap();
+        let file = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(estimate, file + kv);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -119,7 +119,8 @@ pub struct ModelInfo {
     /// Why it failed, when it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Memory its weights take where it runs (0 when it failed).
+    /// Memory it takes where it runs: weights, and a text model's KV cache
+    /// (0 when it failed).
     pub memory_bytes: u64,
     /// Its dynamic batching settings, when it batches.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -578,7 +579,7 @@ impl RepositoryModel {
                     None,
                     vec![],
                     vec![],
-                    text.size_bytes(),
+                    text.memory_bytes(),
                     text.device().to_string(),
                 ),
                 Some(Ok(Resident::Graph(graph))) => (
@@ -689,13 +690,13 @@ impl Resident {
     }
 }
 
-/// Where a text model of `weights` bytes goes: a GPU with room for them
+/// Where a text model needing `bytes` (weights and KV cache) goes: a GPU with room for them
 /// when the build has llama.cpp's CUDA backend (`llm-cuda`) and the
 /// preference allows, else the CPU (`gpu` fails instead).
 fn text_device(
     name: &str,
     preference: DevicePreference,
-    weights: u64,
+    bytes: u64,
     devices: &Devices,
 ) -> Result<String, String> {
     match (preference, crate::llm::GPU_BUILD) {
@@ -705,9 +706,9 @@ fn text_device(
                 .into(),
         ),
         (DevicePreference::Gpu, true) => devices
-            .gpu_with_room(weights)
+            .gpu_with_room(bytes)
             .map_err(|why| format!("device = \"gpu\": {why}")),
-        (DevicePreference::Auto, true) => Ok(devices.gpu_with_room(weights).unwrap_or_else(|why| {
+        (DevicePreference::Auto, true) => Ok(devices.gpu_with_room(bytes).unwrap_or_else(|why| {
             tracing::info!(model = %name, "device auto: on the CPU ({why})");
             "cpu".into()
         })),
@@ -734,9 +735,14 @@ fn prepare(
             Ok(Prepared::Graph(graph, embedder))
         }
         ModelFormat::Gguf => {
-            let weights = std::fs::metadata(file).map_or(0, |m| m.len());
-            let device = text_device(name, config.device, weights, devices)?;
             let generation = config.generation.clone().unwrap_or_default();
+            // Only a GPU build needs the size up front, to choose a device.
+            let needs = if crate::llm::GPU_BUILD && config.device != DevicePreference::Cpu {
+                crate::llm::estimate_memory(file, &generation)?
+            } else {
+                0
+            };
+            let device = text_device(name, config.device, needs, devices)?;
             let model = match TextModel::load(name, file, generation.clone(), &device) {
                 Ok(model) => model,
                 Err(e) if config.device == DevicePreference::Auto && device != "cpu" => {
@@ -745,7 +751,7 @@ fn prepare(
                 }
                 Err(e) => return Err(e),
             };
-            devices.place(model.device(), model.size_bytes());
+            devices.place(model.device(), model.memory_bytes());
             Ok(Prepared::Text(model))
         }
     }
