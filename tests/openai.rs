@@ -183,3 +183,62 @@ async fn generated_tokens_count_against_the_tenant_quota() {
     assert!(text(&again).contains("event: done"), "{}", text(&again));
     assert_eq!(openai().await.status, 200);
 }
+
+#[tokio::test]
+async fn frequency_and_presence_penalties_steer_and_are_checked() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let chat = |extra: serde_json::Value| {
+        let mut chat = serde_json::json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Write the word cat ten times."}],
+            "temperature": 0,
+            "max_tokens": 24,
+        });
+        chat.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let server = &server;
+        let key = &key;
+        async move {
+            server
+                .post(
+                    key,
+                    "/openai/v1/chat/completions",
+                    "application/json",
+                    chat.to_string(),
+                )
+                .await
+        }
+    };
+    let content = |reply: &support::Reply| {
+        assert_eq!(reply.status, 200, "{}", text(reply));
+        support::json(reply)["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let plain = content(&chat(serde_json::json!({})).await);
+    assert!(plain.matches("cat").count() >= 3, "{plain:?}");
+    let penalised = serde_json::json!({"presence_penalty": 2.0, "frequency_penalty": 2.0});
+    let steered = content(&chat(penalised.clone()).await);
+    eprintln!("greedy: {plain:?}\npenalised: {steered:?}");
+    // Each repeat costs more: the answer stops repeating itself.
+    assert!(
+        steered.matches("cat").count() < plain.matches("cat").count(),
+        "{steered:?} vs {plain:?}"
+    );
+    assert_eq!(
+        content(&chat(penalised).await),
+        steered,
+        "greedy with penalties is still deterministic"
+    );
+    let refused = chat(serde_json::json!({"presence_penalty": 3.0})).await;
+    assert_error(&refused, 400, "invalid_request");
+    assert!(
+        text(&refused).contains("presence_penalty"),
+        "{}",
+        text(&refused)
+    );
+}

@@ -91,6 +91,8 @@ impl generation::Host for AiView<'_> {
             stop: options.stop,
             repeat_penalty: 1.0,
             repeat_last_n: 0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             budget: None, // the tenant's, set by start_generation
         };
         match start_generation(self.ctx, &model, request).await {

@@ -27,6 +27,8 @@ use super::{ApiError, BoxError, Gateway, Response};
 const MAX_BODY: usize = 1 << 20;
 /// The largest embeddings request body (2048 texts of a few hundred words).
 const MAX_EMBEDDINGS_BODY: usize = 8 << 20;
+/// Tokens the frequency and presence penalties look back over.
+const OPENAI_PENALTY_WINDOW: u32 = 4096;
 /// `max_tokens` when the request gives none.
 const DEFAULT_MAX_TOKENS: u32 = 512;
 
@@ -46,6 +48,10 @@ struct ChatRequest {
     seed: Option<u32>,
     #[serde(default)]
     stop: Option<Stop>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -198,7 +204,10 @@ impl Gateway {
                 Some(Stop::Many(stops)) => stops,
             },
             repeat_penalty: 1.0,
-            repeat_last_n: 0,
+            // OpenAI's penalties count the whole answer so far.
+            repeat_last_n: OPENAI_PENALTY_WINDOW,
+            frequency_penalty: chat.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: chat.presence_penalty.unwrap_or(0.0),
             budget: admitted.budget.clone(),
         };
         let generation = model

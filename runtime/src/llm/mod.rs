@@ -114,8 +114,15 @@ pub struct Request {
     /// Divides the odds of tokens among the last `repeat_last_n` (prompt
     /// included) by this much (1: off).
     pub repeat_penalty: f32,
-    /// How many recent tokens the repeat penalty looks at.
+    /// How many recent tokens the repeat, frequency and presence
+    /// penalties look at.
     pub repeat_last_n: u32,
+    /// Subtracted from a token's logit once per time it occurred in the
+    /// window (OpenAI's `frequency_penalty`, -2 to 2; 0: off).
+    pub frequency_penalty: f32,
+    /// Subtracted from a token's logit if it occurred in the window at all
+    /// (OpenAI's `presence_penalty`, -2 to 2; 0: off).
+    pub presence_penalty: f32,
     /// Who pays for the tokens, charged as each is generated.
     pub budget: Option<Arc<dyn ComputeBudget>>,
 }
@@ -132,6 +139,8 @@ impl Default for Request {
             stop: vec![],
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             budget: None,
         }
     }
@@ -665,6 +674,14 @@ fn check(request: &Request) -> Result<(), GenerateError> {
             "repeat_last_n: at most {MAX_REPEAT_WINDOW} tokens, got {}",
             request.repeat_last_n
         ));
+    }
+    for (name, value) in [
+        ("frequency_penalty", request.frequency_penalty),
+        ("presence_penalty", request.presence_penalty),
+    ] {
+        if !(-2.0..=2.0).contains(&value) {
+            return invalid(format!("{name} must be between -2 and 2, got {value}"));
+        }
     }
     if !(request.repeat_penalty > 0.0 && request.repeat_penalty <= 2.0) {
         return invalid(format!(

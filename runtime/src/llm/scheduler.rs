@@ -355,14 +355,17 @@ impl Scheduler<'_> {
 /// penalty starts out having seen the `prompt`.
 fn sampler(request: &Request, model: &LlamaModel, prompt: &[LlamaToken]) -> LlamaSampler {
     let mut chain = Vec::new();
-    let penalised = request.repeat_penalty != 1.0 && request.repeat_last_n > 0;
+    let penalised = request.repeat_last_n > 0
+        && (request.repeat_penalty != 1.0
+            || request.frequency_penalty != 0.0
+            || request.presence_penalty != 0.0);
     if penalised {
         chain.push(LlamaSampler::penalties(
             model.n_vocab(),
             i32::try_from(request.repeat_last_n).unwrap_or(i32::MAX),
             request.repeat_penalty,
-            0.0,
-            0.0,
+            request.frequency_penalty,
+            request.presence_penalty,
         ));
     }
     if request.temperature <= 0.0 {
