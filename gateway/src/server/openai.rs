@@ -262,6 +262,12 @@ impl Gateway {
         if !self.visible_models(&quota).contains(&asked.model) {
             return Err(model_not_found(&asked.model));
         }
+        if let (Some(dimensions), Some(width)) =
+            (asked.dimensions, self.embedding_width(&asked.model))
+            && dimensions as usize != width
+        {
+            return Err(wrong_dimensions(&asked.model, width));
+        }
         let (result, spent) = self
             .runtime
             .models()
@@ -287,13 +293,7 @@ impl Gateway {
         if let Some(dimensions) = asked.dimensions
             && dimensions as usize != width
         {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                format!(
-                    "dimensions: {:?} makes {width}-dimensional vectors only",
-                    asked.model
-                ),
-            ));
+            return Err(wrong_dimensions(&asked.model, width));
         }
         let data: Vec<Value> = embeddings
             .vectors
@@ -318,6 +318,29 @@ impl Gateway {
             }),
         ))
     }
+}
+
+impl Gateway {
+    /// The width of a loaded embedding model's vectors, where its graph
+    /// says (checked before computing anything).
+    fn embedding_width(&self, model: &str) -> Option<usize> {
+        let info = self
+            .runtime
+            .models()
+            .list()
+            .into_iter()
+            .find(|m| m.name == model)?;
+        let output = &info.embedding?.output;
+        let spec = info.outputs.iter().find(|o| &o.name == output)?;
+        *spec.shape.last()?
+    }
+}
+
+fn wrong_dimensions(model: &str, width: usize) -> ApiError {
+    ApiError::bad_request(
+        "invalid_request",
+        format!("dimensions: {model:?} makes {width}-dimensional vectors only"),
+    )
 }
 
 #[derive(Debug, Deserialize)]
