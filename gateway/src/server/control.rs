@@ -1,7 +1,7 @@
 //! The control plane: tenants, keys, functions, models.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -372,18 +372,47 @@ pub(super) async fn read_body(request: Request, limit: usize) -> Result<Bytes, A
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut body = request.into_body();
     if declared.is_some_and(|n| n > limit as u64) {
+        drain(&mut body).await;
         return Err(too_large());
     }
-    match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(
-            "bad_body",
-            format!("reading the body: {e}"),
-        )),
+    let mut collected = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::bad_request("bad_body", format!("reading the body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if collected.len() + data.len() > limit {
+                drain(&mut body).await;
+                return Err(too_large());
+            }
+            collected.extend_from_slice(&data);
+        }
     }
+    Ok(Bytes::from(collected))
 }
+
+/// Reads and drops what a client is still sending of a refused body, up
+/// to [`DRAIN_BYTES`] or for [`DRAIN_TIME`], so that it gets to read the
+/// refusal rather than a connection reset while it writes.
+pub(super) async fn drain(body: &mut hyper::body::Incoming) {
+    let discard = async {
+        let mut left = DRAIN_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            let size = frame.data_ref().map_or(0, Bytes::len);
+            if size >= left {
+                break;
+            }
+            left -= size;
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
+}
+
+/// How much of a refused body is read before the connection is closed.
+const DRAIN_BYTES: usize = 16 << 20;
+/// How long a refused body is read before the connection is closed.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn read_json<T: for<'de> Deserialize<'de>>(request: Request) -> Result<T, ApiError> {
     let body = read_body(request, MAX_JSON_BYTES).await?;

@@ -15,6 +15,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderValue};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::bodies::{LimitedRequest, LimitedResponse};
+use super::control::drain;
 use super::routes::{Request, check_name};
 use super::{ApiError, Gateway, Response};
 use crate::quota::Quota;
@@ -58,7 +59,7 @@ impl Gateway {
     /// Runs `version` for an admitted caller, under its limits and grants.
     async fn run(
         &self,
-        request: Request,
+        mut request: Request,
         tenant: &str,
         name: &str,
         version: &Version,
@@ -71,6 +72,7 @@ impl Gateway {
             .quota;
         let limits = self.limits_of(version, &quota);
         if declared_length(&request).is_some_and(|n| n > limits.request_bytes) {
+            drain(request.body_mut()).await;
             return Err(request_too_large(limits.request_bytes));
         }
         let admitted = self.admission.admit(tenant, &quota)?;
