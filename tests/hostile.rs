@@ -158,8 +158,8 @@ async fn hostile_functions_harm_only_themselves() {
     let reply = during(
         &server,
         &victim,
-        "256 MiB to stdout and stderr",
-        call("/spam?mb=128"),
+        "128 MiB to stdout and stderr",
+        call("/spam?mb=64"),
     )
     .await
     .unwrap();
