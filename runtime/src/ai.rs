@@ -89,11 +89,8 @@ impl generation::Host for AiView<'_> {
             top_k: options.top_k,
             seed: options.seed,
             stop: options.stop,
-            repeat_penalty: 1.0,
-            repeat_last_n: 0,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
-            budget: None, // the tenant's, set by start_generation
+            // No penalties; the budget (the tenant's) is set by start_generation.
+            ..llm::Request::default()
         };
         match start_generation(self.ctx, &model, request).await {
             Ok(generation) => Ok(Ok(self.table.push(GenerationStream {

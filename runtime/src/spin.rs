@@ -81,9 +81,8 @@ impl spin::Host for SpinView<'_> {
             stop: vec![],
             repeat_penalty: params.repeat_penalty,
             repeat_last_n: params.repeat_penalty_last_n_token_count,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
-            budget: None, // the tenant's, set by start_generation
+            // The budget (the tenant's) is set by start_generation.
+            ..llm::Request::default()
         };
         let mut generation = match ai::start_generation(self.ctx, &model, request).await {
             Ok(generation) => generation,
