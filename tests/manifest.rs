@@ -193,7 +193,7 @@ async fn pong_server() -> u16 {
 #[tokio::test]
 async fn outbound_requests_reach_only_allowed_hosts() {
     let data = tempfile::tempdir().unwrap();
-    let server = Server::start(data.path());
+    let server = Server::start_with(data.path(), &["--allow-loopback-outbound"]);
     let key = server.tenant("acme").await;
     let allowed = pong_server().await;
     let other = pong_server().await;

@@ -253,6 +253,37 @@ async fn quotas_are_validated_and_only_the_admin_sets_them() {
         400,
         "invalid_quota",
     );
+    // Values that validate as "positive" but break every request later:
+    // an overflowing duration, a refill rate of nothing, a memory cap
+    // that wraps to 0 bytes, more concurrency than the platform has.
+    for absurd in [
+        r#"{"compute_seconds_per_minute": 1e300}"#,
+        r#"{"requests_per_second": 1e-300}"#,
+        r#"{"max_memory_mib": 17592186044416}"#,
+        r#"{"max_memory_mib": 100000}"#,
+        r#"{"max_concurrency": 4000000000}"#,
+        r#"{"generated_tokens_per_minute": 1000000000000000}"#,
+        r#"{"max_outbound_connections": 0}"#,
+    ] {
+        let reply = put_quota(server.admin(), absurd).await;
+        assert_eq!(reply.status, 400, "{absurd} was accepted: {}", text(&reply));
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["error"]["code"], "invalid_quota", "{absurd}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("out of range"),
+            "{absurd}: {body}"
+        );
+    }
+    server.deploy(&key, "hello", wasm("hello")).await;
+    let hello = server
+        .client(Some(&key))
+        .send(Method::GET, "/fn/acme/hello", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(hello.status, 200, "{}", text(&hello));
     assert_error(
         &put_quota(server.admin(), r#"{"cpus": 2}"#).await,
         400,
@@ -268,4 +299,27 @@ async fn quotas_are_validated_and_only_the_admin_sets_them() {
         .await
         .unwrap();
     assert_eq!(tenant["quota"], json!({}));
+}
+
+#[tokio::test]
+async fn a_quota_lowered_after_a_deploy_caps_the_manifest() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let deployed = server
+        .deploy_bundle(&key, "probe", probe_bundle("memory_mib = 64", &[]))
+        .await;
+    assert_eq!(deployed.status, 201, "{}", text(&deployed));
+    let grow = || async {
+        server
+            .client(Some(&key))
+            .send(Method::GET, "/fn/acme/probe/grow?mib=48", None, &[])
+            .await
+            .unwrap()
+    };
+    assert_eq!(grow().await.status, 200, "within the manifest's 64 MiB");
+    server
+        .set_quota("acme", json!({"max_memory_mib": 32}))
+        .await;
+    assert_error(&grow().await, 500, "out_of_memory");
 }

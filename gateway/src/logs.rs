@@ -1,15 +1,27 @@
-//! Each function's recent log lines, kept in memory (bounded) for
-//! `GET /v1/functions/{name}/logs` and `gigafactory logs`.
+//! Each function's recent log lines, kept in memory for
+//! `GET /v1/functions/{name}/logs` and `gigafactory logs`. Everything is
+//! bounded: a line's bytes, a function's lines and bytes, and how many
+//! functions' logs are kept (the least recently written go first).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use gigafactory_runtime::logs::{LogSink, LogStream};
+use gigafactory_runtime::logs::{LogSink, LogStream, TRUNCATED};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
 /// Lines kept per function; older ones are dropped.
 pub const LINES_PER_FUNCTION: usize = 1000;
+
+/// Bytes of lines kept per function; older lines are dropped.
+pub const BYTES_PER_FUNCTION: usize = 256 * 1024;
+
+/// Longest line kept; longer ones are cut and marked.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// Functions whose logs are kept; past it the least recently written go.
+pub const MAX_FUNCTION_LOGS: usize = 1024;
 
 /// One log line.
 #[derive(Debug, Clone, Serialize)]
@@ -29,12 +41,23 @@ pub struct FunctionLogs {
 }
 
 impl FunctionLogs {
-    /// The log of one function (created on first use).
+    /// The log of one function (created on first use; creating one past
+    /// [`MAX_FUNCTION_LOGS`] drops the least recently written).
     pub fn of(&self, tenant: &str, function: &str) -> Arc<FunctionLog> {
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        logs.entry(format!("{tenant}/{function}"))
-            .or_default()
-            .clone()
+        let name = format!("{tenant}/{function}");
+        if let Some(log) = logs.get(&name) {
+            return log.clone();
+        }
+        if logs.len() >= MAX_FUNCTION_LOGS
+            && let Some(oldest) = logs
+                .iter()
+                .min_by_key(|(_, log)| log.written())
+                .map(|(name, _)| name.clone())
+        {
+            logs.remove(&oldest);
+        }
+        logs.entry(name).or_default().clone()
     }
 
     /// Forgets a deleted function's lines.
@@ -46,14 +69,29 @@ impl FunctionLogs {
 
 /// One function's recent lines, and a feed of new ones for followers.
 pub struct FunctionLog {
-    lines: Mutex<VecDeque<LogLine>>,
+    lines: Mutex<Lines>,
     feed: broadcast::Sender<LogLine>,
 }
 
+struct Lines {
+    lines: VecDeque<LogLine>,
+    bytes: usize,
+    /// When it was last written to, on [`WRITES`]' clock.
+    written: u64,
+}
+
+/// A clock of log writes, ordering logs by when they were last written.
+static WRITES: AtomicU64 = AtomicU64::new(0);
+
 impl Default for FunctionLog {
     fn default() -> Self {
+        let lines = Lines {
+            lines: VecDeque::new(),
+            bytes: 0,
+            written: WRITES.fetch_add(1, Ordering::Relaxed),
+        };
         Self {
-            lines: Mutex::default(),
+            lines: Mutex::new(lines),
             feed: broadcast::channel(FOLLOW_BUFFER).0,
         }
     }
@@ -63,18 +101,25 @@ impl Default for FunctionLog {
 const FOLLOW_BUFFER: usize = 256;
 
 impl FunctionLog {
-    /// Appends a line, dropping the oldest past the bound.
+    /// Appends a line (cut at [`MAX_LINE_BYTES`]), dropping the oldest
+    /// past the bounds.
     pub fn push(&self, stream: &'static str, line: &str) {
-        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        if lines.len() == LINES_PER_FUNCTION {
-            lines.pop_front();
-        }
         let line = LogLine {
             time_ms: now_ms(),
             stream,
-            line: line.to_string(),
+            line: bounded_line(line),
         };
-        lines.push_back(line.clone());
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines.bytes += line.line.len();
+        lines.written = WRITES.fetch_add(1, Ordering::Relaxed);
+        lines.lines.push_back(line.clone());
+        while lines.lines.len() > LINES_PER_FUNCTION || lines.bytes > BYTES_PER_FUNCTION {
+            let Some(dropped) = lines.lines.pop_front() else {
+                break;
+            };
+            lines.bytes -= dropped.line.len();
+        }
+        drop(lines);
         // Nobody following is fine.
         let _ = self.feed.send(line);
     }
@@ -82,18 +127,35 @@ impl FunctionLog {
     /// The recent lines and a receiver of every line after them.
     pub fn follow(&self) -> (Vec<LogLine>, broadcast::Receiver<LogLine>) {
         let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        (lines.iter().cloned().collect(), self.feed.subscribe())
+        (lines.lines.iter().cloned().collect(), self.feed.subscribe())
     }
 
     /// The last `limit` lines, oldest first.
     pub fn tail(&self, limit: usize) -> Vec<LogLine> {
         let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let lines = &lines.lines;
         lines
             .iter()
             .skip(lines.len().saturating_sub(limit))
             .cloned()
             .collect()
     }
+
+    fn written(&self) -> u64 {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).written
+    }
+}
+
+/// `line`, cut at [`MAX_LINE_BYTES`] (on a character boundary) and marked.
+fn bounded_line(line: &str) -> String {
+    if line.len() <= MAX_LINE_BYTES {
+        return line.to_string();
+    }
+    let mut end = MAX_LINE_BYTES;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} {TRUNCATED}", &line[..end])
 }
 
 impl LogSink for FunctionLog {
@@ -132,5 +194,31 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["1003", "1004"]
         );
+    }
+
+    #[test]
+    fn lines_and_logs_are_bounded_in_bytes() {
+        let log = FunctionLog::default();
+        log.push("platform", &"x".repeat(100 << 20));
+        let kept = &log.tail(1)[0].line;
+        assert!(kept.len() < MAX_LINE_BYTES + 32 && kept.ends_with(TRUNCATED));
+        for _ in 0..100 {
+            log.push("stdout", &"y".repeat(MAX_LINE_BYTES));
+        }
+        let bytes: usize = log.tail(usize::MAX).iter().map(|l| l.line.len()).sum();
+        assert!(bytes <= BYTES_PER_FUNCTION, "{bytes} bytes kept");
+    }
+
+    #[test]
+    fn the_least_recently_written_log_goes_first() {
+        let logs = FunctionLogs::default();
+        for i in 0..MAX_FUNCTION_LOGS {
+            logs.of("t", &format!("f{i}")).push("stdout", "hi");
+        }
+        logs.of("t", "f0").push("stdout", "again");
+        logs.of("t", "new");
+        let kept = logs.logs.lock().unwrap();
+        assert_eq!(kept.len(), MAX_FUNCTION_LOGS);
+        assert!(kept.contains_key("t/f0") && kept.contains_key("t/new"));
     }
 }

@@ -67,6 +67,9 @@ pub struct Caps {
     pub response_bytes: u64,
     /// Largest `max_concurrency`.
     pub concurrency: u32,
+    /// Whether `allowed_hosts` may name this machine (loopback addresses,
+    /// `localhost`): only when the operator says so.
+    pub local_hosts: bool,
 }
 
 const MAX_ENV: usize = 64;
@@ -112,7 +115,7 @@ impl Manifest {
             }
         }
         for host in &self.allowed_hosts {
-            check_host(host)?;
+            check_host(host, caps.local_hosts)?;
         }
         if self.env.len() > MAX_ENV {
             return Err(format!("env: at most {MAX_ENV} variables"));
@@ -132,6 +135,15 @@ impl Manifest {
         }
         for (guest, source) in &self.files {
             check_guest_path(guest)?;
+            // "/a" a file and "/a/b" another cannot both exist.
+            for (slash, _) in guest.match_indices('/').skip(1) {
+                let parent = &guest[..slash];
+                if self.files.contains_key(parent) {
+                    return Err(format!(
+                        "files: {parent:?} is a file, so {guest:?} cannot be inside it"
+                    ));
+                }
+            }
             if !bundle_files.contains(&source.as_str()) {
                 return Err(format!(
                     "files: {guest:?} maps to {source:?}, which is not in the bundle"
@@ -150,11 +162,22 @@ fn within(key: &str, value: Option<u64>, cap: u64) -> Result<(), String> {
     }
 }
 
-fn check_host(rule: &str) -> Result<(), String> {
+fn check_host(rule: &str, local_allowed: bool) -> Result<(), String> {
     let (host, port) = match rule.rsplit_once(':') {
         Some((host, port)) => (host, Some(port)),
         None => (rule, None),
     };
+    let lower = host.to_ascii_lowercase();
+    let local = lower == "localhost"
+        || lower.ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified());
+    if local && !local_allowed {
+        return Err(format!(
+            "allowed_hosts: {rule:?} is this machine, which functions may not reach (the operator can allow it with `serve --allow-loopback-outbound`)"
+        ));
+    }
     let host_ok = !host.is_empty()
         && host.len() <= 253
         && host
@@ -197,6 +220,7 @@ mod tests {
             request_bytes: 1 << 20,
             response_bytes: 1 << 20,
             concurrency: 100,
+            local_hosts: false,
         }
     }
 
@@ -213,7 +237,7 @@ mod tests {
             max_response_bytes = 2000
             max_concurrency = 4
             models = ["m"]
-            allowed_hosts = ["api.example.com", "127.0.0.1:9000"]
+            allowed_hosts = ["api.example.com", "10.0.0.1:9000"]
             [env]
             GREETING = "hi"
             [files]
@@ -236,9 +260,18 @@ mod tests {
                 "is not `host` or `host:port`",
             ),
             ("[env]\n\"1X\" = \"v\"", "invalid variable name"),
+            (
+                "allowed_hosts = [\"127.0.0.1:8080\"]",
+                "is this machine, which functions may not reach",
+            ),
+            ("allowed_hosts = [\"localhost\"]", "is this machine"),
             ("[files]\n\"/a/../b\" = \"a.txt\"", "without . or .."),
             ("[files]\n\"rel\" = \"a.txt\"", "absolute path"),
             ("[files]\n\"/b\" = \"b.txt\"", "not in the bundle"),
+            (
+                "[files]\n\"/a\" = \"a.txt\"\n\"/a/b\" = \"a.txt\"",
+                "\"/a\" is a file, so \"/a/b\" cannot be inside it",
+            ),
             ("cpu = 2", "unknown field `cpu`"),
         ];
         for (text, expected) in cases {

@@ -52,10 +52,32 @@ pub struct Quota {
     /// cached per content hash (default 256 MiB; least recently used evicted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_model_memory_mib: Option<u64>,
+    /// Outbound `wasi:http` connections its functions may hold open at
+    /// once (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_outbound_connections: Option<u32>,
     /// Repository models it may use (default: those marked `public`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
 }
+
+/// The platform's own limits a quota's caps must stay within.
+#[derive(Debug, Clone, Copy)]
+pub struct PlatformLimits {
+    /// Largest linear memory of one instance, in MiB.
+    pub memory_mib: u64,
+    /// Instances that may run at once.
+    pub concurrency: u32,
+}
+
+/// Largest `max_model_memory_mib` (1 TiB).
+pub const MAX_MODEL_MEMORY_MIB: u64 = 1 << 20;
+
+/// Largest `max_outbound_connections`.
+pub const MAX_OUTBOUND_CONNECTIONS: u32 = 10_000;
+
+/// Largest `compute_seconds_per_minute`: a minute of 1024 cores.
+pub const MAX_COMPUTE_SECONDS_PER_MINUTE: f64 = 60.0 * 1024.0;
 
 /// What a tenant uses of its deploy-time caps, kept in its record.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -67,31 +89,69 @@ pub struct Usage {
 }
 
 impl Quota {
-    /// Checks the quota itself: positive numbers, known models.
-    pub fn validate(&self, models: &[String]) -> Result<(), String> {
-        let positive = [
-            ("max_functions", self.max_functions.map(f64::from)),
-            ("max_stored_bytes", self.max_stored_bytes.map(|v| v as f64)),
-            ("max_memory_mib", self.max_memory_mib.map(|v| v as f64)),
+    /// Checks the quota itself: every number within its range (the
+    /// memory and concurrency caps within the platform's `limits`), known
+    /// models. The error names the key and the range.
+    pub fn validate(&self, models: &[String], limits: &PlatformLimits) -> Result<(), String> {
+        let ranges = [
+            (
+                "max_functions",
+                self.max_functions.map(f64::from),
+                1.0,
+                100_000.0,
+            ),
+            (
+                "max_stored_bytes",
+                self.max_stored_bytes.map(|v| v as f64),
+                1.0,
+                (1u64 << 40) as f64,
+            ),
+            (
+                "max_memory_mib",
+                self.max_memory_mib.map(|v| v as f64),
+                1.0,
+                limits.memory_mib as f64,
+            ),
             (
                 "max_model_memory_mib",
                 self.max_model_memory_mib.map(|v| v as f64),
+                1.0,
+                MAX_MODEL_MEMORY_MIB as f64,
             ),
-            ("max_concurrency", self.max_concurrency.map(f64::from)),
-            ("requests_per_second", self.requests_per_second),
-            ("burst", self.burst.map(f64::from)),
+            (
+                "max_concurrency",
+                self.max_concurrency.map(f64::from),
+                1.0,
+                f64::from(limits.concurrency),
+            ),
+            (
+                "max_outbound_connections",
+                self.max_outbound_connections.map(f64::from),
+                1.0,
+                f64::from(MAX_OUTBOUND_CONNECTIONS),
+            ),
+            ("requests_per_second", self.requests_per_second, 0.01, 1e6),
+            ("burst", self.burst.map(f64::from), 1.0, 1e6),
             (
                 "compute_seconds_per_minute",
                 self.compute_seconds_per_minute,
+                0.001,
+                MAX_COMPUTE_SECONDS_PER_MINUTE,
             ),
             (
                 "generated_tokens_per_minute",
                 self.generated_tokens_per_minute.map(|v| v as f64),
+                1.0,
+                1e9,
             ),
         ];
-        for (key, value) in positive {
-            if value.is_some_and(|v| !(v > 0.0 && v.is_finite())) {
-                return Err(format!("{key} must be a positive number"));
+        for (key, value, low, high) in ranges {
+            if let Some(value) = value
+                && !(low..=high).contains(&value)
+            {
+                return Err(format!(
+                    "{key} = {value} is out of range: use {low} to {high}"
+                ));
             }
         }
         for model in self.models.iter().flatten() {
@@ -185,7 +245,8 @@ impl TokenBucket {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            let wait = (1.0 - self.tokens) / self.rate;
+            Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX))
         }
     }
 }
@@ -310,13 +371,44 @@ mod tests {
                 .unwrap_err()
                 .contains("may not use \"b\"")
         );
-        assert!(
+        let limits = PlatformLimits {
+            memory_mib: 256,
+            concurrency: 1000,
+        };
+        let refused = |quota: Quota| quota.validate(&[], &limits).unwrap_err();
+        let out_of_range = [
             Quota {
                 requests_per_second: Some(0.0),
                 ..Quota::default()
+            },
+            Quota {
+                requests_per_second: Some(1e-300),
+                ..Quota::default()
+            },
+            Quota {
+                compute_seconds_per_minute: Some(1e300),
+                ..Quota::default()
+            },
+            Quota {
+                max_memory_mib: Some(1 << 44),
+                ..Quota::default()
+            },
+            Quota {
+                max_concurrency: Some(1001),
+                ..Quota::default()
+            },
+        ];
+        for quota in out_of_range {
+            assert!(refused(quota.clone()).contains("out of range"), "{quota:?}");
+        }
+        assert!(
+            Quota {
+                max_memory_mib: Some(256),
+                requests_per_second: Some(0.5),
+                ..Quota::default()
             }
-            .validate(&[])
-            .is_err()
+            .validate(&[], &limits)
+            .is_ok()
         );
     }
 }

@@ -29,6 +29,11 @@ pub struct Tenant {
     /// What it uses of its deploy-time caps.
     #[serde(default)]
     pub usage: Usage,
+    /// Bumped by every change to its keys or functions, in the same
+    /// transaction: deleting the tenant checks it did not move while its
+    /// keys and functions were being listed.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// An API key record; the key itself is never stored, only its hash.
@@ -157,6 +162,10 @@ pub enum StoreError {
     /// sled failed.
     #[error(transparent)]
     Storage(#[from] anyhow::Error),
+    /// The record changed between a read and the transaction that relied
+    /// on it (internal: the caller reads again).
+    #[error("the record changed meanwhile")]
+    Moved,
 }
 
 /// The outcome of a deploy.
@@ -232,6 +241,7 @@ impl Store {
             created_at: now(),
             quota: Quota::default(),
             usage: Usage::default(),
+            revision: 0,
         };
         let swapped = self
             .tenants
@@ -276,16 +286,39 @@ impl Store {
         Ok(tenant)
     }
 
-    /// Deletes a tenant with its keys and functions.
+    /// Deletes a tenant with its keys and functions, in one transaction.
+    /// sled cannot scan inside a transaction, so the keys and functions are
+    /// listed first and the transaction checks that the tenant's revision
+    /// (bumped by every key or function change) did not move meanwhile;
+    /// if it did, it lists again.
     pub fn delete_tenant(&self, name: &str) -> Result<(), StoreError> {
-        let functions = self.functions(name)?;
-        let keys: Vec<sled::IVec> = self
-            .keys
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(_, v)| from_json::<ApiKey>(v).is_ok_and(|k| k.tenant == name))
-            .map(|(k, _)| k)
-            .collect();
+        for _ in 0..DELETE_ATTEMPTS {
+            let Some(seen) = self.tenant(name)? else {
+                return Err(StoreError::NotFound(format!("no tenant {name:?}")));
+            };
+            let functions = self.functions(name)?;
+            let keys = self.key_hashes_of(name)?;
+            match self.delete_tenant_at(name, seen.revision, &keys, &functions) {
+                Err(StoreError::Moved) => continue,
+                outcome => {
+                    outcome?;
+                    self.flush()?;
+                    return Ok(());
+                }
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "tenant {name:?} kept changing while being deleted; try again"
+        )))
+    }
+
+    fn delete_tenant_at(
+        &self,
+        name: &str,
+        revision: u64,
+        keys: &[sled::IVec],
+        functions: &[FunctionRecord],
+    ) -> Result<(), StoreError> {
         let trees = (
             &self.tenants,
             &self.keys,
@@ -296,13 +329,17 @@ impl Store {
         );
         let result =
             trees.transaction(|(tenants, keys_tx, functions_tx, refs, blobs, artifacts)| {
-                if tenants.remove(name)?.is_none() {
+                let Some(value) = tenants.remove(name)? else {
                     return abort(StoreError::NotFound(format!("no tenant {name:?}")));
+                };
+                let tenant: Tenant = from_json(&value).map_err(storage)?;
+                if tenant.revision != revision {
+                    return abort(StoreError::Moved);
                 }
-                for key in &keys {
+                for key in keys {
                     keys_tx.remove(key)?;
                 }
-                for function in &functions {
+                for function in functions {
                     functions_tx.remove(function_key(name, &function.name).as_bytes())?;
                     for blob in function.versions.iter().flat_map(Version::blobs) {
                         self.release_blob(refs, blobs, artifacts, blob)?;
@@ -310,9 +347,19 @@ impl Store {
                 }
                 Ok(())
             });
-        finish(result)?;
-        self.flush()?;
-        Ok(())
+        finish(result)
+    }
+
+    /// The hashes of a tenant's keys (read outside any transaction).
+    fn key_hashes_of(&self, tenant: &str) -> Result<Vec<sled::IVec>> {
+        let mut hashes = Vec::new();
+        for entry in self.keys.iter() {
+            let (hash, value) = entry?;
+            if from_json::<ApiKey>(&value)?.tenant == tenant {
+                hashes.push(hash);
+            }
+        }
+        Ok(hashes)
     }
 
     /// Stores a new API key (by hash) for `tenant`.
@@ -350,18 +397,26 @@ impl Store {
 
     /// Revokes the key of `tenant` with public id `id`.
     pub fn revoke_key(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
+        let not_found = || StoreError::NotFound(format!("tenant {tenant:?} has no key {id:?}"));
+        let mut found = None;
         for entry in self.keys.iter() {
             let (hash, value) = entry.map_err(anyhow::Error::from)?;
             let key: ApiKey = from_json(&value)?;
             if key.tenant == tenant && key.id == id {
-                self.keys.remove(hash).map_err(anyhow::Error::from)?;
-                self.flush()?;
-                return Ok(());
+                found = Some(hash);
+                break;
             }
         }
-        Err(StoreError::NotFound(format!(
-            "tenant {tenant:?} has no key {id:?}"
-        )))
+        let hash = found.ok_or_else(not_found)?;
+        let result = (&self.tenants, &self.keys).transaction(|(tenants, keys)| {
+            if keys.remove(&hash)?.is_none() {
+                return abort(not_found());
+            }
+            bump_revision(tenants, tenant)
+        });
+        finish(result)?;
+        self.flush()?;
+        Ok(())
     }
 
     /// The key record for a key hash.
@@ -425,6 +480,7 @@ impl Store {
             };
             owner.usage.functions += u32::from(function.versions.is_empty());
             owner.usage.stored_bytes += version.stored_bytes();
+            owner.revision += 1;
             if let Err(message) = owner.quota.admits_usage(owner.usage) {
                 return abort(StoreError::Quota(message));
             }
@@ -488,6 +544,7 @@ impl Store {
                 owner.usage.functions = owner.usage.functions.saturating_sub(1);
                 let freed: u64 = function.versions.iter().map(Version::stored_bytes).sum();
                 owner.usage.stored_bytes = owner.usage.stored_bytes.saturating_sub(freed);
+                owner.revision += 1;
                 tenants.insert(tenant, to_json(&owner).map_err(storage)?)?;
             }
             Ok(())
@@ -574,6 +631,21 @@ fn retain_blob(
     Ok(())
 }
 
+/// How often a tenant deletion lists its keys and functions again when
+/// they keep changing underneath it.
+const DELETE_ATTEMPTS: usize = 16;
+
+/// Bumps a tenant's revision inside a transaction; `NotFound` without it.
+fn bump_revision(tenants: &TransactionalTree, name: &str) -> Result<(), TxError> {
+    let Some(value) = tenants.get(name)? else {
+        return abort(StoreError::NotFound(format!("no tenant {name:?}")));
+    };
+    let mut tenant: Tenant = from_json(&value).map_err(storage)?;
+    tenant.revision += 1;
+    tenants.insert(name, to_json(&tenant).map_err(storage)?)?;
+    Ok(())
+}
+
 type TxError = ConflictableTransactionError<StoreError>;
 
 fn abort<T>(error: StoreError) -> Result<T, TxError> {
@@ -615,4 +687,38 @@ fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_added_during_a_tenant_deletion_goes_with_the_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "test").unwrap();
+        for round in 0..100u32 {
+            store.create_tenant("race").unwrap();
+            let adder = {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    (0..4)
+                        .filter_map(|i| {
+                            let hash = TokenHash::of(&format!("key-{round}-{i}"));
+                            store.add_key("race", &hash, "id").ok().map(|_| hash)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            };
+            store.delete_tenant("race").unwrap();
+            let added = adder.join().unwrap();
+            for hash in &added {
+                assert!(
+                    store.key(hash).unwrap().is_none(),
+                    "round {round}: a key survived"
+                );
+            }
+            assert!(store.keys_of("race").unwrap().is_empty());
+        }
+    }
 }

@@ -148,7 +148,8 @@ pub(crate) async fn start_generation(
     let text_model = ctx.pool().text(model).await.map_err(Failure::Pool)?;
     request.budget = capabilities.compute.clone();
     text_model
-        .generate(capabilities.tenant.clone(), request)
+        .start(capabilities.tenant.clone(), request)
+        .await
         .map_err(Failure::Generate)
 }
 

@@ -65,9 +65,18 @@ impl ModelAccess {
 }
 
 /// Hosts outbound requests may reach: `host` (any port) or `host:port`.
+/// Whatever the rules say, a request whose host resolves to a loopback,
+/// unspecified or local address (the gateway itself) is refused unless
+/// the operator allowed it, and the tenant's open outbound connections
+/// are capped.
 #[derive(Debug, Clone, Default)]
 pub struct OutboundAccess {
     allowed: Arc<[String]>,
+    /// Whether loopback and the machine's own addresses may be reached.
+    pub allow_local: bool,
+    /// The tenant's outbound connections: one permit each, held until the
+    /// connection closes. `None`: no cap.
+    pub connections: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl OutboundAccess {
@@ -78,6 +87,7 @@ impl OutboundAccess {
                 .into_iter()
                 .map(|h| h.as_ref().to_ascii_lowercase())
                 .collect(),
+            ..Self::default()
         }
     }
 
@@ -89,6 +99,15 @@ impl OutboundAccess {
             .iter()
             .any(|rule| *rule == host || *rule == with_port)
     }
+}
+
+/// Whether `ip` is this machine: loopback, unspecified, or an address of
+/// one of its interfaces (binding to it succeeds only then).
+pub fn is_local_address(ip: std::net::IpAddr) -> bool {
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.to_canonical().is_loopback()
+        || std::net::UdpSocket::bind(std::net::SocketAddr::new(ip, 0)).is_ok()
 }
 
 #[cfg(test)]
@@ -104,6 +123,20 @@ mod tests {
         assert!(!access.permits("127.0.0.1", 9001));
         assert!(!access.permits("example.com", 443));
         assert!(!OutboundAccess::default().permits("localhost", 80));
+    }
+
+    #[test]
+    fn local_addresses_are_recognised() {
+        for local in [
+            "127.0.0.1",
+            "127.8.9.10",
+            "::1",
+            "0.0.0.0",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_local_address(local.parse().unwrap()), "{local}");
+        }
+        assert!(!is_local_address("192.0.2.7".parse().unwrap()));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use crate::Runtime;
 use crate::capabilities::Capabilities;
 use crate::host::HostState;
-use crate::logs::{LogLimits, LogSink, RequestLog};
+use crate::logs::{LogLimits, LogSink, RequestLog, bounded};
 
 /// A function ready to serve: its component pre-linked against the host.
 #[derive(Clone)]
@@ -155,6 +155,25 @@ fn check_header(wasm: &[u8]) -> Result<(), CompileError> {
     Ok(())
 }
 
+/// Longest trap reason or guest error the client is told.
+const MAX_REASON_BYTES: usize = 4096;
+
+/// Longest trap story (with the guest's backtrace) the function's log gets.
+const MAX_DETAILS_BYTES: usize = 16 * 1024;
+
+impl TrapDetails {
+    /// The trap and its causes, one per line, with the guest's backtrace
+    /// (wasmtime adds it as a cause) but never the host's own Rust
+    /// backtrace, which `{:?}` would print when `RUST_BACKTRACE` is set.
+    fn of(error: &anyhow::Error) -> Self {
+        let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
+        Self {
+            reason: bounded(error.root_cause().to_string(), MAX_REASON_BYTES),
+            details: bounded(chain.join("\n"), MAX_DETAILS_BYTES),
+        }
+    }
+}
+
 impl Function {
     /// Runs one HTTP request in a fresh instance. The response's body may
     /// still be streaming from the guest when this returns; the instance
@@ -211,7 +230,7 @@ impl Function {
                     .await
             };
             let outcome = tokio::time::timeout_at(deadline.into(), run).await;
-            let memory_refused = store.data().memory.refused;
+            let memory_refused = store.data().memory_refused();
             let model_busy = store.data().model_busy();
             drop(store);
             drop(log);
@@ -223,7 +242,7 @@ impl Function {
         });
         let error = match receiver.await {
             Ok(Ok(response)) => return Ok(response),
-            Ok(Err(code)) => InvokeError::Guest(format!("{code:?}")),
+            Ok(Err(code)) => InvokeError::Guest(bounded(format!("{code:?}"), MAX_REASON_BYTES)),
             Err(_) => match task.await {
                 Ok(ending) => ending.classify(invocation.timeout, memory_bytes),
                 Err(join) => InvokeError::Host(format!("the request task failed: {join}")),
@@ -266,11 +285,7 @@ impl Ending {
         if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
             return InvokeError::Deadline(timeout);
         }
-        let error = anyhow::Error::from(error);
-        let trap = TrapDetails {
-            reason: error.root_cause().to_string(),
-            details: format!("{error:?}"),
-        };
+        let trap = TrapDetails::of(&anyhow::Error::from(error));
         if self.memory_refused {
             InvokeError::OutOfMemory(memory_bytes, trap)
         } else {

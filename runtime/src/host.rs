@@ -51,12 +51,18 @@ impl HostState {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             hooks: OutboundPolicy(capabilities.outbound.clone()),
-            nn: NnCtx::new(pool, capabilities.clone()),
+            nn: NnCtx::new(pool, capabilities.clone(), memory_bytes),
             memory: MemoryLimiter {
                 limit: memory_bytes,
                 refused: false,
             },
         })
+    }
+
+    /// Whether the instance hit its memory limit: in its linear memory, or
+    /// in the tensor data the host holds for it.
+    pub(crate) fn memory_refused(&self) -> bool {
+        self.memory.refused || self.nn.was_over_memory()
     }
 
     /// Whether a model refused this instance's `compute` as busy.
@@ -147,21 +153,54 @@ impl WasiHttpHooks for OutboundPolicy {
         options: Option<wasmtime_wasi_http::RequestOptions>,
         _io: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> SendFuture {
+        use wasmtime_wasi_http::Error as HttpError;
         let uri = request.uri();
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let permitted = uri.host().is_some_and(|host| self.0.permits(host, port));
-        if !permitted {
+        let host = uri.host().unwrap_or_default().to_string();
+        if !self.0.permits(&host, port) {
             tracing::debug!(uri = %uri, "outbound request denied");
-            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
+        let permit = match &self.0.connections {
+            Some(connections) => match connections.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return Box::new(async { Err(HttpError::ConnectionLimitReached) }),
+            },
+            None => None,
+        };
+        let allow_local = self.0.allow_local;
         Box::new(async move {
             use http_body_util::BodyExt;
+            if !allow_local && reaches_this_machine(&host, port).await {
+                tracing::debug!(%host, "outbound request to this machine denied");
+                return Err(HttpError::HttpRequestDenied);
+            }
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            // The connection holds its permit until it closes.
+            let io = async move {
+                let _permit = permit;
+                io.await
+            };
             Ok((
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = _> + Send>,
             ))
         })
+    }
+}
+
+/// Whether `host` names or resolves to this machine. A name that does not
+/// resolve is left to the request to fail.
+async fn reaches_this_machine(host: &str, port: u16) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return crate::capabilities::is_local_address(ip);
+    }
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(addresses) => addresses
+            .map(|address| address.ip())
+            .any(crate::capabilities::is_local_address),
+        Err(_) => false,
     }
 }

@@ -50,6 +50,22 @@ impl Default for LogLimits {
 /// The marker appended where output was cut.
 pub const TRUNCATED: &str = "[truncated]";
 
+/// `text` cut at `max` bytes (on a character boundary) and marked: for
+/// strings a guest controls that the host keeps or passes on.
+pub fn bounded(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push(' ');
+    text.push_str(TRUNCATED);
+    text
+}
+
 /// Shared by one request's stdout and stderr.
 pub(crate) struct RequestLog {
     sink: Arc<dyn LogSink>,

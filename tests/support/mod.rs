@@ -69,6 +69,8 @@ pub struct Server {
     pub url: String,
     pub data: PathBuf,
     output: Arc<Mutex<Vec<String>>>,
+    /// The empty model repository of [`Server::start_without_models`].
+    empty_models: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -82,9 +84,45 @@ impl Server {
         Self::start_with_models(data, &root().join("models"), extra)
     }
 
+    /// Starts a server on `data` with an empty model repository, so it is
+    /// up in moments: for tests of the control plane and the store.
+    pub fn start_without_models(data: &Path) -> Self {
+        let models = tempfile::tempdir().expect("an empty model repository");
+        let mut server = Self::start_with_models(data, models.path(), &[]);
+        server.empty_models = Some(models);
+        server
+    }
+
     /// Starts a server on the model repository `models`, with extra `serve` flags.
     pub fn start_with_models(data: &Path, models: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(binary())
+        Self::launch(data, models, extra, &Launch::default())
+    }
+
+    /// Starts a server with the repository's models, extra `serve` flags,
+    /// and `launch`'s environment and descriptor limit.
+    pub fn start_launched(data: &Path, extra: &[&str], launch: &Launch) -> Self {
+        let models = launch
+            .models
+            .clone()
+            .unwrap_or_else(|| root().join("models"));
+        Self::launch(data, &models, extra, launch)
+    }
+
+    fn launch(data: &Path, models: &Path, extra: &[&str], launch: &Launch) -> Self {
+        // A descriptor limit is set by a shell that then becomes the server.
+        let mut command = match launch.nofile {
+            Some(limit) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(binary());
+                shell
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = command
+            .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .args([
                 "serve",
                 "--listen",
@@ -129,6 +167,7 @@ impl Server {
             url,
             data: data.to_path_buf(),
             output,
+            empty_models: None,
         }
     }
 
@@ -260,6 +299,13 @@ impl Server {
         kib * 1024
     }
 
+    /// Descriptors the server holds open now.
+    pub fn open_descriptors(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    }
+
     /// The server's address (`host:port`).
     pub fn address(&self) -> &str {
         self.url.trim_start_matches("http://")
@@ -284,6 +330,12 @@ impl Server {
         }
         panic!("the server did not stop on SIGTERM:\n{}", self.output());
     }
+
+    /// Kills the server with SIGKILL, as a crash would, and waits for it to die.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Server {
@@ -291,6 +343,17 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// How to start a server beyond its flags.
+#[derive(Debug, Default)]
+pub struct Launch {
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// A descriptor limit (`ulimit -n`).
+    pub nofile: Option<u64>,
+    /// Another model repository than the repository's `models/`.
+    pub models: Option<PathBuf>,
 }
 
 /// A bundle of the `manifest_probe` guest with `manifest` and `files`.

@@ -51,6 +51,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.limits.max_memory_bytes = args.memory_mib << 20;
     config.limits.max_instances = args.max_instances;
     config.batching = !args.no_batching;
+    config.header_timeout = Duration::from_millis(args.header_timeout_ms);
+    config.body_idle_timeout = Duration::from_millis(args.body_idle_timeout_ms);
+    config.idle_timeout = Duration::from_millis(args.idle_timeout_ms);
+    config.max_connections = args.max_connections;
+    config.control_timeout = Duration::from_secs(args.control_timeout_secs);
+    config.generation_timeout = Duration::from_secs(args.generation_timeout_secs);
+    config.max_loaded_functions = args.max_loaded_functions.max(1);
+    config.allow_loopback_outbound = args.allow_loopback_outbound;
     if let Some(threads) = args.inference_threads {
         config.inference_workers = threads;
     }

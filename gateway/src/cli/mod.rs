@@ -125,6 +125,33 @@ pub struct ServeArgs {
     /// Run every model call on its own, ignoring models' `[batching]` sections.
     #[arg(long)]
     pub no_batching: bool,
+    /// Time a client has to send a request's headers, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// Time a client may leave a request body without sending more, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub body_idle_timeout_ms: u64,
+    /// A connection with no request in flight and no bytes moving for this
+    /// long is closed, in milliseconds (1 s when connections are near their cap).
+    #[arg(long, default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
+    /// Client connections open at once (also kept under the descriptor limit).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Wall-clock limit of a control-plane request (deploys included), in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub control_timeout_secs: u64,
+    /// Wall-clock limit of an OpenAI-compatible chat completion, streamed or not, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub generation_timeout_secs: u64,
+    /// Function versions kept loaded (compiled code and its descriptors);
+    /// the least recently used are unloaded past it.
+    #[arg(long, default_value_t = 256)]
+    pub max_loaded_functions: usize,
+    /// Let manifests allow outbound requests to loopback addresses (and
+    /// so to this gateway itself). Off by default.
+    #[arg(long)]
+    pub allow_loopback_outbound: bool,
 }
 
 /// `gigafactory tenant …`

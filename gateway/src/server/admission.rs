@@ -24,7 +24,12 @@ struct TenantState {
     running: Mutex<Option<(u32, Arc<Semaphore>)>>,
     compute: Mutex<Window<Duration>>,
     tokens: Mutex<Window<u64>>,
+    outbound: Mutex<Option<(u32, Arc<Semaphore>)>>,
 }
+
+/// Outbound connections a tenant's functions may hold open at once,
+/// without a quota saying otherwise.
+pub const DEFAULT_OUTBOUND_CONNECTIONS: u32 = 64;
 
 /// What an admitted request holds: its concurrency slot and its compute budget.
 pub struct Admitted {
@@ -41,7 +46,7 @@ impl Admission {
         let now = Instant::now();
         if let Some(seconds) = quota.compute_seconds_per_minute {
             let mut window = lock(&state.compute);
-            if window.used(now) >= Duration::from_secs_f64(seconds) {
+            if window.used(now) >= secs(seconds) {
                 return Err(ApiError::too_many_requests(
                     format!("the tenant used its {seconds} s of model compute this minute"),
                     whole_seconds(window.relief_in(now)),
@@ -53,9 +58,7 @@ impl Admission {
         .then(|| {
             Arc::new(TenantBudget {
                 state: state.clone(),
-                compute: quota
-                    .compute_seconds_per_minute
-                    .map(Duration::from_secs_f64),
+                compute: quota.compute_seconds_per_minute.map(secs),
                 tokens: quota.generated_tokens_per_minute,
             }) as Arc<dyn ComputeBudget>
         });
@@ -109,6 +112,19 @@ impl Admission {
             ));
         }
         Ok(())
+    }
+
+    /// The semaphore of `tenant`'s outbound connections, sized by its quota.
+    pub fn outbound(&self, tenant: &str, quota: &Quota) -> Arc<Semaphore> {
+        let cap = quota
+            .max_outbound_connections
+            .unwrap_or(DEFAULT_OUTBOUND_CONNECTIONS);
+        let state = self.state(tenant);
+        let mut outbound = lock(&state.outbound);
+        if outbound.as_ref().is_none_or(|(c, _)| *c != cap) {
+            *outbound = Some((cap, Arc::new(Semaphore::new(cap as usize))));
+        }
+        outbound.as_ref().expect("just set").1.clone()
     }
 
     /// Drops a deleted tenant's state.
@@ -169,8 +185,14 @@ impl ComputeBudget for TenantBudget {
     }
 }
 
+/// Seconds as a duration, saturating (quotas are range-checked when set,
+/// but a stored one is never trusted to be).
+fn secs(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX)
+}
+
 fn whole_seconds(wait: Duration) -> u64 {
-    wait.as_secs_f64().ceil().max(1.0) as u64
+    wait.as_secs_f64().ceil().clamp(1.0, 86_400.0) as u64
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -11,7 +11,7 @@ use super::{ApiError, Gateway, Response};
 use crate::auth::{self, Principal, TokenHash};
 use crate::bundle::Bundle;
 use crate::manifest::Caps;
-use crate::quota::Quota;
+use crate::quota::{PlatformLimits, Quota};
 use crate::store::{FunctionRecord, NewVersion};
 
 /// Largest JSON body of a control-plane call.
@@ -102,9 +102,9 @@ impl Gateway {
     async fn set_quota(&self, request: Request, tenant: &str) -> Result<Response, ApiError> {
         self.require_admin(&request)?;
         check_name("tenant", tenant)?;
-        let quota: Quota = read_json(request).await?;
+        let quota: Quota = self.read_json(request).await?;
         quota
-            .validate(&self.model_names())
+            .validate(&self.model_names(), &self.platform_limits())
             .map_err(|e| ApiError::bad_request("invalid_quota", e))?;
         let record = self.store.set_quota(tenant, &quota)?;
         tracing::info!(%tenant, "quota set");
@@ -149,7 +149,7 @@ impl Gateway {
 
     async fn create_tenant(&self, request: Request) -> Result<Response, ApiError> {
         self.require_admin(&request)?;
-        let body: CreateTenant = read_json(request).await?;
+        let body: CreateTenant = self.read_json(request).await?;
         check_name("tenant", &body.name)?;
         let tenant = self.store.create_tenant(&body.name)?;
         tracing::info!(tenant = %tenant.name, "tenant created");
@@ -271,7 +271,9 @@ impl Gateway {
             .get(hyper::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("application/x-tar"));
-        let body = read_body(request, self.config.max_upload_bytes).await?;
+        let body = self
+            .read_body(request, self.config.max_upload_bytes)
+            .await?;
         let bundle = if is_bundle {
             Bundle::unpack(&body).map_err(|e| ApiError::bad_request("invalid_bundle", e))?
         } else {
@@ -313,6 +315,11 @@ impl Gateway {
         let deployed = self.store.deploy(&tenant, name, &new)?;
         self.metrics.deployed();
         let function = &deployed.function;
+        if deployed.created
+            && let Some(replaced) = function.versions.iter().rev().nth(1)
+        {
+            self.retire_version(&tenant, name, replaced, function.active_version());
+        }
         tracing::info!(%tenant, function = %name, version = function.active, created = deployed.created, "deployed");
         let status = if deployed.created {
             StatusCode::CREATED
@@ -330,6 +337,16 @@ impl Gateway {
             timeout_ms: limits.timeout.as_millis() as u64,
             request_bytes: self.config.max_request_bytes,
             response_bytes: self.config.max_response_bytes,
+            concurrency: limits.max_instances,
+            local_hosts: self.config.allow_loopback_outbound,
+        }
+    }
+
+    /// The platform limits a tenant's quota must stay within.
+    fn platform_limits(&self) -> PlatformLimits {
+        let limits = &self.config.limits;
+        PlatformLimits {
+            memory_mib: (limits.max_memory_bytes >> 20) as u64,
             concurrency: limits.max_instances,
         }
     }
@@ -364,32 +381,66 @@ fn no_content() -> Response {
         .expect("a valid response")
 }
 
-/// Reads a whole body of at most `limit` bytes (413 past it).
-pub(super) async fn read_body(request: Request, limit: usize) -> Result<Bytes, ApiError> {
-    let too_large = || ApiError::too_large(format!("the body is over the {limit}-byte limit"));
-    let declared = request
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let mut body = request.into_body();
-    if declared.is_some_and(|n| n > limit as u64) {
-        drain(&mut body).await;
-        return Err(too_large());
-    }
-    let mut collected = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| ApiError::bad_request("bad_body", format!("reading the body: {e}")))?;
-        if let Ok(data) = frame.into_data() {
-            if collected.len() + data.len() > limit {
-                drain(&mut body).await;
-                return Err(too_large());
-            }
-            collected.extend_from_slice(&data);
+impl Gateway {
+    /// Reads a whole body of at most `limit` bytes (413 past it); a body
+    /// that stalls past the body idle timeout is refused with 408.
+    pub(super) async fn read_body(
+        &self,
+        request: Request,
+        limit: usize,
+    ) -> Result<Bytes, ApiError> {
+        let idle = self.config.body_idle_timeout;
+        let too_large = || ApiError::too_large(format!("the body is over the {limit}-byte limit"));
+        let declared = request
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let mut body = request.into_body();
+        if declared.is_some_and(|n| n > limit as u64) {
+            drain(&mut body).await;
+            return Err(too_large());
         }
+        let mut collected = Vec::new();
+        loop {
+            let frame = match tokio::time::timeout(idle, body.frame()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => return Err(body_stalled(idle)),
+            };
+            let frame = frame
+                .map_err(|e| ApiError::bad_request("bad_body", format!("reading the body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if collected.len() + data.len() > limit {
+                    drain(&mut body).await;
+                    return Err(too_large());
+                }
+                collected.extend_from_slice(&data);
+            }
+        }
+        Ok(Bytes::from(collected))
     }
-    Ok(Bytes::from(collected))
+
+    async fn read_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        request: Request,
+    ) -> Result<T, ApiError> {
+        let body = self.read_body(request, MAX_JSON_BYTES).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("bad_json", format!("invalid JSON body: {e}")))
+    }
+}
+
+/// 408 for a body that stopped arriving.
+fn body_stalled(idle: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!(
+            "the request body stalled: nothing arrived for {} ms",
+            idle.as_millis()
+        ),
+    )
 }
 
 /// Reads and drops what a client is still sending of a refused body, up
@@ -413,9 +464,3 @@ pub(super) async fn drain(body: &mut hyper::body::Incoming) {
 const DRAIN_BYTES: usize = 16 << 20;
 /// How long a refused body is read before the connection is closed.
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
-
-async fn read_json<T: for<'de> Deserialize<'de>>(request: Request) -> Result<T, ApiError> {
-    let body = read_body(request, MAX_JSON_BYTES).await?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("bad_json", format!("invalid JSON body: {e}")))
-}

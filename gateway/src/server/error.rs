@@ -67,19 +67,29 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
     }
 
-    /// 500, logging the whole cause chain (the client gets the summary).
+    /// 500: the whole cause chain goes to the operator's log under an
+    /// incident id; the client gets only the id (host paths, OS errors and
+    /// the like are nobody else's business).
     pub fn internal(error: anyhow::Error) -> Self {
-        tracing::error!("internal error: {error:#}");
+        let incident = incident_id();
+        tracing::error!(%incident, "internal error: {error:#}");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            format!("{error:#}"),
+            format!(
+                "the gateway failed to handle this request (incident {incident}; the operator's log has the details)"
+            ),
         )
     }
 
     /// The status.
     pub fn status(&self) -> StatusCode {
         self.status
+    }
+
+    /// The message for the client.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     /// The machine-readable code.
@@ -104,6 +114,14 @@ impl ApiError {
     }
 }
 
+/// A short random id tying a client's error to the operator's log line.
+pub fn incident_id() -> String {
+    let mut bytes = [0u8; 6];
+    // Without randomness the id is only less unique.
+    let _ = getrandom::fill(&mut bytes);
+    hex::encode(bytes)
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
         Self::internal(error)
@@ -119,7 +137,24 @@ impl From<crate::store::StoreError> for ApiError {
             StoreError::Quota(message) => {
                 Self::new(StatusCode::FORBIDDEN, "quota_exceeded", message)
             }
+            StoreError::Moved => Self::conflict("the record changed meanwhile; try again"),
             StoreError::Storage(error) => Self::internal(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_tell_the_client_an_incident_not_the_cause() {
+        let cause = anyhow::anyhow!("Too many open files (os error 24)").context("opening /srv/x");
+        let error = ApiError::internal(cause);
+        assert_eq!(error.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(error.message().contains("incident"), "{}", error.message());
+        for secret in ["os error", "/srv/x"] {
+            assert!(!error.message().contains(secret), "{}", error.message());
         }
     }
 }

@@ -36,6 +36,18 @@ impl Gateway {
     }
 }
 
+/// Removes staging directories a crash left behind.
+pub(super) fn remove_staging(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".staging-") {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn files_id(files: &BTreeMap<String, FileRef>) -> String {
     let mut hash = Sha256::new();
     for (guest, file) in files {
@@ -58,14 +70,10 @@ fn materialize(
     let mut nonce = [0u8; 8];
     getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
     let staging = root.join(format!(".staging-{}", hex::encode(nonce)));
-    for (guest, file) in files {
-        // Guest paths were validated at deploy: absolute, no `.` or `..`.
-        let path = staging.join(guest.trim_start_matches('/'));
-        let content = store
-            .blob(&file.sha256)?
-            .with_context(|| format!("the content of {guest} is missing from the store"))?;
-        std::fs::create_dir_all(path.parent().expect("a file has a parent"))?;
-        std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+    if let Err(error) = write_files(store, files, &staging) {
+        // A failed write leaves nothing behind on disk.
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(error);
     }
     match std::fs::rename(&staging, target) {
         Ok(()) => Ok(()),
@@ -73,6 +81,23 @@ fn materialize(
             std::fs::remove_dir_all(&staging)?;
             Ok(())
         }
-        Err(e) => Err(e).with_context(|| format!("moving the files into {}", target.display())),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e).with_context(|| format!("moving the files into {}", target.display()))
+        }
     }
+}
+
+fn write_files(store: &Store, files: &BTreeMap<String, FileRef>, staging: &Path) -> Result<()> {
+    for (guest, file) in files {
+        // Guest paths were validated at deploy: absolute, no `.` or `..`,
+        // no file inside another.
+        let path = staging.join(guest.trim_start_matches('/'));
+        let content = store
+            .blob(&file.sha256)?
+            .with_context(|| format!("the content of {guest} is missing from the store"))?;
+        std::fs::create_dir_all(path.parent().expect("a file has a parent"))?;
+        std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }

@@ -1,8 +1,12 @@
 //! Turning stored functions into runnable ones: compile at deploy (one at
 //! a time), load precompiled artifacts afterwards, cache by content hash.
+//! A loaded function holds compiled code and descriptors (wasmtime maps
+//! its memory images), so the cache is bounded: past its size the least
+//! recently used version is unloaded (and loaded again if called).
 
 use std::collections::HashMap;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use gigafactory_runtime::{CompileError, Function};
 use tokio::sync::Semaphore;
@@ -12,17 +16,75 @@ use crate::store::Version;
 
 /// Loaded functions by wasm sha256 (identical wasm shares one entry).
 pub struct FunctionCache {
-    loaded: RwLock<HashMap<String, Function>>,
+    loaded: RwLock<HashMap<String, Loaded>>,
+    /// Most entries kept.
+    capacity: usize,
+    /// A clock of uses, ordering entries by when they were last used.
+    uses: AtomicU64,
     /// Compiling is CPU-heavy: one at a time, so deploys cannot starve requests.
     compiling: Semaphore,
 }
 
-impl Default for FunctionCache {
-    fn default() -> Self {
+struct Loaded {
+    function: Function,
+    last_used: AtomicU64,
+}
+
+impl FunctionCache {
+    /// A cache keeping at most `capacity` loaded functions.
+    pub fn new(capacity: usize) -> Self {
         Self {
             loaded: RwLock::default(),
+            capacity: capacity.max(1),
+            uses: AtomicU64::new(0),
             compiling: Semaphore::new(1),
         }
+    }
+
+    fn get(&self, sha256: &str) -> Option<Function> {
+        let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
+        let entry = loaded.get(sha256)?;
+        entry.last_used.store(self.tick(), Ordering::Relaxed);
+        Some(entry.function.clone())
+    }
+
+    /// Keeps `function`, unloading the least recently used past capacity.
+    fn insert(&self, sha256: &str, function: Function) -> Function {
+        let mut loaded = self.loaded.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = loaded.get(sha256) {
+            return entry.function.clone();
+        }
+        while loaded.len() >= self.capacity {
+            let Some(oldest) = loaded
+                .iter()
+                .min_by_key(|(_, entry)| entry.last_used.load(Ordering::Relaxed))
+                .map(|(sha, _)| sha.clone())
+            else {
+                break;
+            };
+            loaded.remove(&oldest);
+            tracing::debug!(sha256 = %oldest, "unloaded a function version");
+        }
+        let entry = Loaded {
+            function: function.clone(),
+            last_used: AtomicU64::new(self.tick()),
+        };
+        loaded.insert(sha256.to_string(), entry);
+        function
+    }
+
+    fn remove(&self, sha256: &str) {
+        let mut loaded = self.loaded.write().unwrap_or_else(|e| e.into_inner());
+        loaded.remove(sha256);
+    }
+
+    /// Functions loaded now.
+    pub fn len(&self) -> usize {
+        self.loaded.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn tick(&self) -> u64 {
+        self.uses.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -69,15 +131,25 @@ impl Gateway {
             .await
             .map_err(|e| ApiError::internal(e.into()))?
             .map_err(ApiError::internal)?;
-        let mut loaded = self
-            .functions
-            .loaded
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        Ok(loaded
-            .entry(version.sha256.clone())
-            .or_insert(function)
-            .clone())
+        Ok(self.functions.insert(&version.sha256, function))
+    }
+
+    /// Lets go of what a replaced version held: its loaded code (unless the
+    /// new version has the same wasm; it loads again if another function
+    /// uses it) and its concurrency slots (requests in flight keep theirs).
+    pub(super) fn retire_version(
+        &self,
+        tenant: &str,
+        name: &str,
+        replaced: &Version,
+        active: &Version,
+    ) {
+        if replaced.sha256 != active.sha256 {
+            self.functions.remove(&replaced.sha256);
+        }
+        let slot = format!("{tenant}/{name}@{}", replaced.number);
+        let mut slots = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
+        slots.remove(&slot);
     }
 
     /// Drops everything kept in memory for a deleted function: its log,
@@ -94,26 +166,16 @@ impl Gateway {
         let mut slots = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
         slots.retain(|key, _| !key.starts_with(&prefix));
         drop(slots);
-        let mut loaded = self
-            .functions
-            .loaded
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
         for version in versions {
             if self.store.blob(&version.sha256)?.is_none() {
-                loaded.remove(&version.sha256);
+                self.functions.remove(&version.sha256);
             }
         }
         Ok(())
     }
 
     fn cached(&self, sha256: &str) -> Option<Function> {
-        let loaded = self
-            .functions
-            .loaded
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
-        loaded.get(sha256).cloned()
+        self.functions.get(sha256)
     }
 }
 

@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::bodies::{LimitedRequest, LimitedResponse};
 use super::control::drain;
+use super::error::incident_id;
 use super::routes::{Request, check_name};
 use super::{ApiError, Gateway, Response};
 use crate::quota::Quota;
@@ -47,12 +48,17 @@ impl Gateway {
             .store
             .function(tenant, name)?
             .ok_or_else(|| ApiError::not_found(format!("no function {name:?}")))?;
-        let started = std::time::Instant::now();
+        let counted = Counted {
+            gateway: self,
+            tenant,
+            name,
+            started: std::time::Instant::now(),
+            outcome: None,
+        };
         let outcome = self
             .run(request, tenant, name, record.active_version(), &rest)
             .await;
-        let code = outcome.as_ref().map_or_else(ApiError::code, |_| "ok");
-        self.metrics.invoked(tenant, name, code, started.elapsed());
+        counted.finish(outcome.as_ref().map_or_else(ApiError::code, |_| "ok"));
         outcome
     }
 
@@ -110,30 +116,40 @@ impl Gateway {
                 Ok(hyper::Response::from_parts(parts, body.boxed_unsync()))
             }
             Err(error) => {
+                let refusal = invoke_error(&error);
                 match &error {
                     InvokeError::Trap(trap) | InvokeError::OutOfMemory(_, trap) => {
                         log.push("platform", &format!("{error}\n{}", trap.details));
                     }
+                    InvokeError::Host(_) => log.push("platform", refusal.message()),
                     _ => log.push("platform", &error.to_string()),
                 }
-                Err(invoke_error(error))
+                Err(refusal)
             }
         }
     }
 
-    /// The limits a version runs under: its manifest's, else its tenant's,
-    /// else the platform's.
+    /// The limits a version runs under: its manifest's, else the
+    /// platform's, never more than its tenant's quota allows now (the quota
+    /// may have shrunk since the deploy) nor the platform's.
     fn limits_of(&self, version: &Version, quota: &Quota) -> Limits {
         let manifest = &version.manifest;
         let platform = &self.config.limits;
+        let mib_bytes =
+            |mib: u64| usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        let memory_cap = quota
+            .max_memory_mib
+            .map_or(platform.max_memory_bytes, mib_bytes)
+            .min(platform.max_memory_bytes);
         Limits {
             timeout: manifest
                 .timeout_ms
-                .map_or(platform.timeout, Duration::from_millis),
+                .map_or(platform.timeout, Duration::from_millis)
+                .min(platform.timeout),
             memory_bytes: manifest
                 .memory_mib
-                .or(quota.max_memory_mib)
-                .map_or(platform.max_memory_bytes, |mib| (mib as usize) << 20),
+                .map_or(memory_cap, mib_bytes)
+                .min(memory_cap),
             request_bytes: manifest
                 .max_request_bytes
                 .unwrap_or(self.config.max_request_bytes),
@@ -154,6 +170,9 @@ impl Gateway {
         let manifest = &version.manifest;
         let set = |models: &[String]| Arc::new(models.iter().cloned().collect::<BTreeSet<_>>());
         let visible = self.visible_models(quota);
+        let mut outbound = OutboundAccess::hosts(&manifest.allowed_hosts);
+        outbound.allow_local = self.config.allow_loopback_outbound;
+        outbound.connections = Some(self.admission.outbound(tenant, quota));
         Ok(Capabilities {
             tenant: Arc::from(tenant),
             env: manifest
@@ -166,7 +185,7 @@ impl Gateway {
                 visible: Some(visible),
                 allowed: manifest.models.as_deref().map(set),
             },
-            outbound: OutboundAccess::hosts(&manifest.allowed_hosts),
+            outbound,
             compute: None,
             graph_memory: quota
                 .max_model_memory_mib
@@ -207,6 +226,35 @@ impl Gateway {
         })
     }
 }
+
+/// Counts an invocation when it ends, also when the client hangs up
+/// before the response head (hyper then drops the request's future).
+struct Counted<'a> {
+    gateway: &'a Gateway,
+    tenant: &'a str,
+    name: &'a str,
+    started: std::time::Instant,
+    outcome: Option<&'static str>,
+}
+
+impl Counted<'_> {
+    fn finish(mut self, outcome: &'static str) {
+        self.outcome = Some(outcome);
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or(CLIENT_CLOSED);
+        let took = self.started.elapsed();
+        self.gateway
+            .metrics
+            .invoked(self.tenant, self.name, outcome, took);
+    }
+}
+
+/// The outcome of a request whose client left before its response head.
+const CLIENT_CLOSED: &str = "client_closed";
 
 /// One version's effective limits.
 struct Limits {
@@ -250,8 +298,8 @@ fn guest_request<B>(request: hyper::Request<B>, rest: &str) -> Result<hyper::Req
     Ok(hyper::Request::from_parts(parts, body))
 }
 
-fn invoke_error(error: InvokeError) -> ApiError {
-    let (status, code) = match &error {
+fn invoke_error(error: &InvokeError) -> ApiError {
+    let (status, code) = match error {
         InvokeError::Deadline(_) => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
         InvokeError::Trap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_trapped"),
         InvokeError::OutOfMemory(..) => (StatusCode::INTERNAL_SERVER_ERROR, "out_of_memory"),
@@ -259,9 +307,21 @@ fn invoke_error(error: InvokeError) -> ApiError {
         InvokeError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_error"),
         InvokeError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         InvokeError::ModelBusy(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_busy"),
-        InvokeError::Host(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        InvokeError::Host(detail) => {
+            // The host's own failure (descriptors, files …) is the operator's to read.
+            let incident = incident_id();
+            tracing::error!(%incident, "could not start a function: {detail}");
+            let message = format!(
+                "could not start the function (incident {incident}; the operator's log has the details)"
+            );
+            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message);
+        }
     };
     let retry = matches!(error, InvokeError::Overloaded | InvokeError::ModelBusy(_));
-    let error = ApiError::new(status, code, error.to_string());
-    if retry { error.retry_after(1) } else { error }
+    let refusal = ApiError::new(status, code, error.to_string());
+    if retry {
+        refusal.retry_after(1)
+    } else {
+        refusal
+    }
 }

@@ -56,8 +56,15 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self, runtime: &Counters, models: &ModelPool) -> String {
+    pub fn render(&self, runtime: &Counters, models: &ModelPool, loaded: usize) -> String {
         let mut text = String::new();
+        header(
+            &mut text,
+            "gigafactory_loaded_functions",
+            "gauge",
+            "Function versions loaded (compiled code in memory).",
+        );
+        let _ = writeln!(text, "gigafactory_loaded_functions {loaded}");
         let mut counter = |name: &str, help: &str, value: u64| {
             header(&mut text, name, "counter", help);
             let _ = writeln!(text, "{name} {value}");
@@ -125,7 +132,7 @@ mod tests {
         metrics.invoked("a", "f", "deadline_exceeded", ms(2000));
         metrics.invoked("b", "g", "ok", ms(1));
         metrics.forget("b", None);
-        let text = metrics.render(&Counters::default(), &ModelPool::empty(1));
+        let text = metrics.render(&Counters::default(), &ModelPool::empty(1), 0);
         assert!(text.contains("gigafactory_function_requests_total{tenant=\"a\",function=\"f\",outcome=\"ok\"} 2\n"), "{text}");
         assert!(
             text.contains("outcome=\"deadline_exceeded\"} 1\n"),

@@ -3,6 +3,7 @@
 
 mod admission;
 mod bodies;
+mod connections;
 mod control;
 mod error;
 mod files;
@@ -25,7 +26,7 @@ use gigafactory_runtime::{ModelPool, Runtime, SandboxLimits};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -34,6 +35,7 @@ use tokio::sync::Semaphore;
 use crate::auth::{self, TokenHash};
 use crate::logs::FunctionLogs;
 use crate::store::Store;
+use connections::{Activity, Connections, TrackedBody, Watched};
 
 pub use error::ApiError;
 use functions::FunctionCache;
@@ -73,6 +75,22 @@ pub struct GatewayConfig {
     pub inference_workers: usize,
     /// Whether models with a `[batching]` section batch calls across callers.
     pub batching: bool,
+    /// Time a client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// Time a request body may stall before the request is refused (408).
+    pub body_idle_timeout: Duration,
+    /// A connection idle this long (no request in flight, no bytes) is closed.
+    pub idle_timeout: Duration,
+    /// Client connections open at once (also kept under the descriptor limit).
+    pub max_connections: usize,
+    /// Wall-clock limit of a control-plane request.
+    pub control_timeout: Duration,
+    /// Wall-clock limit of an OpenAI-compatible chat completion.
+    pub generation_timeout: Duration,
+    /// Function versions kept loaded; the least recently used are unloaded.
+    pub max_loaded_functions: usize,
+    /// Whether manifests may allow outbound requests to loopback addresses.
+    pub allow_loopback_outbound: bool,
 }
 
 impl GatewayConfig {
@@ -88,6 +106,14 @@ impl GatewayConfig {
             limits: SandboxLimits::default(),
             inference_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             batching: true,
+            header_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            control_timeout: Duration::from_secs(120),
+            generation_timeout: Duration::from_secs(300),
+            max_loaded_functions: 256,
+            allow_loopback_outbound: false,
         }
     }
 }
@@ -134,6 +160,7 @@ impl Gateway {
             );
         }
         let admin_token = admin_token(&config, &store)?;
+        files::remove_staging(&config.data_dir.join("files"));
         let public_models = runtime
             .models()
             .list()
@@ -143,7 +170,7 @@ impl Gateway {
             .collect();
         Ok(Arc::new(Self {
             public_models: Arc::new(public_models),
-            functions: FunctionCache::default(),
+            functions: FunctionCache::new(config.max_loaded_functions),
             logs: FunctionLogs::default(),
             metrics: metrics::Metrics::default(),
             concurrency: Mutex::default(),
@@ -162,10 +189,24 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_timeout);
+        builder.http2().timer(TokioTimer::new());
+        let cap = connections::connection_cap(self.config.max_connections);
+        let connections = Arc::new(Connections::new(cap, self.config.idle_timeout));
+        tracing::info!(connections = cap, "accepting connections");
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
+            if !connections.has_room() {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(20)) => continue,
+                    () = &mut shutdown => break,
+                }
+            }
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -177,18 +218,33 @@ impl Gateway {
                 },
                 () = &mut shutdown => break,
             };
-            let gateway = self.clone();
-            let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                let gateway = gateway.clone();
-                async move { Ok::<_, Infallible>(gateway.route(request).await) }
-            });
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
+            let opened = connections.opened();
+            let activity = Activity::new();
+            let service = {
+                let (gateway, activity) = (self.clone(), activity.clone());
+                hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                    let (gateway, in_flight) = (gateway.clone(), activity.request());
+                    async move {
+                        let response = gateway.route(request).await;
+                        Ok::<_, Infallible>(
+                            response.map(|body| TrackedBody::new(body, in_flight).boxed_unsync()),
+                        )
+                    }
+                })
+            };
+            let io = TokioIo::new(Watched::new(stream, activity.clone()));
+            let connection = builder.serve_connection(io, service).into_owned();
             let connection = graceful.watch(connection);
+            let connections = connections.clone();
             tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(%peer, "connection ended: {e}");
+                let _opened = opened;
+                tokio::select! {
+                    ended = connection => if let Err(e) = ended {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    },
+                    () = activity.idle(&connections) => {
+                        tracing::debug!(%peer, "closing an idle connection");
+                    }
                 }
             });
         }

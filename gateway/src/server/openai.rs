@@ -19,7 +19,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::control::read_body;
 use super::routes::{Request, json};
 use super::{ApiError, BoxError, Gateway, Response};
 
@@ -151,7 +150,7 @@ impl Gateway {
         let quota = self.tenant_record(&tenant)?.quota;
         let admitted = self.admission.admit(&tenant, &quota)?;
         self.admission.may_generate(&tenant, &quota)?;
-        let body = read_body(request, MAX_BODY).await?;
+        let body = self.read_body(request, MAX_BODY).await?;
         let chat: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request(
                 "invalid_request",
@@ -210,8 +209,10 @@ impl Gateway {
             presence_penalty: chat.presence_penalty.unwrap_or(0.0),
             budget: admitted.budget.clone(),
         };
+        let deadline = tokio::time::Instant::now() + self.config.generation_timeout;
         let generation = model
-            .generate(tenant.as_str().into(), generate)
+            .start(tenant.as_str().into(), generate)
+            .await
             .map_err(generate_error)?;
         let head = Head {
             id: format!("chatcmpl-{}", completion_id()),
@@ -227,6 +228,7 @@ impl Gateway {
                 include_usage: chat.stream_options.is_some_and(|o| o.include_usage),
                 sent_role: false,
                 finished: false,
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
                 _permit: admitted.permit,
             };
             return Ok(hyper::Response::builder()
@@ -237,14 +239,16 @@ impl Gateway {
                 .expect("a valid response"));
         }
         let _permit = admitted.permit;
-        whole(generation, head).await
+        tokio::time::timeout_at(deadline, whole(generation, head))
+            .await
+            .unwrap_or_else(|_| Err(generation_deadline(self.config.generation_timeout)))
     }
 
     async fn embeddings(&self, request: Request) -> Result<Response, ApiError> {
         let tenant = self.require_tenant(&request)?;
         let quota = self.tenant_record(&tenant)?.quota;
         let admitted = self.admission.admit(&tenant, &quota)?;
-        let body = read_body(request, MAX_EMBEDDINGS_BODY).await?;
+        let body = self.read_body(request, MAX_EMBEDDINGS_BODY).await?;
         let asked: EmbeddingRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request("invalid_request", format!("not an embeddings request: {e}"))
         })?;
@@ -268,11 +272,21 @@ impl Gateway {
         {
             return Err(wrong_dimensions(&asked.model, width));
         }
-        let (result, spent) = self
+        let timeout = self.config.limits.timeout;
+        let embedding = self
             .runtime
             .models()
-            .embed(&asked.model, &texts, tenant.as_str().into())
-            .await;
+            .embed(&asked.model, &texts, tenant.as_str().into());
+        let Ok((result, spent)) = tokio::time::timeout(timeout, embedding).await else {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "deadline_exceeded",
+                format!(
+                    "the embeddings did not finish within {} s",
+                    timeout.as_secs_f64()
+                ),
+            ));
+        };
         if let Some(budget) = &admitted.budget {
             budget.charge(spent);
         }
@@ -505,6 +519,15 @@ async fn whole(mut generation: Generation, head: Head) -> Result<Response, ApiEr
     }
 }
 
+/// 504 for a completion past the generation deadline.
+fn generation_deadline(limit: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "deadline_exceeded",
+        format!("the completion did not finish within {} s", limit.as_secs()),
+    )
+}
+
 fn usage_json(usage: &llm::Usage) -> Value {
     json!({
         "prompt_tokens": usage.prompt_tokens,
@@ -522,6 +545,9 @@ struct ChunkStream {
     include_usage: bool,
     sent_role: bool,
     finished: bool,
+    /// Past it the stream ends with an error event (and the generation is
+    /// cancelled as the body is dropped).
+    deadline: Pin<Box<tokio::time::Sleep>>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -559,6 +585,16 @@ impl hyper::body::Body for ChunkStream {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.finished {
             return Poll::Ready(None);
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.finished = true;
+            let error = json!({"error": {
+                "code": "deadline_exceeded",
+                "message": "the completion did not finish within the platform's generation deadline",
+            }});
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
+                "data: {error}\n\n"
+            ))))));
         }
         let event = match self.generation.poll_next(cx) {
             Poll::Pending => return Poll::Pending,

@@ -33,7 +33,22 @@ impl Gateway {
                 let rest = rest_of_path(&path, 3);
                 self.invoke(request, tenant, function, rest).await
             }
-            (["v1", ..], _) => self.control(request, &segments[1..], &method).await,
+            (["v1", "functions", _, "logs"], &Method::GET) => {
+                // `?follow=true` streams for as long as the client reads.
+                self.control(request, &segments[1..], &method).await
+            }
+            (["v1", ..], _) => {
+                let limit = self.config.control_timeout;
+                tokio::time::timeout(limit, self.control(request, &segments[1..], &method))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ApiError::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "deadline_exceeded",
+                            format!("the request did not finish within {} s", limit.as_secs()),
+                        ))
+                    })
+            }
             (["openai", ..], _) => self.openai(request, &segments[1..], &method).await,
             _ => Err(ApiError::not_found(format!("no route for {method} {path}"))),
         }
@@ -80,9 +95,11 @@ impl Gateway {
 
     fn metrics_text(&self, request: &Request) -> Result<Response, ApiError> {
         self.require_admin(request)?;
-        let text = self
-            .metrics
-            .render(self.runtime.counters(), self.runtime.models());
+        let text = self.metrics.render(
+            self.runtime.counters(),
+            self.runtime.models(),
+            self.functions.len(),
+        );
         Ok(hyper::Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
             .body(full(text))

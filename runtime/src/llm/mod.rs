@@ -31,6 +31,7 @@ use crate::ComputeBudget;
 /// batch_tokens = 512     # most tokens per decode step (prompts are fed in chunks)
 /// threads = 0            # 0: the machine's cores
 /// max_queue = 64         # waiting generations; past it, refused at once
+/// max_sequences_per_tenant = 6  # slots one tenant may hold (default: three quarters)
 /// ```
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +55,20 @@ pub struct GenerationConfig {
     /// Generations one tenant may have waiting (default: half of `max_queue`).
     #[serde(default)]
     pub max_queue_per_tenant: Option<usize>,
+    /// Sequence slots one tenant may hold at once (default: three quarters
+    /// of `max_sequences`, at least 1), so that a tenant running long
+    /// generations leaves slots for the others.
+    #[serde(default)]
+    pub max_sequences_per_tenant: Option<u32>,
+}
+
+impl GenerationConfig {
+    /// Slots one tenant may hold at once.
+    pub fn sequences_per_tenant(&self) -> u32 {
+        self.max_sequences_per_tenant
+            .unwrap_or(self.max_sequences - self.max_sequences / 4)
+            .clamp(1, self.max_sequences.max(1))
+    }
 }
 
 impl Default for GenerationConfig {
@@ -65,6 +80,7 @@ impl Default for GenerationConfig {
             threads: 0,
             max_queue: default_queue(),
             max_queue_per_tenant: None,
+            max_sequences_per_tenant: None,
         }
     }
 }
@@ -419,6 +435,7 @@ impl TextModel {
                 context,
                 batch_tokens: config.batch_tokens,
                 max_sequences: config.max_sequences,
+                sequences_per_tenant: config.sequences_per_tenant(),
                 threads,
                 waiting: waiting.clone(),
                 stats: stats.clone(),
@@ -506,8 +523,21 @@ impl TextModel {
         Ok(vocab.tokenize(text.as_bytes(), vocab.should_add_bos(), true))
     }
 
+    /// [`Self::generate`] off the async workers: rendering and tokenising
+    /// a prompt is CPU work proportional to its length.
+    pub async fn start(
+        self: &Arc<Self>,
+        tenant: Arc<str>,
+        request: Request,
+    ) -> Result<Generation, GenerateError> {
+        let model = self.clone();
+        tokio::task::spawn_blocking(move || model.generate(tenant, request))
+            .await
+            .unwrap_or_else(|e| Err(GenerateError::Stopped(format!("tokenising failed: {e}"))))
+    }
+
     /// Queues a generation for `tenant`; text arrives through the returned
-    /// [`Generation`] as it is produced.
+    /// [`Generation`] as it is produced. Blocking (it tokenises the prompt).
     pub fn generate(
         &self,
         tenant: Arc<str>,

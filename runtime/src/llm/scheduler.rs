@@ -39,6 +39,8 @@ pub struct Setup {
     pub context: NonZeroU32,
     pub batch_tokens: u32,
     pub max_sequences: u32,
+    /// Slots one tenant may hold at once.
+    pub sequences_per_tenant: u32,
     pub threads: i32,
     pub waiting: Arc<Waiting>,
     pub stats: Arc<TextStats>,
@@ -185,13 +187,22 @@ impl Scheduler<'_> {
         }
     }
 
-    /// Fills free slots from the queue, one tenant at a time. Every request
-    /// fits a slot's KV stream (`generate` checked it).
+    /// Fills free slots from the queue, one tenant at a time, skipping
+    /// tenants that hold their share of the slots. Every request fits a
+    /// slot's KV stream (`generate` checked it).
     fn admit(&mut self) {
-        while !self.free.is_empty() {
+        let mut skipped = 0;
+        while !self.free.is_empty() && skipped < self.queue.len() {
             let Some((tenant, mut jobs)) = self.queue.pop_front() else {
                 break;
             };
+            let holds = self.active.iter().filter(|s| s.tenant == tenant).count();
+            if holds >= self.setup.sequences_per_tenant as usize {
+                self.queue.push_back((tenant, jobs));
+                skipped += 1;
+                continue;
+            }
+            skipped = 0;
             let job = jobs.pop_front().expect("queues are never empty");
             if !jobs.is_empty() {
                 self.queue.push_back((tenant.clone(), jobs));

@@ -232,6 +232,24 @@ impl Queues {
         }
     }
 
+    /// Drops calls whose caller went away (its instance hit its deadline
+    /// or ended) before they ran; returns their tenants.
+    fn purge_abandoned(&mut self) -> Vec<Arc<str>> {
+        let mut gone = Vec::new();
+        for (tenant, calls) in &mut self.tenants {
+            calls.retain(|call| {
+                let abandoned = call.reply.is_closed();
+                if abandoned {
+                    gone.push(tenant.clone());
+                    self.rows -= call.rows();
+                }
+                !abandoned
+            });
+        }
+        self.tenants.retain(|(_, calls)| !calls.is_empty());
+        gone
+    }
+
     fn oldest(&self) -> Option<Instant> {
         self.tenants
             .iter()
@@ -328,6 +346,13 @@ async fn schedule(
         while let Ok(call) = receiver.try_recv() {
             queues.push(call);
         }
+        for tenant in queues.purge_abandoned() {
+            waiting.leave(&tenant);
+            plan.stats.abandoned();
+        }
+        if queues.rows == 0 {
+            continue;
+        }
         let batch = queues.take(&plan);
         for call in &batch {
             waiting.leave(&call.tenant);
@@ -351,39 +376,74 @@ async fn run(plan: Arc<Plan>, batch: Vec<Call>, permit: OwnedSemaphorePermit) {
         inputs.push(call.inputs);
         replies.push(call.reply);
     }
+    let calls = inputs.len();
     let worker_plan = plan.clone();
     let started = Instant::now();
     let answers = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        worker_plan.execute(inputs)
+        worker_plan.execute_isolated(&inputs)
     })
     .await
     .unwrap_or_else(|e| {
-        Err(NnError::new(
+        let error = NnError::new(
             ErrorCode::RuntimeError,
             format!("inference worker failed: {e}"),
-        ))
+        );
+        vec![Err(error); calls]
     });
-    match answers {
-        Ok(answers) => {
-            plan.stats.ran(rows, started.elapsed(), 0);
-            for ((reply, answer), tenant) in replies.into_iter().zip(answers).zip(&tenants) {
-                plan.stats.charge(tenant, answer.1);
-                let _ = reply.send(Ok(answer));
-            }
+    let failed = answers.iter().filter(|a| a.is_err()).count();
+    plan.stats.ran(rows, started.elapsed(), failed);
+    for ((reply, answer), tenant) in replies.into_iter().zip(answers).zip(&tenants) {
+        if let Ok((_, share)) = &answer {
+            plan.stats.charge(tenant, *share);
         }
-        Err(error) => {
-            plan.stats.ran(rows, started.elapsed(), replies.len());
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
+        let _ = reply.send(answer);
     }
 }
 
 impl Plan {
-    /// Pads, stacks, runs and splits; blocking.
-    fn execute(&self, calls: Vec<Vec<HostTensor>>) -> Result<Vec<Answer>, NnError> {
+    /// Runs a batch; if it fails, runs each call alone, so that only the
+    /// calls that cause a failure get it (one tenant's bad input must not
+    /// fail the others' calls batched with it). Blocking.
+    fn execute_isolated(&self, calls: &[Vec<HostTensor>]) -> Vec<Reply> {
+        match self.execute(calls) {
+            Ok(answers) => answers.into_iter().map(Ok).collect(),
+            Err(error) if calls.len() == 1 => vec![Err(error)],
+            Err(error) => {
+                tracing::debug!(
+                    "a batch of {} calls failed ({error}); running each alone",
+                    calls.len()
+                );
+                self.stats.retried_alone();
+                calls
+                    .iter()
+                    .map(|call| {
+                        self.execute(std::slice::from_ref(call))
+                            .map(|mut answers| answers.remove(0))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Pads, stacks, runs and splits; blocking. A panic inside (tract
+    /// panics on some inputs it does not check) is this batch's error.
+    fn execute(&self, calls: &[Vec<HostTensor>]) -> Result<Vec<Answer>, NnError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.execute_unguarded(calls)
+        }))
+        .unwrap_or_else(|panic| {
+            Err(NnError::new(
+                ErrorCode::RuntimeError,
+                format!(
+                    "the model failed on this input: {}",
+                    super::onnx::panic_text(&panic)
+                ),
+            ))
+        })
+    }
+
+    fn execute_unguarded(&self, calls: &[Vec<HostTensor>]) -> Result<Vec<Answer>, NnError> {
         let started = Instant::now();
         let rows: Vec<usize> = calls
             .iter()
@@ -430,7 +490,7 @@ impl Plan {
                     (name.clone(), part)
                 })
                 .collect();
-            let share = spent.mul_f64(count as f64 / total_rows as f64);
+            let share = spent.mul_f64(count as f64 / total_rows.max(1) as f64);
             answers.push((mine, share));
             start += count;
         }
@@ -622,6 +682,68 @@ mod tests {
             rank < 2,
             "the quiet tenant finished {rank}th; it belongs in the first batch"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failing_call_fails_alone_in_a_shared_batch() {
+        let Some((graph, mut config)) = minilm() else {
+            return;
+        };
+        config.max_queue_delay_ms = 200;
+        let batcher = start(graph.clone(), config, 1);
+        let mut bad = ids(SENTENCES[1]);
+        // Token types past the model's table: the model itself fails.
+        bad[2] = ids(&[5; 12])[0].clone();
+        let calls: Vec<_> = [ids(SENTENCES[0]), bad, ids(SENTENCES[2])]
+            .into_iter()
+            .zip(["victim", "attacker", "victim"])
+            .map(|(inputs, tenant)| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.compute(Arc::from(tenant), inputs).await })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for call in calls {
+            outcomes.push(call.await.unwrap());
+        }
+        assert!(outcomes[1].is_err(), "the bad call failed");
+        for (outcome, tokens) in [(&outcomes[0], SENTENCES[0]), (&outcomes[2], SENTENCES[2])] {
+            let (outputs, _) = outcome.as_ref().expect("the good calls succeeded");
+            let expected = alone(&graph, ids(tokens));
+            assert_eq!(outputs[0].1.dims, expected.dims);
+        }
+        let stats = batcher.stats.snapshot(0);
+        assert_eq!(stats.failed, 1, "{stats:?}");
+        assert_eq!(stats.batches_retried_alone, 1, "{stats:?}");
+    }
+
+    #[test]
+    fn inputs_that_disagree_on_a_shared_dimension_are_refused() {
+        let Some((graph, _)) = minilm() else {
+            return;
+        };
+        let named = |inputs: Vec<HostTensor>| {
+            ["input_ids", "attention_mask", "token_type_ids"]
+                .iter()
+                .map(|n| n.to_string())
+                .zip(inputs)
+                .collect::<Vec<_>>()
+        };
+        let mut mismatched = ids(SENTENCES[1]);
+        mismatched[1] = ids(&[1; 5])[1].clone();
+        let error = graph.order(named(mismatched)).unwrap_err();
+        assert!(error.message.contains("must agree"), "{error}");
+        let empty = vec![
+            HostTensor {
+                dims: vec![0, 0],
+                ty: ElementType::I64,
+                data: vec![],
+            };
+            3
+        ];
+        let error = graph.order(named(empty)).unwrap_err();
+        assert!(error.message.contains("empty"), "{error}");
+        assert!(graph.order(named(ids(SENTENCES[0]))).is_ok());
     }
 
     #[tokio::test]

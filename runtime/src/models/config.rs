@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::batcher::BatchConfig;
 use super::embedding::EmbeddingConfig;
+use super::limits::InputLimits;
 use crate::llm::GenerationConfig;
 
 /// The contents of `models/<name>/model.toml`. Unknown keys are an error.
@@ -48,6 +49,10 @@ pub struct ModelConfig {
     /// Text models: continuous batching and KV cache (see [`GenerationConfig`]).
     #[serde(default)]
     pub generation: Option<GenerationConfig>,
+    /// What one call may send (see [`InputLimits`]); absent: any shape the
+    /// graph accepts.
+    #[serde(default)]
+    pub limits: Option<InputLimits>,
     /// Sentence-embedding models: tokenizer and pooling for
     /// `gigafactory:ai` `embed` (see [`EmbeddingConfig`]).
     #[serde(default)]

@@ -26,6 +26,9 @@ pub enum ErrorCode {
     Unknown,
 }
 
+/// Longest error message a guest is given.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
 /// How a busy model's `runtime-error` message starts.
 pub const BUSY_PREFIX: &str = "model busy: ";
 
@@ -39,11 +42,12 @@ pub struct NnError {
 }
 
 impl NnError {
-    /// An error with `code` and `message`.
+    /// An error with `code` and `message`, cut at [`MAX_MESSAGE_BYTES`]
+    /// (messages may quote what a guest sent, such as a model name).
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
-            message: message.into(),
+            message: crate::logs::bounded(message.into(), MAX_MESSAGE_BYTES),
         }
     }
 

@@ -6,6 +6,7 @@ mod batcher;
 mod config;
 mod embedding;
 mod error;
+mod limits;
 mod onnx;
 mod stats;
 mod tenant;
@@ -29,6 +30,7 @@ pub use batcher::{BatchConfig, Batcher, Pad, SliceBack};
 pub use config::{DevicePreference, LoadPolicy, ModelConfig, ModelFormat};
 pub use embedding::{Embedder, EmbeddingConfig, Embeddings, MAX_TEXTS, Pooling};
 pub use error::{BUSY_PREFIX, ErrorCode, NnError};
+pub use limits::{InputLimits, ShapeCaps};
 pub use onnx::{OnnxGraph, TensorSpec, TypedGraph};
 pub use stats::{ModelStats, StatsSnapshot};
 pub use tenant::TenantGraphStats;
@@ -65,6 +67,8 @@ pub struct PoolGraph {
     stats: Option<Arc<ModelStats>>,
     /// Repository models with `[embedding]`: their tokenizer and pooling.
     embedder: Option<Arc<Embedder>>,
+    /// Repository models with `[limits]`: the largest shape of each input.
+    caps: Option<Arc<ShapeCaps>>,
 }
 
 struct RepositoryModel {
@@ -133,6 +137,9 @@ pub struct ModelInfo {
     /// Sentence-embedding models: their `[embedding]` settings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embedding: Option<EmbeddingConfig>,
+    /// The largest input shapes a call may send (`[limits]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<InputLimits>,
     /// The graph's inputs.
     pub inputs: Vec<TensorSpec>,
     /// The graph's outputs.
@@ -259,6 +266,10 @@ impl ModelPool {
                 Prepared::Text(model) => return Ok(Resident::Text(model)),
                 Prepared::Graph(graph, embedder) => (graph, embedder),
             };
+            let caps = match &model.config.limits {
+                Some(limits) => Some(Arc::new(ShapeCaps::new(limits, graph.inputs())?)),
+                None => None,
+            };
             let batcher = match (&model.config.batching, self.batching) {
                 (Some(batching), true) => Some(Arc::new(Batcher::start(
                     graph.clone(),
@@ -273,6 +284,7 @@ impl ModelPool {
                 batcher,
                 stats: Some(model.stats.clone()),
                 embedder,
+                caps,
             }))
         });
         let load_ms = started.elapsed().as_millis() as u64;
@@ -316,6 +328,7 @@ impl ModelPool {
                 batcher: None,
                 stats: None,
                 embedder: None,
+                caps: None,
             });
         }
         let size = bytes.len() as u64;
@@ -333,6 +346,7 @@ impl ModelPool {
             batcher: None,
             stats: None,
             embedder: None,
+            caps: None,
         })
     }
 
@@ -366,6 +380,9 @@ impl ModelPool {
         tenant: Arc<str>,
     ) -> Result<(Vec<(String, HostTensor)>, Duration), NnError> {
         let ordered = graph.graph.order(inputs)?;
+        if let Some(caps) = &graph.caps {
+            caps.check(graph.graph.inputs(), &ordered)?;
+        }
         if let Some(batcher) = &graph.batcher {
             return batcher.compute(tenant, ordered).await;
         }
@@ -624,6 +641,7 @@ impl RepositoryModel {
             stats: self.stats.snapshot(self.queued()),
             generation,
             embedding: self.config.embedding.clone(),
+            limits: self.config.limits.clone(),
             inputs,
             outputs,
             size_bytes: self.size_bytes,

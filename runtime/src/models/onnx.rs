@@ -22,6 +22,10 @@ pub struct TensorSpec {
     pub ty: String,
     /// Dimensions; `None` where the model leaves it symbolic.
     pub shape: Vec<Option<usize>>,
+    /// The symbol of each symbolic dimension (`batch`, `sequence` …), so
+    /// that inputs sharing one can be checked to agree.
+    #[serde(skip)]
+    symbols: Vec<Option<String>>,
     #[serde(skip)]
     datum: DatumType,
 }
@@ -30,6 +34,11 @@ impl TensorSpec {
     /// The element type, when wasi-nn can carry it.
     pub(crate) fn element_type(&self) -> Option<super::tensor::ElementType> {
         super::tensor::ElementType::from_datum(self.datum)
+    }
+
+    /// Each dimension's symbol, where it is a plain symbol.
+    pub(crate) fn symbols(&self) -> &[Option<String>] {
+        &self.symbols
     }
 }
 
@@ -125,7 +134,8 @@ fn prepare_gpu(_model: TypedModel, device: &str) -> Result<Box<dyn Runnable>> {
     )
 }
 
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+/// A caught panic's message.
+pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -196,7 +206,8 @@ impl OnnxGraph {
                 return Err(NnError::invalid(format!("input {name:?} given twice")));
             }
         }
-        self.inputs
+        let tensors = self
+            .inputs
             .iter()
             .zip(slots)
             .map(|(spec, slot)| {
@@ -206,7 +217,9 @@ impl OnnxGraph {
                 tensor.check_for(spec.datum, &spec.name)?;
                 Ok(tensor)
             })
-            .collect()
+            .collect::<Result<Vec<_>, NnError>>()?;
+        super::limits::check_symbols(&self.inputs, &tensors)?;
+        Ok(tensors)
     }
 
     /// Converts ordered, checked tensors into the graph's inputs.
@@ -225,14 +238,14 @@ impl OnnxGraph {
 
     /// Runs the graph on bound inputs; blocking, call it off the async workers.
     pub fn run(&self, inputs: TVec<TValue>) -> Result<Vec<(String, HostTensor)>> {
-        let outputs = if self.device == "cpu" {
-            self.plan.run(inputs)
-        } else {
-            // tract-cuda panics on device errors (out of memory, …).
+        // tract panics on some inputs it does not check (an index past a
+        // table, lengths that disagree) and tract-cuda on device errors: the
+        // plan is immutable and each run has its own state, so a panic stays
+        // this call's error.
+        let outputs =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.plan.run(inputs)))
-                .map_err(|panic| anyhow::anyhow!("the GPU run panicked: {}", panic_text(&panic)))?
-        }
-        .context("running the graph")?;
+                .map_err(|panic| anyhow::anyhow!("the model panicked: {}", panic_text(&panic)))?
+                .context("running the graph")?;
         self.outputs
             .iter()
             .zip(outputs)
@@ -280,6 +293,14 @@ fn specs(model: &TypedModel, outlets: &[OutletId]) -> Result<Vec<TensorSpec>> {
                     .to_string(),
                 ty: super::tensor::wasi_type_name(fact.datum_type),
                 shape: fact.shape.iter().map(|d| d.to_usize().ok()).collect(),
+                symbols: fact
+                    .shape
+                    .iter()
+                    .map(|d| match d {
+                        TDim::Sym(symbol) => Some(symbol.to_string()),
+                        _ => None,
+                    })
+                    .collect(),
                 datum: fact.datum_type,
             })
         })

@@ -16,6 +16,8 @@ pub struct ModelStats {
     calls: AtomicU64,
     rejected: AtomicU64,
     failed: AtomicU64,
+    abandoned: AtomicU64,
+    retried: AtomicU64,
     batch_rows: Histogram,
     queue_wait: Histogram,
     compute: Histogram,
@@ -28,6 +30,8 @@ impl Default for ModelStats {
             calls: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
             batch_rows: Histogram::new(BATCH_BUCKETS),
             queue_wait: Histogram::new(LATENCY_BUCKETS),
             compute: Histogram::new(LATENCY_BUCKETS),
@@ -45,6 +49,11 @@ pub struct StatsSnapshot {
     pub rejected: u64,
     /// Calls whose backend run failed.
     pub failed: u64,
+    /// Calls dropped before they ran because their caller went away.
+    pub abandoned: u64,
+    /// Batches that failed and were run again call by call, so that only
+    /// the calls causing the failure got it.
+    pub batches_retried_alone: u64,
     /// Backend runs (one per batch).
     pub batches: u64,
     /// Mean rows per batch.
@@ -59,6 +68,16 @@ impl ModelStats {
     /// A call refused because the queue was full.
     pub fn rejected(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call dropped before it ran: its caller went away.
+    pub fn abandoned(&self) {
+        self.abandoned.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A failed batch run again call by call.
+    pub fn retried_alone(&self) {
+        self.retried.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A call that waited `wait` before its batch started.
@@ -99,6 +118,8 @@ impl ModelStats {
             calls: self.calls.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            abandoned: self.abandoned.load(Ordering::Relaxed),
+            batches_retried_alone: self.retried.load(Ordering::Relaxed),
             batches,
             mean_batch_rows: if batches == 0 {
                 0.0
@@ -140,6 +161,18 @@ pub fn render(out: &mut String, models: &[(&str, &ModelStats, usize)]) {
         "gigafactory_model_failures_total",
         "compute calls whose backend run failed.",
         &|s| s.failed.load(Ordering::Relaxed),
+    );
+    counter(
+        out,
+        "gigafactory_model_abandoned_total",
+        "compute calls dropped before they ran because their caller went away.",
+        &|s| s.abandoned.load(Ordering::Relaxed),
+    );
+    counter(
+        out,
+        "gigafactory_model_batches_retried_alone_total",
+        "Failed batches run again call by call, so only the offending calls failed.",
+        &|s| s.retried.load(Ordering::Relaxed),
     );
     header(
         out,

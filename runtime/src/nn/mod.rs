@@ -4,7 +4,7 @@
 //! holds no tokio worker; the work runs on the model pool's workers.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
@@ -32,6 +32,9 @@ mod generated {
 
 use generated::wasi::nn::{errors, graph, inference, tensor};
 
+/// Longer model names are not looked up (nor quoted back).
+const MAX_MODEL_NAME: usize = 256;
+
 /// A loaded graph, as a guest holds it.
 pub struct Graph(PoolGraph);
 
@@ -51,17 +54,54 @@ pub struct NnCtx {
     capabilities: Capabilities,
     /// Whether a `compute` was refused because its model was busy.
     busy: AtomicBool,
+    /// Bytes of tensor data the host holds for this instance (tensors it
+    /// made, inputs being computed, outputs not yet dropped).
+    held: AtomicUsize,
+    /// The most `held` may reach: the instance's own memory limit, so a
+    /// guest cannot park more host memory than it may use itself.
+    held_limit: usize,
+    /// Whether the instance was trapped for going past `held_limit`.
+    over_limit: AtomicBool,
 }
 
 impl NnCtx {
     /// A context over `pool` limited to the `capabilities`' model access,
-    /// charging compute to their budget, batched fairly as their tenant.
-    pub fn new(pool: Arc<ModelPool>, capabilities: Capabilities) -> Self {
+    /// charging compute to their budget, batched fairly as their tenant;
+    /// the tensors the host holds for it may take at most `memory_bytes`.
+    pub fn new(pool: Arc<ModelPool>, capabilities: Capabilities, memory_bytes: usize) -> Self {
         Self {
             pool,
             capabilities,
             busy: AtomicBool::new(false),
+            held: AtomicUsize::new(0),
+            held_limit: memory_bytes,
+            over_limit: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the instance was trapped for holding more tensor data on
+    /// the host than its memory limit.
+    pub fn was_over_memory(&self) -> bool {
+        self.over_limit.load(Ordering::Relaxed)
+    }
+
+    /// Counts `bytes` more of tensor data held for the instance, or traps
+    /// it past its limit.
+    fn hold(&self, bytes: usize) -> wasmtime::Result<()> {
+        let held = self.held.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if held > self.held_limit {
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+            self.over_limit.store(true, Ordering::Relaxed);
+            return Err(wasmtime::Error::msg(format!(
+                "wasi-nn tensors would hold {held} bytes on the host, over the function's memory limit of {} bytes",
+                self.held_limit
+            )));
+        }
+        Ok(())
+    }
+
+    fn release(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// The shared model pool.
@@ -162,6 +202,13 @@ impl graph::Host for NnView<'_> {
     }
 
     async fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
+        if name.len() > MAX_MODEL_NAME {
+            let error = NnError::new(
+                ErrorCode::NotFound,
+                format!("no model has a {}-byte name", name.len()),
+            );
+            return self.fail(error);
+        }
         if !self.ctx.capabilities.models.is_visible(&name) || !self.ctx.pool.has(&name) {
             let error = NnError::new(ErrorCode::NotFound, format!("no model named {name:?}"));
             return self.fail(error);
@@ -205,9 +252,28 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         let graph = self.table.get(&context)?.0.clone();
         let mut named = Vec::with_capacity(inputs.len());
         for (name, tensor) in inputs {
-            // Inputs are owned handles: the guest gave them up.
+            // Inputs are owned handles: the guest gave them up. Their bytes
+            // stay held until the call is over.
             named.push((name, self.table.delete(tensor)?.0));
         }
+        let input_bytes: usize = named.iter().map(|(_, t)| t.data.len()).sum();
+        let result = self.compute_named(graph, named).await;
+        self.ctx.release(input_bytes);
+        result
+    }
+
+    fn drop(&mut self, context: Resource<ExecutionContext>) -> wasmtime::Result<()> {
+        self.table.delete(context)?;
+        Ok(())
+    }
+}
+
+impl NnView<'_> {
+    async fn compute_named(
+        &mut self,
+        graph: PoolGraph,
+        named: Vec<(String, HostTensor)>,
+    ) -> NnResult<Vec<inference::NamedTensor>> {
         if let Some(budget) = &self.ctx.capabilities.compute
             && let Err(why) = budget.check()
         {
@@ -228,17 +294,13 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             Ok(outputs) => {
                 let mut named = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {
+                    self.ctx.hold(tensor.data.len())?;
                     named.push((name, self.table.push(Tensor(tensor))?));
                 }
                 Ok(Ok(named))
             }
             Err(error) => self.fail(error),
         }
-    }
-
-    fn drop(&mut self, context: Resource<ExecutionContext>) -> wasmtime::Result<()> {
-        self.table.delete(context)?;
-        Ok(())
     }
 }
 
@@ -252,6 +314,7 @@ impl tensor::HostTensor for NnView<'_> {
         data: tensor::TensorData,
     ) -> wasmtime::Result<Resource<Tensor>> {
         // Checked at `compute`, where a mismatch can be reported as an error.
+        self.ctx.hold(data.len())?;
         let tensor = HostTensor {
             dims: dimensions,
             ty: element_type(ty),
@@ -273,7 +336,8 @@ impl tensor::HostTensor for NnView<'_> {
     }
 
     fn drop(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<()> {
-        self.table.delete(tensor)?;
+        let tensor = self.table.delete(tensor)?;
+        self.ctx.release(tensor.0.data.len());
         Ok(())
     }
 }
