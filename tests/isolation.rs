@@ -12,10 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::Method;
 use support::{Launch, Server, assert_error, floats, json, largest_difference, text, wasm};
-use tokio::net::TcpStream;
 
 const SENTENCE: &str = "The quick brown fox jumps over the lazy dog.";
 
@@ -219,43 +217,20 @@ fn chat_body(prompt: &str, max_tokens: u32, stream: bool) -> Bytes {
 
 /// A streamed chat completion whose body is left unread (the caller holds
 /// it open), once its response head arrived.
-async fn open_stream(server: &Server, key: &str, max_tokens: u32) -> Held {
-    let address = server.address().to_string();
-    let stream = TcpStream::connect(&address).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(connection);
-    let request = hyper::Request::post("/openai/v1/chat/completions")
-        .header("host", &address)
-        .header("authorization", format!("Bearer {key}"))
-        .header("content-type", "application/json")
-        .body(Full::new(chat_body(
-            "Tell me a very long story about a dragon.",
-            max_tokens,
-            true,
-        )))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+async fn open_stream(
+    server: &Server,
+    key: &str,
+    max_tokens: u32,
+) -> (
+    hyper::Response<hyper::body::Incoming>,
+    support::OwnConnection,
+) {
+    let prompt = "Tell me a very long story about a dragon.";
+    let body = chat_body(prompt, max_tokens, true);
+    let path = "/openai/v1/chat/completions";
+    let (response, connection) = support::post_on_own_connection(server, key, path, body).await;
     assert_eq!(response.status(), 200);
-    Held(Some((response.into_body(), sender, connection)))
-}
-
-struct Held(
-    Option<(
-        hyper::body::Incoming,
-        hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-        tokio::task::JoinHandle<Result<(), hyper::Error>>,
-    )>,
-);
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if let Some((_, _, connection)) = self.0.take() {
-            connection.abort();
-        }
-    }
+    (response, connection)
 }
 
 async fn generation(server: &Server) -> serde_json::Value {

@@ -7,10 +7,9 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::Method;
 use support::{Server, assert_error, text, wasm};
-use tokio::net::TcpStream;
 
 const MODEL: &str = "smollm2-135m-instruct";
 
@@ -105,22 +104,16 @@ async fn tokens_arrive_while_generating_and_a_client_that_leaves_frees_its_seque
     let key = server.tenant("acme").await;
     server.deploy(&key, "chat", wasm("chat")).await;
 
-    let address = server.address().to_string();
-    let stream = TcpStream::connect(&address).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(connection);
-    let request = hyper::Request::post("/fn/acme/chat")
-        .header("host", &address)
-        .header("authorization", format!("Bearer {key}"))
-        .body(Full::new(chat(
+    let (response, connection) = support::post_on_own_connection(
+        &server,
+        &key,
+        "/fn/acme/chat",
+        chat(
             "Tell me a long story about a dragon and a knight.",
             serde_json::json!({"max_tokens": 500}),
-        )))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+        ),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     let first = loop {
@@ -140,8 +133,7 @@ async fn tokens_arrive_while_generating_and_a_client_that_leaves_frees_its_seque
 
     // The client leaves mid-stream.
     drop(body);
-    drop(sender);
-    connection.abort();
+    drop(connection);
     for _ in 0..300 {
         let model = generation_stats(&server, &key).await;
         if model["generation"]["active"] == 0 {

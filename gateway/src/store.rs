@@ -371,9 +371,7 @@ impl Store {
         };
         let value = to_json(&key)?;
         let result = (&self.tenants, &self.keys).transaction(|(tenants, keys)| {
-            if tenants.get(tenant)?.is_none() {
-                return abort(StoreError::NotFound(format!("no tenant {tenant:?}")));
-            }
+            bump_revision(tenants, tenant)?;
             keys.insert(hash.as_bytes(), value.as_slice())?;
             Ok(())
         });
@@ -697,28 +695,29 @@ mod tests {
     fn a_key_added_during_a_tenant_deletion_goes_with_the_tenant() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "test").unwrap();
-        for round in 0..100u32 {
+        for round in 0..300u32 {
             store.create_tenant("race").unwrap();
-            let adder = {
-                let store = store.clone();
-                std::thread::spawn(move || {
-                    (0..4)
-                        .filter_map(|i| {
-                            let hash = TokenHash::of(&format!("key-{round}-{i}"));
-                            store.add_key("race", &hash, "id").ok().map(|_| hash)
-                        })
-                        .collect::<Vec<_>>()
+            let adders: Vec<_> = (0..4)
+                .map(|i| {
+                    let store = store.clone();
+                    std::thread::spawn(move || {
+                        let hash = TokenHash::of(&format!("key-{round}-{i}"));
+                        store.add_key("race", &hash, "id").ok().map(|_| hash)
+                    })
                 })
-            };
+                .collect();
             store.delete_tenant("race").unwrap();
-            let added = adder.join().unwrap();
+            let added: Vec<TokenHash> = adders
+                .into_iter()
+                .filter_map(|adder| adder.join().unwrap())
+                .collect();
+            store.create_tenant("race").unwrap();
             for hash in &added {
-                assert!(
-                    store.key(hash).unwrap().is_none(),
-                    "round {round}: a key survived"
-                );
+                let key = store.key(hash).unwrap();
+                assert!(key.is_none(), "round {round}: {key:?} survived");
             }
             assert!(store.keys_of("race").unwrap().is_empty());
+            store.delete_tenant("race").unwrap();
         }
     }
 }

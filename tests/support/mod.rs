@@ -345,6 +345,48 @@ impl Drop for Server {
     }
 }
 
+/// A connection of its own, closed when dropped: a client that leaves.
+pub struct OwnConnection {
+    _sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    connection: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
+impl Drop for OwnConnection {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+/// POSTs `body` (JSON) to `path` with `key` on a connection of its own and
+/// returns the response once its head arrived, its body unread, with the
+/// connection (dropping both is a client leaving mid-response).
+pub async fn post_on_own_connection(
+    server: &Server,
+    key: &str,
+    path: &str,
+    body: Bytes,
+) -> (hyper::Response<hyper::body::Incoming>, OwnConnection) {
+    let address = server.address().to_string();
+    let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::post(path)
+        .header("host", &address)
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(body))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let own = OwnConnection {
+        _sender: sender,
+        connection,
+    };
+    (response, own)
+}
+
 /// How to start a server beyond its flags.
 #[derive(Debug, Default)]
 pub struct Launch {

@@ -189,12 +189,7 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.config.header_timeout);
-        builder.http2().timer(TokioTimer::new());
+        let builder = self.http_builder();
         let cap = connections::connection_cap(self.config.max_connections);
         let connections = Arc::new(Connections::new(cap, self.config.idle_timeout));
         tracing::info!(connections = cap, "accepting connections");
@@ -218,35 +213,14 @@ impl Gateway {
                 },
                 () = &mut shutdown => break,
             };
-            let opened = connections.opened();
-            let activity = Activity::new();
-            let service = {
-                let (gateway, activity) = (self.clone(), activity.clone());
-                hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                    let (gateway, in_flight) = (gateway.clone(), activity.request());
-                    async move {
-                        let response = gateway.route(request).await;
-                        Ok::<_, Infallible>(
-                            response.map(|body| TrackedBody::new(body, in_flight).boxed_unsync()),
-                        )
-                    }
-                })
+            let connection = Connection {
+                stream,
+                peer,
+                opened: connections.opened(),
+                activity: Activity::new(),
             };
-            let io = TokioIo::new(Watched::new(stream, activity.clone()));
-            let connection = builder.serve_connection(io, service).into_owned();
-            let connection = graceful.watch(connection);
-            let connections = connections.clone();
-            tokio::spawn(async move {
-                let _opened = opened;
-                tokio::select! {
-                    ended = connection => if let Err(e) = ended {
-                        tracing::debug!(%peer, "connection ended: {e}");
-                    },
-                    () = activity.idle(&connections) => {
-                        tracing::debug!(%peer, "closing an idle connection");
-                    }
-                }
-            });
+            self.clone()
+                .spawn_connection(&builder, &graceful, &connections, connection);
         }
         tracing::info!("shutting down: waiting for in-flight requests");
         if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
@@ -257,6 +231,66 @@ impl Gateway {
         }
         self.store.flush()
     }
+
+    /// HTTP/1 and HTTP/2 with the header read timeout.
+    fn http_builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_timeout);
+        builder.http2().timer(TokioTimer::new());
+        builder
+    }
+
+    /// Serves one connection on its own task until it ends or idles out.
+    fn spawn_connection(
+        self: Arc<Self>,
+        builder: &auto::Builder<TokioExecutor>,
+        graceful: &GracefulShutdown,
+        connections: &Arc<Connections>,
+        connection: Connection,
+    ) {
+        let Connection {
+            stream,
+            peer,
+            opened,
+            activity,
+        } = connection;
+        let service = {
+            let activity = activity.clone();
+            hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                let (gateway, in_flight) = (self.clone(), activity.request());
+                async move {
+                    let response = gateway.route(request).await;
+                    let tracked = response.map(|body| TrackedBody::new(body, in_flight));
+                    Ok::<_, Infallible>(tracked.map(BodyExt::boxed_unsync))
+                }
+            })
+        };
+        let io = TokioIo::new(Watched::new(stream, activity.clone()));
+        let served = graceful.watch(builder.serve_connection(io, service).into_owned());
+        let connections = connections.clone();
+        tokio::spawn(async move {
+            let _opened = opened;
+            tokio::select! {
+                ended = served => if let Err(e) = ended {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                },
+                () = activity.idle(&connections) => {
+                    tracing::debug!(%peer, "closing an idle connection");
+                }
+            }
+        });
+    }
+}
+
+/// An accepted connection, counted under the cap, its activity watched.
+struct Connection {
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    opened: connections::Opened,
+    activity: Arc<Activity>,
 }
 
 /// The admin token's hash: the configured token, the stored one, or a new
