@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::error::{ErrorCode, NnError};
+use super::limits::ShapeCaps;
 use super::onnx::OnnxGraph;
 use super::stats::ModelStats;
 use super::tensor::{ElementType, HostTensor};
@@ -121,6 +122,9 @@ struct Plan {
     pads: Vec<Option<(usize, Vec<u8>)>>,
     workers: Arc<Semaphore>,
     stats: Arc<ModelStats>,
+    /// The model's `[limits]`: a batch holds no more elements of an input
+    /// than one call may.
+    caps: Option<Arc<ShapeCaps>>,
 }
 
 impl Batcher {
@@ -131,6 +135,7 @@ impl Batcher {
         config: BatchConfig,
         workers: Arc<Semaphore>,
         stats: Arc<ModelStats>,
+        caps: Option<Arc<ShapeCaps>>,
     ) -> Result<Self, String> {
         if config.max_batch == 0 || config.max_queue == 0 {
             return Err("batching: max_batch and max_queue must be at least 1".into());
@@ -166,6 +171,7 @@ impl Batcher {
             pads,
             workers,
             stats: stats.clone(),
+            caps,
         });
         tokio::spawn(schedule(plan, receiver, waiting.clone()));
         Ok(Self {
@@ -273,7 +279,8 @@ impl Queues {
                 let fits = calls.front().is_some_and(|call| {
                     batch.is_empty()
                         || (rows + call.rows() <= plan.config.max_batch
-                            && plan.compatible(&batch[0], call))
+                            && plan.compatible(&batch[0], call)
+                            && plan.within_caps(&batch, call))
                 });
                 if fits {
                     let call = calls.pop_front().expect("checked");
@@ -295,6 +302,34 @@ impl Queues {
 }
 
 impl Plan {
+    /// Whether `batch` with `call` added stays within the model's element
+    /// caps once padded (calls are compatible: only axis 0 and padded axes
+    /// differ, and a padded axis takes the longest).
+    fn within_caps(&self, batch: &[Call], call: &Call) -> bool {
+        let Some(caps) = &self.caps else {
+            return true;
+        };
+        let rows: u64 = batch.iter().chain([call]).map(|c| c.rows() as u64).sum();
+        (0..call.inputs.len()).all(|input| {
+            let Some(most) = caps.max_elements(input) else {
+                return true;
+            };
+            let dims = &call.inputs[input].dims;
+            let row: u64 = (1..dims.len())
+                .map(|axis| {
+                    let longest = batch
+                        .iter()
+                        .chain([call])
+                        .map(|c| c.inputs[input].dims[axis])
+                        .max()
+                        .unwrap_or(0);
+                    u64::from(longest)
+                })
+                .product();
+            rows * row <= most
+        })
+    }
+
     /// Same element types and dimensions, except axis 0 and padded axes.
     fn compatible(&self, a: &Call, b: &Call) -> bool {
         a.inputs
@@ -538,7 +573,8 @@ mod tests {
 
     fn start(graph: Arc<OnnxGraph>, config: BatchConfig, workers: usize) -> Arc<Batcher> {
         let stats = Arc::new(ModelStats::default());
-        Arc::new(Batcher::start(graph, config, Arc::new(Semaphore::new(workers)), stats).unwrap())
+        let workers = Arc::new(Semaphore::new(workers));
+        Arc::new(Batcher::start(graph, config, workers, stats, None).unwrap())
     }
 
     fn minilm() -> Option<(Arc<OnnxGraph>, BatchConfig)> {
@@ -744,6 +780,37 @@ mod tests {
         let error = graph.order(named(empty)).unwrap_err();
         assert!(error.message.contains("empty"), "{error}");
         assert!(graph.order(named(ids(SENTENCES[0]))).is_ok());
+    }
+
+    #[tokio::test]
+    async fn batches_stay_within_the_models_element_caps() {
+        let Some((graph, mut config)) = minilm() else {
+            return;
+        };
+        config.max_queue_delay_ms = 200;
+        let limits = super::super::InputLimits {
+            max_elements: [("input_ids".to_string(), 16)].into(),
+            ..Default::default()
+        };
+        let caps = Arc::new(ShapeCaps::new(&limits, graph.inputs()).unwrap());
+        let workers = Arc::new(Semaphore::new(2));
+        let stats = Arc::new(ModelStats::default());
+        let batcher = Batcher::start(graph, config, workers, stats, Some(caps)).unwrap();
+        let batcher = Arc::new(batcher);
+        // 4 + 5 tokens fit in 16 once padded (2 × 5); 12 more do not.
+        let calls: Vec<_> = [SENTENCES[0], SENTENCES[2], SENTENCES[1]]
+            .into_iter()
+            .zip(["a", "b", "c"])
+            .map(|(tokens, tenant)| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.compute(Arc::from(tenant), ids(tokens)).await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        let stats = batcher.stats.snapshot(0);
+        assert_eq!(stats.batches, 2, "{stats:?}");
     }
 
     #[tokio::test]

@@ -146,17 +146,28 @@ impl Embedder {
 
     /// Tokenises `texts` and groups them, shortest first, into calls of at
     /// most `rows` texts each (so padding stays small).
-    pub(super) fn chunks(&self, texts: &[String], rows: usize) -> Vec<Chunk> {
+    pub(super) fn chunks(&self, texts: &[String], rows: usize, tokens: usize) -> Vec<Chunk> {
         let encoded: Vec<Vec<i64>> = texts
             .iter()
             .map(|text| self.tokenizer.encode(text, self.config.max_tokens).ids)
             .collect();
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| encoded[i].len());
-        order
-            .chunks(rows.max(1))
-            .map(|indices| self.chunk(indices, &encoded))
-            .collect()
+        // Shortest first, so each chunk's width is its last text's length.
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for end in 1..=order.len() {
+            let next = order.get(end);
+            let full = next.is_none_or(|&i| {
+                let count = end + 1 - start;
+                count > rows.max(1) || count * encoded[i].len() > tokens
+            });
+            if full {
+                chunks.push(self.chunk(&order[start..end], &encoded));
+                start = end;
+            }
+        }
+        chunks
     }
 
     fn chunk(&self, indices: &[usize], encoded: &[Vec<i64>]) -> Chunk {
@@ -275,6 +286,32 @@ fn normalize(vector: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calls_hold_at_most_their_rows_and_tokens() {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2");
+        if !dir.join("model.onnx").is_file() {
+            eprintln!(
+                "skipping: no model.onnx in {} (run ./dev models)",
+                dir.display()
+            );
+            return;
+        }
+        let text = std::fs::read_to_string(dir.join("model.toml")).unwrap();
+        let config: super::super::ModelConfig = toml::from_str(&text).unwrap();
+        let graph = super::super::OnnxGraph::from_path(&dir.join("model.onnx")).unwrap();
+        let embedder = Embedder::new(config.embedding.unwrap(), &dir, &graph).unwrap();
+        let texts: Vec<String> = (0..40).map(|n| "word ".repeat(n % 13 + 1)).collect();
+        let chunks = embedder.chunks(&texts, 8, 48);
+        let mut seen: Vec<usize> = chunks.iter().flat_map(|c| c.indices.clone()).collect();
+        seen.sort();
+        assert_eq!(seen, (0..40).collect::<Vec<_>>(), "every text once");
+        for chunk in &chunks {
+            let dims = &chunk.inputs[0].1.dims;
+            assert!(dims[0] <= 8 && dims[0] * dims[1] <= 48, "{dims:?}");
+        }
+    }
 
     #[test]
     fn mean_pooling_skips_padding_and_normalises() {

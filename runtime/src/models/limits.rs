@@ -19,7 +19,9 @@ use super::tensor::HostTensor;
 /// ```toml
 /// [limits]
 /// # Largest dimensions of each input, outermost first.
-/// max_shape = { input_ids = [64, 512], attention_mask = [64, 512] }
+/// max_shape = { input_ids = [32, 512], attention_mask = [32, 512] }
+/// # Most elements of an input in one call, and in one batch after padding.
+/// max_elements = { input_ids = 4096 }
 /// ```
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -27,11 +29,18 @@ pub struct InputLimits {
     /// Input name → its largest dimensions.
     #[serde(default)]
     pub max_shape: BTreeMap<String, Vec<u32>>,
+    /// Input name → the most elements it may hold in one call, and in one
+    /// batch once padded: what bounds a run's time and memory.
+    #[serde(default)]
+    pub max_elements: BTreeMap<String, u64>,
 }
 
 /// The caps of a graph's inputs, in the graph's input order.
 #[derive(Debug, Clone, Default)]
-pub struct ShapeCaps(Vec<Option<Vec<u32>>>);
+pub struct ShapeCaps {
+    shapes: Vec<Option<Vec<u32>>>,
+    elements: Vec<Option<u64>>,
+}
 
 impl ShapeCaps {
     /// Resolves `limits` against the graph's `inputs`: every named input
@@ -50,18 +59,50 @@ impl ShapeCaps {
                 ));
             }
         }
-        Ok(Self(
-            inputs
+        if let Some(name) = limits
+            .max_elements
+            .keys()
+            .find(|name| !inputs.iter().any(|spec| &spec.name == *name))
+        {
+            return Err(format!(
+                "limits.max_elements: the model has no input {name:?}"
+            ));
+        }
+        Ok(Self {
+            shapes: inputs
                 .iter()
                 .map(|spec| limits.max_shape.get(&spec.name).cloned())
                 .collect(),
-        ))
+            elements: inputs
+                .iter()
+                .map(|spec| limits.max_elements.get(&spec.name).copied())
+                .collect(),
+        })
+    }
+
+    /// The most elements input `index` may hold in a call or a batch.
+    pub fn max_elements(&self, index: usize) -> Option<u64> {
+        self.elements.get(index).copied().flatten()
     }
 
     /// Checks ordered inputs against the caps.
     pub fn check(&self, specs: &[TensorSpec], tensors: &[HostTensor]) -> Result<(), NnError> {
-        for ((spec, tensor), cap) in specs.iter().zip(tensors).zip(&self.0) {
-            let Some(cap) = cap else { continue };
+        for (index, (spec, tensor)) in specs.iter().zip(tensors).enumerate() {
+            let elements: u64 = tensor.dims.iter().map(|&d| u64::from(d)).product();
+            if let Some(most) = self.max_elements(index)
+                && elements > most
+            {
+                return Err(NnError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "input {:?} holds {elements} elements ({:?}); this model takes at most {most} per call",
+                        spec.name, tensor.dims
+                    ),
+                ));
+            }
+            let Some(cap) = &self.shapes[index] else {
+                continue;
+            };
             if let Some((axis, (&got, &most))) = tensor
                 .dims
                 .iter()

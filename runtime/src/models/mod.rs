@@ -53,6 +53,9 @@ pub struct ModelPool {
     models: BTreeMap<String, RepositoryModel>,
     devices: Arc<Devices>,
     workers: Arc<Semaphore>,
+    workers_count: usize,
+    /// Each tenant's slots in front of the workers (see `on_worker`).
+    tenant_workers: Mutex<std::collections::HashMap<Arc<str>, Arc<Semaphore>>>,
     /// Whether repository models batch (`serve --no-batching` turns it off).
     batching: bool,
     tenant_graphs: Mutex<tenant::TenantGraphs>,
@@ -157,6 +160,8 @@ impl ModelPool {
             models: BTreeMap::new(),
             devices: Arc::new(Devices::discover(DEFAULT_GPU_BUDGET)),
             workers: Arc::new(Semaphore::new(workers.max(1))),
+            workers_count: workers.max(1),
+            tenant_workers: Mutex::default(),
             batching: false,
             tenant_graphs: Mutex::default(),
         }
@@ -240,7 +245,7 @@ impl ModelPool {
                 let (name, file) = (model.name.clone(), model.file.clone());
                 let (config, devices) = (model.config.clone(), self.devices.clone());
                 let prepared = self
-                    .on_worker(move || Ok(prepare(&name, &file, &config, &devices)))
+                    .on_worker(None, move || Ok(prepare(&name, &file, &config, &devices)))
                     .await
                     .unwrap_or_else(|e| Err(e.message));
                 self.finish_load(model, prepared, started)
@@ -276,6 +281,7 @@ impl ModelPool {
                     batching.clone(),
                     self.workers.clone(),
                     model.stats.clone(),
+                    caps.clone(),
                 )?)),
                 _ => None,
             };
@@ -333,7 +339,7 @@ impl ModelPool {
         }
         let size = bytes.len() as u64;
         let graph = self
-            .on_worker(move || {
+            .on_worker(Some(tenant), move || {
                 OnnxGraph::from_bytes(&bytes)
                     .map_err(|e| NnError::new(ErrorCode::InvalidEncoding, format!("{e:#}")))
             })
@@ -350,6 +356,18 @@ impl ModelPool {
         })
     }
 
+    /// `tenant`'s slots on the inference workers.
+    fn tenant_workers(&self, tenant: &Arc<str>) -> Arc<Semaphore> {
+        let mut slots = self
+            .tenant_workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        slots
+            .entry(tenant.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.workers_count)))
+            .clone()
+    }
+
     fn tenant_graphs(&self) -> std::sync::MutexGuard<'_, tenant::TenantGraphs> {
         self.tenant_graphs.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -362,6 +380,12 @@ impl ModelPool {
     /// Drops a deleted tenant's cached graphs and its per-tenant counters.
     pub fn forget_tenant(&self, tenant: &str) {
         self.tenant_graphs().forget(tenant);
+        let mut slots = self
+            .tenant_workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        slots.remove(tenant);
+        drop(slots);
         for model in self.models.values() {
             model.stats.forget_tenant(tenant);
             if let Some(Ok(Resident::Text(text))) = model.loaded.get().map(|l| &l.model) {
@@ -393,7 +417,7 @@ impl ModelPool {
         let plan = graph.graph;
         let arrived = Instant::now();
         let (result, waited) = self
-            .on_worker(move || {
+            .on_worker(Some(&tenant), move || {
                 let started = Instant::now();
                 let result = plan
                     .inputs_of(ordered)
@@ -469,9 +493,16 @@ impl ModelPool {
             .batching
             .as_ref()
             .map_or(DEFAULT_EMBED_ROWS, |batching| batching.max_batch);
+        // A call holds at most what the model's `[limits]` let one call hold.
+        let tokens = model
+            .config
+            .limits
+            .as_ref()
+            .and_then(|limits| limits.max_elements.get("input_ids"))
+            .map_or(usize::MAX, |&most| most as usize);
         let mut chunks = {
             let (embedder, texts) = (embedder.clone(), texts.to_vec());
-            tokio::task::spawn_blocking(move || embedder.chunks(&texts, rows))
+            tokio::task::spawn_blocking(move || embedder.chunks(&texts, rows, tokens))
                 .await
                 .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("tokenising: {e}")))?
         };
@@ -496,13 +527,26 @@ impl ModelPool {
         Ok(Embeddings { vectors, tokens })
     }
 
+    /// Runs `job` on an inference worker. `tenant`'s jobs first take one
+    /// of the tenant's own slots (as many as there are workers), so the
+    /// workers' first-come queue holds at most that many jobs of any one
+    /// tenant: a tenant flooding unbatched models waits behind itself.
     async fn on_worker<T: Send + 'static>(
         &self,
+        tenant: Option<&Arc<str>>,
         job: impl FnOnce() -> Result<T, NnError> + Send + 'static,
     ) -> Result<T, NnError> {
-        let _permit = self.workers.acquire().await.map_err(|_| {
-            NnError::new(ErrorCode::RuntimeError, "the model pool is shutting down")
-        })?;
+        let stopped = |_| NnError::new(ErrorCode::RuntimeError, "the model pool is shutting down");
+        let _mine = match tenant {
+            Some(tenant) => Some(
+                self.tenant_workers(tenant)
+                    .acquire_owned()
+                    .await
+                    .map_err(stopped)?,
+            ),
+            None => None,
+        };
+        let _permit = self.workers.acquire().await.map_err(stopped)?;
         tokio::task::spawn_blocking(job).await.unwrap_or_else(|e| {
             Err(NnError::new(
                 ErrorCode::RuntimeError,
