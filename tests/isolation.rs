@@ -17,6 +17,9 @@ use support::{Launch, Server, assert_error, floats, json, largest_difference, te
 
 const SENTENCE: &str = "The quick brown fox jumps over the lazy dog.";
 
+/// A prompt whose answer runs long (the attacker's and the deadline's).
+const LONG_PROMPT: &str = "Tell me a very long story about a dragon.";
+
 /// A tenant `attacker` with the `hostile_nn` guest (under `manifest`) and
 /// a tenant `victim` with the `embed` example; returns their keys.
 async fn tenants(server: &Server, manifest: &str) -> (String, String) {
@@ -89,7 +92,7 @@ async fn bad_input_fails_only_the_calls_that_sent_it() {
         let (path, outcomes) = attack.await.unwrap();
         for outcome in outcomes {
             let expected = match path {
-                "/bad-types" => "error ",
+                "/bad-types" => "error runtime-error",
                 _ => "error invalid-argument",
             };
             assert!(outcome.starts_with(expected), "{path}: {outcome}");
@@ -225,7 +228,7 @@ async fn open_stream(
     hyper::Response<hyper::body::Incoming>,
     support::OwnConnection,
 ) {
-    let prompt = "Tell me a very long story about a dragon.";
+    let prompt = LONG_PROMPT;
     let body = chat_body(prompt, max_tokens, true);
     let path = "/openai/v1/chat/completions";
     let (response, connection) = support::post_on_own_connection(server, key, path, body).await;
@@ -307,7 +310,7 @@ async fn openai_completions_end_at_their_deadline() {
             &key,
             "/openai/v1/chat/completions",
             "application/json",
-            chat_body("Tell me a very long story about a dragon.", 1900, false),
+            chat_body(LONG_PROMPT, 1900, false),
         )
         .await;
     assert_error(&whole, 504, "deadline_exceeded");
@@ -317,7 +320,7 @@ async fn openai_completions_end_at_their_deadline() {
             &key,
             "/openai/v1/chat/completions",
             "application/json",
-            chat_body("Tell me a very long story about a dragon.", 1900, true),
+            chat_body(LONG_PROMPT, 1900, true),
         )
         .await;
     assert_eq!(streamed.status, 200);

@@ -191,7 +191,9 @@ fn gauge(metrics: &str, name: &str) -> u64 {
 #[tokio::test]
 async fn replaced_and_idle_function_versions_are_unloaded() {
     let data = tempfile::tempdir().unwrap();
-    let server = start(data.path(), &["--max-loaded-functions", "4"], None);
+    // Idle client connections close at once: only functions hold descriptors.
+    let flags = ["--max-loaded-functions", "4", "--idle-timeout-ms", "200"];
+    let server = start(data.path(), &flags, None);
     let key = server.tenant("victim").await;
     let hello = wasm("hello");
     let mut descriptors = Vec::new();
@@ -346,11 +348,7 @@ async fn a_request_whose_client_left_is_still_counted() {
             l.starts_with("gigafactory_function_requests_total{") && l.contains("function=\"spin\"")
         }) {
             eprintln!("{line}");
-            assert!(
-                line.contains("outcome=\"client_closed\"")
-                    || line.contains("outcome=\"deadline_exceeded\""),
-                "{line}"
-            );
+            assert!(line.contains("outcome=\"client_closed\""), "{line}");
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -34,6 +34,10 @@ pub struct Tenant {
     /// keys and functions were being listed.
     #[serde(default)]
     pub revision: u64,
+    /// Unique to this creation of the name (never reused after a delete),
+    /// so a revision of a deleted tenant never matches its successor's.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// An API key record; the key itself is never stored, only its hash.
@@ -242,6 +246,7 @@ impl Store {
             quota: Quota::default(),
             usage: Usage::default(),
             revision: 0,
+            incarnation: self.db.generate_id().map_err(anyhow::Error::from)?,
         };
         let swapped = self
             .tenants
@@ -291,19 +296,20 @@ impl Store {
     /// listed first and the transaction checks that the tenant's revision
     /// (bumped by every key or function change) did not move meanwhile;
     /// if it did, it lists again.
-    pub fn delete_tenant(&self, name: &str) -> Result<(), StoreError> {
+    /// Returns the functions it deleted.
+    pub fn delete_tenant(&self, name: &str) -> Result<Vec<FunctionRecord>, StoreError> {
         for _ in 0..DELETE_ATTEMPTS {
             let Some(seen) = self.tenant(name)? else {
                 return Err(StoreError::NotFound(format!("no tenant {name:?}")));
             };
             let functions = self.functions(name)?;
             let keys = self.key_hashes_of(name)?;
-            match self.delete_tenant_at(name, seen.revision, &keys, &functions) {
+            match self.delete_tenant_at(&seen, &keys, &functions) {
                 Err(StoreError::Moved) => continue,
                 outcome => {
                     outcome?;
                     self.flush()?;
-                    return Ok(());
+                    return Ok(functions);
                 }
             }
         }
@@ -314,11 +320,11 @@ impl Store {
 
     fn delete_tenant_at(
         &self,
-        name: &str,
-        revision: u64,
+        seen: &Tenant,
         keys: &[sled::IVec],
         functions: &[FunctionRecord],
     ) -> Result<(), StoreError> {
+        let name = seen.name.as_str();
         let trees = (
             &self.tenants,
             &self.keys,
@@ -333,7 +339,7 @@ impl Store {
                     return abort(StoreError::NotFound(format!("no tenant {name:?}")));
                 };
                 let tenant: Tenant = from_json(&value).map_err(storage)?;
-                if tenant.revision != revision {
+                if (tenant.incarnation, tenant.revision) != (seen.incarnation, seen.revision) {
                     return abort(StoreError::Moved);
                 }
                 for key in keys {
@@ -350,12 +356,13 @@ impl Store {
         finish(result)
     }
 
-    /// The hashes of a tenant's keys (read outside any transaction).
+    /// The hashes of a tenant's keys (read outside any transaction; a
+    /// record that does not parse is nobody's and skipped).
     fn key_hashes_of(&self, tenant: &str) -> Result<Vec<sled::IVec>> {
         let mut hashes = Vec::new();
         for entry in self.keys.iter() {
             let (hash, value) = entry?;
-            if from_json::<ApiKey>(&value)?.tenant == tenant {
+            if from_json::<ApiKey>(&value).is_ok_and(|key| key.tenant == tenant) {
                 hashes.push(hash);
             }
         }
@@ -690,6 +697,23 @@ fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deletion_never_matches_a_later_tenant_of_the_same_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "test").unwrap();
+        store.create_tenant("t").unwrap();
+        store.add_key("t", &TokenHash::of("old"), "old").unwrap();
+        let stale = store.tenant("t").unwrap().unwrap();
+        store.delete_tenant("t").unwrap();
+        store.create_tenant("t").unwrap();
+        let new = TokenHash::of("new");
+        store.add_key("t", &new, "new").unwrap();
+        assert_eq!(store.tenant("t").unwrap().unwrap().revision, stale.revision);
+        let outcome = store.delete_tenant_at(&stale, &[], &[]);
+        assert!(matches!(outcome, Err(StoreError::Moved)), "{outcome:?}");
+        assert!(store.key(&new).unwrap().is_some());
+    }
 
     #[test]
     fn a_key_added_during_a_tenant_deletion_goes_with_the_tenant() {

@@ -102,12 +102,16 @@ impl OutboundAccess {
 }
 
 /// Whether `ip` is this machine: loopback, unspecified, or an address of
-/// one of its interfaces (binding to it succeeds only then).
+/// one of its interfaces (binding to it succeeds only then). Any other
+/// failure to tell (out of descriptors …) counts as local: refused.
 pub fn is_local_address(ip: std::net::IpAddr) -> bool {
-    ip.is_loopback()
-        || ip.is_unspecified()
-        || ip.to_canonical().is_loopback()
-        || std::net::UdpSocket::bind(std::net::SocketAddr::new(ip, 0)).is_ok()
+    if ip.is_loopback() || ip.is_unspecified() || ip.to_canonical().is_loopback() {
+        return true;
+    }
+    match std::net::UdpSocket::bind(std::net::SocketAddr::new(ip, 0)) {
+        Ok(_) => true,
+        Err(error) => error.kind() != std::io::ErrorKind::AddrNotAvailable,
+    }
 }
 
 #[cfg(test)]

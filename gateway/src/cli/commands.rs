@@ -41,6 +41,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     init_tracing();
+    log_panics_briefly();
     let mut config = GatewayConfig::new(args.data);
     config.models_dir = args.models;
     config.admin_token = args.admin_token;
@@ -51,9 +52,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.limits.max_memory_bytes = args.memory_mib << 20;
     config.limits.max_instances = args.max_instances;
     config.batching = !args.no_batching;
-    config.header_timeout = Duration::from_millis(args.header_timeout_ms);
-    config.body_idle_timeout = Duration::from_millis(args.body_idle_timeout_ms);
-    config.idle_timeout = Duration::from_millis(args.idle_timeout_ms);
+    // Below 100 ms these would refuse ordinary clients.
+    let at_least = |ms: u64| Duration::from_millis(ms.max(100));
+    config.header_timeout = at_least(args.header_timeout_ms);
+    config.body_idle_timeout = at_least(args.body_idle_timeout_ms);
+    config.idle_timeout = at_least(args.idle_timeout_ms);
     config.max_connections = args.max_connections;
     config.control_timeout = Duration::from_secs(args.control_timeout_secs);
     config.generation_timeout = Duration::from_secs(args.generation_timeout_secs);
@@ -83,6 +86,34 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// Panics go to the log as one line each, at most [`PANICS_PER_MINUTE`]
+/// a minute and without a backtrace: a model's panic on a tenant's input
+/// is caught and becomes that call's error, so a tenant sending such
+/// inputs must not be able to flood the operator's log (nor show it the
+/// gateway's stack).
+fn log_panics_briefly() {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    let window: Mutex<(Instant, u32)> = Mutex::new((Instant::now(), 0));
+    std::panic::set_hook(Box::new(move |info| {
+        let mut window = window.lock().unwrap_or_else(|e| e.into_inner());
+        if window.0.elapsed() >= Duration::from_secs(60) {
+            *window = (Instant::now(), 0);
+        }
+        window.1 += 1;
+        match window.1 {
+            n if n <= PANICS_PER_MINUTE => tracing::error!("panic: {info}"),
+            n if n == PANICS_PER_MINUTE + 1 => {
+                tracing::error!("more panics this minute are not logged")
+            }
+            _ => {}
+        }
+    }));
+}
+
+/// Panics logged per minute (see [`log_panics_briefly`]).
+const PANICS_PER_MINUTE: u32 = 10;
 
 async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();

@@ -1,10 +1,13 @@
 //! Connections as a resource: each holds a file descriptor and memory, so
-//! their number is capped below the process's descriptor limit, and a
-//! connection that is idle — no request in flight and no bytes either way
-//! for the idle timeout — is closed. Together with hyper's header-read
-//! timeout this bounds what slow or idle clients can hold: half-sent
-//! headers, never-sent requests (including the protocol detection that
-//! precedes HTTP/1 or HTTP/2), and parked keep-alive sockets.
+//! their number is capped below the process's descriptor limit. A
+//! connection is closed when it has had no request in flight for the idle
+//! timeout (bytes alone — pings, settings, dribbled headers — do not keep
+//! it open), or when its writes have made no progress for as long (a
+//! client that stopped reading its responses). Together with hyper's
+//! header-read timeout this bounds what slow or idle clients can hold:
+//! half-sent headers, never-sent requests (including the protocol
+//! detection that precedes HTTP/1 or HTTP/2), parked keep-alive sockets
+//! and unread responses.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,6 +29,9 @@ const DESCRIPTOR_RESERVE: u64 = 256;
 /// [`CROWDED_IDLE`] before they are closed.
 const CROWDED_SHARE: f64 = 0.9;
 const CROWDED_IDLE: Duration = Duration::from_secs(1);
+
+/// How often a connection checks whether it should close.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// Raises the soft descriptor limit to the hard one, and returns how many
 /// client connections fit under it with a reserve, capped at `wanted`.
@@ -102,12 +108,16 @@ impl Drop for Opened {
 }
 
 /// What a connection is doing: requests in flight (until their response
-/// bodies end) and when bytes last moved.
+/// bodies end), when the last one ended, and since when a write waits.
 #[derive(Debug)]
 pub struct Activity {
     started: Instant,
+    /// When a request last ended (or the connection opened), in ms since `started`.
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// When a write first found the socket full, in ms since `started`
+    /// plus one; 0 while writes go through.
+    blocked_ms: AtomicU64,
 }
 
 impl Activity {
@@ -117,17 +127,37 @@ impl Activity {
             started: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            blocked_ms: AtomicU64::new(0),
         })
     }
 
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     fn touch(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(last)
+        let last = self.last_ms.load(Ordering::Relaxed);
+        Duration::from_millis(self.now_ms().saturating_sub(last))
+    }
+
+    /// How long writes have been waiting for the client to read.
+    fn blocked_for(&self) -> Duration {
+        match self.blocked_ms.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => Duration::from_millis(self.now_ms().saturating_sub(since - 1)),
+        }
+    }
+
+    fn wrote(&self, progressed: bool) {
+        if progressed {
+            self.blocked_ms.store(0, Ordering::Relaxed);
+        } else if self.blocked_ms.load(Ordering::Relaxed) == 0 {
+            self.blocked_ms.store(self.now_ms() + 1, Ordering::Relaxed);
+        }
     }
 
     /// Counts a request in flight until the returned guard drops.
@@ -136,17 +166,16 @@ impl Activity {
         InFlight(self.clone())
     }
 
-    /// Resolves once the connection has been idle past its limit: no
-    /// request in flight and no bytes moved.
+    /// Resolves once the connection should close: no request in flight
+    /// for its idle limit, or writes stuck for as long.
     pub async fn idle(&self, connections: &Connections) {
         loop {
             let limit = connections.idle_limit();
-            let idle = self.idle_for();
-            if self.in_flight.load(Ordering::Relaxed) == 0 && idle >= limit {
+            let idle = self.in_flight.load(Ordering::Relaxed) == 0 && self.idle_for() >= limit;
+            if idle || self.blocked_for() >= connections.idle {
                 return;
             }
-            let wait = limit.saturating_sub(idle).max(Duration::from_millis(100));
-            tokio::time::sleep(wait.min(CROWDED_IDLE)).await;
+            tokio::time::sleep(CHECK_EVERY).await;
         }
     }
 }
@@ -198,7 +227,7 @@ impl hyper::body::Body for TrackedBody {
     }
 }
 
-/// A socket that records when bytes last moved.
+/// A socket that records when its writes wait for the client to read.
 pub struct Watched<T> {
     inner: T,
     activity: Arc<Activity>,
@@ -207,7 +236,6 @@ pub struct Watched<T> {
 impl<T> Watched<T> {
     /// Wraps `inner`, recording into `activity`.
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        activity.touch();
         Self { inner, activity }
     }
 }
@@ -218,12 +246,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -234,9 +257,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.activity.wrote(!polled.is_pending());
         polled
     }
 
@@ -246,9 +267,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.activity.wrote(!polled.is_pending());
         polled
     }
 

@@ -162,8 +162,7 @@ impl Gateway {
     fn delete_tenant(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
         self.require_admin(request)?;
         check_name("tenant", tenant)?;
-        let functions = self.store.functions(tenant)?;
-        self.store.delete_tenant(tenant)?;
+        let functions = self.store.delete_tenant(tenant)?;
         for function in &functions {
             self.forget_function(&function.tenant, &function.name, &function.versions)?;
         }
@@ -402,11 +401,13 @@ impl Gateway {
             return Err(too_large());
         }
         let mut collected = Vec::new();
+        let whole = tokio::time::Instant::now() + self.config.control_timeout;
         loop {
-            let frame = match tokio::time::timeout(idle, body.frame()).await {
+            let wait = idle.min(whole.saturating_duration_since(tokio::time::Instant::now()));
+            let frame = match tokio::time::timeout(wait, body.frame()).await {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
-                Err(_) => return Err(body_stalled(idle)),
+                Err(_) => return Err(body_stalled(idle, self.config.control_timeout)),
             };
             let frame = frame
                 .map_err(|e| ApiError::bad_request("bad_body", format!("reading the body: {e}")))?;
@@ -431,14 +432,15 @@ impl Gateway {
     }
 }
 
-/// 408 for a body that stopped arriving.
-fn body_stalled(idle: std::time::Duration) -> ApiError {
+/// 408 for a body that stopped arriving, or came too slowly.
+fn body_stalled(idle: std::time::Duration, whole: std::time::Duration) -> ApiError {
     ApiError::new(
         StatusCode::REQUEST_TIMEOUT,
         "request_timeout",
         format!(
-            "the request body stalled: nothing arrived for {} ms",
-            idle.as_millis()
+            "the request body came too slowly: it may pause at most {} ms and must be whole within {} s",
+            idle.as_millis(),
+            whole.as_secs()
         ),
     )
 }

@@ -5,8 +5,8 @@
 //! recently used version is unloaded (and loaded again if called).
 
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use gigafactory_runtime::{CompileError, Function};
 use tokio::sync::Semaphore;
@@ -22,7 +22,7 @@ pub struct FunctionCache {
     /// A clock of uses, ordering entries by when they were last used.
     uses: AtomicU64,
     /// Compiling is CPU-heavy: one at a time, so deploys cannot starve requests.
-    compiling: Semaphore,
+    compiling: Arc<Semaphore>,
 }
 
 struct Loaded {
@@ -37,7 +37,7 @@ impl FunctionCache {
             loaded: RwLock::default(),
             capacity: capacity.max(1),
             uses: AtomicU64::new(0),
-            compiling: Semaphore::new(1),
+            compiling: Arc::new(Semaphore::new(1)),
         }
     }
 
@@ -91,15 +91,22 @@ impl FunctionCache {
 impl Gateway {
     /// Validates and compiles a component off the async workers.
     pub(super) async fn compile(&self, wasm: &[u8]) -> Result<Vec<u8>, ApiError> {
-        let _permit = self
+        let permit = self
             .functions
             .compiling
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|e| ApiError::internal(e.into()))?;
         let runtime = self.runtime.clone();
         let wasm = wasm.to_vec();
-        let compiled = tokio::task::spawn_blocking(move || runtime.compile(&wasm))
+        // The compile holds the permit to its end, even if the request
+        // that started it is dropped at its deadline.
+        let compile = move || {
+            let _permit = permit;
+            runtime.compile(&wasm)
+        };
+        let compiled = tokio::task::spawn_blocking(compile)
             .await
             .map_err(|e| ApiError::internal(e.into()))?;
         compiled.map_err(compile_error)

@@ -135,6 +135,9 @@ pub struct Gateway {
     public_models: Arc<BTreeSet<String>>,
 }
 
+/// Requests one HTTP/2 connection may have in flight at once.
+const MAX_STREAMS: u32 = 100;
+
 /// The name of the generated admin token's file in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
@@ -239,7 +242,12 @@ impl Gateway {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.header_timeout);
-        builder.http2().timer(TokioTimer::new());
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS)
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(20));
         builder
     }
 

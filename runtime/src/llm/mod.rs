@@ -55,19 +55,22 @@ pub struct GenerationConfig {
     /// Generations one tenant may have waiting (default: half of `max_queue`).
     #[serde(default)]
     pub max_queue_per_tenant: Option<usize>,
-    /// Sequence slots one tenant may hold at once (default: three quarters
-    /// of `max_sequences`, at least 1), so that a tenant running long
-    /// generations leaves slots for the others.
+    /// Sequence slots one tenant may hold at once (default: all but a
+    /// quarter of `max_sequences`, leaving at least one, and holding at
+    /// least one), so that a tenant running long generations leaves slots
+    /// for the others.
     #[serde(default)]
     pub max_sequences_per_tenant: Option<u32>,
 }
 
 impl GenerationConfig {
-    /// Slots one tenant may hold at once.
+    /// Slots one tenant may hold at once: by default all but a quarter
+    /// (at least one slot is left to the others when there are two or more).
     pub fn sequences_per_tenant(&self) -> u32 {
+        let slots = self.max_sequences;
         self.max_sequences_per_tenant
-            .unwrap_or(self.max_sequences - self.max_sequences / 4)
-            .clamp(1, self.max_sequences.max(1))
+            .unwrap_or(slots - (slots / 4).max(1))
+            .clamp(1, slots.max(1))
     }
 }
 

@@ -89,8 +89,9 @@ pub struct SliceBack {
 /// A caller's outputs and its share of the run time.
 pub type Answer = (Vec<(String, HostTensor)>, Duration);
 
-/// What a caller gets back.
-pub type Reply = Result<Answer, NnError>;
+/// What a caller gets back: its outputs or error, and the run time to
+/// charge it either way.
+pub type Reply = super::Charged<Vec<(String, HostTensor)>>;
 
 struct Call {
     tenant: Arc<str>,
@@ -185,7 +186,7 @@ impl Batcher {
     pub async fn compute(&self, tenant: Arc<str>, inputs: Vec<HostTensor>) -> Reply {
         if let Err(why) = self.waiting.enter(&tenant) {
             self.stats.rejected();
-            return Err(NnError::busy(why));
+            return (Err(NnError::busy(why)), Duration::ZERO);
         }
         let (reply, answer) = oneshot::channel();
         let call = Call {
@@ -196,16 +197,12 @@ impl Batcher {
         };
         if let Err(refused) = self.calls.send(call) {
             self.waiting.leave(&refused.0.tenant);
-            return Err(NnError::new(
-                ErrorCode::RuntimeError,
-                "the model's scheduler stopped",
-            ));
+            let error = NnError::new(ErrorCode::RuntimeError, "the model's scheduler stopped");
+            return (Err(error), Duration::ZERO);
         }
         answer.await.unwrap_or_else(|_| {
-            Err(NnError::new(
-                ErrorCode::RuntimeError,
-                "the batch was dropped",
-            ))
+            let error = NnError::new(ErrorCode::RuntimeError, "the batch was dropped");
+            (Err(error), Duration::ZERO)
         })
     }
 
@@ -424,14 +421,12 @@ async fn run(plan: Arc<Plan>, batch: Vec<Call>, permit: OwnedSemaphorePermit) {
             ErrorCode::RuntimeError,
             format!("inference worker failed: {e}"),
         );
-        vec![Err(error); calls]
+        vec![(Err(error), Duration::ZERO); calls]
     });
-    let failed = answers.iter().filter(|a| a.is_err()).count();
+    let failed = answers.iter().filter(|(a, _)| a.is_err()).count();
     plan.stats.ran(rows, started.elapsed(), failed);
     for ((reply, answer), tenant) in replies.into_iter().zip(answers).zip(&tenants) {
-        if let Ok((_, share)) = &answer {
-            plan.stats.charge(tenant, *share);
-        }
+        plan.stats.charge(tenant, answer.1);
         let _ = reply.send(answer);
     }
 }
@@ -441,24 +436,32 @@ impl Plan {
     /// calls that cause a failure get it (one tenant's bad input must not
     /// fail the others' calls batched with it). Blocking.
     fn execute_isolated(&self, calls: &[Vec<HostTensor>]) -> Vec<Reply> {
-        match self.execute(calls) {
-            Ok(answers) => answers.into_iter().map(Ok).collect(),
-            Err(error) if calls.len() == 1 => vec![Err(error)],
-            Err(error) => {
-                tracing::debug!(
-                    "a batch of {} calls failed ({error}); running each alone",
-                    calls.len()
-                );
-                self.stats.retried_alone();
-                calls
-                    .iter()
-                    .map(|call| {
-                        self.execute(std::slice::from_ref(call))
-                            .map(|mut answers| answers.remove(0))
-                    })
-                    .collect()
+        let started = Instant::now();
+        let error = match self.execute(calls) {
+            Ok(answers) => {
+                let reply = |(outputs, share)| (Ok(outputs), share);
+                return answers.into_iter().map(reply).collect();
             }
-        }
+            Err(error) if calls.len() == 1 => return vec![(Err(error), started.elapsed())],
+            Err(error) => error,
+        };
+        tracing::debug!(
+            "a batch of {} calls failed ({error}); running each alone",
+            calls.len()
+        );
+        self.stats.retried_alone();
+        // Each call pays for its own run; the failed batch is shared out.
+        let failed_share = started.elapsed() / calls.len() as u32;
+        calls
+            .iter()
+            .map(|call| {
+                let alone = Instant::now();
+                let result = self
+                    .execute(std::slice::from_ref(call))
+                    .map(|mut answers| answers.remove(0).0);
+                (result, failed_share + alone.elapsed())
+            })
+            .collect()
     }
 
     /// Pads, stacks, runs and splits; blocking. A panic inside (tract
@@ -640,7 +643,7 @@ mod tests {
             })
             .collect();
         for (tokens, call) in SENTENCES.iter().zip(calls) {
-            let (outputs, _) = call.await.unwrap().unwrap();
+            let outputs = call.await.unwrap().0.unwrap();
             let batched = &outputs[0].1;
             let expected = alone(&graph, ids(tokens));
             assert_eq!(
@@ -704,6 +707,7 @@ mod tests {
                 batcher
                     .compute(Arc::from(tenant), ids(SENTENCES[0]))
                     .await
+                    .0
                     .unwrap();
                 finished.fetch_add(1, Ordering::SeqCst)
             })
@@ -742,9 +746,10 @@ mod tests {
         for call in calls {
             outcomes.push(call.await.unwrap());
         }
-        assert!(outcomes[1].is_err(), "the bad call failed");
+        assert!(outcomes[1].0.is_err(), "the bad call failed");
+        assert!(outcomes[1].1 > Duration::ZERO, "and is charged its runs");
         for (outcome, tokens) in [(&outcomes[0], SENTENCES[0]), (&outcomes[2], SENTENCES[2])] {
-            let (outputs, _) = outcome.as_ref().expect("the good calls succeeded");
+            let outputs = outcome.0.as_ref().expect("the good calls succeeded");
             let expected = alone(&graph, ids(tokens));
             assert_eq!(outputs[0].1.dims, expected.dims);
         }
@@ -807,7 +812,7 @@ mod tests {
             })
             .collect();
         for call in calls {
-            call.await.unwrap().unwrap();
+            call.await.unwrap().0.unwrap();
         }
         let stats = batcher.stats.snapshot(0);
         assert_eq!(stats.batches, 2, "{stats:?}");
@@ -821,7 +826,7 @@ mod tests {
         config.max_queue = 1;
         config.max_queue_delay_ms = 500;
         let batcher = start(graph, config, 1);
-        let (first, second) = tokio::join!(
+        let ((first, _), (second, _)) = tokio::join!(
             batcher.compute(Arc::from("a"), ids(SENTENCES[0])),
             batcher.compute(Arc::from("a"), ids(SENTENCES[1])),
         );
@@ -850,11 +855,11 @@ mod tests {
         };
         let flood: Vec<_> = (0..8).map(|_| call("flooder")).collect();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let quiet = call("quiet").await.unwrap();
+        let quiet = call("quiet").await.unwrap().0;
         assert!(quiet.is_ok(), "the quiet tenant was refused: {quiet:?}");
         let mut refused = 0;
         for call in flood {
-            if let Err(error) = call.await.unwrap() {
+            if let Err(error) = call.await.unwrap().0 {
                 assert!(error.is_busy(), "{error}");
                 assert!(error.message.contains("its share"), "{error}");
                 refused += 1;

@@ -27,6 +27,10 @@ use serde::Serialize;
 use tokio::sync::{OnceCell, Semaphore};
 
 pub use batcher::{BatchConfig, Batcher, Pad, SliceBack};
+
+/// An outcome and the run time to charge for it, spent whether it
+/// succeeded or not.
+pub type Charged<T> = (Result<T, NnError>, Duration);
 pub use config::{DevicePreference, LoadPolicy, ModelConfig, ModelFormat};
 pub use embedding::{Embedder, EmbeddingConfig, Embeddings, MAX_TEXTS, Pooling};
 pub use error::{BUSY_PREFIX, ErrorCode, NnError};
@@ -395,18 +399,25 @@ impl ModelPool {
     }
 
     /// Runs `graph` on named inputs — in a batch with other callers' when
-    /// the model batches — and returns its named outputs and the run time
-    /// charged to this call (its share of the batch; not counting the wait).
+    /// the model batches — and returns its named outputs, with the run time
+    /// to charge to this call whether it succeeded or not (its share of the
+    /// batch, or its own run; not counting the wait).
     pub async fn compute(
         &self,
         graph: PoolGraph,
         inputs: Vec<(String, HostTensor)>,
         tenant: Arc<str>,
-    ) -> Result<(Vec<(String, HostTensor)>, Duration), NnError> {
-        let ordered = graph.graph.order(inputs)?;
-        if let Some(caps) = &graph.caps {
-            caps.check(graph.graph.inputs(), &ordered)?;
-        }
+    ) -> Charged<Vec<(String, HostTensor)>> {
+        let checked = graph.graph.order(inputs).and_then(|ordered| {
+            if let Some(caps) = &graph.caps {
+                caps.check(graph.graph.inputs(), &ordered)?;
+            }
+            Ok(ordered)
+        });
+        let ordered = match checked {
+            Ok(ordered) => ordered,
+            Err(error) => return (Err(error), Duration::ZERO),
+        };
         if let Some(batcher) = &graph.batcher {
             return batcher.compute(tenant, ordered).await;
         }
@@ -416,30 +427,26 @@ impl ModelPool {
             .map_or(1, |&rows| rows as usize);
         let plan = graph.graph;
         let arrived = Instant::now();
-        let (result, waited) = self
+        let ran = self
             .on_worker(Some(&tenant), move || {
                 let started = Instant::now();
-                let result = plan
-                    .inputs_of(ordered)
-                    .and_then(|inputs| {
-                        plan.run(inputs)
-                            .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("{e:#}")))
-                    })
-                    .map(|outputs| (outputs, started.elapsed()));
-                Ok((result, started - arrived))
+                let result = plan.inputs_of(ordered).and_then(|inputs| {
+                    plan.run(inputs)
+                        .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("{e:#}")))
+                });
+                Ok((result, started.elapsed(), started - arrived))
             })
-            .await?;
+            .await;
+        let (result, spent, waited) = match ran {
+            Ok(ran) => ran,
+            Err(error) => return (Err(error), Duration::ZERO),
+        };
         if let Some(stats) = &graph.stats {
             stats.waited(waited);
-            match &result {
-                Ok((_, spent)) => {
-                    stats.ran(rows, *spent, 0);
-                    stats.charge(&tenant, *spent);
-                }
-                Err(_) => stats.ran(rows, Duration::ZERO, 1),
-            }
+            stats.ran(rows, spent, usize::from(result.is_err()));
+            stats.charge(&tenant, spent);
         }
-        result
+        (result, spent)
     }
 
     /// Embeds `texts` with the repository model `name`, which must have an
@@ -517,8 +524,9 @@ impl ModelPool {
             .buffered(EMBED_CALLS_IN_FLIGHT);
         let mut vectors = vec![Vec::new(); texts.len()];
         for chunk in &chunks {
-            let (outputs, time) = results.next().await.expect("one result per chunk")?;
+            let (outputs, time) = results.next().await.expect("one result per chunk");
             *spent += time;
+            let outputs = outputs?;
             for (&index, vector) in chunk.indices.iter().zip(embedder.pool(chunk, &outputs)?) {
                 vectors[index] = vector;
             }
@@ -537,7 +545,7 @@ impl ModelPool {
         job: impl FnOnce() -> Result<T, NnError> + Send + 'static,
     ) -> Result<T, NnError> {
         let stopped = |_| NnError::new(ErrorCode::RuntimeError, "the model pool is shutting down");
-        let _mine = match tenant {
+        let mine = match tenant {
             Some(tenant) => Some(
                 self.tenant_workers(tenant)
                     .acquire_owned()
@@ -546,7 +554,18 @@ impl ModelPool {
             ),
             None => None,
         };
-        let _permit = self.workers.acquire().await.map_err(stopped)?;
+        let permit = self
+            .workers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(stopped)?;
+        // The job holds the permits until it ends, even when its caller
+        // leaves (a started run cannot be stopped, and must stay counted).
+        let job = move || {
+            let _held = (mine, permit);
+            job()
+        };
         tokio::task::spawn_blocking(job).await.unwrap_or_else(|e| {
             Err(NnError::new(
                 ErrorCode::RuntimeError,

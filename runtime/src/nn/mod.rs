@@ -279,18 +279,17 @@ impl NnView<'_> {
         {
             return self.fail(NnError::new(ErrorCode::RuntimeError, why));
         }
-        let result = self
+        let (result, spent) = self
             .ctx
             .pool
             .compute(graph, named, self.ctx.capabilities.tenant.clone())
             .await;
-        if let Ok((_, spent)) = &result {
-            tracing::debug!(ms = spent.as_secs_f64() * 1e3, "compute");
-            if let Some(budget) = &self.ctx.capabilities.compute {
-                budget.charge(*spent);
-            }
+        tracing::debug!(ms = spent.as_secs_f64() * 1e3, "compute");
+        // Failed runs cost the workers too: the tenant pays for them.
+        if let Some(budget) = &self.ctx.capabilities.compute {
+            budget.charge(spent);
         }
-        match result.map(|(outputs, _)| outputs) {
+        match result {
             Ok(outputs) => {
                 let mut named = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {
