@@ -143,6 +143,35 @@ async fn slow_and_idle_connections_are_closed() {
     hello(&server, &key).await;
 }
 
+#[tokio::test]
+async fn pings_do_not_keep_an_idle_http2_connection_open() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start(data.path(), &["--idle-timeout-ms", "1000"], None);
+    let stream = TcpStream::connect(server.address()).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                stream,
+            ))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::get(format!("{}/healthz", server.url))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+    // The client pings every 200 ms; the server still closes it once no
+    // request has been in flight for its idle timeout.
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(
+        ended.is_ok(),
+        "the idle HTTP/2 connection was kept open by its pings"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_sockets_cannot_use_up_the_descriptors() {
     let data = tempfile::tempdir().unwrap();
