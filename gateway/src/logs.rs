@@ -23,6 +23,9 @@ pub const MAX_LINE_BYTES: usize = 16 * 1024;
 /// Functions whose logs are kept; past it the least recently written go.
 pub const MAX_FUNCTION_LOGS: usize = 1024;
 
+/// Functions of one tenant whose logs are kept.
+pub const MAX_TENANT_LOGS: usize = 256;
+
 /// One log line.
 #[derive(Debug, Clone, Serialize)]
 pub struct LogLine {
@@ -41,21 +44,34 @@ pub struct FunctionLogs {
 }
 
 impl FunctionLogs {
-    /// The log of one function (created on first use; creating one past
-    /// [`MAX_FUNCTION_LOGS`] drops the least recently written).
+    /// The log of one function, created on first use. Creating one drops
+    /// the least recently written log of the same tenant once it has
+    /// [`MAX_TENANT_LOGS`], else the least recently written of all past
+    /// [`MAX_FUNCTION_LOGS`]: a tenant with many functions cycles its own
+    /// logs, not the others'.
     pub fn of(&self, tenant: &str, function: &str) -> Arc<FunctionLog> {
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
         let name = format!("{tenant}/{function}");
         if let Some(log) = logs.get(&name) {
             return log.clone();
         }
-        if logs.len() >= MAX_FUNCTION_LOGS
-            && let Some(oldest) = logs
-                .iter()
+        let prefix = format!("{tenant}/");
+        let own = logs.keys().filter(|n| n.starts_with(&prefix)).count();
+        let oldest = |logs: &HashMap<String, Arc<FunctionLog>>, own_only: bool| {
+            logs.iter()
+                .filter(|(n, _)| !own_only || n.starts_with(&prefix))
                 .min_by_key(|(_, log)| log.written())
-                .map(|(name, _)| name.clone())
-        {
-            logs.remove(&oldest);
+                .map(|(n, _)| n.clone())
+        };
+        let evict = if own >= MAX_TENANT_LOGS {
+            oldest(&logs, true)
+        } else if logs.len() >= MAX_FUNCTION_LOGS {
+            oldest(&logs, false)
+        } else {
+            None
+        };
+        if let Some(evicted) = evict {
+            logs.remove(&evicted);
         }
         logs.entry(name).or_default().clone()
     }
@@ -213,12 +229,27 @@ mod tests {
     fn the_least_recently_written_log_goes_first() {
         let logs = FunctionLogs::default();
         for i in 0..MAX_FUNCTION_LOGS {
-            logs.of("t", &format!("f{i}")).push("stdout", "hi");
+            let tenant = format!("t{}", i % 8);
+            logs.of(&tenant, &format!("f{i}")).push("stdout", "hi");
         }
-        logs.of("t", "f0").push("stdout", "again");
-        logs.of("t", "new");
+        logs.of("t0", "f0").push("stdout", "again");
+        logs.of("u", "new");
         let kept = logs.logs.lock().unwrap();
         assert_eq!(kept.len(), MAX_FUNCTION_LOGS);
-        assert!(kept.contains_key("t/f0") && kept.contains_key("t/new"));
+        assert!(kept.contains_key("t0/f0") && kept.contains_key("u/new"));
+        assert!(!kept.contains_key("t1/f1"), "the oldest of all went");
+    }
+
+    #[test]
+    fn a_tenant_with_many_functions_cycles_its_own_logs() {
+        let logs = FunctionLogs::default();
+        logs.of("quiet", "f").push("stdout", "hi");
+        for i in 0..MAX_FUNCTION_LOGS * 2 {
+            logs.of("busy", &format!("f{i}")).push("stdout", "hi");
+        }
+        let kept = logs.logs.lock().unwrap();
+        assert!(kept.contains_key("quiet/f"));
+        let busy = kept.keys().filter(|n| n.starts_with("busy/")).count();
+        assert_eq!(busy, MAX_TENANT_LOGS);
     }
 }

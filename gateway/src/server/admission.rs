@@ -121,8 +121,25 @@ impl Admission {
             .unwrap_or(DEFAULT_OUTBOUND_CONNECTIONS);
         let state = self.state(tenant);
         let mut outbound = lock(&state.outbound);
-        if outbound.as_ref().is_none_or(|(c, _)| *c != cap) {
-            *outbound = Some((cap, Arc::new(Semaphore::new(cap as usize))));
+        match outbound.as_mut() {
+            None => *outbound = Some((cap, Arc::new(Semaphore::new(cap as usize)))),
+            // A changed cap resizes the same semaphore, so connections open
+            // under the old cap stay counted; a lower cap takes the
+            // difference away as connections close.
+            Some((old, semaphore)) if *old != cap => {
+                if cap > *old {
+                    semaphore.add_permits((cap - *old) as usize);
+                } else {
+                    let (semaphore, fewer) = (semaphore.clone(), *old - cap);
+                    tokio::spawn(async move {
+                        if let Ok(permits) = semaphore.acquire_many_owned(fewer).await {
+                            permits.forget();
+                        }
+                    });
+                }
+                *old = cap;
+            }
+            Some(_) => {}
         }
         outbound.as_ref().expect("just set").1.clone()
     }

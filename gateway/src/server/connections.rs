@@ -30,8 +30,8 @@ const DESCRIPTOR_RESERVE: u64 = 256;
 const CROWDED_SHARE: f64 = 0.9;
 const CROWDED_IDLE: Duration = Duration::from_secs(1);
 
-/// How often a connection checks whether it should close.
-const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// The shortest wait between a connection's checks of whether to close.
+const MIN_CHECK: Duration = Duration::from_millis(100);
 
 /// Raises the soft descriptor limit to the hard one, and returns how many
 /// client connections fit under it with a reserve, capped at `wanted`.
@@ -170,12 +170,22 @@ impl Activity {
     /// for its idle limit, or writes stuck for as long.
     pub async fn idle(&self, connections: &Connections) {
         loop {
-            let limit = connections.idle_limit();
-            let idle = self.in_flight.load(Ordering::Relaxed) == 0 && self.idle_for() >= limit;
-            if idle || self.blocked_for() >= connections.idle {
+            if self.blocked_for() >= connections.idle {
                 return;
             }
-            tokio::time::sleep(CHECK_EVERY).await;
+            let limit = connections.idle_limit();
+            let wait = if self.in_flight.load(Ordering::Relaxed) == 0 {
+                let idle = self.idle_for();
+                if idle >= limit {
+                    return;
+                }
+                limit - idle
+            } else {
+                limit
+            };
+            // Checked at least every second: the limit shrinks when crowded,
+            // and a write may start waiting meanwhile.
+            tokio::time::sleep(wait.clamp(MIN_CHECK, CROWDED_IDLE)).await;
         }
     }
 }
