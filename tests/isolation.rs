@@ -237,18 +237,7 @@ async fn open_stream(
 }
 
 async fn generation(server: &Server) -> serde_json::Value {
-    let models = server
-        .admin()
-        .api(Method::GET, "/v1/models", None)
-        .await
-        .unwrap();
-    models["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "smollm2-135m-instruct")
-        .expect("the text model")["generation"]
-        .clone()
+    server.model("smollm2-135m-instruct").await["generation"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

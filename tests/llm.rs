@@ -43,21 +43,6 @@ fn events(stream: &str) -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
-async fn generation_stats(server: &Server, key: &str) -> serde_json::Value {
-    let models = server
-        .client(Some(key))
-        .api(Method::GET, "/v1/models", None)
-        .await
-        .unwrap();
-    models["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == MODEL)
-        .expect("the text model is listed")
-        .clone()
-}
-
 #[tokio::test]
 async fn chat_streams_the_reference_answer_as_server_sent_events() {
     let data = tempfile::tempdir().unwrap();
@@ -91,7 +76,7 @@ async fn chat_streams_the_reference_answer_as_server_sent_events() {
     assert_eq!(usage["finish_reason"], "stop");
     assert_eq!(usage["completion_tokens"], 7);
 
-    let model = generation_stats(&server, &key).await;
+    let model = server.model(MODEL).await;
     assert_eq!(model["state"], "ready", "{model}");
     assert_eq!(model["generation"]["completion_tokens"], 7, "{model}");
     assert_eq!(model["generation"]["active"], 0, "{model}");
@@ -125,7 +110,7 @@ async fn tokens_arrive_while_generating_and_a_client_that_leaves_frees_its_seque
         }
     };
     assert!(first.starts_with("data: {\"text\":"), "{first}");
-    let model = generation_stats(&server, &key).await;
+    let model = server.model(MODEL).await;
     assert_eq!(
         model["generation"]["active"], 1,
         "the first token reached the client while generation goes on: {model}"
@@ -135,7 +120,7 @@ async fn tokens_arrive_while_generating_and_a_client_that_leaves_frees_its_seque
     drop(body);
     drop(connection);
     for _ in 0..300 {
-        let model = generation_stats(&server, &key).await;
+        let model = server.model(MODEL).await;
         if model["generation"]["active"] == 0 {
             assert_eq!(model["generation"]["cancelled"], 1, "{model}");
             assert!(

@@ -207,6 +207,22 @@ impl Server {
         key["key"].as_str().expect("a key").to_string()
     }
 
+    /// A model as `GET /v1/models` shows it to the admin.
+    pub async fn model(&self, name: &str) -> serde_json::Value {
+        let models = self
+            .admin()
+            .api(Method::GET, "/v1/models", None)
+            .await
+            .unwrap();
+        models["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no model {name} in {models}"))
+            .clone()
+    }
+
     /// `/metrics` as the admin sees it.
     pub async fn metrics(&self) -> String {
         let reply = self
