@@ -38,6 +38,10 @@ pub struct Tenant {
     /// so a revision of a deleted tenant never matches its successor's.
     #[serde(default)]
     pub incarnation: u64,
+    /// Set by a deletion before it lists the tenant's keys and functions:
+    /// from then on nothing new is stored for the tenant.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 /// An API key record; the key itself is never stored, only its hash.
@@ -247,6 +251,7 @@ impl Store {
             usage: Usage::default(),
             revision: 0,
             incarnation: self.db.generate_id().map_err(anyhow::Error::from)?,
+            deleting: false,
         };
         let swapped = self
             .tenants
@@ -278,10 +283,7 @@ impl Store {
     /// Replaces a tenant's quota.
     pub fn set_quota(&self, name: &str, quota: &Quota) -> Result<Tenant, StoreError> {
         let result = self.tenants.transaction(|tenants| {
-            let Some(value) = tenants.get(name)? else {
-                return abort(StoreError::NotFound(format!("no tenant {name:?}")));
-            };
-            let mut tenant: Tenant = from_json(&value).map_err(storage)?;
+            let mut tenant = live_tenant(tenants, name)?;
             tenant.quota = quota.clone();
             tenants.insert(name, to_json(&tenant).map_err(storage)?)?;
             Ok(tenant)
@@ -298,6 +300,7 @@ impl Store {
     /// if it did, it lists again.
     /// Returns the functions it deleted.
     pub fn delete_tenant(&self, name: &str) -> Result<Vec<FunctionRecord>, StoreError> {
+        self.mark_deleting(name)?;
         for _ in 0..DELETE_ATTEMPTS {
             let Some(seen) = self.tenant(name)? else {
                 return Err(StoreError::NotFound(format!("no tenant {name:?}")));
@@ -316,6 +319,23 @@ impl Store {
         Err(StoreError::Conflict(format!(
             "tenant {name:?} kept changing while being deleted; try again"
         )))
+    }
+
+    /// Marks a tenant as being deleted, so that no key, function or quota
+    /// is stored for it any more (a deletion cut short by a crash is
+    /// finished by deleting again).
+    fn mark_deleting(&self, name: &str) -> Result<(), StoreError> {
+        let result = self.tenants.transaction(|tenants| {
+            let Some(value) = tenants.get(name)? else {
+                return abort(StoreError::NotFound(format!("no tenant {name:?}")));
+            };
+            let mut tenant: Tenant = from_json(&value).map_err(storage)?;
+            tenant.deleting = true;
+            tenant.revision += 1;
+            tenants.insert(name, to_json(&tenant).map_err(storage)?)?;
+            Ok(())
+        });
+        finish(result)
     }
 
     fn delete_tenant_at(
@@ -450,10 +470,7 @@ impl Store {
             &self.artifacts,
         );
         let result = trees.transaction(|(tenants, functions, refs, blobs, artifacts)| {
-            let Some(owner) = tenants.get(tenant)? else {
-                return abort(StoreError::NotFound(format!("no tenant {tenant:?}")));
-            };
-            let mut owner: Tenant = from_json(&owner).map_err(storage)?;
+            let mut owner = live_tenant(tenants, tenant)?;
             let existing: Option<FunctionRecord> = match functions.get(key.as_bytes())? {
                 Some(v) => Some(from_json(&v).map_err(storage)?),
                 None => None,
@@ -640,12 +657,25 @@ fn retain_blob(
 /// they keep changing underneath it.
 const DELETE_ATTEMPTS: usize = 16;
 
-/// Bumps a tenant's revision inside a transaction; `NotFound` without it.
-fn bump_revision(tenants: &TransactionalTree, name: &str) -> Result<(), TxError> {
+/// A tenant inside a transaction: `NotFound` when there is none, or when
+/// it is being deleted.
+fn live_tenant(tenants: &TransactionalTree, name: &str) -> Result<Tenant, TxError> {
     let Some(value) = tenants.get(name)? else {
         return abort(StoreError::NotFound(format!("no tenant {name:?}")));
     };
-    let mut tenant: Tenant = from_json(&value).map_err(storage)?;
+    let tenant: Tenant = from_json(&value).map_err(storage)?;
+    if tenant.deleting {
+        return abort(StoreError::NotFound(format!(
+            "tenant {name:?} is being deleted"
+        )));
+    }
+    Ok(tenant)
+}
+
+/// Bumps a tenant's revision inside a transaction; `NotFound` without it
+/// (or while it is being deleted).
+fn bump_revision(tenants: &TransactionalTree, name: &str) -> Result<(), TxError> {
+    let mut tenant = live_tenant(tenants, name)?;
     tenant.revision += 1;
     tenants.insert(name, to_json(&tenant).map_err(storage)?)?;
     Ok(())
@@ -697,6 +727,20 @@ fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nothing_is_stored_for_a_tenant_being_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "test").unwrap();
+        store.create_tenant("t").unwrap();
+        store.mark_deleting("t").unwrap();
+        let refused = store.add_key("t", &TokenHash::of("k"), "k").unwrap_err();
+        assert!(refused.to_string().contains("being deleted"), "{refused}");
+        assert!(store.set_quota("t", &Quota::default()).is_err());
+        // A deletion cut short finishes when asked again.
+        store.delete_tenant("t").unwrap();
+        assert!(store.tenant("t").unwrap().is_none());
+    }
 
     #[test]
     fn a_deletion_never_matches_a_later_tenant_of_the_same_name() {
