@@ -35,7 +35,7 @@ use tokio::sync::Semaphore;
 use crate::auth::{self, TokenHash};
 use crate::logs::FunctionLogs;
 use crate::store::Store;
-use connections::{Activity, Connections, TrackedBody, Watched};
+use connections::{Activity, Connections, Watched};
 
 pub use error::ApiError;
 use functions::FunctionCache;
@@ -271,8 +271,16 @@ impl Gateway {
                 let (gateway, in_flight) = (self.clone(), activity.request());
                 async move {
                     let response = gateway.route(request).await;
-                    let tracked = response.map(|body| TrackedBody::new(body, in_flight));
-                    Ok::<_, Infallible>(tracked.map(BodyExt::boxed_unsync))
+                    // The body holds its request in flight until it ends or is
+                    // dropped: a quiet stream (`logs --follow`) is not idle.
+                    let tracked = response.map(|body| {
+                        let hold = move |frame| {
+                            let _held = &in_flight;
+                            frame
+                        };
+                        body.map_frame(hold).boxed_unsync()
+                    });
+                    Ok::<_, Infallible>(tracked)
                 }
             })
         };
