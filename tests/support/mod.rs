@@ -93,6 +93,14 @@ impl Server {
         server
     }
 
+    /// [`Server::start_without_models`] with extra `serve` flags.
+    pub fn start_without_models_with(data: &Path, extra: &[&str]) -> Self {
+        let models = tempfile::tempdir().expect("an empty model repository");
+        let mut server = Self::start_with_models(data, models.path(), extra);
+        server.empty_models = Some(models);
+        server
+    }
+
     /// Starts a server on the model repository `models`, with extra `serve` flags.
     pub fn start_with_models(data: &Path, models: &Path, extra: &[&str]) -> Self {
         Self::launch(data, models, extra, &Launch::default())
@@ -412,6 +420,29 @@ pub struct Launch {
     pub nofile: Option<u64>,
     /// Another model repository than the repository's `models/`.
     pub models: Option<PathBuf>,
+}
+
+/// A fresh, empty database on the test PostgreSQL server, as a URL.
+/// `./dev test` starts the server and sets `GIGAFACTORY_TEST_POSTGRES`;
+/// without it the test fails and says so.
+pub async fn postgres_database() -> String {
+    let admin = std::env::var("GIGAFACTORY_TEST_POSTGRES").expect(
+        "GIGAFACTORY_TEST_POSTGRES is not set: this test needs PostgreSQL. Run the suite \
+         with `./dev test`, or start a server with `./dev postgres` and export the URL it prints",
+    );
+    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {admin}: {e}"));
+    tokio::spawn(connection);
+    let mut nonce = [0u8; 6];
+    getrandom::fill(&mut nonce).unwrap();
+    let name = format!("gf_test_{}", hex::encode(nonce));
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+    let (server, _) = admin.rsplit_once('/').expect("a URL ending in /database");
+    format!("{server}/{name}")
 }
 
 /// A bundle of the `manifest_probe` guest with `manifest` and `files`.

@@ -9,7 +9,9 @@ use bytes::Bytes;
 use hyper::Method;
 use serde_json::Value;
 
-use super::{Cli, Client, Command, FunctionsCommand, ModelsCommand, ServeArgs, TenantCommand};
+use super::{
+    Cli, Client, Command, FunctionsCommand, ModelsCommand, NodesCommand, ServeArgs, TenantCommand,
+};
 use crate::bundle::{Bundle, MANIFEST_ENTRY};
 use crate::manifest::Manifest;
 use crate::server::{Gateway, GatewayConfig};
@@ -34,6 +36,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Functions(command) => functions(&client()?, command, cli.json).await,
         Command::Models(ModelsCommand::List) => models(&client()?, cli.json).await,
         Command::Models(ModelsCommand::Devices) => devices(&client()?, cli.json).await,
+        Command::Nodes(NodesCommand::List) => nodes(&client()?, cli.json).await,
         Command::Logs { name, follow } => logs(&client()?, &name, follow, cli.json).await,
         Command::Bench(command) => crate::bench::run(command).await,
     }
@@ -43,6 +46,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     init_tracing();
     log_panics_briefly();
     let mut config = GatewayConfig::new(args.data);
+    config.store = Some(args.store);
     config.models_dir = args.models;
     config.admin_token = args.admin_token;
     config.max_upload_bytes = args.max_upload_mib << 20;
@@ -62,12 +66,19 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.generation_timeout = Duration::from_secs(args.generation_timeout_secs);
     config.max_loaded_functions = args.max_loaded_functions.max(1);
     config.allow_loopback_outbound = args.allow_loopback_outbound;
+    config.node.name = args.node_name;
+    config.node.advertise = args.advertise;
+    config.node.labels = args.labels.into_iter().collect();
+    config.node.dead_after = Duration::from_secs(args.node_timeout_secs.max(1));
+    config.node.heartbeat =
+        (config.node.dead_after / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    config.node.drain_grace = Duration::from_secs(args.drain_secs);
     if let Some(threads) = args.inference_threads {
         config.inference_workers = threads;
     }
-    let gateway = tokio::task::spawn_blocking(move || Gateway::start(config))
+    let gateway = Gateway::start(config)
         .await
-        .context("starting the gateway")??;
+        .context("starting the gateway")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -372,6 +383,54 @@ async fn models(client: &Client, as_json: bool) -> Result<()> {
                 line.push_str(&format!("\n    error: {error}"));
             }
             line
+        })
+    });
+    Ok(())
+}
+
+async fn nodes(client: &Client, as_json: bool) -> Result<()> {
+    let reply = client.api(Method::GET, "/v1/nodes", None).await?;
+    print_or(as_json, &reply, || {
+        list(&reply["nodes"], |n| {
+            let labels: Vec<String> = n["labels"]
+                .as_object()
+                .map(|labels| {
+                    labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let models: Vec<String> = n["report"]["models"]
+                .as_array()
+                .map(|models| {
+                    models
+                        .iter()
+                        .map(|m| {
+                            format!(
+                                "{} ({}, {} queued)",
+                                m["name"].as_str().unwrap_or("?"),
+                                m["state"].as_str().unwrap_or("?"),
+                                m["queued"].as_u64().unwrap_or(0)
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!(
+                "{:<20} {:<9} {:<22} {:>4} in flight  heard {:.1} s ago  {}\n    models: {}",
+                n["name"].as_str().unwrap_or("?"),
+                n["state"].as_str().unwrap_or("?"),
+                n["address"].as_str().unwrap_or("?"),
+                n["report"]["in_flight"].as_u64().unwrap_or(0),
+                n["last_heartbeat_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+                labels.join(","),
+                if models.is_empty() {
+                    "none".to_string()
+                } else {
+                    models.join(", ")
+                },
+            )
         })
     });
     Ok(())

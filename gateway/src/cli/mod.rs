@@ -73,6 +73,9 @@ pub enum Command {
     /// The model repository.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// The cluster's nodes (admin).
+    #[command(subcommand)]
+    Nodes(NodesCommand),
     /// Print a function's recent log lines (its stdout and stderr).
     Logs {
         /// The function's name.
@@ -92,9 +95,18 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "GIGAFACTORY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Data directory (store, generated admin token).
+    /// Data directory (the embedded store, function files, generated admin token).
     #[arg(long, env = "GIGAFACTORY_DATA", default_value = ".gigafactory")]
     pub data: PathBuf,
+    /// Control-plane store: `sled` (embedded, in the data directory) or a
+    /// `postgres://user:password@host:port/database` URL shared by a cluster's nodes.
+    #[arg(
+        long,
+        env = "GIGAFACTORY_STORE",
+        hide_env_values = true,
+        default_value = "sled"
+    )]
+    pub store: String,
     /// Model repository: `<dir>/<name>/model.toml` and the model files.
     #[arg(long, env = "GIGAFACTORY_MODELS")]
     pub models: Option<PathBuf>,
@@ -152,6 +164,40 @@ pub struct ServeArgs {
     /// so to this gateway itself). Off by default.
     #[arg(long)]
     pub allow_loopback_outbound: bool,
+    /// This node's name, unique in the cluster (default: the host name).
+    #[arg(long, env = "GIGAFACTORY_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Address other nodes reach this one at, `host:port` (default: the
+    /// listening address).
+    #[arg(long, env = "GIGAFACTORY_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// A label other nodes and placement rules see, `key=value` (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// A node not heard from for this long is dead to the others, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub node_timeout_secs: u64,
+    /// On SIGTERM, how long requests in flight may take to finish, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub drain_secs: u64,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("a label is `key=value`, not {text:?}"))?;
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    if !valid(key) || !(value.is_empty() || valid(value)) {
+        return Err(format!(
+            "label {text:?}: keys and values are 1 to 63 of a-z, A-Z, 0-9, `-`, `_`, `.`"
+        ));
+    }
+    Ok((key.to_string(), value.to_string()))
 }
 
 /// `gigafactory tenant …`
@@ -202,6 +248,13 @@ pub enum FunctionsCommand {
         /// The function's name.
         name: String,
     },
+}
+
+/// `gigafactory nodes …`
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// List the nodes, their state, labels, models and requests in flight.
+    List,
 }
 
 /// `gigafactory models …`

@@ -12,7 +12,7 @@ use crate::auth::{self, Principal, TokenHash};
 use crate::bundle::Bundle;
 use crate::manifest::Caps;
 use crate::quota::{PlatformLimits, Quota};
-use crate::store::{FunctionRecord, NewVersion};
+use crate::store::{FunctionRecord, NewVersion, Tenant, Version};
 
 /// Largest JSON body of a control-plane call.
 const MAX_JSON_BYTES: usize = 64 * 1024;
@@ -31,26 +31,27 @@ impl Gateway {
         method: &Method,
     ) -> Result<Response, ApiError> {
         match (segments, method) {
-            (["whoami"], &Method::GET) => self.whoami(&request),
-            (["tenants"], &Method::GET) => self.list_tenants(&request),
+            (["whoami"], &Method::GET) => self.whoami(&request).await,
+            (["tenants"], &Method::GET) => self.list_tenants(&request).await,
             (["tenants"], &Method::POST) => self.create_tenant(request).await,
-            (["tenants", tenant], &Method::GET) => self.get_tenant(&request, tenant),
-            (["tenants", tenant], &Method::DELETE) => self.delete_tenant(&request, tenant),
+            (["tenants", tenant], &Method::GET) => self.get_tenant(&request, tenant).await,
+            (["tenants", tenant], &Method::DELETE) => self.delete_tenant(&request, tenant).await,
             (["tenants", tenant, "quota"], &Method::PUT) => self.set_quota(request, tenant).await,
-            (["tenants", tenant, "keys"], &Method::POST) => self.create_key(&request, tenant),
-            (["tenants", tenant, "keys"], &Method::GET) => self.list_keys(&request, tenant),
+            (["tenants", tenant, "keys"], &Method::POST) => self.create_key(&request, tenant).await,
+            (["tenants", tenant, "keys"], &Method::GET) => self.list_keys(&request, tenant).await,
             (["tenants", tenant, "keys", id], &Method::DELETE) => {
-                self.revoke_key(&request, tenant, id)
+                self.revoke_key(&request, tenant, id).await
             }
-            (["functions"], &Method::GET) => self.list_functions(&request),
+            (["functions"], &Method::GET) => self.list_functions(&request).await,
             (["functions", name], &Method::PUT) => self.deploy(request, name).await,
-            (["functions", name], &Method::GET) => self.get_function(&request, name),
-            (["functions", name], &Method::DELETE) => self.delete_function(&request, name),
-            (["functions", name, "logs"], &Method::GET) => self.function_logs(&request, name),
-            (["models"], &Method::GET) => self.list_models(&request),
-            (["devices"], &Method::GET) => self.list_devices(&request),
+            (["functions", name], &Method::GET) => self.get_function(&request, name).await,
+            (["functions", name], &Method::DELETE) => self.delete_function(&request, name).await,
+            (["functions", name, "logs"], &Method::GET) => self.function_logs(&request, name).await,
+            (["models"], &Method::GET) => self.list_models(&request).await,
+            (["devices"], &Method::GET) => self.list_devices(&request).await,
+            (["nodes"], &Method::GET) => self.list_nodes(&request).await,
             (
-                ["whoami" | "tenants" | "functions" | "models" | "devices"]
+                ["whoami" | "tenants" | "functions" | "models" | "devices" | "nodes"]
                 | ["tenants", _]
                 | ["tenants", _, "quota" | "keys"]
                 | ["tenants", _, "keys", _]
@@ -69,11 +70,11 @@ impl Gateway {
         }
     }
 
-    fn whoami(&self, request: &Request) -> Result<Response, ApiError> {
-        let body = match self.authenticate(request)? {
+    async fn whoami(&self, request: &Request) -> Result<Response, ApiError> {
+        let body = match self.authenticate(request).await? {
             Principal::Admin => serde_json::json!({"role": "admin"}),
             Principal::Tenant(tenant) => {
-                let record = self.tenant_record(&tenant)?;
+                let record = self.tenant_record(&tenant).await?;
                 serde_json::json!({
                     "role": "tenant", "tenant": tenant,
                     "quota": record.quota, "usage": record.usage,
@@ -83,48 +84,54 @@ impl Gateway {
         Ok(json(StatusCode::OK, body))
     }
 
-    pub(super) fn tenant_record(&self, tenant: &str) -> Result<crate::store::Tenant, ApiError> {
+    pub(super) async fn tenant_record(&self, tenant: &str) -> Result<Tenant, ApiError> {
         check_name("tenant", tenant)?;
         self.store
-            .tenant(tenant)?
+            .tenant(tenant)
+            .await?
             .ok_or_else(|| ApiError::not_found(format!("no tenant {tenant:?}")))
     }
 
-    fn get_tenant(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
-        self.require_admin(request)?;
-        let record = self.tenant_record(tenant)?;
-        Ok(json(
-            StatusCode::OK,
-            serde_json::to_value(record).map_err(anyhow::Error::from)?,
-        ))
+    async fn get_tenant(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
+        self.require_admin(request).await?;
+        let record = self.tenant_record(tenant).await?;
+        Ok(json(StatusCode::OK, tenant_json(&record)))
     }
 
     async fn set_quota(&self, request: Request, tenant: &str) -> Result<Response, ApiError> {
-        self.require_admin(&request)?;
+        self.require_admin(&request).await?;
         check_name("tenant", tenant)?;
         let quota: Quota = self.read_json(request).await?;
         quota
             .validate(&self.model_names(), &self.platform_limits())
             .map_err(|e| ApiError::bad_request("invalid_quota", e))?;
-        let record = self.store.set_quota(tenant, &quota)?;
+        let record = self.store.set_quota(tenant, &quota).await?;
         tracing::info!(%tenant, "quota set");
-        Ok(json(
-            StatusCode::OK,
-            serde_json::to_value(record).map_err(anyhow::Error::from)?,
-        ))
+        Ok(json(StatusCode::OK, tenant_json(&record)))
     }
 
-    fn list_keys(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
-        self.require_admin(request)?;
-        self.tenant_record(tenant)?;
-        let keys = self.store.keys_of(tenant)?;
+    async fn list_keys(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
+        self.require_admin(request).await?;
+        self.tenant_record(tenant).await?;
+        let keys: Vec<_> = self
+            .store
+            .keys_of(tenant)
+            .await?
+            .iter()
+            .map(|key| serde_json::json!({"id": key.id, "tenant": key.tenant, "created_at": key.created_at}))
+            .collect();
         Ok(json(StatusCode::OK, serde_json::json!({ "keys": keys })))
     }
 
-    fn revoke_key(&self, request: &Request, tenant: &str, id: &str) -> Result<Response, ApiError> {
-        self.require_admin(request)?;
+    async fn revoke_key(
+        &self,
+        request: &Request,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Response, ApiError> {
+        self.require_admin(request).await?;
         check_name("tenant", tenant)?;
-        self.store.revoke_key(tenant, id)?;
+        self.store.revoke_key(tenant, id).await?;
         tracing::info!(%tenant, %id, "API key revoked");
         Ok(no_content())
     }
@@ -138,9 +145,15 @@ impl Gateway {
             .collect()
     }
 
-    fn list_tenants(&self, request: &Request) -> Result<Response, ApiError> {
-        self.require_admin(request)?;
-        let tenants = self.store.tenants()?;
+    async fn list_tenants(&self, request: &Request) -> Result<Response, ApiError> {
+        self.require_admin(request).await?;
+        let tenants: Vec<_> = self
+            .store
+            .tenants()
+            .await?
+            .iter()
+            .map(tenant_json)
+            .collect();
         Ok(json(
             StatusCode::OK,
             serde_json::json!({ "tenants": tenants }),
@@ -148,23 +161,20 @@ impl Gateway {
     }
 
     async fn create_tenant(&self, request: Request) -> Result<Response, ApiError> {
-        self.require_admin(&request)?;
+        self.require_admin(&request).await?;
         let body: CreateTenant = self.read_json(request).await?;
         check_name("tenant", &body.name)?;
-        let tenant = self.store.create_tenant(&body.name)?;
+        let tenant = self.store.create_tenant(&body.name).await?;
         tracing::info!(tenant = %tenant.name, "tenant created");
-        Ok(json(
-            StatusCode::CREATED,
-            serde_json::to_value(tenant).map_err(anyhow::Error::from)?,
-        ))
+        Ok(json(StatusCode::CREATED, tenant_json(&tenant)))
     }
 
-    fn delete_tenant(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
-        self.require_admin(request)?;
+    async fn delete_tenant(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
+        self.require_admin(request).await?;
         check_name("tenant", tenant)?;
-        let functions = self.store.delete_tenant(tenant)?;
+        let functions = self.store.delete_tenant(tenant).await?;
         for function in &functions {
-            self.forget_function(&function.tenant, &function.name, &function.versions)?;
+            self.forget_function(&function.tenant, &function.name, &function.versions);
         }
         self.admission.forget(tenant);
         self.metrics.forget(tenant, None);
@@ -173,13 +183,14 @@ impl Gateway {
         Ok(no_content())
     }
 
-    fn create_key(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
-        self.require_admin(request)?;
+    async fn create_key(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
+        self.require_admin(request).await?;
         check_name("tenant", tenant)?;
         let key = auth::generate(auth::KEY_PREFIX)?;
         let record = self
             .store
-            .add_key(tenant, &TokenHash::of(&key), &auth::key_id(&key))?;
+            .add_key(tenant, &TokenHash::of(&key), &auth::key_id(&key))
+            .await?;
         tracing::info!(%tenant, id = %record.id, "API key created");
         Ok(json(
             StatusCode::CREATED,
@@ -193,11 +204,12 @@ impl Gateway {
         ))
     }
 
-    fn list_functions(&self, request: &Request) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(request)?;
+    async fn list_functions(&self, request: &Request) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request).await?;
         let functions: Vec<_> = self
             .store
-            .functions(&tenant)?
+            .functions(&tenant)
+            .await?
             .iter()
             .map(function_json)
             .collect();
@@ -207,24 +219,24 @@ impl Gateway {
         ))
     }
 
-    fn get_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(request)?;
-        let function = self.find_function(&tenant, name)?;
+    async fn get_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request).await?;
+        let function = self.find_function(&tenant, name).await?;
         Ok(json(StatusCode::OK, function_json(&function)))
     }
 
-    fn delete_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(request)?;
-        let function = self.find_function(&tenant, name)?;
-        self.store.delete_function(&tenant, name)?;
-        self.forget_function(&tenant, name, &function.versions)?;
+    async fn delete_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request).await?;
+        let function = self.find_function(&tenant, name).await?;
+        self.store.delete_function(&tenant, name).await?;
+        self.forget_function(&tenant, name, &function.versions);
         tracing::info!(%tenant, function = %name, "function deleted");
         Ok(no_content())
     }
 
-    fn function_logs(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(request)?;
-        self.find_function(&tenant, name)?;
+    async fn function_logs(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request).await?;
+        self.find_function(&tenant, name).await?;
         let log = self.logs.of(&tenant, name);
         let query = request.uri().query().unwrap_or("");
         if query
@@ -238,10 +250,10 @@ impl Gateway {
     }
 
     /// Every model for the admin; a tenant sees only the models it may use.
-    fn list_models(&self, request: &Request) -> Result<Response, ApiError> {
+    async fn list_models(&self, request: &Request) -> Result<Response, ApiError> {
         let mut models = self.runtime.models().list();
-        if let Principal::Tenant(tenant) = self.authenticate(request)? {
-            let visible = self.visible_models(&self.tenant_record(&tenant)?.quota);
+        if let Principal::Tenant(tenant) = self.authenticate(request).await? {
+            let visible = self.visible_models(&self.tenant_record(&tenant).await?.quota);
             models.retain(|m| visible.contains(&m.name));
         }
         Ok(json(
@@ -251,8 +263,8 @@ impl Gateway {
     }
 
     /// The machine's devices, their memory and what models take of it.
-    fn list_devices(&self, request: &Request) -> Result<Response, ApiError> {
-        self.authenticate(request)?;
+    async fn list_devices(&self, request: &Request) -> Result<Response, ApiError> {
+        self.authenticate(request).await?;
         Ok(json(
             StatusCode::OK,
             serde_json::to_value(self.runtime.models().devices().list())
@@ -263,7 +275,7 @@ impl Gateway {
     /// `PUT /v1/functions/{name}`: the component itself (`application/wasm`)
     /// or a bundle (`application/x-tar`: `function.wasm`, `gigafactory.toml`, files).
     async fn deploy(&self, request: Request, name: &str) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(&request)?;
+        let tenant = self.require_tenant(&request).await?;
         check_name("function", name)?;
         let is_bundle = request
             .headers()
@@ -283,12 +295,12 @@ impl Gateway {
             .manifest
             .validate(&self.manifest_caps(), &self.model_names(), &bundle_files)
             .map_err(|e| ApiError::bad_request("invalid_manifest", e))?;
-        let quota = self.tenant_record(&tenant)?.quota;
+        let quota = self.tenant_record(&tenant).await?.quota;
         quota
             .admits(&bundle.manifest, &self.visible_models(&quota))
             .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", e))?;
         let sha256 = hex::encode(Sha256::digest(&bundle.wasm));
-        let artifact = match self.store.artifact(&sha256)? {
+        let artifact = match self.store.artifact(&sha256).await? {
             Some(artifact) => artifact,
             None => self.compile(&bundle.wasm).await?,
         };
@@ -311,7 +323,7 @@ impl Gateway {
             manifest: &bundle.manifest,
             files,
         };
-        let deployed = self.store.deploy(&tenant, name, &new)?;
+        let deployed = self.store.deploy(&tenant, name, &new).await?;
         self.metrics.deployed();
         let function = &deployed.function;
         if deployed.created
@@ -350,10 +362,11 @@ impl Gateway {
         }
     }
 
-    fn find_function(&self, tenant: &str, name: &str) -> Result<FunctionRecord, ApiError> {
+    async fn find_function(&self, tenant: &str, name: &str) -> Result<FunctionRecord, ApiError> {
         check_name("function", name)?;
         self.store
-            .function(tenant, name)?
+            .function(tenant, name)
+            .await?
             .ok_or_else(|| ApiError::not_found(format!("no function {name:?}")))
     }
 }
@@ -369,7 +382,39 @@ fn function_json(function: &FunctionRecord) -> serde_json::Value {
         "size": active.size,
         "manifest": active.manifest,
         "created_at": function.created_at,
-        "versions": function.versions,
+        "versions": function.versions.iter().map(version_json).collect::<Vec<_>>(),
+    })
+}
+
+fn version_json(version: &Version) -> serde_json::Value {
+    let files: serde_json::Map<String, serde_json::Value> = version
+        .files
+        .iter()
+        .map(|(path, file)| {
+            let file = serde_json::json!({"sha256": file.sha256, "size": file.size});
+            (path.clone(), file)
+        })
+        .collect();
+    let mut json = serde_json::json!({
+        "number": version.number,
+        "sha256": version.sha256,
+        "size": version.size,
+        "deployed_at": version.deployed_at,
+        "manifest": version.manifest,
+    });
+    if !files.is_empty() {
+        json["files"] = files.into();
+    }
+    json
+}
+
+/// A tenant as the API shows it.
+fn tenant_json(tenant: &Tenant) -> serde_json::Value {
+    serde_json::json!({
+        "name": tenant.name,
+        "created_at": tenant.created_at,
+        "quota": tenant.quota,
+        "usage": tenant.usage,
     })
 }
 

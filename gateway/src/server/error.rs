@@ -128,6 +128,9 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+/// What a client is told to wait when the store is unavailable.
+const STORE_RETRY_SECONDS: u64 = 2;
+
 impl From<crate::store::StoreError> for ApiError {
     fn from(error: crate::store::StoreError) -> Self {
         use crate::store::StoreError;
@@ -138,6 +141,15 @@ impl From<crate::store::StoreError> for ApiError {
                 Self::new(StatusCode::FORBIDDEN, "quota_exceeded", message)
             }
             StoreError::Moved => Self::conflict("the record changed meanwhile; try again"),
+            StoreError::Unavailable(error) => {
+                tracing::warn!("{error:#}");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the control-plane store cannot be reached right now; try again shortly",
+                )
+                .retry_after(STORE_RETRY_SECONDS)
+            }
             StoreError::Storage(error) => Self::internal(error),
         }
     }

@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, Gateway};
-use crate::store::{FileRef, Store, Version};
+use crate::store::{FileRef, Version};
 
 impl Gateway {
     /// The directory holding `version`'s files, written on first use.
@@ -26,10 +26,17 @@ impl Gateway {
         if dir.is_dir() {
             return Ok(Some(dir));
         }
-        let store = self.store.clone();
-        let files = version.files.clone();
+        let mut contents = Vec::with_capacity(version.files.len());
+        for (guest, file) in &version.files {
+            let content = self.store.blob(&file.sha256).await?.ok_or_else(|| {
+                ApiError::internal(anyhow::anyhow!(
+                    "the content of {guest} is missing from the store"
+                ))
+            })?;
+            contents.push((guest.clone(), content));
+        }
         let target = dir.clone();
-        tokio::task::spawn_blocking(move || materialize(&store, &files, &root, &target))
+        tokio::task::spawn_blocking(move || materialize(&contents, &root, &target))
             .await
             .map_err(|e| ApiError::internal(e.into()))??;
         Ok(Some(dir))
@@ -61,16 +68,11 @@ fn files_id(files: &BTreeMap<String, FileRef>) -> String {
 
 /// Writes the files into a staging directory, then renames it into place
 /// so a concurrent reader never sees half a tree.
-fn materialize(
-    store: &Store,
-    files: &BTreeMap<String, FileRef>,
-    root: &Path,
-    target: &Path,
-) -> Result<()> {
+fn materialize(files: &[(String, Vec<u8>)], root: &Path, target: &Path) -> Result<()> {
     let mut nonce = [0u8; 8];
     getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
     let staging = root.join(format!(".staging-{}", hex::encode(nonce)));
-    if let Err(error) = write_files(store, files, &staging) {
+    if let Err(error) = write_files(files, &staging) {
         // A failed write leaves nothing behind on disk.
         let _ = std::fs::remove_dir_all(&staging);
         return Err(error);
@@ -88,14 +90,11 @@ fn materialize(
     }
 }
 
-fn write_files(store: &Store, files: &BTreeMap<String, FileRef>, staging: &Path) -> Result<()> {
-    for (guest, file) in files {
+fn write_files(files: &[(String, Vec<u8>)], staging: &Path) -> Result<()> {
+    for (guest, content) in files {
         // Guest paths were validated at deploy: absolute, no `.` or `..`,
         // no file inside another.
         let path = staging.join(guest.trim_start_matches('/'));
-        let content = store
-            .blob(&file.sha256)?
-            .with_context(|| format!("the content of {guest} is missing from the store"))?;
         std::fs::create_dir_all(path.parent().expect("a file has a parent"))?;
         std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
     }

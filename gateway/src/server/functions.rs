@@ -118,10 +118,10 @@ impl Gateway {
         if let Some(function) = self.cached(&version.sha256) {
             return Ok(function);
         }
-        let artifact = match self.store.artifact(&version.sha256)? {
+        let artifact = match self.store.artifact(&version.sha256).await? {
             Some(artifact) => artifact,
             None => {
-                let wasm = self.store.blob(&version.sha256)?.ok_or_else(|| {
+                let wasm = self.store.blob(&version.sha256).await?.ok_or_else(|| {
                     ApiError::internal(anyhow::anyhow!(
                         "the wasm of version {} is missing",
                         version.number
@@ -129,7 +129,7 @@ impl Gateway {
                 })?;
                 tracing::info!(sha256 = %version.sha256, "recompiling for this engine");
                 let artifact = self.compile(&wasm).await?;
-                self.store.put_artifact(&version.sha256, &artifact)?;
+                self.store.put_artifact(&version.sha256, &artifact).await?;
                 artifact
             }
         };
@@ -160,13 +160,9 @@ impl Gateway {
     }
 
     /// Drops everything kept in memory for a deleted function: its log,
-    /// counters, concurrency slots, and loaded versions whose wasm left the store.
-    pub(super) fn forget_function(
-        &self,
-        tenant: &str,
-        name: &str,
-        versions: &[Version],
-    ) -> Result<(), ApiError> {
+    /// counters, concurrency slots and loaded versions (one that another
+    /// function shares loads again on its next request).
+    pub(super) fn forget_function(&self, tenant: &str, name: &str, versions: &[Version]) {
         self.logs.remove(tenant, name);
         self.metrics.forget(tenant, Some(name));
         let prefix = format!("{tenant}/{name}@");
@@ -174,11 +170,8 @@ impl Gateway {
         slots.retain(|key, _| !key.starts_with(&prefix));
         drop(slots);
         for version in versions {
-            if self.store.blob(&version.sha256)?.is_none() {
-                self.functions.remove(&version.sha256);
-            }
+            self.functions.remove(&version.sha256);
         }
-        Ok(())
     }
 
     fn cached(&self, sha256: &str) -> Option<Function> {

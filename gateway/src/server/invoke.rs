@@ -38,7 +38,7 @@ impl Gateway {
     ) -> Result<Response, ApiError> {
         check_name("tenant", tenant)?;
         check_name("function", name)?;
-        let caller = self.require_tenant(&request)?;
+        let caller = self.require_tenant(&request).await?;
         if caller != tenant {
             return Err(ApiError::forbidden(format!(
                 "this key belongs to another tenant and cannot invoke /fn/{tenant}/{name}"
@@ -46,7 +46,8 @@ impl Gateway {
         }
         let record = self
             .store
-            .function(tenant, name)?
+            .function(tenant, name)
+            .await?
             .ok_or_else(|| ApiError::not_found(format!("no function {name:?}")))?;
         let counted = Counted {
             gateway: self,
@@ -73,7 +74,8 @@ impl Gateway {
     ) -> Result<Response, ApiError> {
         let quota = self
             .store
-            .tenant(tenant)?
+            .tenant(tenant)
+            .await?
             .ok_or_else(|| ApiError::not_found(format!("no tenant {tenant:?}")))?
             .quota;
         let limits = self.limits_of(version, &quota);

@@ -11,12 +11,14 @@ mod follow;
 mod functions;
 mod invoke;
 mod metrics;
+mod nodes;
 mod openai;
 mod routes;
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,10 +37,12 @@ use tokio::sync::Semaphore;
 use crate::auth::{self, TokenHash};
 use crate::logs::FunctionLogs;
 use crate::store::Store;
+
 use connections::{Activity, Connections, Watched};
 
 pub use error::ApiError;
 use functions::FunctionCache;
+pub use nodes::NodeConfig;
 
 /// Error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -57,8 +61,11 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 /// How the gateway is set up.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// Where the store and the generated admin token live.
+    /// Where the embedded store, function files and the generated admin token live.
     pub data_dir: PathBuf,
+    /// The store: `None` for sled in the data directory, or a
+    /// `postgres://` URL shared by the nodes of a cluster.
+    pub store: Option<String>,
     /// The model repository.
     pub models_dir: Option<PathBuf>,
     /// The admin token to use instead of a generated one.
@@ -91,6 +98,8 @@ pub struct GatewayConfig {
     pub max_loaded_functions: usize,
     /// Whether manifests may allow outbound requests to loopback addresses.
     pub allow_loopback_outbound: bool,
+    /// This process as a node of its cluster.
+    pub node: NodeConfig,
 }
 
 impl GatewayConfig {
@@ -98,6 +107,7 @@ impl GatewayConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
+            store: None,
             models_dir: None,
             admin_token: None,
             max_upload_bytes: 64 << 20,
@@ -114,6 +124,7 @@ impl GatewayConfig {
             generation_timeout: Duration::from_secs(300),
             max_loaded_functions: 256,
             allow_loopback_outbound: false,
+            node: NodeConfig::default(),
         }
     }
 }
@@ -121,7 +132,7 @@ impl GatewayConfig {
 /// Everything a request handler needs.
 pub struct Gateway {
     config: GatewayConfig,
-    store: Store,
+    store: Arc<dyn Store>,
     runtime: Runtime,
     functions: FunctionCache,
     logs: FunctionLogs,
@@ -133,6 +144,10 @@ pub struct Gateway {
     admission: admission::Admission,
     /// Models every tenant may use (`public = true` in model.toml).
     public_models: Arc<BTreeSet<String>>,
+    /// Set when shutting down: the node takes no new work.
+    draining: AtomicBool,
+    /// Requests being answered (until their response body ends).
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// Requests one HTTP/2 connection may have in flight at once.
@@ -143,26 +158,31 @@ pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
 impl Gateway {
     /// Loads the models, opens the store and prepares the admin token.
-    pub fn start(config: GatewayConfig) -> Result<Arc<Self>> {
+    pub async fn start(config: GatewayConfig) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
-        let models = match &config.models_dir {
-            Some(dir) => {
-                ModelPool::load_repository(dir, config.inference_workers, config.batching)?
-            }
-            None => ModelPool::empty(config.inference_workers),
+        let runtime = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || load_runtime(&config))
+                .await
+                .context("loading the models")??
         };
-        let runtime = Runtime::new(config.limits.clone(), Arc::new(models))
-            .context("building the sandbox")?;
-        let store = Store::open(&config.data_dir.join("store"), runtime.fingerprint())?;
-        let pruned = store.prune_artifacts()?;
+        let store = crate::store::open(
+            config.store.as_deref(),
+            &config.data_dir,
+            runtime.fingerprint(),
+        )
+        .await?;
+        let store: Arc<dyn Store> = Arc::new(crate::store::Cached::new(store));
+        tracing::info!(store = store.kind(), "opened the store");
+        let pruned = store.prune_artifacts().await?;
         if pruned > 0 {
             tracing::info!(
                 pruned,
                 "dropped artifacts compiled by another engine version"
             );
         }
-        let admin_token = admin_token(&config, &store)?;
+        let admin_token = admin_token(&config, store.as_ref()).await?;
         files::remove_staging(&config.data_dir.join("files"));
         let public_models = runtime
             .models()
@@ -178,6 +198,8 @@ impl Gateway {
             metrics: metrics::Metrics::default(),
             concurrency: Mutex::default(),
             admission: admission::Admission::default(),
+            draining: AtomicBool::new(false),
+            in_flight: Arc::default(),
             config,
             store,
             runtime,
@@ -185,13 +207,18 @@ impl Gateway {
         }))
     }
 
-    /// Serves connections from `listener` until `shutdown` resolves, then
-    /// lets in-flight requests finish (up to 10 s).
+    /// Registers the node, serves connections from `listener` until
+    /// `shutdown` resolves, then drains: takes no new connections, lets
+    /// requests in flight finish (up to the drain grace) and leaves the cluster.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
+        let mut node = self.node_status(listener.local_addr()?)?;
+        self.heartbeat(&mut node).await?;
+        tracing::info!(node = %node.name, address = %node.address, "joined the cluster");
+        let heartbeats = tokio::spawn(self.clone().heartbeats(node.clone()));
         let builder = self.http_builder();
         let cap = connections::connection_cap(self.config.max_connections);
         let connections = Arc::new(Connections::new(cap, self.config.idle_timeout));
@@ -225,14 +252,28 @@ impl Gateway {
             self.clone()
                 .spawn_connection(&builder, &graceful, &connections, connection);
         }
-        tracing::info!("shutting down: waiting for in-flight requests");
-        if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        self.draining.store(true, Ordering::Relaxed);
+        heartbeats.abort();
+        if let Err(error) = self.heartbeat(&mut node).await {
+            tracing::warn!("{error:#}");
+        }
+        let grace = self.config.node.drain_grace;
+        tracing::info!(
+            in_flight = self.in_flight.load(Ordering::Relaxed),
+            grace_secs = grace.as_secs(),
+            "draining: waiting for requests in flight"
+        );
+        if tokio::time::timeout(grace, graceful.shutdown())
             .await
             .is_err()
         {
-            tracing::warn!("gave up waiting for in-flight requests");
+            tracing::warn!("gave up waiting for requests in flight");
         }
-        self.store.flush()
+        if let Err(error) = self.store.leave(&node).await {
+            tracing::warn!("leaving the cluster: {error:#}");
+        }
+        tracing::info!(node = %node.name, "left the cluster");
+        Ok(self.store.flush().await?)
     }
 
     /// HTTP/1 and HTTP/2 with the header read timeout.
@@ -269,13 +310,14 @@ impl Gateway {
             let activity = activity.clone();
             hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
                 let (gateway, in_flight) = (self.clone(), activity.request());
+                let counted = InFlight::new(&self.in_flight);
                 async move {
                     let response = gateway.route(request).await;
                     // The body holds its request in flight until it ends or is
                     // dropped: a quiet stream (`logs --follow`) is not idle.
                     let tracked = response.map(|body| {
                         let hold = move |frame| {
-                            let _held = &in_flight;
+                            let _held = (&in_flight, &counted);
                             frame
                         };
                         body.map_frame(hold).boxed_unsync()
@@ -301,6 +343,22 @@ impl Gateway {
     }
 }
 
+/// One request in flight, counted until dropped (with its response body).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// An accepted connection, counted under the cap, its activity watched.
 struct Connection {
     stream: tokio::net::TcpStream,
@@ -309,22 +367,31 @@ struct Connection {
     activity: Arc<Activity>,
 }
 
+/// The models and the sandbox (blocking: models load from disk).
+fn load_runtime(config: &GatewayConfig) -> Result<Runtime> {
+    let models = match &config.models_dir {
+        Some(dir) => ModelPool::load_repository(dir, config.inference_workers, config.batching)?,
+        None => ModelPool::empty(config.inference_workers),
+    };
+    Runtime::new(config.limits.clone(), Arc::new(models)).context("building the sandbox")
+}
+
 /// The admin token's hash: the configured token, the stored one, or a new
 /// one written to `<data>/admin-token` for the operator.
-fn admin_token(config: &GatewayConfig, store: &Store) -> Result<TokenHash> {
+async fn admin_token(config: &GatewayConfig, store: &dyn Store) -> Result<TokenHash> {
     if let Some(token) = &config.admin_token {
         let hash = TokenHash::of(token);
-        store.set_admin_token(&hash)?;
+        store.set_admin_token(&hash).await?;
         return Ok(hash);
     }
-    if let Some(hash) = store.admin_token()? {
+    if let Some(hash) = store.admin_token().await? {
         return Ok(hash);
     }
     let token = auth::generate(auth::ADMIN_PREFIX)?;
     let path = config.data_dir.join(ADMIN_TOKEN_FILE);
     write_secret(&path, &token)?;
     let hash = TokenHash::of(&token);
-    store.set_admin_token(&hash)?;
+    store.set_admin_token(&hash).await?;
     tracing::info!("generated the admin token: {}", path.display());
     Ok(hash)
 }

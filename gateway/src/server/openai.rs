@@ -103,7 +103,7 @@ impl Gateway {
         method: &Method,
     ) -> Result<Response, ApiError> {
         match (segments, method) {
-            (["v1", "models"], &Method::GET) => self.openai_models(&request),
+            (["v1", "models"], &Method::GET) => self.openai_models(&request).await,
             (["v1", "chat", "completions"], &Method::POST) => self.chat_completions(request).await,
             (["v1", "embeddings"], &Method::POST) => self.embeddings(request).await,
             (["v1", "models"] | ["v1", "chat", "completions"] | ["v1", "embeddings"], _) => {
@@ -121,9 +121,9 @@ impl Gateway {
     }
 
     /// The models the tenant may use, in OpenAI's list shape.
-    fn openai_models(&self, request: &Request) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(request)?;
-        let visible = self.visible_models(&self.tenant_record(&tenant)?.quota);
+    async fn openai_models(&self, request: &Request) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request).await?;
+        let visible = self.visible_models(&self.tenant_record(&tenant).await?.quota);
         let data: Vec<Value> = self
             .runtime
             .models()
@@ -146,8 +146,8 @@ impl Gateway {
     }
 
     async fn chat_completions(&self, request: Request) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(&request)?;
-        let quota = self.tenant_record(&tenant)?.quota;
+        let tenant = self.require_tenant(&request).await?;
+        let quota = self.tenant_record(&tenant).await?.quota;
         let admitted = self.admission.admit(&tenant, &quota)?;
         self.admission.may_generate(&tenant, &quota)?;
         let body = self.read_body(request, MAX_BODY).await?;
@@ -245,8 +245,8 @@ impl Gateway {
     }
 
     async fn embeddings(&self, request: Request) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(&request)?;
-        let quota = self.tenant_record(&tenant)?.quota;
+        let tenant = self.require_tenant(&request).await?;
+        let quota = self.tenant_record(&tenant).await?.quota;
         let admitted = self.admission.admit(&tenant, &quota)?;
         let body = self.read_body(request, MAX_EMBEDDINGS_BODY).await?;
         let asked: EmbeddingRequest = serde_json::from_slice(&body).map_err(|e| {

@@ -28,7 +28,8 @@ impl Gateway {
             (["healthz"], &Method::GET) => {
                 Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"})))
             }
-            (["metrics"], &Method::GET) => self.metrics_text(&request),
+            (["readyz"], &Method::GET) => Ok(self.readiness()),
+            (["metrics"], &Method::GET) => self.metrics_text(&request).await,
             (["fn", tenant, function, ..], _) => {
                 let rest = rest_of_path(&path, 3);
                 self.invoke(request, tenant, function, rest).await
@@ -55,7 +56,7 @@ impl Gateway {
     }
 
     /// Who the request's bearer token belongs to.
-    pub(super) fn authenticate(&self, request: &Request) -> Result<Principal, ApiError> {
+    pub(super) async fn authenticate(&self, request: &Request) -> Result<Principal, ApiError> {
         let header = request
             .headers()
             .get(hyper::header::AUTHORIZATION)
@@ -69,23 +70,23 @@ impl Gateway {
         if hash.matches(&self.admin_token) {
             return Ok(Principal::Admin);
         }
-        match self.store.key(&hash)? {
+        match self.store.key(&hash).await? {
             Some(key) => Ok(Principal::Tenant(key.tenant)),
             None => Err(ApiError::unauthorized("unknown API key")),
         }
     }
 
     /// The operator only.
-    pub(super) fn require_admin(&self, request: &Request) -> Result<(), ApiError> {
-        match self.authenticate(request)? {
+    pub(super) async fn require_admin(&self, request: &Request) -> Result<(), ApiError> {
+        match self.authenticate(request).await? {
             Principal::Admin => Ok(()),
             Principal::Tenant(_) => Err(ApiError::forbidden("this needs the admin token")),
         }
     }
 
     /// A tenant key; returns the tenant.
-    pub(super) fn require_tenant(&self, request: &Request) -> Result<String, ApiError> {
-        match self.authenticate(request)? {
+    pub(super) async fn require_tenant(&self, request: &Request) -> Result<String, ApiError> {
+        match self.authenticate(request).await? {
             Principal::Tenant(tenant) => Ok(tenant),
             Principal::Admin => Err(ApiError::forbidden(
                 "the admin token is not a tenant key: create a key with `gigafactory tenant key <tenant>`",
@@ -93,8 +94,8 @@ impl Gateway {
         }
     }
 
-    fn metrics_text(&self, request: &Request) -> Result<Response, ApiError> {
-        self.require_admin(request)?;
+    async fn metrics_text(&self, request: &Request) -> Result<Response, ApiError> {
+        self.require_admin(request).await?;
         let text = self.metrics.render(
             self.runtime.counters(),
             self.runtime.models(),

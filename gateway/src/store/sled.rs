@@ -1,193 +1,30 @@
-//! Durable state in sled: tenants, hashed API keys, functions and their
-//! immutable versions, content-addressed wasm blobs and precompiled
-//! artifacts. Every multi-key update is one transaction.
+//! The embedded store: sled in the data directory, opened by one process.
+//! Records are [`records`](super::records) in trees; every multi-key
+//! update is one sled transaction. Changes are announced in-process.
 
-use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use serde::{Deserialize, Serialize};
+use async_trait::async_trait;
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
 };
 use sled::{Db, Tree};
+use tokio::sync::broadcast;
 
+use super::records::{decode as from_json, encode as to_json};
+use super::{
+    ApiKey, Change, Deployed, FunctionRecord, NewVersion, Node, NodeStatus, Planned, Store,
+    StoreError, Tenant, Version, now,
+};
 use crate::auth::TokenHash;
-use crate::manifest::Manifest;
 use crate::quota::{Quota, Usage};
-
-/// A tenant: an isolated namespace of functions and keys.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Tenant {
-    /// Unique name, also the `{tenant}` of `/fn/{tenant}/…`.
-    pub name: String,
-    /// Unix seconds.
-    pub created_at: u64,
-    /// Caps set by the admin.
-    #[serde(default)]
-    pub quota: Quota,
-    /// What it uses of its deploy-time caps.
-    #[serde(default)]
-    pub usage: Usage,
-    /// Bumped by every change to its keys or functions, in the same
-    /// transaction: deleting the tenant checks it did not move while its
-    /// keys and functions were being listed.
-    #[serde(default)]
-    pub revision: u64,
-    /// Unique to this creation of the name (never reused after a delete),
-    /// so a revision of a deleted tenant never matches its successor's.
-    #[serde(default)]
-    pub incarnation: u64,
-    /// Set by a deletion before it lists the tenant's keys and functions:
-    /// from then on nothing new is stored for the tenant.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub deleting: bool,
-}
-
-/// An API key record; the key itself is never stored, only its hash.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ApiKey {
-    /// Public identifier (the first characters of the key), for listing and revoking.
-    pub id: String,
-    /// The tenant it acts for.
-    pub tenant: String,
-    /// Unix seconds.
-    pub created_at: u64,
-}
-
-/// A function and its versions.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FunctionRecord {
-    /// Owning tenant.
-    pub tenant: String,
-    /// Name within the tenant.
-    pub name: String,
-    /// The version requests go to.
-    pub active: u32,
-    /// Every version, oldest first; versions never change.
-    pub versions: Vec<Version>,
-    /// Unix seconds.
-    pub created_at: u64,
-}
-
-impl FunctionRecord {
-    /// The version requests go to.
-    pub fn active_version(&self) -> &Version {
-        self.versions
-            .iter()
-            .find(|v| v.number == self.active)
-            .expect("the active version is one of the versions")
-    }
-}
-
-/// One immutable deployed version.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Version {
-    /// 1, 2, 3 … per function.
-    pub number: u32,
-    /// sha256 of the wasm, hex.
-    pub sha256: String,
-    /// Size of the wasm in bytes.
-    pub size: u64,
-    /// Unix seconds.
-    pub deployed_at: u64,
-    /// What the function asked for.
-    #[serde(default)]
-    pub manifest: Manifest,
-    /// Its read-only files: guest path → content.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub files: BTreeMap<String, FileRef>,
-}
-
-impl Version {
-    /// Bytes this version keeps in the store: its wasm and its files.
-    pub fn stored_bytes(&self) -> u64 {
-        self.size + self.files.values().map(|f| f.size).sum::<u64>()
-    }
-
-    /// Every blob the version references: the wasm, then its files.
-    fn blobs(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.sha256.as_str()).chain(self.files.values().map(|f| f.sha256.as_str()))
-    }
-}
-
-/// A file's content in the blob store.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FileRef {
-    /// sha256 of the content, hex.
-    pub sha256: String,
-    /// Size in bytes.
-    pub size: u64,
-}
-
-/// Everything a deploy stores.
-pub struct NewVersion<'a> {
-    /// The component.
-    pub wasm: &'a [u8],
-    /// Its sha256, hex.
-    pub sha256: &'a str,
-    /// Its precompiled artifact.
-    pub artifact: &'a [u8],
-    /// The manifest.
-    pub manifest: &'a Manifest,
-    /// Guest path → (sha256, content) of each file.
-    pub files: BTreeMap<String, (String, &'a [u8])>,
-}
-
-impl NewVersion<'_> {
-    fn file_refs(&self) -> BTreeMap<String, FileRef> {
-        self.files
-            .iter()
-            .map(|(guest, (sha256, content))| {
-                let file = FileRef {
-                    sha256: sha256.clone(),
-                    size: content.len() as u64,
-                };
-                (guest.clone(), file)
-            })
-            .collect()
-    }
-
-    fn same_as(&self, version: &Version) -> bool {
-        version.sha256 == self.sha256
-            && version.manifest == *self.manifest
-            && version.files == self.file_refs()
-    }
-}
-
-/// Store refusals the API maps to statuses.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The thing exists already.
-    #[error("{0}")]
-    Conflict(String),
-    /// The thing does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// A tenant quota refuses it.
-    #[error("{0}")]
-    Quota(String),
-    /// sled failed.
-    #[error(transparent)]
-    Storage(#[from] anyhow::Error),
-    /// The record changed between a read and the transaction that relied
-    /// on it (internal: the caller reads again).
-    #[error("the record changed meanwhile")]
-    Moved,
-}
-
-/// The outcome of a deploy.
-#[derive(Debug, Clone)]
-pub struct Deployed {
-    /// The function after the deploy.
-    pub function: FunctionRecord,
-    /// False when the wasm equals the active version's (nothing changed).
-    pub created: bool,
-}
 
 /// The sled database and its trees.
 #[derive(Clone)]
-pub struct Store {
+pub struct SledStore {
     db: Db,
     meta: Tree,
     tenants: Tree,
@@ -197,11 +34,14 @@ pub struct Store {
     blob_refs: Tree,
     artifacts: Tree,
     fingerprint: String,
+    changes: broadcast::Sender<Change>,
+    /// This process's node, as its last heartbeat reported it.
+    node: Arc<Mutex<Option<(NodeStatus, Instant)>>>,
 }
 
 const ADMIN_TOKEN: &str = "admin_token_sha256";
 
-impl Store {
+impl SledStore {
     /// Opens (or creates) the store in `dir`; artifacts are read and
     /// written for the engine `fingerprint`.
     pub fn open(dir: &Path, fingerprint: &str) -> Result<Self> {
@@ -220,6 +60,8 @@ impl Store {
             blob_refs: tree("blob_refs")?,
             artifacts: tree("artifacts")?,
             fingerprint: fingerprint.to_string(),
+            changes: broadcast::channel(super::CHANGES_BUFFERED).0,
+            node: Arc::default(),
             db,
         })
     }
@@ -421,7 +263,7 @@ impl Store {
     }
 
     /// Revokes the key of `tenant` with public id `id`.
-    pub fn revoke_key(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
+    pub fn revoke_key(&self, tenant: &str, id: &str) -> Result<TokenHash, StoreError> {
         let not_found = || StoreError::NotFound(format!("tenant {tenant:?} has no key {id:?}"));
         let mut found = None;
         for entry in self.keys.iter() {
@@ -441,7 +283,9 @@ impl Store {
         });
         finish(result)?;
         self.flush()?;
-        Ok(())
+        let hash = TokenHash::from_slice(&hash)
+            .ok_or_else(|| anyhow::anyhow!("a stored key hash is not 32 bytes"))?;
+        Ok(hash)
     }
 
     /// The key record for a key hash.
@@ -475,42 +319,18 @@ impl Store {
                 Some(v) => Some(from_json(&v).map_err(storage)?),
                 None => None,
             };
-            if let Some(function) = &existing
-                && new.same_as(function.active_version())
-            {
-                return Ok(Deployed {
-                    function: function.clone(),
-                    created: false,
-                });
-            }
-            let now = now();
-            let mut function = existing.unwrap_or_else(|| FunctionRecord {
-                tenant: tenant.to_string(),
-                name: name.to_string(),
-                active: 0,
-                versions: Vec::new(),
-                created_at: now,
-            });
-            let number = function.versions.last().map_or(1, |v| v.number + 1);
-            let version = Version {
-                number,
-                sha256: new.sha256.to_string(),
-                size: new.wasm.len() as u64,
-                deployed_at: now,
-                manifest: new.manifest.clone(),
-                files: new.file_refs(),
+            let (function, usage) = match new.plan(&owner, name, existing) {
+                Ok(Planned::New { function, usage }) => (function, usage),
+                Ok(Planned::Unchanged(function)) => {
+                    let created = false;
+                    return Ok(Deployed { function, created });
+                }
+                Err(refused) => return abort(refused),
             };
-            owner.usage.functions += u32::from(function.versions.is_empty());
-            owner.usage.stored_bytes += version.stored_bytes();
+            owner.usage = usage;
             owner.revision += 1;
-            if let Err(message) = owner.quota.admits_usage(owner.usage) {
-                return abort(StoreError::Quota(message));
-            }
             tenants.insert(tenant, to_json(&owner).map_err(storage)?)?;
-            function.versions.push(version);
-            function.active = number;
-            retain_blob(refs, blobs, new.sha256, new.wasm)?;
-            for (sha256, content) in new.files.values() {
+            for (sha256, content) in new.blobs() {
                 retain_blob(refs, blobs, sha256, content)?;
             }
             artifacts.insert(artifact_key.as_bytes(), new.artifact)?;
@@ -617,7 +437,166 @@ impl Store {
     }
 }
 
-impl Store {
+impl SledStore {
+    /// Tells the receivers of [`Store::changes`] (none is fine).
+    fn announce(&self, change: Change) {
+        let _ = self.changes.send(change);
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    fn kind(&self) -> &'static str {
+        "sled"
+    }
+
+    fn changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    async fn admin_token(&self) -> Result<Option<TokenHash>, StoreError> {
+        Ok(SledStore::admin_token(self)?)
+    }
+
+    async fn set_admin_token(&self, hash: &TokenHash) -> Result<(), StoreError> {
+        Ok(SledStore::set_admin_token(self, hash)?)
+    }
+
+    async fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
+        let tenant = SledStore::create_tenant(self, name)?;
+        self.announce(Change::Tenant(name.to_string()));
+        Ok(tenant)
+    }
+
+    async fn tenant(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
+        Ok(SledStore::tenant(self, name)?)
+    }
+
+    async fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        Ok(SledStore::tenants(self)?)
+    }
+
+    async fn set_quota(&self, name: &str, quota: &Quota) -> Result<Tenant, StoreError> {
+        let tenant = SledStore::set_quota(self, name, quota)?;
+        self.announce(Change::Tenant(name.to_string()));
+        Ok(tenant)
+    }
+
+    async fn delete_tenant(&self, name: &str) -> Result<Vec<FunctionRecord>, StoreError> {
+        let outcome = SledStore::delete_tenant(self, name);
+        // Marked for deletion even when the deletion itself failed.
+        self.announce(Change::Tenant(name.to_string()));
+        outcome
+    }
+
+    async fn add_key(
+        &self,
+        tenant: &str,
+        hash: &TokenHash,
+        id: &str,
+    ) -> Result<ApiKey, StoreError> {
+        let key = SledStore::add_key(self, tenant, hash, id)?;
+        self.announce(Change::Key(hash.clone()));
+        Ok(key)
+    }
+
+    async fn keys_of(&self, tenant: &str) -> Result<Vec<ApiKey>, StoreError> {
+        Ok(SledStore::keys_of(self, tenant)?)
+    }
+
+    async fn revoke_key(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
+        let hash = SledStore::revoke_key(self, tenant, id)?;
+        self.announce(Change::Key(hash));
+        Ok(())
+    }
+
+    async fn key(&self, hash: &TokenHash) -> Result<Option<ApiKey>, StoreError> {
+        Ok(SledStore::key(self, hash)?)
+    }
+
+    async fn deploy(
+        &self,
+        tenant: &str,
+        name: &str,
+        new: &NewVersion<'_>,
+    ) -> Result<Deployed, StoreError> {
+        let deployed = SledStore::deploy(self, tenant, name, new)?;
+        if deployed.created {
+            self.announce(Change::Tenant(tenant.to_string()));
+            self.announce(Change::Function {
+                tenant: tenant.to_string(),
+                name: name.to_string(),
+            });
+        }
+        Ok(deployed)
+    }
+
+    async fn function(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<FunctionRecord>, StoreError> {
+        Ok(SledStore::function(self, tenant, name)?)
+    }
+
+    async fn functions(&self, tenant: &str) -> Result<Vec<FunctionRecord>, StoreError> {
+        Ok(SledStore::functions(self, tenant)?)
+    }
+
+    async fn delete_function(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        SledStore::delete_function(self, tenant, name)?;
+        self.announce(Change::Tenant(tenant.to_string()));
+        self.announce(Change::Function {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+        });
+        Ok(())
+    }
+
+    async fn blob(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(SledStore::blob(self, sha256)?)
+    }
+
+    async fn artifact(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(SledStore::artifact(self, sha256)?)
+    }
+
+    async fn put_artifact(&self, sha256: &str, artifact: &[u8]) -> Result<(), StoreError> {
+        Ok(SledStore::put_artifact(self, sha256, artifact)?)
+    }
+
+    async fn prune_artifacts(&self) -> Result<usize, StoreError> {
+        Ok(SledStore::prune_artifacts(self)?)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(SledStore::flush(self)?)
+    }
+
+    // One process opens the embedded store: its only node is itself.
+    async fn heartbeat(&self, node: &NodeStatus, _: Duration) -> Result<(), StoreError> {
+        *self.node.lock().unwrap_or_else(|e| e.into_inner()) = Some((node.clone(), Instant::now()));
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let node = self.node.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Ok(node
+            .map(|(status, at)| Node {
+                status,
+                silent_for: at.elapsed(),
+            })
+            .into_iter()
+            .collect())
+    }
+
+    async fn leave(&self, _: &NodeStatus) -> Result<(), StoreError> {
+        *self.node.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+}
+
+impl SledStore {
     /// Drops one reference to a blob; the last one removes the blob and its artifact.
     fn release_blob(
         &self,
@@ -710,20 +689,6 @@ fn artifact_key(sha256: &str, fingerprint: &str) -> String {
     format!("{sha256}/{fingerprint}")
 }
 
-fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).context("encoding a record")
-}
-
-fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).context("decoding a record")
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,7 +696,7 @@ mod tests {
     #[test]
     fn nothing_is_stored_for_a_tenant_being_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "test").unwrap();
+        let store = SledStore::open(dir.path(), "test").unwrap();
         store.create_tenant("t").unwrap();
         store.mark_deleting("t").unwrap();
         let refused = store.add_key("t", &TokenHash::of("k"), "k").unwrap_err();
@@ -745,7 +710,7 @@ mod tests {
     #[test]
     fn a_deletion_never_matches_a_later_tenant_of_the_same_name() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "test").unwrap();
+        let store = SledStore::open(dir.path(), "test").unwrap();
         store.create_tenant("t").unwrap();
         store.add_key("t", &TokenHash::of("old"), "old").unwrap();
         let stale = store.tenant("t").unwrap().unwrap();
@@ -762,7 +727,7 @@ mod tests {
     #[test]
     fn a_key_added_during_a_tenant_deletion_goes_with_the_tenant() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "test").unwrap();
+        let store = SledStore::open(dir.path(), "test").unwrap();
         for round in 0..300u32 {
             store.create_tenant("race").unwrap();
             let adders: Vec<_> = (0..4)

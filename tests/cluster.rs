@@ -1,0 +1,288 @@
+//! Three nodes on one PostgreSQL database, on loopback: every node takes
+//! any request, changes made on one reach the others, racing deploys are
+//! numbered without gaps, and nodes come, die and drain.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use support::{Server, assert_error, json, probe_bundle, text, wasm};
+
+/// Node names and their labels.
+const NODES: [(&str, &str); 3] = [("a", "zone=east"), ("b", "zone=west"), ("c", "gpu=h200")];
+
+/// How soon a change on one node must be seen on another.
+const PROPAGATION: Duration = Duration::from_secs(1);
+
+struct Cluster {
+    nodes: Vec<Server>,
+    url: String,
+    _data: Vec<tempfile::TempDir>,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let url = support::postgres_database().await;
+        let mut data = Vec::new();
+        let mut nodes = Vec::new();
+        for (name, label) in NODES {
+            let dir = tempfile::tempdir().unwrap();
+            let flags = [
+                "--store",
+                &url,
+                "--node-name",
+                name,
+                "--label",
+                label,
+                "--node-timeout-secs",
+                "2",
+                "--drain-secs",
+                "10",
+            ];
+            nodes.push(Server::start_without_models_with(dir.path(), &flags));
+            data.push(dir);
+        }
+        Self {
+            nodes,
+            url,
+            _data: data,
+        }
+    }
+}
+
+/// Polls `probe` until it returns true; the time that took, or a panic
+/// naming `what` after `limit`.
+async fn within<F: Future<Output = bool>>(
+    limit: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> F,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        if probe().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{what}: not seen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn status(server: &Server, key: &str, method: Method, path: &str) -> u16 {
+    server
+        .client(Some(key))
+        .send(method, path, None, &[])
+        .await
+        .unwrap()
+        .status
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_on_one_node_reach_the_others_within_a_second() {
+    let cluster = Cluster::start().await;
+    let [a, b, c] = &cluster.nodes[..] else {
+        unreachable!()
+    };
+    let key = a.tenant("acme").await;
+    a.deploy(&key, "hello", wasm("hello")).await;
+    for node in [b, c] {
+        let answer = node.get_text(&key, "/fn/acme/hello/from-afar").await;
+        assert!(answer.contains("/from-afar"), "{answer}");
+    }
+
+    // A redeploy on C: A and B run the new version.
+    let bundle = probe_bundle(
+        "[files]\n\"/data/greeting.txt\" = \"g.txt\"\n",
+        &[("g.txt", "version two\n")],
+    );
+    let reply = c.deploy_bundle(&key, "hello", bundle).await;
+    assert_eq!(reply.status, 201, "{}", text(&reply));
+    for node in [a, b] {
+        within(PROPAGATION, "a redeploy", || async {
+            let reply = node
+                .client(Some(&key))
+                .send(Method::GET, "/fn/acme/hello/file", None, &[])
+                .await
+                .unwrap();
+            text(&reply) == "ok:version two"
+        })
+        .await;
+    }
+
+    // A key revoked on C is refused on A, which had it cached.
+    let second = c
+        .admin()
+        .api(Method::POST, "/v1/tenants/acme/keys", None)
+        .await
+        .unwrap();
+    let second_key = second["key"].as_str().unwrap().to_string();
+    let id = second["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        status(a, &second_key, Method::GET, "/v1/functions").await,
+        200
+    );
+    let revoked = c
+        .admin()
+        .send(
+            Method::DELETE,
+            &format!("/v1/tenants/acme/keys/{id}"),
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(revoked.status, 204, "{}", text(&revoked));
+    within(PROPAGATION, "a revocation", || async {
+        status(a, &second_key, Method::GET, "/v1/functions").await == 401
+    })
+    .await;
+    assert_eq!(status(a, &key, Method::GET, "/v1/functions").await, 200);
+
+    // A quota set on B is enforced on A.
+    b.set_quota("acme", serde_json::json!({"requests_per_second": 1}))
+        .await;
+    within(PROPAGATION, "a quota", || async {
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            statuses.push(status(a, &key, Method::GET, "/fn/acme/hello/env").await);
+        }
+        statuses.contains(&429)
+    })
+    .await;
+
+    // A tenant deleted on C is gone on A and B.
+    let doomed = a.tenant("doomed").await;
+    assert_eq!(status(b, &doomed, Method::GET, "/v1/functions").await, 200);
+    let deleted = c
+        .admin()
+        .send(Method::DELETE, "/v1/tenants/doomed", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(deleted.status, 204, "{}", text(&deleted));
+    for node in [a, b] {
+        within(PROPAGATION, "a tenant deletion", || async {
+            status(node, &doomed, Method::GET, "/v1/functions").await == 401
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_deploys_on_two_nodes_are_numbered_one_to_sixteen() {
+    let cluster = Cluster::start().await;
+    let [a, b, _] = &cluster.nodes[..] else {
+        unreachable!()
+    };
+    let key = a.tenant("acme").await;
+    let manifest = "[files]\n\"/data/greeting.txt\" = \"g.txt\"\n";
+    let deploys = (0..16).map(|i| {
+        let node = if i % 2 == 0 { a } else { b };
+        let bundle = probe_bundle(manifest, &[("g.txt", &format!("racer {i}\n"))]);
+        node.deploy_bundle(&key, "probe", bundle)
+    });
+    let replies = futures_util::future::join_all(deploys).await;
+    let mut numbers: Vec<u64> = replies
+        .iter()
+        .map(|reply| {
+            assert_eq!(reply.status, 201, "{}", text(reply));
+            json(reply)["active_version"].as_u64().unwrap()
+        })
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=16).collect::<Vec<u64>>());
+    let function = b
+        .client(Some(&key))
+        .api(Method::GET, "/v1/functions/probe", None)
+        .await
+        .unwrap();
+    assert_eq!(function["versions"].as_array().unwrap().len(), 16);
+    assert_eq!(function["active_version"], 16, "{function}");
+}
+
+/// The nodes as `GET /v1/nodes` on `server` shows them: name → state.
+async fn node_states(server: &Server) -> Vec<(String, String)> {
+    let nodes = server
+        .admin()
+        .api(Method::GET, "/v1/nodes", None)
+        .await
+        .unwrap();
+    nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let name = n["name"].as_str().unwrap().to_string();
+            (name, n["state"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_register_die_and_drain() {
+    let mut cluster = Cluster::start().await;
+    let a = &cluster.nodes[0];
+    let listed = a.admin().api(Method::GET, "/v1/nodes", None).await.unwrap();
+    let nodes = listed["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{listed}");
+    assert_eq!(nodes[2]["labels"]["gpu"], "h200", "{listed}");
+    assert_eq!(nodes[1]["state"], "ready", "{listed}");
+    assert_eq!(nodes[0]["report"]["store"], "postgres", "{listed}");
+    let key = a.tenant("acme").await;
+    let refused = a
+        .client(Some(&key))
+        .send(Method::GET, "/v1/nodes", None, &[])
+        .await
+        .unwrap();
+    assert_error(&refused, 403, "forbidden");
+
+    // A second process cannot take a live node's name.
+    let dir = tempfile::tempdir().unwrap();
+    let models = tempfile::tempdir().unwrap();
+    let duplicate = std::process::Command::new(support::binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", &cluster.url])
+        .args(["--node-name", "a", "--data"])
+        .arg(dir.path())
+        .arg("--models")
+        .arg(models.path())
+        .output()
+        .unwrap();
+    assert!(!duplicate.status.success());
+    let said = String::from_utf8_lossy(&duplicate.stderr);
+    assert!(said.contains("another process is node \"a\""), "{said}");
+
+    // kill -9: dead to the others once its heartbeats stop.
+    cluster.nodes.pop().unwrap().kill();
+    within(Duration::from_secs(10), "c dead", || async {
+        node_states(&cluster.nodes[0])
+            .await
+            .contains(&("c".into(), "dead".into()))
+    })
+    .await;
+
+    // SIGTERM while a request runs: it finishes, then the node leaves.
+    let b = cluster.nodes.pop().unwrap();
+    b.deploy(&key, "probe", wasm("manifest_probe")).await;
+    let slow = {
+        let client = b.client(Some(&key));
+        tokio::spawn(async move {
+            client
+                .send(Method::GET, "/fn/acme/probe/sleep?ms=1500", None, &[])
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = std::thread::spawn(move || b.stop());
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    stopping.join().unwrap();
+    let states = node_states(&cluster.nodes[0]).await;
+    assert!(
+        !states.iter().any(|(name, _)| name == "b"),
+        "b left: {states:?}"
+    );
+}
