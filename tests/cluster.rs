@@ -67,7 +67,7 @@ async fn within<F: Future<Output = bool>>(
             started.elapsed() < limit,
             "{what}: not seen within {limit:?}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -169,6 +169,51 @@ async fn changes_on_one_node_reach_the_others_within_a_second() {
         })
         .await;
     }
+}
+
+/// 100 keys, each used on A (so A caches it), revoked on C, and polled on
+/// A until refused: prints the propagation time's p50 and maximum.
+#[tokio::test(flavor = "multi_thread")]
+async fn revocations_propagate_and_their_delay_is_measured() {
+    const CHANGES: usize = 100;
+    let cluster = Cluster::start().await;
+    let [a, _, c] = &cluster.nodes[..] else {
+        unreachable!()
+    };
+    a.tenant("acme").await;
+    let mut delays = Vec::with_capacity(CHANGES);
+    for _ in 0..CHANGES {
+        let created = c
+            .admin()
+            .api(Method::POST, "/v1/tenants/acme/keys", None)
+            .await
+            .unwrap();
+        let key = created["key"].as_str().unwrap().to_string();
+        let id = created["id"].as_str().unwrap().to_string();
+        assert_eq!(status(a, &key, Method::GET, "/v1/functions").await, 200);
+        let revoked = c
+            .admin()
+            .send(
+                Method::DELETE,
+                &format!("/v1/tenants/acme/keys/{id}"),
+                None,
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(revoked.status, 204, "{}", text(&revoked));
+        let delay = within(PROPAGATION, "a revocation", || async {
+            status(a, &key, Method::GET, "/v1/functions").await == 401
+        })
+        .await;
+        delays.push(delay);
+    }
+    delays.sort_unstable();
+    eprintln!(
+        "revocation on C refused on A after: p50 {:.1} ms, max {:.1} ms ({CHANGES} changes)",
+        delays[CHANGES / 2].as_secs_f64() * 1000.0,
+        delays[CHANGES - 1].as_secs_f64() * 1000.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
