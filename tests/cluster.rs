@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hyper::Method;
 use support::{Server, assert_error, json, probe_bundle, text, wasm};
 
@@ -330,4 +331,147 @@ async fn nodes_register_die_and_drain() {
         !states.iter().any(|(name, _)| name == "b"),
         "b left: {states:?}"
     );
+}
+
+/// The embedding model's name.
+const MODEL: &str = "all-minilm-l6-v2";
+
+/// A model repository with only the embedding model.
+fn embedding_repository() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let real = support::root().join("models").join(MODEL);
+    std::os::unix::fs::symlink(real.canonicalize().unwrap(), dir.path().join(MODEL)).unwrap();
+    dir
+}
+
+/// Starts node `name` on `url`: with the embedding model, or none.
+fn node(url: &str, name: &str, data: &std::path::Path, models: Option<&std::path::Path>) -> Server {
+    let flags = [
+        "--store",
+        url,
+        "--node-name",
+        name,
+        "--cluster-secret",
+        "test-cluster-secret",
+        "--node-timeout-secs",
+        "2",
+    ];
+    match models {
+        Some(models) => Server::start_with_models(data, models, &flags),
+        None => Server::start_without_models_with(data, &flags),
+    }
+}
+
+/// The embedding of `input` through `server`'s `/fn/acme/embed`, or the
+/// status and body it failed with.
+async fn embedding(server: &Server, key: &str, input: &str) -> Result<Vec<f32>, (u16, String)> {
+    let reply = server
+        .client(Some(key))
+        .send(
+            Method::POST,
+            "/fn/acme/embed",
+            Some(("text/plain", Bytes::from(input.to_string()))),
+            &[],
+        )
+        .await
+        .map_err(|e| (0, format!("{e:#}")))?;
+    if reply.status != 200 {
+        return Err((reply.status.as_u16(), text(&reply)));
+    }
+    Ok(support::floats(&json(&reply)["embedding"]))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_runs_where_its_model_is_and_survives_a_replica_killed() {
+    let url = support::postgres_database().await;
+    let repository = embedding_repository();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = node(&url, "a", dirs[0].path(), Some(repository.path()));
+    let b = node(&url, "b", dirs[1].path(), Some(repository.path()));
+    let c = node(&url, "c", dirs[2].path(), None);
+    // C has no models: its deploy checks the model against the cluster's.
+    let key = c.tenant("acme").await;
+    let manifest = format!("models = [\"{MODEL}\"]");
+    let bundle =
+        gigafactory_gateway::bundle::Bundle::pack(&wasm("embed"), Some(&manifest), &[]).unwrap();
+    let deployed = c.deploy_bundle(&key, "embed", bundle).await;
+    assert_eq!(deployed.status, 201, "{}", text(&deployed));
+
+    let sentence = "A model on another node answers as if it were here.";
+    let here = embedding(&a, &key, sentence).await.unwrap();
+    let through_c = embedding(&c, &key, sentence).await.unwrap();
+    assert_eq!(here.len(), 384);
+    let largest = support::largest_difference(&here, &through_c);
+    assert!(largest <= 1e-5, "differs by {largest}");
+    let metrics = c.metrics().await;
+    assert!(
+        metrics.contains("gigafactory_forwarded_requests_total{node=\"a\",outcome=\"ok\"}")
+            || metrics.contains("gigafactory_forwarded_requests_total{node=\"b\",outcome=\"ok\"}"),
+        "{metrics}"
+    );
+
+    // The cluster's header is the nodes' own.
+    let spoofed = c
+        .client(Some(&key))
+        .send(
+            Method::POST,
+            "/fn/acme/embed",
+            Some(("text/plain", Bytes::from_static(b"x"))),
+            &[("gigafactory-cluster-secret".into(), "a guess".into())],
+        )
+        .await
+        .unwrap();
+    assert_error(&spoofed, 403, "forbidden");
+
+    // Clients load the cluster through C while A is killed: requests in
+    // flight on A fail cleanly, and within 3 s every request goes to B.
+    let load = {
+        let (c, key) = (std::sync::Arc::new(c), key.clone());
+        (0..8)
+            .map(|i| {
+                let (c, key) = (c.clone(), key.clone());
+                tokio::spawn(async move {
+                    let mut outcomes = Vec::new();
+                    let started = Instant::now();
+                    while started.elapsed() < Duration::from_secs(6) {
+                        let outcome = embedding(&c, &key, &format!("sentence {i}")).await;
+                        outcomes.push((started.elapsed(), outcome.map(|_| ())));
+                    }
+                    outcomes
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let killed_at = Duration::from_millis(1000);
+    a.kill();
+    let mut failures = Vec::new();
+    let mut late_ok = 0;
+    for client in load {
+        for (at, outcome) in client.await.unwrap() {
+            match outcome {
+                Ok(()) if at > killed_at + Duration::from_secs(3) => late_ok += 1,
+                Ok(()) => {}
+                Err((status, body)) => {
+                    assert!(
+                        body.contains("node_failed") || body.contains("model_unavailable"),
+                        "an unclean failure ({status}): {body}"
+                    );
+                    failures.push(at);
+                }
+            }
+        }
+    }
+    assert!(late_ok > 0, "nothing succeeded after the kill");
+    for at in &failures {
+        assert!(
+            *at < killed_at + Duration::from_secs(3),
+            "a request failed {at:?} after start, over 3 s after the kill"
+        );
+    }
+    eprintln!(
+        "{} requests failed around the kill; {late_ok} succeeded after it",
+        failures.len()
+    );
+    drop(b);
 }

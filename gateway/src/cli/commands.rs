@@ -20,7 +20,7 @@ use crate::server::{Gateway, GatewayConfig};
 pub async fn run(cli: Cli) -> Result<()> {
     let client = || Client::new(&cli.url, cli.token.clone());
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Tenant(command) => tenant(&client()?, command, cli.json).await,
         Command::Deploy {
             name,
@@ -67,6 +67,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.max_loaded_functions = args.max_loaded_functions.max(1);
     config.allow_loopback_outbound = args.allow_loopback_outbound;
     config.node.name = args.node_name;
+    config.cluster_secret = args.cluster_secret;
     config.node.advertise = args.advertise;
     config.node.labels = args.labels.into_iter().collect();
     config.node.dead_after = Duration::from_secs(args.node_timeout_secs.max(1));

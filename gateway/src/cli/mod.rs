@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the platform: HTTP gateway, sandbox and model pool.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage tenants (needs the admin token).
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -165,8 +165,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub allow_loopback_outbound: bool,
     /// This node's name, unique in the cluster (default: the host name).
-    #[arg(long, env = "GIGAFACTORY_NODE_NAME")]
+    #[arg(long, env = "GIGAFACTORY_NODE_NAME", value_parser = parse_node_name)]
     pub node_name: Option<String>,
+    /// The secret the cluster's nodes present to each other when one sends
+    /// another a request for models it holds (the same on every node).
+    #[arg(long, env = "GIGAFACTORY_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
     /// Address other nodes reach this one at, `host:port` (default: the
     /// listening address).
     #[arg(long, env = "GIGAFACTORY_ADVERTISE")]
@@ -180,6 +184,20 @@ pub struct ServeArgs {
     /// On SIGTERM, how long requests in flight may take to finish, in seconds.
     #[arg(long, default_value_t = 30)]
     pub drain_secs: u64,
+}
+
+fn parse_node_name(text: &str) -> Result<String, String> {
+    if text.is_empty()
+        || text.len() > 63
+        || !text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "node name {text:?}: 1 to 63 of a-z, A-Z, 0-9, `-`, `_`, `.`"
+        ));
+    }
+    Ok(text.to_string())
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {

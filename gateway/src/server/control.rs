@@ -136,13 +136,19 @@ impl Gateway {
         Ok(no_content())
     }
 
+    /// The models of this node and of the other live nodes.
     fn model_names(&self) -> Vec<String> {
-        self.runtime
+        let mut names: Vec<String> = self
+            .runtime
             .models()
             .list()
             .into_iter()
             .map(|m| m.name)
-            .collect()
+            .collect();
+        names.extend(self.peers.models().into_keys());
+        names.sort();
+        names.dedup();
+        names
     }
 
     async fn list_tenants(&self, request: &Request) -> Result<Response, ApiError> {

@@ -49,6 +49,18 @@ impl Gateway {
             .function(tenant, name)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("no function {name:?}")))?;
+        let version = record.active_version();
+        let forwarded = self.peers.forwarded(&request)?;
+        if let Some(models) = &version.manifest.models
+            && !forwarded
+            && !models.iter().all(|m| self.holds(m))
+        {
+            let limit = version
+                .manifest
+                .max_request_bytes
+                .unwrap_or(self.config.max_request_bytes);
+            return self.forward(request, models, limit).await;
+        }
         let counted = Counted {
             gateway: self,
             tenant,
@@ -199,7 +211,15 @@ impl Gateway {
     pub(super) fn visible_models(&self, quota: &Quota) -> Arc<BTreeSet<String>> {
         match &quota.models {
             Some(models) => Arc::new(models.iter().cloned().collect()),
-            None => self.public_models.clone(),
+            None => {
+                let elsewhere = self.peers.models();
+                if elsewhere.values().all(|public| !public) {
+                    return self.public_models.clone();
+                }
+                let mut public = (*self.public_models).clone();
+                public.extend(elsewhere.into_iter().filter(|(_, p)| *p).map(|(m, _)| m));
+                Arc::new(public)
+            }
         }
     }
 
@@ -292,6 +312,7 @@ fn guest_request<B>(request: hyper::Request<B>, rest: &str) -> Result<hyper::Req
         .parse()
         .map_err(|e| ApiError::bad_request("bad_uri", format!("invalid request path: {e}")))?;
     parts.headers.remove(AUTHORIZATION);
+    parts.headers.remove(super::cluster::CLUSTER_HEADER);
     if !parts.headers.contains_key(HOST) {
         parts
             .headers

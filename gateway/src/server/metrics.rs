@@ -19,6 +19,7 @@ pub struct Metrics {
     deploys: AtomicU64,
     outcomes: Mutex<BTreeMap<(String, String, &'static str), u64>>,
     latency: Mutex<BTreeMap<(String, String), Arc<Histogram>>>,
+    forwarded: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 impl Metrics {
@@ -43,6 +44,13 @@ impl Metrics {
             .or_insert_with(|| Arc::new(Histogram::new(LATENCY_BUCKETS)))
             .clone();
         histogram.observe_duration(took);
+    }
+
+    /// Counts a request sent to another node: `ok`, `unreachable` (tried
+    /// the next) or `failed`.
+    pub fn forwarded(&self, node: &str, outcome: &'static str) {
+        let mut forwarded = self.forwarded.lock().unwrap_or_else(|e| e.into_inner());
+        *forwarded.entry((node.to_string(), outcome)).or_default() += 1;
     }
 
     /// Forgets a deleted function's counters (all of a tenant's with `None`).
@@ -114,6 +122,21 @@ impl Metrics {
             );
         }
         drop(latency);
+        header(
+            &mut text,
+            "gigafactory_forwarded_requests_total",
+            "counter",
+            "Requests sent to the node holding their function's models, by node and outcome.",
+        );
+        let forwarded = self.forwarded.lock().unwrap_or_else(|e| e.into_inner());
+        for ((node, outcome), count) in forwarded.iter() {
+            // Node names are validated to [A-Za-z0-9._-].
+            let _ = writeln!(
+                text,
+                "gigafactory_forwarded_requests_total{{node=\"{node}\",outcome=\"{outcome}\"}} {count}"
+            );
+        }
+        drop(forwarded);
         models.render_metrics(&mut text);
         text
     }

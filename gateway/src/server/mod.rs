@@ -3,6 +3,7 @@
 
 mod admission;
 mod bodies;
+mod cluster;
 mod connections;
 mod control;
 mod error;
@@ -100,6 +101,9 @@ pub struct GatewayConfig {
     pub allow_loopback_outbound: bool,
     /// This process as a node of its cluster.
     pub node: NodeConfig,
+    /// The secret nodes present to each other; without it, requests are
+    /// never sent to other nodes.
+    pub cluster_secret: Option<String>,
 }
 
 impl GatewayConfig {
@@ -125,6 +129,7 @@ impl GatewayConfig {
             max_loaded_functions: 256,
             allow_loopback_outbound: false,
             node: NodeConfig::default(),
+            cluster_secret: None,
         }
     }
 }
@@ -148,6 +153,8 @@ pub struct Gateway {
     draining: AtomicBool,
     /// Requests being answered (until their response body ends).
     in_flight: Arc<AtomicUsize>,
+    /// The other nodes of the cluster.
+    peers: cluster::Peers,
 }
 
 /// Requests one HTTP/2 connection may have in flight at once.
@@ -200,6 +207,7 @@ impl Gateway {
             admission: admission::Admission::default(),
             draining: AtomicBool::new(false),
             in_flight: Arc::default(),
+            peers: cluster::Peers::new(config.cluster_secret.clone()),
             config,
             store,
             runtime,

@@ -76,14 +76,19 @@ impl Gateway {
         })
     }
 
-    /// Sends one heartbeat with what the node holds and does now.
+    /// Sends one heartbeat with what the node holds and does now, and
+    /// reads what the others reported.
     pub(super) async fn heartbeat(&self, node: &mut NodeStatus) -> Result<()> {
         node.draining = self.draining.load(Ordering::Relaxed);
         node.report = self.node_report();
         self.store
             .heartbeat(node, self.config.node.dead_after)
             .await
-            .with_context(|| format!("heartbeat of node {:?}", node.name))
+            .with_context(|| format!("heartbeat of node {:?}", node.name))?;
+        let nodes = self.store.nodes().await.context("listing the nodes")?;
+        self.peers
+            .refresh(&nodes, &node.name, self.config.node.dead_after);
+        Ok(())
     }
 
     /// Heartbeats until the task is dropped; an unreachable store is
@@ -117,6 +122,7 @@ impl Gateway {
             .map(|m| {
                 serde_json::json!({
                     "name": m.name,
+                    "public": m.public,
                     "state": m.state,
                     "device": m.device,
                     "queued": m.stats.queued,

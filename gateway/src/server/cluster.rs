@@ -1,0 +1,275 @@
+//! The other nodes, as their heartbeats describe them, and requests sent
+//! to them.
+//!
+//! Models stay where they are loaded; a request goes to them. A function
+//! whose manifest names a model this node does not hold runs on a node
+//! that holds them all, chosen by least outstanding work (the requests it
+//! reported in flight plus those this node has sent it since). Its calls
+//! join that node's batchers with everyone else's, so cross-tenant
+//! batching holds across the cluster. A forwarded request carries the
+//! cluster secret in [`CLUSTER_HEADER`]: the receiving node runs it
+//! itself, never forwards it again, and no guest ever sees the header.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+use hyper::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::routes::Request;
+use super::{ApiError, BoxError, Gateway, Response};
+use crate::auth::TokenHash;
+use crate::store::Node;
+
+/// The header a forwarded request carries the cluster secret in.
+pub const CLUSTER_HEADER: &str = "gigafactory-cluster-secret";
+
+/// How long a node whose connection was refused gets no requests.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(3);
+
+/// Nodes tried for one request before giving up.
+const ATTEMPTS: usize = 3;
+
+/// What this node knows of the others.
+pub(super) struct Peers {
+    secret: Option<(String, TokenHash)>,
+    nodes: RwLock<Vec<Peer>>,
+    load: Mutex<HashMap<String, Arc<PeerLoad>>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Another live node that takes work.
+struct Peer {
+    name: String,
+    address: String,
+    /// Its models and whether each is public.
+    models: BTreeMap<String, bool>,
+    /// Requests it reported in flight at its last heartbeat.
+    in_flight: usize,
+}
+
+/// This node's view of the load it put on a peer.
+#[derive(Default)]
+struct PeerLoad {
+    sending: AtomicUsize,
+    unreachable_until: Mutex<Option<Instant>>,
+}
+
+/// A request on its way to a peer, counted against it until dropped.
+struct Sending(Arc<PeerLoad>);
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.sending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Peers {
+    pub(super) fn new(secret: Option<String>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Self {
+            secret: secret.map(|s| {
+                let hash = TokenHash::of(&s);
+                (s, hash)
+            }),
+            nodes: RwLock::default(),
+            load: Mutex::default(),
+            client,
+        }
+    }
+
+    /// Replaces the view with the store's list: live nodes other than
+    /// `me` that are not draining.
+    pub(super) fn refresh(&self, nodes: &[Node], me: &str, dead_after: Duration) {
+        let peers = nodes
+            .iter()
+            .filter(|n| n.status.name != me && !n.status.draining && n.silent_for < dead_after)
+            .map(|n| {
+                let report = &n.status.report;
+                let models = report["models"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|m| m["state"] != "failed")
+                    .filter_map(|m| {
+                        let name = m["name"].as_str()?.to_string();
+                        Some((name, m["public"].as_bool().unwrap_or(false)))
+                    })
+                    .collect();
+                Peer {
+                    name: n.status.name.clone(),
+                    address: n.status.address.clone(),
+                    models,
+                    in_flight: report["in_flight"].as_u64().unwrap_or(0) as usize,
+                }
+            })
+            .collect();
+        *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = peers;
+    }
+
+    /// Models other live nodes hold, each with whether it is public.
+    pub(super) fn models(&self) -> BTreeMap<String, bool> {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let mut models = BTreeMap::new();
+        for (name, public) in nodes.iter().flat_map(|n| &n.models) {
+            *models.entry(name.clone()).or_insert(false) |= *public;
+        }
+        models
+    }
+
+    /// Whether `request` was forwarded by another node: it carries the
+    /// cluster secret. The header with anything else is refused.
+    pub(super) fn forwarded(&self, request: &Request) -> Result<bool, ApiError> {
+        let Some(presented) = request.headers().get(CLUSTER_HEADER) else {
+            return Ok(false);
+        };
+        let matches = self.secret.as_ref().is_some_and(|(_, hash)| {
+            presented
+                .to_str()
+                .is_ok_and(|p| TokenHash::of(p).matches(hash))
+        });
+        if matches {
+            Ok(true)
+        } else {
+            Err(ApiError::forbidden(format!(
+                "{CLUSTER_HEADER} is for the cluster's nodes only"
+            )))
+        }
+    }
+
+    /// The least loaded reachable peer holding every one of `models`,
+    /// counted as sent to until the guard drops.
+    fn choose(&self, models: &[String], skip: &[String]) -> Option<(String, String, Sending)> {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let mut loads = self.load.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let (peer, load) = nodes
+            .iter()
+            .filter(|p| !skip.contains(&p.name))
+            .filter(|p| models.iter().all(|m| p.models.contains_key(m)))
+            .map(|p| (p, loads.entry(p.name.clone()).or_default().clone()))
+            .filter(|(_, load)| {
+                let until = load
+                    .unreachable_until
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                until.is_none_or(|until| until <= now)
+            })
+            .min_by_key(|(p, load)| p.in_flight + load.sending.load(Ordering::Relaxed))?;
+        load.sending.fetch_add(1, Ordering::Relaxed);
+        Some((peer.name.clone(), peer.address.clone(), Sending(load)))
+    }
+
+    fn unreachable(&self, name: &str) {
+        let loads = self.load.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(load) = loads.get(name) {
+            *load
+                .unreachable_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + UNREACHABLE_FOR);
+        }
+    }
+}
+
+impl Gateway {
+    /// Whether this node's repository has `model` (it loads it on first use).
+    pub(super) fn holds(&self, model: &str) -> bool {
+        self.runtime.models().has(model)
+    }
+
+    /// Sends `request` to a node holding all of `models`, and relays its
+    /// answer. A node that refuses the connection is skipped for a few
+    /// seconds and the next is tried; one that fails after taking the
+    /// request answers 502 (the request may have run).
+    pub(super) async fn forward(
+        &self,
+        request: Request,
+        models: &[String],
+        body_limit: u64,
+    ) -> Result<Response, ApiError> {
+        let Some((secret, _)) = &self.peers.secret else {
+            return Err(model_unavailable(models, "no --cluster-secret is set"));
+        };
+        let method = request.method().clone();
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let mut headers = request.headers().clone();
+        // The body is sent whole, with its own length.
+        for hop in [CONNECTION, TRANSFER_ENCODING, CONTENT_LENGTH, TE, UPGRADE] {
+            headers.remove(hop);
+        }
+        let secret =
+            HeaderValue::from_str(secret).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+        headers.insert(CLUSTER_HEADER, secret);
+        let limit = usize::try_from(body_limit).unwrap_or(usize::MAX);
+        let body = self.read_body(request, limit).await?;
+        let mut tried = Vec::new();
+        while tried.len() < ATTEMPTS {
+            let Some((name, address, sending)) = self.peers.choose(models, &tried) else {
+                break;
+            };
+            let mut forwarded = hyper::Request::new(Full::new(body.clone()));
+            *forwarded.method_mut() = method.clone();
+            *forwarded.headers_mut() = headers.clone();
+            *forwarded.uri_mut() = format!("http://{address}{path}")
+                .parse()
+                .map_err(|e| ApiError::internal(anyhow::anyhow!("node {name}'s address: {e}")))?;
+            match self.peers.client.request(forwarded).await {
+                Ok(response) => {
+                    self.metrics.forwarded(&name, "ok");
+                    return Ok(response.map(|body| {
+                        body.map_err(|e| Box::new(e) as BoxError)
+                            .map_frame(move |frame| {
+                                let _held = &sending;
+                                frame
+                            })
+                            .boxed_unsync()
+                    }));
+                }
+                Err(error) if error.is_connect() => {
+                    tracing::warn!(node = %name, "node unreachable: {error}");
+                    self.metrics.forwarded(&name, "unreachable");
+                    self.peers.unreachable(&name);
+                    tried.push(name);
+                }
+                Err(error) => {
+                    tracing::warn!(node = %name, "forwarded request failed: {error}");
+                    self.metrics.forwarded(&name, "failed");
+                    return Err(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "node_failed",
+                        format!("node {name}, which was running the request, failed: {error}"),
+                    ));
+                }
+            }
+        }
+        Err(model_unavailable(models, "no live node holds them"))
+    }
+}
+
+fn model_unavailable(models: &[String], why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "model_unavailable",
+        format!(
+            "this node does not hold {} and {why}; try again shortly",
+            models.join(", ")
+        ),
+    )
+    .retry_after(1)
+}
