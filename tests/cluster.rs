@@ -410,6 +410,30 @@ async fn a_function_runs_where_its_model_is_and_survives_a_replica_killed() {
         "{metrics}"
     );
 
+    // The OpenAI-compatible endpoint too.
+    let body = serde_json::json!({"model": MODEL, "input": [sentence]}).to_string();
+    let mut vectors = Vec::new();
+    for server in [&a, &c] {
+        let reply = server
+            .post(
+                &key,
+                "/openai/v1/embeddings",
+                "application/json",
+                body.clone(),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", text(&reply));
+        vectors.push(support::floats(&json(&reply)["data"][0]["embedding"]));
+    }
+    let largest = support::largest_difference(&vectors[0], &vectors[1]);
+    assert!(largest <= 1e-5, "OpenAI embeddings differ by {largest}");
+    let listed = c
+        .client(Some(&key))
+        .api(Method::GET, "/openai/v1/models", None)
+        .await
+        .unwrap();
+    assert_eq!(listed["data"][0]["id"], MODEL, "{listed}");
+
     // The cluster's header is the nodes' own.
     let spoofed = c
         .client(Some(&key))

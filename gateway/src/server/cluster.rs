@@ -189,6 +189,11 @@ impl Gateway {
         self.runtime.models().has(model)
     }
 
+    /// Whether `model` is not here but another live node holds it.
+    pub(super) fn elsewhere(&self, model: &str) -> bool {
+        !self.holds(model) && self.peers.models().contains_key(model)
+    }
+
     /// Sends `request` to a node holding all of `models`, and relays its
     /// answer. A node that refuses the connection is skipped for a few
     /// seconds and the next is tried; one that fails after taking the
@@ -199,25 +204,30 @@ impl Gateway {
         models: &[String],
         body_limit: u64,
     ) -> Result<Response, ApiError> {
+        let outgoing = Outgoing::of(&request);
+        let limit = usize::try_from(body_limit).unwrap_or(usize::MAX);
+        let body = self.read_body(request, limit).await?;
+        self.send_to_holder(outgoing, body, models).await
+    }
+
+    /// [`Self::forward`] for a request whose body was read already.
+    pub(super) async fn send_to_holder(
+        &self,
+        outgoing: Outgoing,
+        body: Bytes,
+        models: &[String],
+    ) -> Result<Response, ApiError> {
         let Some((secret, _)) = &self.peers.secret else {
             return Err(model_unavailable(models, "no --cluster-secret is set"));
         };
-        let method = request.method().clone();
-        let path = request
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let mut headers = request.headers().clone();
-        // The body is sent whole, with its own length.
-        for hop in [CONNECTION, TRANSFER_ENCODING, CONTENT_LENGTH, TE, UPGRADE] {
-            headers.remove(hop);
-        }
+        let Outgoing {
+            method,
+            path,
+            mut headers,
+        } = outgoing;
         let secret =
             HeaderValue::from_str(secret).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
         headers.insert(CLUSTER_HEADER, secret);
-        let limit = usize::try_from(body_limit).unwrap_or(usize::MAX);
-        let body = self.read_body(request, limit).await?;
         let mut tried = Vec::new();
         while tried.len() < ATTEMPTS {
             let Some((name, address, sending)) = self.peers.choose(models, &tried) else {
@@ -259,6 +269,32 @@ impl Gateway {
             }
         }
         Err(model_unavailable(models, "no live node holds them"))
+    }
+}
+
+/// What is sent on of a request: its method, path and end-to-end headers.
+pub(super) struct Outgoing {
+    method: hyper::Method,
+    path: String,
+    headers: hyper::HeaderMap,
+}
+
+impl Outgoing {
+    pub(super) fn of(request: &Request) -> Self {
+        let mut headers = request.headers().clone();
+        // The body is sent whole, with its own length.
+        for hop in [CONNECTION, TRANSFER_ENCODING, CONTENT_LENGTH, TE, UPGRADE] {
+            headers.remove(hop);
+        }
+        Self {
+            method: request.method().clone(),
+            path: request
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+            headers,
+        }
     }
 }
 

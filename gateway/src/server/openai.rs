@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::cluster::Outgoing;
 use super::routes::{Request, json};
 use super::{ApiError, BoxError, Gateway, Response};
 
@@ -124,15 +125,22 @@ impl Gateway {
     async fn openai_models(&self, request: &Request) -> Result<Response, ApiError> {
         let tenant = self.require_tenant(request).await?;
         let visible = self.visible_models(&self.tenant_record(&tenant).await?.quota);
-        let data: Vec<Value> = self
+        let mut names: Vec<String> = self
             .runtime
             .models()
             .list()
             .into_iter()
-            .filter(|m| visible.contains(&m.name))
-            .map(|m| {
+            .map(|m| m.name)
+            .chain(self.peers.models().into_keys())
+            .collect();
+        names.sort();
+        names.dedup();
+        let data: Vec<Value> = names
+            .into_iter()
+            .filter(|name| visible.contains(name))
+            .map(|name| {
                 json!({
-                    "id": m.name,
+                    "id": name,
                     "object": "model",
                     "created": 0,
                     "owned_by": "gigafactory",
@@ -147,9 +155,7 @@ impl Gateway {
 
     async fn chat_completions(&self, request: Request) -> Result<Response, ApiError> {
         let tenant = self.require_tenant(&request).await?;
-        let quota = self.tenant_record(&tenant).await?.quota;
-        let admitted = self.admission.admit(&tenant, &quota)?;
-        self.admission.may_generate(&tenant, &quota)?;
+        let (forwarded, outgoing) = (self.peers.forwarded(&request)?, Outgoing::of(&request));
         let body = self.read_body(request, MAX_BODY).await?;
         let chat: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request(
@@ -157,6 +163,12 @@ impl Gateway {
                 format!("not a chat completion request: {e}"),
             )
         })?;
+        if !forwarded && self.elsewhere(&chat.model) {
+            return self.send_to_holder(outgoing, body, &[chat.model]).await;
+        }
+        let quota = self.tenant_record(&tenant).await?.quota;
+        let admitted = self.admission.admit(&tenant, &quota)?;
+        self.admission.may_generate(&tenant, &quota)?;
         if chat.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad_request(
                 "invalid_request",
@@ -246,12 +258,16 @@ impl Gateway {
 
     async fn embeddings(&self, request: Request) -> Result<Response, ApiError> {
         let tenant = self.require_tenant(&request).await?;
-        let quota = self.tenant_record(&tenant).await?.quota;
-        let admitted = self.admission.admit(&tenant, &quota)?;
+        let (forwarded, outgoing) = (self.peers.forwarded(&request)?, Outgoing::of(&request));
         let body = self.read_body(request, MAX_EMBEDDINGS_BODY).await?;
         let asked: EmbeddingRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request("invalid_request", format!("not an embeddings request: {e}"))
         })?;
+        if !forwarded && self.elsewhere(&asked.model) {
+            return self.send_to_holder(outgoing, body, &[asked.model]).await;
+        }
+        let quota = self.tenant_record(&tenant).await?.quota;
+        let admitted = self.admission.admit(&tenant, &quota)?;
         let base64 = match asked.encoding_format.as_deref() {
             None | Some("float") => false,
             Some("base64") => true,
