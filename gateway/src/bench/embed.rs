@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::{Gigafactory, Load, Stats, row};
 
 /// Sentences of everyday lengths (8 to 30 tokens), sent in turn.
-const SENTENCES: &[&str] = &[
+pub(super) const SENTENCES: &[&str] = &[
     "The quick brown fox jumps over the lazy dog.",
     "A man is playing a guitar on the street corner tonight.",
     "Serverless functions share one resident copy of the model.",

@@ -8,8 +8,11 @@
 //!   on and off, against onnxruntime running the same model in-process.
 //! - `bench chat`: generated tokens/s of the `chat` function against the
 //!   text engine called directly, then with 8 and 32 clients.
+//! - `bench cluster`: the `embed` function on the node holding the model
+//!   against the same function through a node without it.
 
 mod chat;
+mod cluster;
 mod embed;
 mod hello;
 mod load;
@@ -24,6 +27,7 @@ use bytes::Bytes;
 use hyper::Method;
 
 pub use chat::ChatArgs;
+pub use cluster::ClusterArgs;
 pub use embed::EmbedArgs;
 pub use hello::HelloArgs;
 pub use load::{Load, Stats};
@@ -39,6 +43,8 @@ pub enum BenchCommand {
     Embed(EmbedArgs),
     /// The chat function's tokens/s vs the text engine called directly.
     Chat(ChatArgs),
+    /// The embed function through a node without the model vs on its holder.
+    Cluster(ClusterArgs),
 }
 
 /// Runs a benchmark and prints its Markdown table.
@@ -47,6 +53,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Hello(args) => hello::run(args).await,
         BenchCommand::Embed(args) => embed::run(args).await,
         BenchCommand::Chat(args) => chat::run(args).await,
+        BenchCommand::Cluster(args) => cluster::run(args).await,
     }
 }
 
@@ -62,27 +69,8 @@ struct Gigafactory {
 impl Gigafactory {
     /// Starts `gigafactory serve` with `extra` flags and creates the tenant.
     async fn start(extra: &[&str]) -> Result<Self> {
-        let data = tempfile::tempdir().context("creating a scratch data directory")?;
-        let address = free_address()?;
-        let token = "gfadmin_bench";
-        let child = Command::new(std::env::current_exe()?)
-            .args([
-                "serve",
-                "--listen",
-                &address.to_string(),
-                "--admin-token",
-                token,
-            ])
-            .arg("--data")
-            .arg(data.path())
-            .args(extra)
-            .env("GIGAFACTORY_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting gigafactory serve")?;
-        let child = Guard(child);
-        wait_until_up(&address, "/healthz").await?;
-        let admin = Client::new(&format!("http://{address}"), Some(token.into()))?;
+        let mut server = Self::launch(extra).await?;
+        let admin = Client::new(&format!("http://{}", server.address), Some(TOKEN.into()))?;
         let body = Bytes::from_static(br#"{"name":"bench"}"#);
         admin
             .api(
@@ -94,15 +82,39 @@ impl Gigafactory {
         let key = admin
             .api(Method::POST, "/v1/tenants/bench/keys", None)
             .await?;
-        let key = key["key"]
+        server.key = key["key"]
             .as_str()
             .context("no key in the reply")?
             .to_string();
+        Ok(server)
+    }
+
+    /// Starts `gigafactory serve` with `extra` flags (no tenant: `key` is empty).
+    async fn launch(extra: &[&str]) -> Result<Self> {
+        let data = tempfile::tempdir().context("creating a scratch data directory")?;
+        let address = free_address()?;
+        let child = Command::new(std::env::current_exe()?)
+            .args([
+                "serve",
+                "--listen",
+                &address.to_string(),
+                "--admin-token",
+                TOKEN,
+            ])
+            .arg("--data")
+            .arg(data.path())
+            .args(extra)
+            .env("GIGAFACTORY_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting gigafactory serve")?;
+        let child = Guard(child);
+        wait_until_up(&address, "/healthz").await?;
         Ok(Self {
             _child: child,
             _data: data,
             address,
-            key,
+            key: String::new(),
         })
     }
 
@@ -124,6 +136,9 @@ impl Gigafactory {
         Ok(())
     }
 }
+
+/// The admin token of the benchmarks' servers.
+const TOKEN: &str = "gfadmin_bench";
 
 /// Kills the child when dropped.
 struct Guard(Child);

@@ -251,6 +251,11 @@ impl Gateway {
                 },
                 () = &mut shutdown => break,
             };
+            // Responses are written as soon as they are ready: a small
+            // write (a head, a streamed token) must not wait for an ACK.
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(%peer, "TCP_NODELAY: {e}");
+            }
             let connection = Connection {
                 stream,
                 peer,
