@@ -499,3 +499,92 @@ async fn a_function_runs_where_its_model_is_and_survives_a_replica_killed() {
     );
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_serve_through_a_database_restart_and_recover_without_one() {
+    let database = support::PrivatePostgres::start();
+    let url = database.url();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let flags = ["--store", &url, "--node-timeout-secs", "2"];
+    let a = Server::start_without_models_with(
+        dirs[0].path(),
+        &[&flags[..], &["--node-name", "a"]].concat(),
+    );
+    let b = Server::start_without_models_with(
+        dirs[1].path(),
+        &[&flags[..], &["--node-name", "b"]].concat(),
+    );
+    let key = a.tenant("acme").await;
+    a.deploy(&key, "hello", wasm("hello")).await;
+    for node in [&a, &b] {
+        assert!(
+            node.get_text(&key, "/fn/acme/hello/warm")
+                .await
+                .contains("/warm")
+        );
+    }
+
+    database.stop();
+    for node in [&a, &b] {
+        let answer = node.get_text(&key, "/fn/acme/hello/cached").await;
+        assert!(answer.contains("/cached"), "{answer}");
+    }
+    let refused = a
+        .admin()
+        .send(
+            Method::POST,
+            "/v1/tenants",
+            Some(("application/json", r#"{"name":"later"}"#.into())),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_error(&refused, 503, "store_unavailable");
+    assert!(
+        refused.headers.contains_key("retry-after"),
+        "{:?}",
+        refused.headers
+    );
+
+    database.start_again();
+    within(Duration::from_secs(20), "writes accepted again", || async {
+        let created = a
+            .admin()
+            .send(
+                Method::POST,
+                "/v1/tenants",
+                Some(("application/json", r#"{"name":"later"}"#.into())),
+                &[],
+            )
+            .await
+            .unwrap();
+        created.status == 201
+    })
+    .await;
+    // B listens again: a key revoked on A is refused on B within a second.
+    let created = a
+        .admin()
+        .api(Method::POST, "/v1/tenants/acme/keys", None)
+        .await
+        .unwrap();
+    let (second, id) = (
+        created["key"].as_str().unwrap(),
+        created["id"].as_str().unwrap(),
+    );
+    assert_eq!(status(&b, second, Method::GET, "/v1/functions").await, 200);
+    let revoked = a
+        .admin()
+        .send(
+            Method::DELETE,
+            &format!("/v1/tenants/acme/keys/{id}"),
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(revoked.status, 204, "{}", text(&revoked));
+    within(PROPAGATION, "a revocation after the restart", || async {
+        status(&b, second, Method::GET, "/v1/functions").await == 401
+    })
+    .await;
+}

@@ -445,6 +445,116 @@ pub async fn postgres_database() -> String {
     format!("{server}/{name}")
 }
 
+/// A PostgreSQL server of one test's own, for tests that stop and start it:
+/// Debian's binaries, a scratch cluster, a free loopback port. Stopped
+/// when dropped.
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|bin| bin.join("initdb").exists())
+            .max()
+            .expect("no /usr/lib/postgresql/*/bin/initdb: install Debian's postgresql (./dev test does)");
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("pg");
+        std::fs::create_dir(&data).unwrap();
+        if rustix::process::getuid().is_root() {
+            // initdb refuses to run as root: the server runs as the package's user.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            let status = Command::new("chown")
+                .args(["postgres:"])
+                .arg(&data)
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown postgres");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = Self {
+            bin,
+            data,
+            port,
+            _dir: dir,
+        };
+        server.run("initdb", &["-U", "postgres", "--auth=trust", "-E", "UTF8"]);
+        server.start_again();
+        server
+    }
+
+    /// `program` of the server's binaries on its data directory, as the
+    /// package's user when this is root.
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        let mut command = if rustix::process::getuid().is_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            Command::new(path)
+        };
+        command.arg("-D").arg(&self.data);
+        command
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let output = self
+            .command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {program}: {e}"));
+        assert!(
+            output.status.success(),
+            "{program} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The `postgres` database's URL.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected).
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["-m", "fast", "-w", "stop"]);
+    }
+
+    /// Starts the (stopped) server again on the same port.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off",
+            self.port,
+            self.data.display()
+        );
+        let log = self.data.join("server.log");
+        let log = log.to_str().unwrap();
+        self.run("pg_ctl", &["-w", "-l", log, "-o", &options, "start"]);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
 /// A bundle of the `manifest_probe` guest with `manifest` and `files`.
 pub fn probe_bundle(manifest: &str, files: &[(&str, &str)]) -> Vec<u8> {
     let files: Vec<(String, Vec<u8>)> = files

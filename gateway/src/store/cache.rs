@@ -6,7 +6,8 @@
 //!   returns, so this node reads its own writes;
 //! - a write on another node: the store's change feed (PostgreSQL
 //!   `NOTIFY`) drops it, normally within milliseconds; a lost feed
-//!   (`Change::Everything`, a lagging receiver) drops everything;
+//!   (`Change::Everything`, a lagging receiver) makes every entry stale,
+//!   to be read again before it is trusted;
 //! - a missed change despite both: no entry is trusted for longer than
 //!   [`MAX_AGE`]; past it, the next read goes to the store.
 //!
@@ -89,7 +90,7 @@ impl Cached {
         F: Future<Output = Result<Option<V>, StoreError>>,
     {
         let cached = map(&self.state).get(&key);
-        if let Some((value, fetched)) = &cached
+        if let Some((value, Some(fetched))) = &cached
             && fetched.elapsed() < MAX_AGE
         {
             return Ok(value.clone());
@@ -133,16 +134,19 @@ impl State {
                     .remove(|(owner, function), _| owner == tenant && function == name);
             }
             Change::Everything => {
-                self.keys.clear();
-                self.tenants.clear();
-                self.functions.clear();
+                self.keys.expire_all();
+                self.tenants.expire_all();
+                self.functions.expire_all();
             }
         }
     }
 }
 
-/// One cache: a value (or its absence) and when it was read.
-struct Map<K, V>(Mutex<HashMap<K, (Option<V>, Instant)>>);
+/// One cache: a value (or its absence) and when it was read (`None`:
+/// stale, kept only for when the store cannot be reached).
+struct Map<K, V>(Mutex<HashMap<K, Entry<V>>>);
+
+type Entry<V> = (Option<V>, Option<Instant>);
 
 impl<K, V> Default for Map<K, V> {
     fn default() -> Self {
@@ -151,11 +155,11 @@ impl<K, V> Default for Map<K, V> {
 }
 
 impl<K: Hash + Eq, V: Clone> Map<K, V> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, (Option<V>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Entry<V>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn get(&self, key: &K) -> Option<(Option<V>, Instant)> {
+    fn get(&self, key: &K) -> Option<Entry<V>> {
         self.lock().get(key).cloned()
     }
 
@@ -170,15 +174,17 @@ impl<K: Hash + Eq, V: Clone> Map<K, V> {
         if map.len() >= MAX_ENTRIES {
             map.clear();
         }
-        map.insert(key, (value, Instant::now()));
+        map.insert(key, (value, Some(Instant::now())));
     }
 
     fn remove(&self, matches: impl Fn(&K, &Option<V>) -> bool) {
         self.lock().retain(|key, (value, _)| !matches(key, value));
     }
 
-    fn clear(&self) {
-        self.lock().clear();
+    fn expire_all(&self) {
+        for (_, fetched) in self.lock().values_mut() {
+            *fetched = None;
+        }
     }
 }
 
