@@ -257,3 +257,31 @@ fn deploy_bundles_the_manifest_next_to_the_crate() {
         "GREETING=from the manifest PATH=-"
     );
 }
+
+/// deploy/kubernetes fits together and runs `serve` with flags it has
+/// (tests/data/check_manifests.py; PyYAML from `./dev test`'s venv).
+#[test]
+fn the_kubernetes_manifests_fit_the_binary() {
+    let help = Command::new(binary())
+        .args(["serve", "--help"])
+        .output()
+        .expect("gigafactory serve --help");
+    assert!(help.status.success());
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &help.stdout).unwrap();
+    let python = std::env::var("GIGAFACTORY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let checked = Command::new(&python)
+        .arg(root().join("tests/data/check_manifests.py"))
+        .arg(root().join("deploy/kubernetes"))
+        .arg(file.path())
+        .output()
+        .expect("running python");
+    assert!(
+        checked.status.success(),
+        "the manifests do not fit (does {python} have PyYAML? ./dev test sets it up):\n{}\n{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap();
+    assert_eq!(summary["workloads"], 2, "{summary}");
+}

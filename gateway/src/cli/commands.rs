@@ -83,7 +83,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!("gigafactory listening on http://{}", listener.local_addr()?);
     Arc::clone(&gateway)
         .serve(listener, shutdown_signal())
         .await

@@ -226,6 +226,8 @@ impl Gateway {
         let mut node = self.node_status(listener.local_addr()?)?;
         self.heartbeat(&mut node).await?;
         tracing::info!(node = %node.name, address = %node.address, "joined the cluster");
+        // Announced once the node is registered: from here other nodes see it.
+        tracing::info!("gigafactory listening on http://{}", listener.local_addr()?);
         let heartbeats = tokio::spawn(self.clone().heartbeats(node.clone()));
         let builder = self.http_builder();
         let cap = connections::connection_cap(self.config.max_connections);

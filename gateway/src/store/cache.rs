@@ -163,18 +163,17 @@ impl<K: Hash + Eq, V: Clone> Map<K, V> {
         self.lock().get(key).cloned()
     }
 
-    /// Stores what a read found, unless `still_current` says an
+    /// Stores what a read found: fresh, unless `still_current` says an
     /// invalidation came after the read began (checked under the lock that
-    /// invalidations take).
+    /// invalidations take); then stale, read again before it is trusted
+    /// but better than nothing while the store is unreachable.
     fn fill(&self, key: K, value: Option<V>, still_current: impl Fn() -> bool) {
         let mut map = self.lock();
-        if !still_current() {
-            return;
-        }
+        let fetched = still_current().then(Instant::now);
         if map.len() >= MAX_ENTRIES {
             map.clear();
         }
-        map.insert(key, (value, Some(Instant::now())));
+        map.insert(key, (value, fetched));
     }
 
     fn remove(&self, matches: impl Fn(&K, &Option<V>) -> bool) {
