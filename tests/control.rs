@@ -102,11 +102,7 @@ async fn tenants_keys_and_quotas(backend: Backend) {
         .put(&key, "two", "application/wasm", wasm("hello"))
         .await;
     assert_error(&refused, 403, "quota_exceeded");
-    let me = server
-        .client(Some(&key))
-        .api(Method::GET, "/v1/whoami", None)
-        .await
-        .unwrap();
+    let me = server.whoami(&key).await;
     assert_eq!(me["quota"]["max_functions"], 1, "{me}");
     assert_eq!(me["usage"]["functions"], 1, "{me}");
     assert!(me["usage"]["stored_bytes"].as_u64().unwrap() > 0, "{me}");
@@ -204,11 +200,7 @@ async fn versions_and_files_survive_a_restart(backend: Backend) {
         .await
         .unwrap();
     assert_error(&gone, 404, "not_found");
-    let me = server
-        .client(Some(&key))
-        .api(Method::GET, "/v1/whoami", None)
-        .await
-        .unwrap();
+    let me = server.whoami(&key).await;
     assert_eq!(
         me["usage"],
         serde_json::json!({"functions": 0, "stored_bytes": 0})
@@ -267,26 +259,14 @@ async fn racing_deploys_are_numbered_without_gaps(backend: Backend) {
         server.deploy_bundle(&key, "probe", bundle)
     });
     let replies = futures_util::future::join_all(deploys).await;
-    let mut numbers: Vec<u64> = replies
-        .iter()
-        .map(|reply| {
-            assert_eq!(reply.status, 201, "{}", text(reply));
-            json(reply)["active_version"].as_u64().unwrap()
-        })
-        .collect();
-    numbers.sort_unstable();
     let expected: Vec<u64> = (1..=RACERS as u64).collect();
-    assert_eq!(numbers, expected, "{backend:?}");
+    assert_eq!(support::created_versions(&replies), expected, "{backend:?}");
     let function = server
         .client(Some(&key))
         .api(Method::GET, "/v1/functions/probe", None)
         .await
         .unwrap();
     assert_eq!(function["versions"].as_array().unwrap().len(), RACERS);
-    let me = server
-        .client(Some(&key))
-        .api(Method::GET, "/v1/whoami", None)
-        .await
-        .unwrap();
+    let me = server.whoami(&key).await;
     assert_eq!(me["usage"]["functions"], 1, "{me}");
 }

@@ -215,6 +215,40 @@ impl Server {
         key["key"].as_str().expect("a key").to_string()
     }
 
+    /// A new API key for `tenant`: the key and its public id.
+    pub async fn create_key(&self, tenant: &str) -> (String, String) {
+        let created = self
+            .admin()
+            .api(Method::POST, &format!("/v1/tenants/{tenant}/keys"), None)
+            .await
+            .unwrap();
+        let field = |name: &str| created[name].as_str().expect("a key and an id").to_string();
+        (field("key"), field("id"))
+    }
+
+    /// Revokes `tenant`'s key `id`, asserting success.
+    pub async fn revoke_key(&self, tenant: &str, id: &str) {
+        let revoked = self
+            .admin()
+            .send(
+                Method::DELETE,
+                &format!("/v1/tenants/{tenant}/keys/{id}"),
+                None,
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(revoked.status, 204, "revoking {id}: {}", text(&revoked));
+    }
+
+    /// `GET /v1/whoami` with `key`.
+    pub async fn whoami(&self, key: &str) -> serde_json::Value {
+        self.client(Some(key))
+            .api(Method::GET, "/v1/whoami", None)
+            .await
+            .unwrap()
+    }
+
     /// A model as `GET /v1/models` shows it to the admin.
     pub async fn model(&self, name: &str) -> serde_json::Value {
         let models = self
@@ -563,6 +597,19 @@ pub fn probe_bundle(manifest: &str, files: &[(&str, &str)]) -> Vec<u8> {
         .collect();
     gigafactory_gateway::bundle::Bundle::pack(&wasm("manifest_probe"), Some(manifest), &files)
         .unwrap()
+}
+
+/// The versions deploys created (each reply a 201), in order.
+pub fn created_versions(replies: &[Reply]) -> Vec<u64> {
+    let mut numbers: Vec<u64> = replies
+        .iter()
+        .map(|reply| {
+            assert_eq!(reply.status, 201, "{}", text(reply));
+            json(reply)["active_version"].as_u64().unwrap()
+        })
+        .collect();
+    numbers.sort_unstable();
+    numbers
 }
 
 /// A reply's body as text.

@@ -5,7 +5,8 @@
 //! - a write through this node: the write drops what it changed before it
 //!   returns, so this node reads its own writes;
 //! - a write on another node: the store's change feed (PostgreSQL
-//!   `NOTIFY`) drops it, normally within milliseconds; a lost feed
+//!   `NOTIFY`) drops a key at once and makes other records stale (read
+//!   again before they are trusted), normally within milliseconds; a lost feed
 //!   (`Change::Everything`, a lagging receiver) makes every entry stale,
 //!   to be read again before it is trusted;
 //! - a missed change despite both: no entry is trusted for longer than
@@ -123,15 +124,18 @@ impl State {
                 let hash: [u8; 32] = hash.as_bytes().try_into().expect("32 bytes");
                 self.keys.remove(|key, _| *key == hash);
             }
+            // A revoked or added key goes at once. The rest turns stale:
+            // read again before it is trusted, kept for when the store
+            // cannot be reached (as after a lost feed).
             Change::Tenant(tenant) => {
-                self.tenants.remove(|name, _| name == tenant);
-                self.functions.remove(|(owner, _), _| owner == tenant);
+                self.tenants.expire(|name, _| name == tenant);
+                self.functions.expire(|(owner, _), _| owner == tenant);
                 self.keys
-                    .remove(|_, key| key.as_ref().is_some_and(|k| k.tenant == *tenant));
+                    .expire(|_, key| key.as_ref().is_some_and(|k| k.tenant == *tenant));
             }
             Change::Function { tenant, name } => {
                 self.functions
-                    .remove(|(owner, function), _| owner == tenant && function == name);
+                    .expire(|(owner, function), _| owner == tenant && function == name);
             }
             Change::Everything => {
                 self.keys.expire_all();
@@ -178,6 +182,14 @@ impl<K: Hash + Eq, V: Clone> Map<K, V> {
 
     fn remove(&self, matches: impl Fn(&K, &Option<V>) -> bool) {
         self.lock().retain(|key, (value, _)| !matches(key, value));
+    }
+
+    fn expire(&self, matches: impl Fn(&K, &Option<V>) -> bool) {
+        for (key, (value, fetched)) in self.lock().iter_mut() {
+            if matches(key, value) {
+                *fetched = None;
+            }
+        }
     }
 
     fn expire_all(&self) {
