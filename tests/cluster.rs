@@ -115,28 +115,12 @@ async fn changes_on_one_node_reach_the_others_within_a_second() {
     }
 
     // A key revoked on C is refused on A, which had it cached.
-    let second = c
-        .admin()
-        .api(Method::POST, "/v1/tenants/acme/keys", None)
-        .await
-        .unwrap();
-    let second_key = second["key"].as_str().unwrap().to_string();
-    let id = second["id"].as_str().unwrap().to_string();
+    let (second_key, id) = c.create_key("acme").await;
     assert_eq!(
         status(a, &second_key, Method::GET, "/v1/functions").await,
         200
     );
-    let revoked = c
-        .admin()
-        .send(
-            Method::DELETE,
-            &format!("/v1/tenants/acme/keys/{id}"),
-            None,
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(revoked.status, 204, "{}", text(&revoked));
+    c.revoke_key("acme", &id).await;
     within(PROPAGATION, "a revocation", || async {
         status(a, &second_key, Method::GET, "/v1/functions").await == 401
     })
@@ -184,25 +168,9 @@ async fn revocations_propagate_and_their_delay_is_measured() {
     a.tenant("acme").await;
     let mut delays = Vec::with_capacity(CHANGES);
     for _ in 0..CHANGES {
-        let created = c
-            .admin()
-            .api(Method::POST, "/v1/tenants/acme/keys", None)
-            .await
-            .unwrap();
-        let key = created["key"].as_str().unwrap().to_string();
-        let id = created["id"].as_str().unwrap().to_string();
+        let (key, id) = c.create_key("acme").await;
         assert_eq!(status(a, &key, Method::GET, "/v1/functions").await, 200);
-        let revoked = c
-            .admin()
-            .send(
-                Method::DELETE,
-                &format!("/v1/tenants/acme/keys/{id}"),
-                None,
-                &[],
-            )
-            .await
-            .unwrap();
-        assert_eq!(revoked.status, 204, "{}", text(&revoked));
+        c.revoke_key("acme", &id).await;
         let delay = within(PROPAGATION, "a revocation", || async {
             status(a, &key, Method::GET, "/v1/functions").await == 401
         })
@@ -231,15 +199,10 @@ async fn racing_deploys_on_two_nodes_are_numbered_one_to_sixteen() {
         node.deploy_bundle(&key, "probe", bundle)
     });
     let replies = futures_util::future::join_all(deploys).await;
-    let mut numbers: Vec<u64> = replies
-        .iter()
-        .map(|reply| {
-            assert_eq!(reply.status, 201, "{}", text(reply));
-            json(reply)["active_version"].as_u64().unwrap()
-        })
-        .collect();
-    numbers.sort_unstable();
-    assert_eq!(numbers, (1..=16).collect::<Vec<u64>>());
+    assert_eq!(
+        support::created_versions(&replies),
+        (1..=16).collect::<Vec<u64>>()
+    );
     let function = b
         .client(Some(&key))
         .api(Method::GET, "/v1/functions/probe", None)
@@ -562,29 +525,11 @@ async fn nodes_serve_through_a_database_restart_and_recover_without_one() {
     })
     .await;
     // B listens again: a key revoked on A is refused on B within a second.
-    let created = a
-        .admin()
-        .api(Method::POST, "/v1/tenants/acme/keys", None)
-        .await
-        .unwrap();
-    let (second, id) = (
-        created["key"].as_str().unwrap(),
-        created["id"].as_str().unwrap(),
-    );
-    assert_eq!(status(&b, second, Method::GET, "/v1/functions").await, 200);
-    let revoked = a
-        .admin()
-        .send(
-            Method::DELETE,
-            &format!("/v1/tenants/acme/keys/{id}"),
-            None,
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(revoked.status, 204, "{}", text(&revoked));
+    let (second, id) = a.create_key("acme").await;
+    assert_eq!(status(&b, &second, Method::GET, "/v1/functions").await, 200);
+    a.revoke_key("acme", &id).await;
     within(PROPAGATION, "a revocation after the restart", || async {
-        status(&b, second, Method::GET, "/v1/functions").await == 401
+        status(&b, &second, Method::GET, "/v1/functions").await == 401
     })
     .await;
 }

@@ -113,16 +113,7 @@ async fn tenants_keys_and_quotas(backend: Backend) {
         .unwrap();
     let id = keys["keys"][0]["id"].as_str().unwrap().to_string();
     assert!(key.starts_with(&id), "{id} is not the start of the key");
-    let revoked = admin
-        .send(
-            Method::DELETE,
-            &format!("/v1/tenants/acme/keys/{id}"),
-            None,
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(revoked.status, 204, "{}", text(&revoked));
+    server.revoke_key("acme", &id).await;
     let refused = server
         .client(Some(&key))
         .send(Method::GET, "/fn/acme/one/", None, &[])
