@@ -10,7 +10,7 @@
 //! cluster secret in [`CLUSTER_HEADER`]: the receiving node runs it
 //! itself, never forwards it again, and no guest ever sees the header.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use hyper::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, TE, TRANSFER_ENCODI
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::routes::Request;
 use super::{ApiError, BoxError, Gateway, Response};
@@ -41,6 +42,12 @@ const ATTEMPTS: usize = 3;
 pub(super) struct Peers {
     secret: Option<(String, TokenHash)>,
     nodes: RwLock<Vec<Peer>>,
+    /// Models other live nodes hold, each with whether it is public.
+    models: RwLock<Arc<BTreeMap<String, bool>>>,
+    /// This node's public models (`public = true` in model.toml).
+    public_here: BTreeSet<String>,
+    /// Models every tenant may use: public ones here or on a live node.
+    public: RwLock<Arc<BTreeSet<String>>>,
     load: Mutex<HashMap<String, Arc<PeerLoad>>>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -72,7 +79,7 @@ impl Drop for Sending {
 }
 
 impl Peers {
-    pub(super) fn new(secret: Option<String>) -> Self {
+    pub(super) fn new(secret: Option<String>, public_here: BTreeSet<String>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -85,6 +92,9 @@ impl Peers {
                 (s, hash)
             }),
             nodes: RwLock::default(),
+            models: RwLock::default(),
+            public: RwLock::new(Arc::new(public_here.clone())),
+            public_here,
             load: Mutex::default(),
             client,
         }
@@ -115,18 +125,33 @@ impl Peers {
                     in_flight: report["in_flight"].as_u64().unwrap_or(0) as usize,
                 }
             })
-            .collect();
-        *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = peers;
-    }
-
-    /// Models other live nodes hold, each with whether it is public.
-    pub(super) fn models(&self) -> BTreeMap<String, bool> {
-        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+            .collect::<Vec<Peer>>();
         let mut models = BTreeMap::new();
-        for (name, public) in nodes.iter().flat_map(|n| &n.models) {
+        for (name, public) in peers.iter().flat_map(|n| &n.models) {
             *models.entry(name.clone()).or_insert(false) |= *public;
         }
-        models
+        let mut public = self.public_here.clone();
+        public.extend(models.iter().filter(|(_, p)| **p).map(|(m, _)| m.clone()));
+        *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = peers;
+        *self.models.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(models);
+        *self.public.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(public);
+    }
+
+    /// Models other live nodes hold, each with whether it is public (as
+    /// of the last heartbeat: computed then, not per request).
+    pub(super) fn models(&self) -> Arc<BTreeMap<String, bool>> {
+        self.models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Models every tenant without a model list in its quota may use.
+    pub(super) fn public_models(&self) -> Arc<BTreeSet<String>> {
+        self.public
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether `request` was forwarded by another node: it carries the
@@ -198,16 +223,19 @@ impl Gateway {
     /// answer. A node that refuses the connection is skipped for a few
     /// seconds and the next is tried; one that fails after taking the
     /// request answers 502 (the request may have run).
+    /// `held` (the tenant's concurrency slot here) is released when the
+    /// relayed answer ends.
     pub(super) async fn forward(
         &self,
         request: Request,
         models: &[String],
         body_limit: u64,
+        held: Option<OwnedSemaphorePermit>,
     ) -> Result<Response, ApiError> {
         let outgoing = Outgoing::of(&request);
         let limit = usize::try_from(body_limit).unwrap_or(usize::MAX);
         let body = self.read_body(request, limit).await?;
-        self.send_to_holder(outgoing, body, models).await
+        self.send_to_holder(outgoing, body, models, held).await
     }
 
     /// [`Self::forward`] for a request whose body was read already.
@@ -216,6 +244,7 @@ impl Gateway {
         outgoing: Outgoing,
         body: Bytes,
         models: &[String],
+        held: Option<OwnedSemaphorePermit>,
     ) -> Result<Response, ApiError> {
         let Some((secret, _)) = &self.peers.secret else {
             return Err(model_unavailable(models, "no --cluster-secret is set"));
@@ -245,7 +274,7 @@ impl Gateway {
                     return Ok(response.map(|body| {
                         body.map_err(|e| Box::new(e) as BoxError)
                             .map_frame(move |frame| {
-                                let _held = &sending;
+                                let _held = (&sending, &held);
                                 frame
                             })
                             .boxed_unsync()

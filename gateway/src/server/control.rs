@@ -145,7 +145,7 @@ impl Gateway {
             .into_iter()
             .map(|m| m.name)
             .collect();
-        names.extend(self.peers.models().into_keys());
+        names.extend(self.peers.models().keys().cloned());
         names.sort();
         names.dedup();
         names

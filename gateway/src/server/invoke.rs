@@ -59,7 +59,10 @@ impl Gateway {
                 .manifest
                 .max_request_bytes
                 .unwrap_or(self.config.max_request_bytes);
-            return self.forward(request, models, limit).await;
+            // Admitted here too: its body is held here, its answer relayed.
+            let quota = self.tenant_record(tenant).await?.quota;
+            let admitted = self.admission.admit(tenant, &quota)?;
+            return self.forward(request, models, limit, admitted.permit).await;
         }
         let counted = Counted {
             gateway: self,
@@ -211,15 +214,7 @@ impl Gateway {
     pub(super) fn visible_models(&self, quota: &Quota) -> Arc<BTreeSet<String>> {
         match &quota.models {
             Some(models) => Arc::new(models.iter().cloned().collect()),
-            None => {
-                let elsewhere = self.peers.models();
-                if elsewhere.values().all(|public| !public) {
-                    return self.public_models.clone();
-                }
-                let mut public = (*self.public_models).clone();
-                public.extend(elsewhere.into_iter().filter(|(_, p)| *p).map(|(m, _)| m));
-                Arc::new(public)
-            }
+            None => self.peers.public_models(),
         }
     }
 

@@ -16,7 +16,7 @@ mod nodes;
 mod openai;
 mod routes;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -147,8 +147,6 @@ pub struct Gateway {
     concurrency: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Per-tenant rate, concurrency and compute state.
     admission: admission::Admission,
-    /// Models every tenant may use (`public = true` in model.toml).
-    public_models: Arc<BTreeSet<String>>,
     /// Set when shutting down: the node takes no new work.
     draining: AtomicBool,
     /// Requests being answered (until their response body ends).
@@ -199,7 +197,6 @@ impl Gateway {
             .map(|m| m.name)
             .collect();
         Ok(Arc::new(Self {
-            public_models: Arc::new(public_models),
             functions: FunctionCache::new(config.max_loaded_functions),
             logs: FunctionLogs::default(),
             metrics: metrics::Metrics::default(),
@@ -207,7 +204,7 @@ impl Gateway {
             admission: admission::Admission::default(),
             draining: AtomicBool::new(false),
             in_flight: Arc::default(),
-            peers: cluster::Peers::new(config.cluster_secret.clone()),
+            peers: cluster::Peers::new(config.cluster_secret.clone(), public_models),
             config,
             store,
             runtime,

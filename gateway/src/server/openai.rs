@@ -131,7 +131,7 @@ impl Gateway {
             .list()
             .into_iter()
             .map(|m| m.name)
-            .chain(self.peers.models().into_keys())
+            .chain(self.peers.models().keys().cloned())
             .collect();
         names.sort();
         names.dedup();
@@ -163,11 +163,12 @@ impl Gateway {
                 format!("not a chat completion request: {e}"),
             )
         })?;
-        if !forwarded && self.elsewhere(&chat.model) {
-            return self.send_to_holder(outgoing, body, &[chat.model]).await;
-        }
         let quota = self.tenant_record(&tenant).await?.quota;
         let admitted = self.admission.admit(&tenant, &quota)?;
+        if !forwarded && self.elsewhere(&chat.model) {
+            let (models, held) = ([chat.model], admitted.permit);
+            return self.send_to_holder(outgoing, body, &models, held).await;
+        }
         self.admission.may_generate(&tenant, &quota)?;
         if chat.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad_request(
@@ -263,11 +264,12 @@ impl Gateway {
         let asked: EmbeddingRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request("invalid_request", format!("not an embeddings request: {e}"))
         })?;
-        if !forwarded && self.elsewhere(&asked.model) {
-            return self.send_to_holder(outgoing, body, &[asked.model]).await;
-        }
         let quota = self.tenant_record(&tenant).await?.quota;
         let admitted = self.admission.admit(&tenant, &quota)?;
+        if !forwarded && self.elsewhere(&asked.model) {
+            let (models, held) = ([asked.model], admitted.permit);
+            return self.send_to_holder(outgoing, body, &models, held).await;
+        }
         let base64 = match asked.encoding_format.as_deref() {
             None | Some("float") => false,
             Some("base64") => true,

@@ -83,7 +83,7 @@ impl Cached {
         &self,
         map: impl Fn(&State) -> &Map<K, V>,
         key: K,
-        fetch: F,
+        fetch: impl FnOnce() -> F,
     ) -> Result<Option<V>, StoreError>
     where
         K: Hash + Eq,
@@ -97,7 +97,7 @@ impl Cached {
             return Ok(value.clone());
         }
         let epoch = self.state.epoch.load(Ordering::Acquire);
-        match fetch.await {
+        match fetch().await {
             Ok(value) => {
                 map(&self.state).fill(key, value.clone(), || {
                     self.state.epoch.load(Ordering::Acquire) == epoch
@@ -224,7 +224,7 @@ impl Store for Cached {
     }
 
     async fn tenant(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
-        self.read(|s| &s.tenants, name.to_string(), self.inner.tenant(name))
+        self.read(|s| &s.tenants, name.to_string(), || self.inner.tenant(name))
             .await
     }
 
@@ -268,7 +268,7 @@ impl Store for Cached {
 
     async fn key(&self, hash: &TokenHash) -> Result<Option<ApiKey>, StoreError> {
         let bytes: [u8; 32] = hash.as_bytes().try_into().expect("32 bytes");
-        self.read(|s| &s.keys, bytes, self.inner.key(hash)).await
+        self.read(|s| &s.keys, bytes, || self.inner.key(hash)).await
     }
 
     async fn deploy(
@@ -290,7 +290,7 @@ impl Store for Cached {
         self.read(
             |s| &s.functions,
             (tenant.to_string(), name.to_string()),
-            self.inner.function(tenant, name),
+            || self.inner.function(tenant, name),
         )
         .await
     }
