@@ -533,3 +533,52 @@ async fn nodes_serve_through_a_database_restart_and_recover_without_one() {
     })
     .await;
 }
+
+/// A tenant limited to 30 requests/s, loaded through all three nodes:
+/// the cluster admits 30/s ± 15% over 10 s, not 30/s per node.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_quota_holds_across_the_cluster() {
+    const RATE: f64 = 30.0;
+    let cluster = Cluster::start().await;
+    let key = cluster.nodes[0].tenant("acme").await;
+    cluster.nodes[0].deploy(&key, "hello", wasm("hello")).await;
+    cluster.nodes[0]
+        .set_quota("acme", serde_json::json!({"requests_per_second": RATE}))
+        .await;
+    let (settle, measure) = (Duration::from_secs(3), Duration::from_secs(10));
+    let started = Instant::now();
+    let clients: Vec<_> = cluster
+        .nodes
+        .iter()
+        .flat_map(|node| (0..3).map(|_| node.client(Some(&key))))
+        .map(|client| {
+            tokio::spawn(async move {
+                let mut admitted = 0u32;
+                while started.elapsed() < settle + measure {
+                    let reply = client
+                        .send(Method::GET, "/fn/acme/hello/", None, &[])
+                        .await
+                        .unwrap();
+                    let counted = started.elapsed() > settle;
+                    match reply.status.as_u16() {
+                        200 if counted => admitted += 1,
+                        200 | 429 => {}
+                        other => panic!("{other}: {}", text(&reply)),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                admitted
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for client in clients {
+        admitted += client.await.unwrap();
+    }
+    let per_second = f64::from(admitted) / measure.as_secs_f64();
+    eprintln!("admitted {per_second:.1} requests/s across three nodes (quota {RATE})");
+    assert!(
+        (RATE * 0.85..=RATE * 1.15).contains(&per_second),
+        "admitted {per_second:.1}/s for a quota of {RATE}/s"
+    );
+}

@@ -236,6 +236,16 @@ impl TokenBucket {
         self.rate == rate && self.capacity == capacity
     }
 
+    /// Changes the rate and capacity, keeping the tokens it has (at most
+    /// the new capacity): a changed share never refills the bucket.
+    pub fn set(&mut self, now: Instant, rate: f64, capacity: f64) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(capacity);
+        self.updated = now;
+        self.rate = rate;
+        self.capacity = capacity;
+    }
+
     /// Takes a token, or says how long until one is there.
     pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();

@@ -24,6 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::admission::{ClusterLoad, TenantLoad};
 use super::routes::Request;
 use super::{ApiError, BoxError, Gateway, Response};
 use crate::auth::TokenHash;
@@ -101,11 +102,14 @@ impl Peers {
     }
 
     /// Replaces the view with the store's list: live nodes other than
-    /// `me` that are not draining.
-    pub(super) fn refresh(&self, nodes: &[Node], me: &str, dead_after: Duration) {
-        let peers = nodes
+    /// `me` that are not draining. Returns their load of each tenant.
+    pub(super) fn refresh(&self, nodes: &[Node], me: &str, dead_after: Duration) -> ClusterLoad {
+        let live: Vec<&Node> = nodes
             .iter()
             .filter(|n| n.status.name != me && !n.status.draining && n.silent_for < dead_after)
+            .collect();
+        let peers = live
+            .iter()
             .map(|n| {
                 let report = &n.status.report;
                 let models = report["models"]
@@ -135,6 +139,21 @@ impl Peers {
         *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = peers;
         *self.models.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(models);
         *self.public.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(public);
+        let mut load = ClusterLoad {
+            nodes: 1 + live.len(),
+            others: HashMap::new(),
+        };
+        for node in live {
+            let tenants: BTreeMap<String, TenantLoad> =
+                serde_json::from_value(node.status.report["tenants"].clone()).unwrap_or_default();
+            for (tenant, theirs) in tenants {
+                let sum = load.others.entry(tenant).or_default();
+                sum.demand += theirs.demand;
+                sum.compute_seconds += theirs.compute_seconds;
+                sum.tokens += theirs.tokens;
+            }
+        }
+        load
     }
 
     /// Models other live nodes hold, each with whether it is public (as

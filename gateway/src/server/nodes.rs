@@ -86,8 +86,10 @@ impl Gateway {
             .await
             .with_context(|| format!("heartbeat of node {:?}", node.name))?;
         let nodes = self.store.nodes().await.context("listing the nodes")?;
-        self.peers
+        let load = self
+            .peers
             .refresh(&nodes, &node.name, self.config.node.dead_after);
+        self.admission.set_cluster(load);
         Ok(())
     }
 
@@ -132,6 +134,7 @@ impl Gateway {
             .collect();
         serde_json::json!({
             "in_flight": self.in_flight.load(Ordering::Relaxed),
+            "tenants": self.admission.report(),
             "models": models,
             "devices": self.runtime.models().devices().list(),
             "store": self.store.kind(),
