@@ -582,3 +582,82 @@ async fn a_rate_quota_holds_across_the_cluster() {
         "admitted {per_second:.1}/s for a quota of {RATE}/s"
     );
 }
+
+/// The text model's name.
+const TEXT_MODEL: &str = "smollm2-135m-instruct";
+
+/// Models on A only: B's and C's calls join A's batches, and a greedy
+/// answer through C is A's word for word.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_nodes_models_serve_the_cluster_in_shared_batches() {
+    let url = support::postgres_database().await;
+    let repository = embedding_repository();
+    let text_model = support::root().join("models").join(TEXT_MODEL);
+    std::os::unix::fs::symlink(
+        text_model.canonicalize().unwrap(),
+        repository.path().join(TEXT_MODEL),
+    )
+    .unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = node(&url, "a", dirs[0].path(), Some(repository.path()));
+    let b = node(&url, "b", dirs[1].path(), None);
+    let c = node(&url, "c", dirs[2].path(), None);
+    let key = a.tenant("acme").await;
+    let manifest = format!("models = [\"{MODEL}\"]");
+    let bundle =
+        gigafactory_gateway::bundle::Bundle::pack(&wasm("embed"), Some(&manifest), &[]).unwrap();
+    let deployed = a.deploy_bundle(&key, "embed", bundle).await;
+    assert_eq!(deployed.status, 201, "{}", text(&deployed));
+
+    let before = a.model(MODEL).await["stats"].clone();
+    let calls = (0..24).map(|i| {
+        let via = if i % 2 == 0 { &b } else { &c };
+        embedding(via, &key, SENTENCES[i % SENTENCES.len()])
+    });
+    for outcome in futures_util::future::join_all(calls).await {
+        assert_eq!(outcome.unwrap().len(), 384);
+    }
+    let after = a.model(MODEL).await["stats"].clone();
+    let count = |stats: &serde_json::Value, name: &str| stats[name].as_u64().unwrap();
+    let calls = count(&after, "calls") - count(&before, "calls");
+    let batches = count(&after, "batches") - count(&before, "batches");
+    assert_eq!(calls, 24, "{after}");
+    assert!(
+        batches < calls,
+        "{calls} calls from B and C ran in {batches} batches on A"
+    );
+
+    let chat = serde_json::json!({
+        "model": TEXT_MODEL,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0,
+        "max_tokens": 16,
+    })
+    .to_string();
+    let mut answers = Vec::new();
+    for server in [&a, &c] {
+        let reply = server
+            .post(
+                &key,
+                "/openai/v1/chat/completions",
+                "application/json",
+                chat.clone(),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", text(&reply));
+        answers.push(json(&reply)["choices"][0]["message"]["content"].clone());
+    }
+    assert!(
+        answers[0].as_str().is_some_and(|a| !a.is_empty()),
+        "{answers:?}"
+    );
+    assert_eq!(answers[0], answers[1]);
+}
+
+/// Sentences for concurrent embedding calls.
+const SENTENCES: [&str; 4] = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Batches fill with calls from every node.",
+    "A model on one node serves the whole cluster.",
+    "How far is the moon from the earth?",
+];
