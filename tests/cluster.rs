@@ -272,22 +272,24 @@ async fn nodes_register_die_and_drain() {
     })
     .await;
 
-    // SIGTERM while a request runs: it finishes, then the node leaves.
+    // SIGTERM while requests run: every one finishes, then the node leaves.
     let b = cluster.nodes.pop().unwrap();
     b.deploy(&key, "probe", wasm("manifest_probe")).await;
-    let slow = {
-        let client = b.client(Some(&key));
-        tokio::spawn(async move {
-            client
-                .send(Method::GET, "/fn/acme/probe/sleep?ms=1500", None, &[])
-                .await
-                .unwrap()
+    let slow: Vec<_> = (0..8)
+        .map(|i| {
+            let client = b.client(Some(&key));
+            tokio::spawn(async move {
+                let path = format!("/fn/acme/probe/sleep?ms={}", 1000 + 100 * i);
+                client.send(Method::GET, &path, None, &[]).await.unwrap()
+            })
         })
-    };
+        .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stopping = std::thread::spawn(move || b.stop());
-    let reply = slow.await.unwrap();
-    assert_eq!(reply.status, 200, "{}", text(&reply));
+    for request in slow {
+        let reply = request.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", text(&reply));
+    }
     stopping.join().unwrap();
     let states = node_states(&cluster.nodes[0]).await;
     assert!(
@@ -487,6 +489,28 @@ async fn nodes_serve_through_a_database_restart_and_recover_without_one() {
         );
     }
 
+    // Clients keep calling both nodes through the stop and the start.
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load: Vec<_> = [&a, &b]
+        .into_iter()
+        .map(|node| {
+            let (client, running) = (node.client(Some(&key)), running.clone());
+            tokio::spawn(async move {
+                let mut answered = 0;
+                while running.load(std::sync::atomic::Ordering::Relaxed) {
+                    let reply = client
+                        .send(Method::GET, "/fn/acme/hello/under-load", None, &[])
+                        .await
+                        .unwrap();
+                    assert_eq!(reply.status, 200, "{}", text(&reply));
+                    answered += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                answered
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     database.stop();
     for node in [&a, &b] {
         let answer = node.get_text(&key, "/fn/acme/hello/cached").await;
@@ -524,6 +548,10 @@ async fn nodes_serve_through_a_database_restart_and_recover_without_one() {
         created.status == 201
     })
     .await;
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    for client in load {
+        assert!(client.await.unwrap() > 0, "a client got no answer");
+    }
     // B listens again: a key revoked on A is refused on B within a second.
     let (second, id) = a.create_key("acme").await;
     assert_eq!(status(&b, &second, Method::GET, "/v1/functions").await, 200);
