@@ -680,6 +680,21 @@ async fn one_nodes_models_serve_the_cluster_in_shared_batches() {
         "{answers:?}"
     );
     assert_eq!(answers[0], answers[1]);
+
+    // With the only holder gone, the function is unavailable, not broken.
+    a.kill();
+    let unavailable = c
+        .client(Some(&key))
+        .send(
+            Method::POST,
+            "/fn/acme/embed",
+            Some(("text/plain", Bytes::from_static(b"anyone there?"))),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_error(&unavailable, 503, "model_unavailable");
+    assert!(unavailable.headers.contains_key("retry-after"));
 }
 
 /// Sentences for concurrent embedding calls.
