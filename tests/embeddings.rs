@@ -227,3 +227,45 @@ async fn the_embeddings_endpoint_checks_its_input_keys_and_quotas() {
     let hidden = post(me(), serde_json::json!({"model": MODEL, "input": "hi"})).await;
     assert_error(&hidden, 404, "model_not_found");
 }
+
+/// The vectors `ai-embed` returns for `texts`, in one call.
+async fn vectors(server: &Server, key: &str, texts: &[&str]) -> Vec<Vec<f32>> {
+    let reply = embed_via_function(server, key, MODEL, texts).await;
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    json(&reply)["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(floats)
+        .collect()
+}
+
+#[tokio::test]
+async fn both_onnx_engines_agree_with_each_other_and_batched_with_alone() {
+    let cases = reference_embeddings();
+    let texts: Vec<&str> = cases.iter().map(|(t, _, _)| t.as_str()).collect();
+    let mut per_engine = Vec::new();
+    for engine in ["tract", "onnxruntime"] {
+        let data = tempfile::tempdir().unwrap();
+        let server = Server::start_with(data.path(), &["--onnx-engine", engine]);
+        let key = server.tenant("acme").await;
+        server.deploy(&key, "ai-embed", wasm("ai_embed")).await;
+        // All texts in one call: one batch, padded to the longest.
+        let batched = vectors(&server, &key, &texts).await;
+        for ((text_in, expected, _), together) in cases.iter().zip(&batched) {
+            let off = largest_difference(together, expected);
+            assert!(
+                off < 1e-3,
+                "{engine}: {text_in:?} vs onnxruntime in Python: {off}"
+            );
+            let alone = vectors(&server, &key, &[text_in.as_str()]).await.remove(0);
+            let off = largest_difference(together, &alone);
+            assert!(off < 1e-4, "{engine}: {text_in:?} batched vs alone: {off}");
+        }
+        per_engine.push(batched);
+    }
+    for (index, (tract, onnxruntime)) in per_engine[0].iter().zip(&per_engine[1]).enumerate() {
+        let off = largest_difference(tract, onnxruntime);
+        assert!(off < 1e-4, "text {index}: tract vs onnxruntime: {off}");
+    }
+}

@@ -32,7 +32,7 @@ pub use capabilities::{Capabilities, ComputeBudget, ModelAccess, OutboundAccess}
 pub use engine::{EPOCH_TICK, SandboxLimits};
 pub use function::{CompileError, Function, Invocation, InvokeError};
 pub use host::HostState;
-pub use models::ModelPool;
+pub use models::{EngineOptions, ModelPool, PoolOptions};
 pub use wasmtime_wasi_http::Error as HttpError;
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 

@@ -55,7 +55,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.limits.timeout = Duration::from_secs(args.timeout_secs);
     config.limits.max_memory_bytes = args.memory_mib << 20;
     config.limits.max_instances = args.max_instances;
-    config.batching = !args.no_batching;
+    config.pool.batching = !args.no_batching;
+    config.pool.engines.onnxruntime = args.onnxruntime;
+    config.pool.engines.onnx_engine = Some(args.onnx_engine);
     // Below 100 ms these would refuse ordinary clients.
     let at_least = |ms: u64| Duration::from_millis(ms.max(100));
     config.header_timeout = at_least(args.header_timeout_ms);
@@ -75,7 +77,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         (config.node.dead_after / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
     config.node.drain_grace = Duration::from_secs(args.drain_secs);
     if let Some(threads) = args.inference_threads {
-        config.inference_workers = threads;
+        config.pool.workers = threads.max(1);
+        config.pool.engines.threads = threads.max(1);
     }
     let gateway = Gateway::start(config)
         .await
@@ -90,7 +93,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GIGAFACTORY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn,ort=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

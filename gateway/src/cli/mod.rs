@@ -134,6 +134,16 @@ pub struct ServeArgs {
     /// Threads running inference (default: all cores).
     #[arg(long)]
     pub inference_threads: Option<usize>,
+    /// The ONNX Runtime shared library (`libonnxruntime.so…`, e.g. from the
+    /// `onnxruntime` or `onnxruntime-gpu` wheel); default: looked for next
+    /// to the executable and on the system's library path.
+    #[arg(long, env = "GIGAFACTORY_ONNXRUNTIME")]
+    pub onnxruntime: Option<PathBuf>,
+    /// The engine for ONNX models whose `model.toml` says `engine = "auto"`,
+    /// and for functions' own graphs: `auto` (ONNX Runtime when its library
+    /// is present, else tract), `onnxruntime` or `tract`.
+    #[arg(long, default_value = "auto")]
+    pub onnx_engine: String,
     /// Run every model call on its own, ignoring models' `[batching]` sections.
     #[arg(long)]
     pub no_batching: bool,

@@ -155,7 +155,11 @@ mod tests {
         metrics.invoked("a", "f", "deadline_exceeded", ms(2000));
         metrics.invoked("b", "g", "ok", ms(1));
         metrics.forget("b", None);
-        let text = metrics.render(&Counters::default(), &ModelPool::empty(1), 0);
+        let text = metrics.render(
+            &Counters::default(),
+            &ModelPool::new(&Default::default()).unwrap(),
+            0,
+        );
         assert!(text.contains("gigafactory_function_requests_total{tenant=\"a\",function=\"f\",outcome=\"ok\"} 2\n"), "{text}");
         assert!(
             text.contains("outcome=\"deadline_exceeded\"} 1\n"),

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use gigafactory_runtime::{ModelPool, Runtime, SandboxLimits};
+use gigafactory_runtime::{ModelPool, PoolOptions, Runtime, SandboxLimits};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -79,10 +79,8 @@ pub struct GatewayConfig {
     pub max_response_bytes: u64,
     /// Sandbox sizing and the request deadline.
     pub limits: SandboxLimits,
-    /// Threads running inference.
-    pub inference_workers: usize,
-    /// Whether models with a `[batching]` section batch calls across callers.
-    pub batching: bool,
+    /// Inference workers, batching and engines.
+    pub pool: PoolOptions,
     /// Time a client has to send a request's headers.
     pub header_timeout: Duration,
     /// Time a request body may stall before the request is refused (408).
@@ -118,8 +116,7 @@ impl GatewayConfig {
             max_request_bytes: 16 << 20,
             max_response_bytes: 64 << 20,
             limits: SandboxLimits::default(),
-            inference_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            batching: true,
+            pool: PoolOptions::default(),
             header_timeout: Duration::from_secs(10),
             body_idle_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
@@ -382,8 +379,8 @@ struct Connection {
 /// The models and the sandbox (blocking: models load from disk).
 fn load_runtime(config: &GatewayConfig) -> Result<Runtime> {
     let models = match &config.models_dir {
-        Some(dir) => ModelPool::load_repository(dir, config.inference_workers, config.batching)?,
-        None => ModelPool::empty(config.inference_workers),
+        Some(dir) => ModelPool::load_repository(dir, &config.pool)?,
+        None => ModelPool::new(&config.pool)?,
     };
     Runtime::new(config.limits.clone(), Arc::new(models)).context("building the sandbox")
 }

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::error::{ErrorCode, NnError};
+use super::graph::Graph;
 use super::limits::ShapeCaps;
-use super::onnx::OnnxGraph;
 use super::stats::ModelStats;
 use super::tensor::{ElementType, HostTensor};
 use crate::queue::Waiting;
@@ -117,7 +117,7 @@ pub struct Batcher {
 
 /// Everything a batch run needs, shared by the scheduler and its runs.
 struct Plan {
-    graph: Arc<OnnxGraph>,
+    graph: Arc<dyn Graph>,
     config: BatchConfig,
     /// Per input (model order): the padded axis and its fill bytes.
     pads: Vec<Option<(usize, Vec<u8>)>>,
@@ -132,7 +132,7 @@ impl Batcher {
     /// Checks `config` against the graph and starts the model's scheduler,
     /// which records what it does in `stats`.
     pub fn start(
-        graph: Arc<OnnxGraph>,
+        graph: Arc<dyn Graph>,
         config: BatchConfig,
         workers: Arc<Semaphore>,
         stats: Arc<ModelStats>,
@@ -475,7 +475,7 @@ impl Plan {
                 ErrorCode::RuntimeError,
                 format!(
                     "the model failed on this input: {}",
-                    super::onnx::panic_text(&panic)
+                    super::graph::panic_text(&panic)
                 ),
             ))
         })
@@ -506,7 +506,7 @@ impl Plan {
             .collect();
         let outputs = self
             .graph
-            .run(self.graph.inputs_of(merged)?)
+            .run(merged)
             .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("{e:#}")))?;
         let spent = started.elapsed();
         let mut start = 0;
@@ -574,13 +574,13 @@ mod tests {
 
     use super::*;
 
-    fn start(graph: Arc<OnnxGraph>, config: BatchConfig, workers: usize) -> Arc<Batcher> {
+    fn start(graph: Arc<dyn Graph>, config: BatchConfig, workers: usize) -> Arc<Batcher> {
         let stats = Arc::new(ModelStats::default());
         let workers = Arc::new(Semaphore::new(workers));
         Arc::new(Batcher::start(graph, config, workers, stats, None).unwrap())
     }
 
-    fn minilm() -> Option<(Arc<OnnxGraph>, BatchConfig)> {
+    fn minilm() -> Option<(Arc<dyn Graph>, BatchConfig)> {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2");
         if !dir.join("model.onnx").is_file() {
             eprintln!(
@@ -591,7 +591,8 @@ mod tests {
         }
         let toml = std::fs::read_to_string(dir.join("model.toml")).unwrap();
         let config: super::super::ModelConfig = toml::from_str(&toml).unwrap();
-        let graph = OnnxGraph::from_path(&dir.join("model.onnx")).unwrap();
+        let graph =
+            super::super::engines::tract::TractGraph::from_path(&dir.join("model.onnx")).unwrap();
         Some((graph, config.batching.expect("model.toml has [batching]")))
     }
 
@@ -616,12 +617,8 @@ mod tests {
             .collect()
     }
 
-    fn alone(graph: &OnnxGraph, inputs: Vec<HostTensor>) -> HostTensor {
-        graph
-            .run(graph.inputs_of(inputs).unwrap())
-            .unwrap()
-            .remove(0)
-            .1
+    fn alone(graph: &dyn Graph, inputs: Vec<HostTensor>) -> HostTensor {
+        graph.run(inputs).unwrap().remove(0).1
     }
 
     const SENTENCES: [&[i64]; 3] = [
@@ -632,7 +629,7 @@ mod tests {
         &[101, 7592, 2088, 999, 102],
     ];
 
-    async fn check_against_unbatched(graph: Arc<OnnxGraph>, config: BatchConfig) -> u64 {
+    async fn check_against_unbatched(graph: Arc<dyn Graph>, config: BatchConfig) -> u64 {
         let batcher = start(graph.clone(), config, 2);
         let calls: Vec<_> = SENTENCES
             .iter()
@@ -645,7 +642,7 @@ mod tests {
         for (tokens, call) in SENTENCES.iter().zip(calls) {
             let outputs = call.await.unwrap().0.unwrap();
             let batched = &outputs[0].1;
-            let expected = alone(&graph, ids(tokens));
+            let expected = alone(&*graph, ids(tokens));
             assert_eq!(
                 batched.dims, expected.dims,
                 "cut back to the caller's length"
@@ -750,7 +747,7 @@ mod tests {
         assert!(outcomes[1].1 > Duration::ZERO, "and is charged its runs");
         for (outcome, tokens) in [(&outcomes[0], SENTENCES[0]), (&outcomes[2], SENTENCES[2])] {
             let outputs = outcome.0.as_ref().expect("the good calls succeeded");
-            let expected = alone(&graph, ids(tokens));
+            let expected = alone(&*graph, ids(tokens));
             assert_eq!(outputs[0].1.dims, expected.dims);
         }
         let stats = batcher.stats.snapshot(0);
@@ -772,7 +769,7 @@ mod tests {
         };
         let mut mismatched = ids(SENTENCES[1]);
         mismatched[1] = ids(&[1; 5])[1].clone();
-        let error = graph.order(named(mismatched)).unwrap_err();
+        let error = super::super::graph::order(&*graph, named(mismatched)).unwrap_err();
         assert!(error.message.contains("must agree"), "{error}");
         let empty = vec![
             HostTensor {
@@ -782,9 +779,9 @@ mod tests {
             };
             3
         ];
-        let error = graph.order(named(empty)).unwrap_err();
+        let error = super::super::graph::order(&*graph, named(empty)).unwrap_err();
         assert!(error.message.contains("empty"), "{error}");
-        assert!(graph.order(named(ids(SENTENCES[0]))).is_ok());
+        assert!(super::super::graph::order(&*graph, named(ids(SENTENCES[0]))).is_ok());
     }
 
     #[tokio::test]

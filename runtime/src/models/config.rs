@@ -32,6 +32,11 @@ pub struct ModelConfig {
     /// What the model does, e.g. `"feature-extraction"` (informational).
     #[serde(default)]
     pub task: Option<String>,
+    /// What runs it: `"auto"` (default: for ONNX, ONNX Runtime when its
+    /// library is present, else tract; for GGUF, llama.cpp) or an engine's
+    /// name (`"onnxruntime"`, `"tract"`, `"llama.cpp"`).
+    #[serde(default = "default_engine")]
+    pub engine: String,
     /// Where the model runs: `"auto"` (default), `"cpu"` or `"gpu"`.
     #[serde(default)]
     pub device: DevicePreference,
@@ -63,11 +68,50 @@ fn default_file() -> String {
     "model.onnx".into()
 }
 
+fn default_engine() -> String {
+    "auto".into()
+}
+
+impl ModelConfig {
+    /// Refuses sections that do not belong to the model's format, rather
+    /// than ignoring them: a tensor model has no `[generation]`, a text
+    /// model no `[batching]`, `[limits]` or `[embedding]`.
+    pub fn check(&self) -> Result<(), String> {
+        let foreign: &[(&str, bool)] = match self.format {
+            ModelFormat::Onnx => &[("[generation]", self.generation.is_some())],
+            ModelFormat::Gguf => &[
+                ("[batching]", self.batching.is_some()),
+                ("[limits]", self.limits.is_some()),
+                ("[embedding]", self.embedding.is_some()),
+            ],
+        };
+        let present: Vec<&str> = foreign
+            .iter()
+            .filter(|(_, has)| *has)
+            .map(|(s, _)| *s)
+            .collect();
+        if present.is_empty() {
+            return Ok(());
+        }
+        let (format, belongs) = match self.format {
+            ModelFormat::Onnx => ("an ONNX model", "[generation] is for GGUF text models"),
+            ModelFormat::Gguf => (
+                "a GGUF text model",
+                "[batching], [limits] and [embedding] are for ONNX tensor models; text models batch per [generation]",
+            ),
+        };
+        Err(format!(
+            "{format} cannot have {}: {belongs}",
+            present.join(", ")
+        ))
+    }
+}
+
 /// A model file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelFormat {
-    /// An ONNX graph, run with tract.
+    /// An ONNX graph, run with ONNX Runtime or tract.
     Onnx,
     /// A GGUF language model, run with llama.cpp.
     Gguf,
@@ -106,6 +150,27 @@ mod tests {
         let config: ModelConfig = toml::from_str("format = \"onnx\"").unwrap();
         assert_eq!(config.file, "model.onnx");
         assert_eq!(config.device, DevicePreference::Auto);
+    }
+
+    #[test]
+    fn refuses_sections_of_another_format() {
+        let onnx: ModelConfig =
+            toml::from_str("format = \"onnx\"\n[generation]\nmax_sequences = 2").unwrap();
+        let error = onnx.check().unwrap_err();
+        assert!(
+            error.contains("an ONNX model cannot have [generation]"),
+            "{error}"
+        );
+        let gguf: ModelConfig =
+            toml::from_str("format = \"gguf\"\n[batching]\nmax_batch = 2").unwrap();
+        let error = gguf.check().unwrap_err();
+        assert!(
+            error.contains("a GGUF text model cannot have [batching]"),
+            "{error}"
+        );
+        let plain: ModelConfig = toml::from_str("format = \"onnx\"").unwrap();
+        assert_eq!(plain.engine, "auto");
+        plain.check().unwrap();
     }
 
     #[test]

@@ -18,7 +18,7 @@ use gigafactory_text::WordPiece;
 use serde::{Deserialize, Serialize};
 
 use super::error::{ErrorCode, NnError};
-use super::onnx::OnnxGraph;
+use super::graph::Graph;
 use super::tensor::{ElementType, HostTensor};
 
 /// The most texts one `embed` call may send.
@@ -97,7 +97,7 @@ impl Embedder {
     pub(super) fn new(
         config: EmbeddingConfig,
         dir: &Path,
-        graph: &OnnxGraph,
+        graph: &dyn Graph,
     ) -> Result<Self, String> {
         let path = dir.join(&config.vocabulary);
         let vocabulary = std::fs::read_to_string(&path)
@@ -300,8 +300,9 @@ mod tests {
         }
         let text = std::fs::read_to_string(dir.join("model.toml")).unwrap();
         let config: super::super::ModelConfig = toml::from_str(&text).unwrap();
-        let graph = super::super::OnnxGraph::from_path(&dir.join("model.onnx")).unwrap();
-        let embedder = Embedder::new(config.embedding.unwrap(), &dir, &graph).unwrap();
+        let graph =
+            super::super::engines::tract::TractGraph::from_path(&dir.join("model.onnx")).unwrap();
+        let embedder = Embedder::new(config.embedding.unwrap(), &dir, &*graph).unwrap();
         let texts: Vec<String> = (0..40).map(|n| "word ".repeat(n % 13 + 1)).collect();
         let chunks = embedder.chunks(&texts, 8, 48);
         let mut seen: Vec<usize> = chunks.iter().flat_map(|c| c.indices.clone()).collect();

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::error::{ErrorCode, NnError};
-use super::onnx::TensorSpec;
+use super::graph::TensorSpec;
 use super::tensor::HostTensor;
 
 /// `[limits]` in `model.toml`.

@@ -10,7 +10,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::error::{ErrorCode, NnError};
-use super::onnx::OnnxGraph;
+use super::graph::Graph;
 use crate::stats::{header, label};
 
 /// A graph's identity: the sha256 of its ONNX bytes.
@@ -39,7 +39,7 @@ struct Cache {
 }
 
 struct Entry {
-    graph: Arc<OnnxGraph>,
+    graph: Arc<dyn Graph>,
     bytes: u64,
     used: u64,
 }
@@ -61,7 +61,7 @@ pub struct TenantGraphStats {
 
 impl TenantGraphs {
     /// The cached graph for `hash`, marked as just used.
-    pub fn get(&mut self, tenant: &Arc<str>, hash: &ContentHash) -> Option<Arc<OnnxGraph>> {
+    pub fn get(&mut self, tenant: &Arc<str>, hash: &ContentHash) -> Option<Arc<dyn Graph>> {
         self.clock += 1;
         let cache = self.tenants.entry(tenant.clone()).or_default();
         match cache.graphs.get_mut(hash) {
@@ -84,7 +84,7 @@ impl TenantGraphs {
         &mut self,
         tenant: &Arc<str>,
         hash: ContentHash,
-        graph: Arc<OnnxGraph>,
+        graph: Arc<dyn Graph>,
         bytes: u64,
         budget: u64,
     ) -> Result<(), NnError> {
@@ -209,9 +209,9 @@ impl Cache {
 mod tests {
     use super::*;
 
-    fn tiny() -> Arc<OnnxGraph> {
+    fn tiny() -> Arc<dyn Graph> {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/tiny.onnx");
-        OnnxGraph::from_path(&path).unwrap()
+        super::super::engines::tract::TractGraph::from_path(&path).unwrap()
     }
 
     #[test]

@@ -1,8 +1,6 @@
 //! Tensors as they cross the sandbox boundary: dimensions, a wasi-nn
 //! element type and little-endian bytes.
 
-use tract_onnx::prelude::{DatumType, Tensor};
-
 use super::error::NnError;
 
 /// The wasi-nn tensor element types.
@@ -14,7 +12,7 @@ pub enum ElementType {
     Fp32,
     /// IEEE double precision.
     Fp64,
-    /// bfloat16 (accepted from guests, not run by the tract backend).
+    /// bfloat16 (accepted from guests; no engine runs it yet).
     Bf16,
     /// Unsigned byte.
     U8,
@@ -33,39 +31,6 @@ impl ElementType {
             Self::Fp64 | Self::I64 => 8,
             Self::U8 => 1,
         }
-    }
-
-    fn datum(self) -> Option<DatumType> {
-        Some(match self {
-            Self::Fp16 => DatumType::F16,
-            Self::Fp32 => DatumType::F32,
-            Self::Fp64 => DatumType::F64,
-            Self::U8 => DatumType::U8,
-            Self::I32 => DatumType::I32,
-            Self::I64 => DatumType::I64,
-            Self::Bf16 => return None,
-        })
-    }
-
-    pub(crate) fn from_datum(datum: DatumType) -> Option<Self> {
-        Some(match datum {
-            DatumType::F16 => Self::Fp16,
-            DatumType::F32 => Self::Fp32,
-            DatumType::F64 => Self::Fp64,
-            DatumType::U8 => Self::U8,
-            DatumType::I32 => Self::I32,
-            DatumType::I64 => Self::I64,
-            _ => return None,
-        })
-    }
-}
-
-/// A model's element type in wasi-nn's spelling, or tract's name when
-/// wasi-nn has none.
-pub fn wasi_type_name(datum: DatumType) -> String {
-    match ElementType::from_datum(datum) {
-        Some(ty) => format!("{ty:?}").to_uppercase(),
-        None => format!("{datum:?}"),
     }
 }
 
@@ -99,62 +64,6 @@ impl HostTensor {
                 self.data.len()
             )))
         }
-    }
-
-    /// Checks the byte length and that the element type is `datum`.
-    pub(crate) fn check_for(&self, datum: DatumType, name: &str) -> Result<(), NnError> {
-        self.validate()?;
-        let Some(own) = self.ty.datum() else {
-            return Err(NnError::unsupported(format!(
-                "input {name:?}: {:?} tensors are not supported by this backend",
-                self.ty
-            )));
-        };
-        if own != datum {
-            return Err(NnError::invalid(format!(
-                "input {name:?} is {}, the model expects {}",
-                wasi_type_name(own),
-                wasi_type_name(datum)
-            )));
-        }
-        Ok(())
-    }
-
-    /// Converts to a tract tensor of the model's element type `datum`.
-    pub(crate) fn into_tract(self, datum: DatumType, name: &str) -> Result<Tensor, NnError> {
-        self.check_for(datum, name)?;
-        let shape: Vec<usize> = self.dims.iter().map(|&d| d as usize).collect();
-        let mut tensor = Tensor::zero_dt(datum, &shape)
-            .map_err(|e| NnError::invalid(format!("input {name:?}: {e}")))?;
-        // wasi-nn data is little-endian, as is every host this runs on.
-        tensor.as_bytes_mut().copy_from_slice(&self.data);
-        Ok(tensor)
-    }
-
-    /// Copies a tract output out, widening types wasi-nn cannot name
-    /// (bool, i8, u16 …) to the nearest one it can.
-    pub(crate) fn from_tract(tensor: &Tensor) -> anyhow::Result<Self> {
-        let datum = tensor.datum_type();
-        let (ty, tensor) = match ElementType::from_datum(datum) {
-            Some(ty) => (ty, std::borrow::Cow::Borrowed(tensor)),
-            None => {
-                let ty = match datum {
-                    DatumType::Bool => ElementType::U8,
-                    DatumType::I8 | DatumType::I16 | DatumType::U16 => ElementType::I32,
-                    DatumType::U32 | DatumType::U64 => ElementType::I64,
-                    other => {
-                        anyhow::bail!("the model returns {other:?}, which wasi-nn cannot carry")
-                    }
-                };
-                let datum = ty.datum().expect("widened types have a datum");
-                (ty, tensor.cast_to_dt(datum)?)
-            }
-        };
-        Ok(Self {
-            dims: tensor.shape().iter().map(|&d| d as u32).collect(),
-            ty,
-            data: tensor.as_bytes().to_vec(),
-        })
     }
 }
 
@@ -263,30 +172,5 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(error.message.contains("too many"), "{error}");
-    }
-
-    #[test]
-    fn round_trips_through_tract() {
-        let original = HostTensor {
-            dims: vec![2],
-            ty: ElementType::Fp32,
-            data: [1.5f32, -3.0]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        };
-        let tract = original.clone().into_tract(DatumType::F32, "x").unwrap();
-        assert_eq!(HostTensor::from_tract(&tract).unwrap(), original);
-    }
-
-    #[test]
-    fn refuses_bf16_and_mismatched_types() {
-        let bf16 = tensor(&[1], ElementType::Bf16, 2).into_tract(DatumType::F32, "x");
-        assert_eq!(
-            bf16.unwrap_err().code,
-            super::super::error::ErrorCode::UnsupportedOperation
-        );
-        let wrong = tensor(&[1], ElementType::I32, 4).into_tract(DatumType::I64, "x");
-        assert!(wrong.unwrap_err().message.contains("expects I64"));
     }
 }

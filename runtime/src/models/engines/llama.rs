@@ -1,0 +1,40 @@
+//! The llama.cpp engine: GGUF text models with continuous batching (see
+//! `crate::llm`), on the CPU or, in `llm-cuda` builds, on one GPU with
+//! every layer and the KV cache.
+
+use super::{Data, Engine, Loaded, Source};
+use crate::llm::{GPU_BUILD, TextModel};
+use crate::models::config::ModelFormat;
+
+/// The llama.cpp engine.
+pub struct LlamaCpp;
+
+impl Engine for LlamaCpp {
+    fn name(&self) -> &'static str {
+        "llama.cpp"
+    }
+
+    fn format(&self) -> ModelFormat {
+        ModelFormat::Gguf
+    }
+
+    fn runs_on_gpus(&self) -> bool {
+        GPU_BUILD
+    }
+
+    fn estimate(&self, source: &Source) -> Result<u64, String> {
+        let Data::File(path) = source.data else {
+            return Err("text models load from files".into());
+        };
+        crate::llm::estimate_memory(path, &source.generation.cloned().unwrap_or_default())
+    }
+
+    fn load(&self, source: &Source, device: &str) -> Result<Loaded, String> {
+        let Data::File(path) = source.data else {
+            return Err("text models load from files".into());
+        };
+        let generation = source.generation.cloned().unwrap_or_default();
+        let model = TextModel::load(source.name, path, generation, device)?;
+        Ok(Loaded::Text(model))
+    }
+}
