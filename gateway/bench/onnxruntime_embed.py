@@ -23,7 +23,15 @@ stdout gets exactly one JSON object:
     {"onnxruntime": "<version>",
      "configs": [{"threads": 1, "requests": N, "rps": ..., "p50_ms": ..., "p99_ms": ...}, ...],
      "sequential": <the threads=1 entry>,
-     "best": <the entry with the highest rps>}
+     "best": <the entry with the highest rps>,
+     "compute": [{"threads": 1, "tokens": 12, "p50_ms": ...}, ...],
+     "batched": [{"batch": 1, "sentences_per_s": ...}, ...],
+     "best_batched": <the batch size with the most sentences/s, and its threads>}
+
+It also measures the model alone (session.run on the first sentence, per
+thread count) and, with the best thread count, throughput when the
+sentences are embedded several per run (padded to the longest) for each
+--batch-sizes value: onnxruntime at its most efficient.
 
 Progress goes to stderr; errors exit non-zero with a message on stderr.
 """
@@ -102,6 +110,12 @@ def parse_args(argv):
         type=parse_threads,
         default=list(range(1, cpus + 1)),
         help=f"comma-separated intra_op_num_threads values to try (default 1..{cpus})",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=parse_threads,
+        default=[1, 4, 8, 16, 32],
+        help="comma-separated batch sizes for the batched throughput (default 1,4,8,16,32)",
     )
     args = parser.parse_args(argv)
     if not args.seconds > 0:
@@ -268,12 +282,103 @@ def run(args):
 
     sequential = next((c for c in configs if c["threads"] == 1), None)
     best = max(configs, key=lambda c: c["rps"])
+
+    # The model alone on the first sentence: session.run and nothing else.
+    compute = []
+    for threads in args.threads:
+        session = make_session(model_path, threads)
+        latencies = measure_compute(session, tokenizer, sentences[0], args.warmup, args.seconds)
+        compute.append(
+            {
+                "threads": threads,
+                "tokens": len(tokenizer.encode(sentences[0]).ids),
+                "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
+            }
+        )
+        log(f"compute alone, threads={threads}: p50 {compute[-1]['p50_ms']} ms")
+        del session
+
+    # Throughput at its best: the sentences in batches, padded to the longest.
+    session = make_session(model_path, best["threads"])
+    batched = []
+    for size in args.batch_sizes:
+        count, elapsed = measure_batched(
+            session, tokenizer, sentences, size, args.warmup, args.seconds
+        )
+        batched.append({"batch": size, "sentences_per_s": round(count / elapsed, 2)})
+        log(f"batch {size}, threads={best['threads']}: {batched[-1]['sentences_per_s']} sentences/s")
+    best_batched = max(batched, key=lambda b: b["sentences_per_s"])
+    best_batched["threads"] = best["threads"]
     return {
         "onnxruntime": onnxruntime.__version__,
         "configs": configs,
         "sequential": sequential,
         "best": best,
+        "compute": compute,
+        "batched": batched,
+        "best_batched": best_batched,
     }
+
+
+def measure_compute(session, tokenizer, sentence, warmup, seconds):
+    """session.run alone on one sentence, repeatedly; ascending latencies."""
+    ids = tokenizer.encode(sentence).ids
+    feed = {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+        "token_type_ids": np.zeros((1, len(ids)), dtype=np.int64),
+    }
+    clock = time.perf_counter
+    deadline = clock() + warmup
+    while clock() < deadline:
+        session.run(["last_hidden_state"], feed)
+    latencies = []
+    deadline = clock() + seconds
+    while clock() < deadline:
+        before = clock()
+        session.run(["last_hidden_state"], feed)
+        latencies.append(clock() - before)
+    latencies.sort()
+    return latencies
+
+
+def embed_batch(session, tokenizer, batch):
+    """Tokenise, pad to the longest, run once, mean-pool and normalise each."""
+    encodings = [tokenizer.encode(sentence).ids for sentence in batch]
+    longest = max(len(ids) for ids in encodings)
+    ids = np.zeros((len(batch), longest), dtype=np.int64)
+    mask = np.zeros((len(batch), longest), dtype=np.int64)
+    for row, encoding in enumerate(encodings):
+        ids[row, : len(encoding)] = encoding
+        mask[row, : len(encoding)] = 1
+    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    hidden = session.run(["last_hidden_state"], feed)[0]
+    weights = mask[..., None].astype(np.float32)
+    pooled = (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+
+def measure_batched(session, tokenizer, sentences, size, warmup, seconds):
+    """Sentences in turn, `size` per run; returns (sentences, elapsed seconds)."""
+    count = len(sentences)
+    index = 0
+    clock = time.perf_counter
+
+    def next_batch():
+        nonlocal index
+        batch = [sentences[(index + i) % count] for i in range(size)]
+        index += size
+        return batch
+
+    deadline = clock() + warmup
+    while clock() < deadline:
+        embed_batch(session, tokenizer, next_batch())
+    done = 0
+    start = clock()
+    while clock() - start < seconds:
+        embed_batch(session, tokenizer, next_batch())
+        done += size
+    return done, clock() - start
 
 
 def main(argv=None):

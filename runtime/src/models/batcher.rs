@@ -481,7 +481,37 @@ impl Plan {
         })
     }
 
+    /// Runs the calls in groups of similar padded lengths (see
+    /// [`padding_groups`]) and answers them in their order.
     fn execute_unguarded(&self, calls: &[Vec<HostTensor>]) -> Result<Vec<Answer>, NnError> {
+        let sizes: Vec<(u64, u64)> = calls
+            .iter()
+            .map(|inputs| {
+                let rows = u64::from(inputs[0].dims[0]);
+                let padded = inputs
+                    .iter()
+                    .zip(&self.pads)
+                    .filter_map(|(tensor, pad)| pad.as_ref().map(|(axis, _)| tensor.dims[*axis]))
+                    .max()
+                    .map_or(1, u64::from);
+                (rows, padded)
+            })
+            .collect();
+        let mut answers: Vec<Option<Answer>> = vec![None; calls.len()];
+        for group in padding_groups(&sizes, RUN_OVERHEAD_ROWS) {
+            let members: Vec<&Vec<HostTensor>> = group.iter().map(|&i| &calls[i]).collect();
+            for (index, answer) in group.into_iter().zip(self.run_stacked(&members)?) {
+                answers[index] = Some(answer);
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.expect("every call is in a group"))
+            .collect())
+    }
+
+    /// Pads and stacks `calls` into one run, and splits its outputs.
+    fn run_stacked(&self, calls: &[&Vec<HostTensor>]) -> Result<Vec<Answer>, NnError> {
         let started = Instant::now();
         let rows: Vec<usize> = calls
             .iter()
@@ -548,6 +578,45 @@ impl Plan {
         }
         HostTensor::concat(&padded)
     }
+}
+
+/// What one more run of a batch costs, in padded rows of one element
+/// along the padded axis (for a text model: tokens): splitting a batch
+/// into runs of similar lengths must save more padding than this.
+const RUN_OVERHEAD_ROWS: u64 = 48;
+
+/// Splits calls of `(rows, padded length)` into runs: calls sorted by
+/// length, cut where the padding saved outweighs `overhead` per extra run
+/// (a run costs its rows times its longest length, plus `overhead`). Texts
+/// of 8 to 30 tokens padded together waste up to three quarters of a
+/// batch on padding; a run per band of lengths wastes little, and on CPUs
+/// a run of a few hundred tokens is as efficient per token as a larger one.
+fn padding_groups(sizes: &[(u64, u64)], overhead: u64) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| sizes[i].1);
+    // best[i]: the cheapest split of the first i calls (in `order`), and where its last run starts.
+    let mut best: Vec<(u64, usize)> = vec![(0, 0); order.len() + 1];
+    for end in 1..=order.len() {
+        let longest = sizes[order[end - 1]].1;
+        let mut rows = 0;
+        best[end] = (u64::MAX, 0);
+        for start in (0..end).rev() {
+            rows += sizes[order[start]].0;
+            let cost = best[start].0 + rows * longest + overhead;
+            if cost < best[end].0 {
+                best[end] = (cost, start);
+            }
+        }
+    }
+    let mut groups = Vec::new();
+    let mut end = order.len();
+    while end > 0 {
+        let start = best[end].1;
+        groups.push(order[start..end].to_vec());
+        end = start;
+    }
+    groups.reverse();
+    groups
 }
 
 /// One element of `value` in the input's type, little-endian.
@@ -619,6 +688,21 @@ mod tests {
 
     fn alone(graph: &dyn Graph, inputs: Vec<HostTensor>) -> HostTensor {
         graph.run(inputs).unwrap().remove(0).1
+    }
+
+    #[test]
+    fn padding_groups_split_only_where_padding_costs_more_than_a_run() {
+        // Equal lengths: one run.
+        assert_eq!(
+            padding_groups(&[(1, 12), (1, 12), (1, 12)], 48),
+            vec![vec![0, 1, 2]]
+        );
+        // Two bands of lengths: a run each, calls in each sorted by length.
+        let sizes = [(8, 30), (8, 8), (8, 29), (8, 9)];
+        assert_eq!(padding_groups(&sizes, 48), vec![vec![1, 3], vec![2, 0]]);
+        // The same calls, when a run costs more than the padding it saves.
+        assert_eq!(padding_groups(&sizes, 1000), vec![vec![1, 3, 2, 0]]);
+        assert!(padding_groups(&[], 48).is_empty());
     }
 
     const SENTENCES: [&[i64]; 3] = [

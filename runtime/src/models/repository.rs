@@ -33,6 +33,11 @@ pub struct PoolGraph {
 }
 
 impl PoolGraph {
+    /// The loaded graph itself, to run without the pool (benchmarks).
+    pub fn graph(&self) -> &Arc<dyn Graph> {
+        &self.graph
+    }
+
     /// A function's own graph: no batching, counters or limits.
     pub(super) fn own(graph: Arc<dyn Graph>) -> Self {
         Self {

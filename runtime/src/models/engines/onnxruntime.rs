@@ -1,9 +1,11 @@
 //! The ONNX Runtime engine, through the `ort` crate: the shared library is
 //! loaded at run time (`load-dynamic`), so building needs no ONNX Runtime
 //! and a binary without one runs ONNX models with tract. On the CPU each
-//! model keeps a few sessions so batches run side by side, all sharing one
-//! global intra-op thread pool sized to the inference workers: concurrent
-//! batches never start more compute threads than there are cores. On a GPU
+//! model keeps one wide session (as many compute threads as inference
+//! workers) for a run alone, and a narrow single-threaded session per
+//! worker for runs side by side: a lone call gets every core, and under
+//! load concurrent batches each take one core instead of fighting over
+//! all of them (measured in BENCHMARKS.md). On a GPU
 //! (feature `cuda`, with an `onnxruntime-gpu` library) a model runs through
 //! the CUDA execution provider on the device placement chose.
 
@@ -11,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use anyhow::{Context as _, Result, anyhow};
-use ort::environment::{Environment, GlobalThreadPoolOptions};
+use ort::environment::Environment;
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
@@ -24,8 +26,8 @@ use crate::models::tensor::{ElementType, HostTensor};
 /// The environment variable naming the library, as `--onnxruntime` does.
 pub const LIBRARY_ENV: &str = "GIGAFACTORY_ONNXRUNTIME";
 
-/// Sessions a model keeps on the CPU at most: runs past it wait for one.
-const MAX_CPU_SESSIONS: usize = 4;
+/// Narrow sessions a model keeps on the CPU at most: runs past it wait for one.
+const MAX_NARROW_SESSIONS: usize = 4;
 
 /// The ONNX Runtime engine: the library once loaded, or why it is not.
 pub struct OnnxRuntime {
@@ -34,8 +36,8 @@ pub struct OnnxRuntime {
 
 struct Runtime {
     environment: Environment,
-    /// Sessions per model on the CPU.
-    sessions: usize,
+    /// Compute threads of a model's wide session, and its narrow sessions.
+    threads: usize,
 }
 
 /// The process's one ONNX Runtime environment (the library allows one).
@@ -44,8 +46,8 @@ static RUNTIME: OnceLock<Result<Environment, String>> = OnceLock::new();
 impl OnnxRuntime {
     /// Loads the library at `library` (or, without one, from
     /// `GIGAFACTORY_ONNXRUNTIME`, next to the executable, or the system's
-    /// library path) with a global thread pool of `threads` intra-op
-    /// threads. Without a library the engine is unavailable and says why;
+    /// library path); models run on at most `threads` compute threads at
+    /// once. Without a library the engine is unavailable and says why;
     /// a library named explicitly that fails to load is an error.
     pub fn new(library: Option<&Path>, threads: usize) -> Result<Self> {
         let explicit = library
@@ -65,14 +67,14 @@ impl OnnxRuntime {
         };
         let loaded = RUNTIME.get_or_init(|| {
             // `ort` panics where the library misbehaves: keep that a reason.
-            std::panic::catch_unwind(|| init(&path, threads))
+            std::panic::catch_unwind(|| init(&path))
                 .unwrap_or_else(|panic| Err(anyhow!("{}", panic_text(&panic))))
                 .map_err(|e| format!("{e:#}"))
         });
         let runtime = match loaded {
             Ok(environment) => Ok(Runtime {
                 environment: environment.clone(),
-                sessions: threads.clamp(1, MAX_CPU_SESSIONS),
+                threads: threads.max(1),
             }),
             Err(why) if explicit.is_some() => {
                 anyhow::bail!("loading ONNX Runtime from {}: {why}", path.display())
@@ -93,22 +95,13 @@ impl OnnxRuntime {
     }
 }
 
-fn init(path: &Path, threads: usize) -> Result<Environment> {
-    // First: every other call goes through the library this loads.
-    let builder = ort::init_from(path).map_err(|e| anyhow!("{e}"))?;
-    let pool = GlobalThreadPoolOptions::default()
-        .with_intra_threads(threads.max(1))
-        .and_then(|pool| pool.with_inter_threads(1))
-        // Idle compute threads would spin on the cores the sandboxes need.
-        .and_then(|pool| pool.with_spin_control(false))
-        .map_err(|e| anyhow!("{e}"))?;
-    let environment = builder
+fn init(path: &Path) -> Result<Environment> {
+    ort::init_from(path)
+        .map_err(|e| anyhow!("{e}"))?
         .with_name("gigafactory")
         .with_telemetry(false)
-        .with_global_thread_pool(pool)
         .build()
-        .map_err(|e| anyhow!("{e}"))?;
-    Ok(environment)
+        .map_err(|e| anyhow!("{e}"))
 }
 
 /// `libonnxruntime.so*` next to the executable or in `lib/` beside it;
@@ -164,22 +157,37 @@ impl Engine for OnnxRuntime {
 
     fn load(&self, source: &Source, device: &str) -> Result<Loaded, String> {
         let runtime = self.runtime()?;
-        let count = if device == "cpu" { runtime.sessions } else { 1 };
-        let sessions = (0..count)
-            .map(|_| session(runtime, &source.data, device))
-            .collect::<Result<Vec<_>>>()
+        let narrow = if device == "cpu" {
+            runtime.threads.min(MAX_NARROW_SESSIONS)
+        } else {
+            0
+        };
+        let load = |threads| session(runtime, &source.data, device, threads);
+        let sessions = load(runtime.threads)
+            .and_then(|wide| {
+                let narrow = (0..narrow).map(|_| load(1)).collect::<Result<Vec<_>>>()?;
+                OrtGraph::new(wide, narrow, device, source.data.size())
+            })
             .map_err(|e| format!("{e:#}"))?;
-        let graph =
-            OrtGraph::new(sessions, device, source.data.size()).map_err(|e| format!("{e:#}"))?;
-        Ok(Loaded::Graph(Arc::new(graph)))
+        Ok(Loaded::Graph(Arc::new(sessions)))
     }
 }
 
-fn session(runtime: &Runtime, data: &Data, device: &str) -> Result<Session> {
+/// A session on `device` computing with `threads` threads (the caller's
+/// among them); idle threads sleep rather than spin on the cores the
+/// sandboxes need.
+fn session(runtime: &Runtime, data: &Data, device: &str, threads: usize) -> Result<Session> {
+    let failed = |e: ort::Error<SessionBuilder>| anyhow!("{e}");
     let mut builder = Session::builder(&runtime.environment)
         .map_err(|e| anyhow!("{e}"))?
         .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(failed)?
+        .with_intra_threads(threads)
+        .map_err(failed)?
+        .with_inter_threads(1)
+        .map_err(failed)?
+        .with_intra_op_spinning(false)
+        .map_err(failed)?;
     if device != "cpu" {
         builder = on_gpu(builder, device)?;
     }
@@ -219,27 +227,47 @@ fn on_gpu(_builder: SessionBuilder, device: &str) -> Result<SessionBuilder> {
     )
 }
 
-/// A model's sessions: a run takes a free one, or waits for one.
+/// A model's sessions: a run alone takes the wide one; runs side by side
+/// take narrow ones (or the wide one when every narrow one is busy), or
+/// wait for one.
 struct Sessions {
-    free: Mutex<Vec<Session>>,
+    state: Mutex<Free>,
     returned: Condvar,
+}
+
+struct Free {
+    wide: Option<Session>,
+    narrow: Vec<Session>,
+    running: usize,
 }
 
 impl Sessions {
     fn run<T>(&self, job: impl FnOnce(&mut Session) -> Result<T>) -> Result<T> {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let mut session = loop {
-            match free.pop() {
-                Some(session) => break session,
-                None => free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner()),
+        let mut free = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut session, wide) = loop {
+            let alone = free.running == 0;
+            if alone && let Some(session) = free.wide.take() {
+                break (session, true);
             }
+            if let Some(session) = free.narrow.pop() {
+                break (session, false);
+            }
+            if let Some(session) = free.wide.take() {
+                break (session, true);
+            }
+            free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner());
         };
+        free.running += 1;
         drop(free);
         let result = guarded(|| job(&mut session));
-        self.free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(session);
+        let mut free = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        free.running -= 1;
+        if wide {
+            free.wide = Some(session);
+        } else {
+            free.narrow.push(session);
+        }
+        drop(free);
         self.returned.notify_one();
         result
     }
@@ -255,22 +283,25 @@ pub struct OrtGraph {
 }
 
 impl OrtGraph {
-    fn new(sessions: Vec<Session>, device: &str, file_bytes: u64) -> Result<Self> {
-        let first = sessions.first().context("no session")?;
-        let inputs = first
+    fn new(wide: Session, narrow: Vec<Session>, device: &str, file_bytes: u64) -> Result<Self> {
+        let inputs = wide
             .inputs()
             .iter()
             .map(|o| spec(o.name(), o.dtype()))
             .collect::<Result<_>>()?;
-        let outputs = first
+        let outputs = wide
             .outputs()
             .iter()
             .map(|o| spec(o.name(), o.dtype()))
             .collect::<Result<_>>()?;
         Ok(Self {
-            memory_bytes: file_bytes * sessions.len() as u64,
+            memory_bytes: file_bytes * (1 + narrow.len() as u64),
             sessions: Sessions {
-                free: Mutex::new(sessions),
+                state: Mutex::new(Free {
+                    wide: Some(wide),
+                    narrow,
+                    running: 0,
+                }),
                 returned: Condvar::new(),
             },
             inputs,
