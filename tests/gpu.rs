@@ -1,7 +1,9 @@
 //! Devices and model placement. Where there is no GPU (or the binary was
 //! built without the `cuda` feature), `auto` models run on the CPU and
-//! `gpu` models fail with the reason; where there is one, a model placed on
-//! it gives the same embeddings as onnxruntime on the CPU within 1e-3. Text
+//! `gpu` models fail with the reason; where there is one, an ONNX model
+//! placed on it runs on ONNX Runtime's CUDA execution provider (the
+//! library must be `onnxruntime-gpu`'s: `GIGAFACTORY_ONNXRUNTIME`) and
+//! gives the same embeddings as onnxruntime on the CPU within 1e-3. Text
 //! models go to a GPU only in a build with llama.cpp's CUDA backend
 //! (`llm-cuda`), and there give the reference answer.
 
@@ -82,8 +84,13 @@ async fn devices_are_listed_and_placement_says_where_each_model_went() {
             "{error}"
         );
     } else {
-        assert_eq!(model["state"], "ready", "{model}");
+        assert_eq!(
+            model["state"], "ready",
+            "with a GPU, MiniLM must load on it through ONNX Runtime's CUDA provider \
+             (is GIGAFACTORY_ONNXRUNTIME onnxruntime-gpu's library?): {model}"
+        );
         assert_eq!(model["device"], "cuda:0", "{model}");
+        assert_eq!(model["engine"], "onnxruntime", "{model}");
         let used = listed["devices"][1]["used_bytes"].as_u64().unwrap();
         assert_eq!(used, model["memory_bytes"].as_u64().unwrap(), "{listed}");
     }

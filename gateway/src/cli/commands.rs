@@ -369,9 +369,10 @@ async fn models(client: &Client, as_json: bool) -> Result<()> {
         list(&reply["models"], |m| {
             let stats = &m["stats"];
             let mut line = format!(
-                "{:<24} {:<7} {:<4} {:>5} MiB  {}\n    {} calls, {} batches ({:.1} rows each), {} rejected, {} queued, {:.1} s compute",
+                "{:<24} {:<7} {:<11} {:<6} {:>5} MiB  {}\n    {} calls, {} batches ({:.1} rows each), {} rejected, {} queued, {:.1} s compute",
                 m["name"].as_str().unwrap_or("?"),
                 m["state"].as_str().unwrap_or("?"),
+                m["engine"].as_str().unwrap_or("?"),
                 m["device"].as_str().unwrap_or("?"),
                 m["memory_bytes"].as_u64().unwrap_or(0) >> 20,
                 m["description"].as_str().unwrap_or(""),

@@ -364,6 +364,11 @@ async fn schedule(
         }
         let deadline = queues.oldest().expect("a call waits") + delay;
         while queues.rows < plan.config.max_batch {
+            // Past the deadline (always, with no delay) nothing is waited
+            // for: a timer would add up to a millisecond to a lone call.
+            if Instant::now() >= deadline {
+                break;
+            }
             tokio::select! {
                 call = receiver.recv() => match call {
                     Some(call) => queues.push(call),

@@ -18,8 +18,12 @@ impl Engine for LlamaCpp {
         ModelFormat::Gguf
     }
 
-    fn runs_on_gpus(&self) -> bool {
-        GPU_BUILD
+    fn gpu_support(&self) -> Result<(), String> {
+        if GPU_BUILD {
+            Ok(())
+        } else {
+            Err("this build runs text models on the CPU (build with the llm-cuda feature)".into())
+        }
     }
 
     fn estimate(&self, source: &Source) -> Result<u64, String> {

@@ -85,9 +85,9 @@ pub trait Engine: Send + Sync {
     fn unavailable(&self) -> Option<String> {
         None
     }
-    /// Whether this build can place its models on GPUs.
-    fn runs_on_gpus(&self) -> bool {
-        false
+    /// Whether this build can place its models on GPUs, or why not.
+    fn gpu_support(&self) -> Result<(), String> {
+        Err(format!("the {} engine runs on the CPU only", self.name()))
     }
     /// Memory a model will take on a device, estimated before loading it,
     /// to choose a device with room.
@@ -201,16 +201,11 @@ impl Engines {
         devices: &Devices,
     ) -> Result<Loaded, String> {
         let name = source.name;
-        let device = match (preference, engine.runs_on_gpus()) {
+        let device = match (preference, engine.gpu_support()) {
             (DevicePreference::Cpu, _) => "cpu".to_string(),
-            (DevicePreference::Gpu, false) => {
-                return Err(format!(
-                    "device = \"gpu\": this build runs the {} engine on the CPU only",
-                    engine.name()
-                ));
-            }
-            (DevicePreference::Auto, false) => "cpu".to_string(),
-            (preference, true) => {
+            (DevicePreference::Gpu, Err(why)) => return Err(format!("device = \"gpu\": {why}")),
+            (DevicePreference::Auto, Err(_)) => "cpu".to_string(),
+            (preference, Ok(())) => {
                 let bytes = engine.estimate(source)?;
                 match devices.gpu_with_room(bytes) {
                     Ok(gpu) => gpu,

@@ -147,8 +147,12 @@ impl Engine for OnnxRuntime {
         self.runtime.as_ref().err().cloned()
     }
 
-    fn runs_on_gpus(&self) -> bool {
-        cfg!(feature = "cuda")
+    fn gpu_support(&self) -> Result<(), String> {
+        if cfg!(feature = "cuda") {
+            Ok(())
+        } else {
+            Err("this binary was built without the `cuda` feature".into())
+        }
     }
 
     fn estimate(&self, source: &Source) -> Result<u64, String> {
@@ -186,7 +190,7 @@ fn session(runtime: &Runtime, data: &Data, device: &str, threads: usize) -> Resu
         .map_err(failed)?
         .with_inter_threads(1)
         .map_err(failed)?
-        .with_intra_op_spinning(false)
+        .with_intra_op_spinning(threads > 1)
         .map_err(failed)?;
     if device != "cpu" {
         builder = on_gpu(builder, device)?;
