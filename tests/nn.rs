@@ -207,3 +207,46 @@ fn a_named_onnxruntime_library_that_does_not_load_stops_the_start() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn functions_own_graphs_may_run_on_another_engine_than_the_repository() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        data.path(),
+        &[
+            "--onnx-engine",
+            "onnxruntime",
+            "--guest-onnx-engine",
+            "tract",
+        ],
+    );
+    let key = server.tenant("acme").await;
+    assert_eq!(
+        server.model("all-minilm-l6-v2").await["engine"],
+        "onnxruntime"
+    );
+    server.deploy(&key, "tiny", wasm("nn_load")).await;
+    let reply = server
+        .client(Some(&key))
+        .send(Method::GET, "/fn/acme/tiny", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    assert!(
+        text(&reply).starts_with("y_fp16 FP16 [2] 004200c4\n"),
+        "{}",
+        text(&reply)
+    );
+    // tract holds the graph's (absent) weights once; ONNX Runtime would
+    // hold the file once per session.
+    let size = std::fs::metadata(support::root().join("tests/data/tiny.onnx"))
+        .unwrap()
+        .len();
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "gigafactory_tenant_graph_bytes{{tenant=\"acme\"}} {size}\n"
+        )),
+        "{metrics}"
+    );
+}

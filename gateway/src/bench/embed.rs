@@ -315,6 +315,7 @@ async fn engine_alone(args: &EmbedArgs, engine: &str) -> Result<Duration> {
         engines: EngineOptions {
             onnxruntime: None,
             onnx_engine: Some(engine.to_string()),
+            guest_engine: None,
             threads,
         },
     };

@@ -144,6 +144,11 @@ pub struct ServeArgs {
     /// is present, else tract), `onnxruntime` or `tract`.
     #[arg(long, default_value = "auto")]
     pub onnx_engine: String,
+    /// The engine for the ONNX graphs functions pass to wasi-nn `load`
+    /// (default: as `--onnx-engine`): `tract` keeps untrusted graphs in
+    /// memory-safe Rust while the repository's models run on ONNX Runtime.
+    #[arg(long)]
+    pub guest_onnx_engine: Option<String>,
     /// Run every model call on its own, ignoring models' `[batching]` sections.
     #[arg(long)]
     pub no_batching: bool,

@@ -264,8 +264,9 @@ impl ModelPool {
         })
     }
 
-    /// A function's own ONNX graph, loaded on a worker by the ONNX engine
-    /// `auto` names, on the CPU, once per content hash, and cached for its
+    /// A function's own ONNX graph, loaded on a worker by the engine for
+    /// functions' graphs (`--guest-onnx-engine`, default the one `auto`
+    /// names), on the CPU, once per content hash, and cached for its
     /// `tenant`, whose cached graphs may hold at most `budget` bytes (least
     /// recently used ones are evicted).
     pub async fn load_bytes(
@@ -288,10 +289,7 @@ impl ModelPool {
             return Ok(PoolGraph::own(graph));
         }
         let size = bytes.len() as u64;
-        let engine = self
-            .engines
-            .choose(ModelFormat::Onnx, "auto")
-            .map_err(|e| NnError::new(ErrorCode::RuntimeError, e))?;
+        let engine = self.engines.for_guests();
         let graph = self
             .workers
             .run(Some(tenant), move || {

@@ -105,6 +105,9 @@ pub struct EngineOptions {
     /// graphs use (`--onnx-engine`): `auto` (ONNX Runtime when its library
     /// is present, else tract), or an engine's name.
     pub onnx_engine: Option<String>,
+    /// The engine functions' own `load`ed graphs run on
+    /// (`--guest-onnx-engine`); default: what `onnx_engine` chose.
+    pub guest_engine: Option<String>,
     /// Compute threads engines may use in all.
     pub threads: usize,
 }
@@ -114,6 +117,8 @@ pub struct Engines {
     engines: Vec<Arc<dyn Engine>>,
     /// The engine `auto` means for ONNX models.
     onnx_auto: Arc<dyn Engine>,
+    /// The engine functions' own graphs run on.
+    guest: Arc<dyn Engine>,
 }
 
 impl Engines {
@@ -131,6 +136,7 @@ impl Engines {
         ];
         let mut registry = Self {
             onnx_auto: engines[0].clone(),
+            guest: engines[0].clone(),
             engines,
         };
         registry.onnx_auto = match options.onnx_engine.as_deref() {
@@ -139,7 +145,17 @@ impl Engines {
                 .named(ModelFormat::Onnx, name)
                 .map_err(|e| anyhow::anyhow!("--onnx-engine: {e}"))?,
         };
-        tracing::info!(engine = registry.onnx_auto.name(), "ONNX models run on");
+        registry.guest = match options.guest_engine.as_deref() {
+            None | Some("auto") => registry.onnx_auto.clone(),
+            Some(name) => registry
+                .named(ModelFormat::Onnx, name)
+                .map_err(|e| anyhow::anyhow!("--guest-onnx-engine: {e}"))?,
+        };
+        tracing::info!(
+            engine = registry.onnx_auto.name(),
+            functions_own_graphs = registry.guest.name(),
+            "ONNX models run on"
+        );
         Ok(registry)
     }
 
@@ -179,6 +195,11 @@ impl Engines {
             Some(why) => Err(format!("engine {name:?}: {why}")),
             None => Ok(engine.clone()),
         }
+    }
+
+    /// The engine functions' own `load`ed ONNX graphs run on.
+    pub fn for_guests(&self) -> Arc<dyn Engine> {
+        self.guest.clone()
     }
 
     /// The engine for a model of `format` asking for `engine` (`auto` or a name).
