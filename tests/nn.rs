@@ -123,26 +123,32 @@ async fn models_are_listed_with_their_signature(engine: &str) {
     assert_eq!(minilm["stats"]["queued"], 0, "{minilm}");
 }
 
-async fn a_function_loads_its_own_onnx_and_computes_with_every_tensor_type(engine: &str) {
-    let data = tempfile::tempdir().unwrap();
-    let server = start(data.path(), engine);
-    let key = server.tenant("acme").await;
-    server.deploy(&key, "tiny", wasm("nn_load")).await;
+/// What `nn_load` answers: `tests/data/tiny.onnx` loaded from its own
+/// bytes, each output `x + x` of one tensor type.
+const EVERY_TYPE: &str = "y_fp16 FP16 [2] 004200c4\n\
+                          y_fp32 FP32 [2] 2.5,-6\n\
+                          y_fp64 FP64 [2] 0.2,30000000000\n\
+                          y_u8 U8 [2] 14,144\n\
+                          y_i32 I32 [2] -10,2000000\n\
+                          y_i64 I64 [2] -14,2199023255552\n";
+
+/// Deploys `nn_load` for acme and checks its answer.
+async fn load_own_graph(server: &Server, key: &str) {
+    server.deploy(key, "tiny", wasm("nn_load")).await;
     let reply = server
-        .client(Some(&key))
+        .client(Some(key))
         .send(Method::GET, "/fn/acme/tiny", None, &[])
         .await
         .unwrap();
     assert_eq!(reply.status, 200, "{}", text(&reply));
-    assert_eq!(
-        text(&reply),
-        "y_fp16 FP16 [2] 004200c4\n\
-         y_fp32 FP32 [2] 2.5,-6\n\
-         y_fp64 FP64 [2] 0.2,30000000000\n\
-         y_u8 U8 [2] 14,144\n\
-         y_i32 I32 [2] -10,2000000\n\
-         y_i64 I64 [2] -14,2199023255552\n"
-    );
+    assert_eq!(text(&reply), EVERY_TYPE);
+}
+
+async fn a_function_loads_its_own_onnx_and_computes_with_every_tensor_type(engine: &str) {
+    let data = tempfile::tempdir().unwrap();
+    let server = start(data.path(), engine);
+    let key = server.tenant("acme").await;
+    load_own_graph(&server, &key).await;
 }
 
 #[tokio::test]
@@ -225,18 +231,7 @@ async fn functions_own_graphs_may_run_on_another_engine_than_the_repository() {
         server.model("all-minilm-l6-v2").await["engine"],
         "onnxruntime"
     );
-    server.deploy(&key, "tiny", wasm("nn_load")).await;
-    let reply = server
-        .client(Some(&key))
-        .send(Method::GET, "/fn/acme/tiny", None, &[])
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{}", text(&reply));
-    assert!(
-        text(&reply).starts_with("y_fp16 FP16 [2] 004200c4\n"),
-        "{}",
-        text(&reply)
-    );
+    load_own_graph(&server, &key).await;
     // tract holds the graph's (absent) weights once; ONNX Runtime would
     // hold the file once per session.
     let size = std::fs::metadata(support::root().join("tests/data/tiny.onnx"))
