@@ -89,9 +89,11 @@ pub trait Engine: Send + Sync {
     fn gpu_support(&self) -> Result<(), String> {
         Err(format!("the {} engine runs on the CPU only", self.name()))
     }
-    /// Memory a model will take on a device, estimated before loading it,
-    /// to choose a device with room.
-    fn estimate(&self, source: &Source) -> Result<u64, String>;
+    /// Memory a model will take on a GPU, estimated before loading it, to
+    /// choose one with room (default: the size of its bytes).
+    fn estimate(&self, source: &Source) -> Result<u64, String> {
+        Ok(source.data.size())
+    }
     /// Loads the model onto `device` (`cpu` or `cuda:N`).
     fn load(&self, source: &Source, device: &str) -> Result<Loaded, String>;
 }

@@ -155,10 +155,6 @@ impl Engine for OnnxRuntime {
         }
     }
 
-    fn estimate(&self, source: &Source) -> Result<u64, String> {
-        Ok(source.data.size())
-    }
-
     fn load(&self, source: &Source, device: &str) -> Result<Loaded, String> {
         let runtime = self.runtime()?;
         let narrow = if device == "cpu" {
