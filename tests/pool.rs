@@ -1,6 +1,8 @@
 //! The shared model pool through HTTP: a tenant flooding a model gets
 //! prompt 503s and never starves another tenant; the pool's counters show
-//! in `GET /v1/models` and `/metrics`; tenants' own graphs are compiled once.
+//! in `GET /v1/models` and `/metrics`; tenants' own graphs are compiled once;
+//! models load on demand, are evicted least recently used past a memory
+//! budget (never a pinned one) and unloaded when idle.
 
 mod support;
 
@@ -11,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::Method;
-use support::{Server, assert_error, root, text, wasm};
+use support::{
+    Server, assert_error, floats, json, largest_difference, reference_embeddings, root, text, wasm,
+};
 
 const MODEL: &str = "all-minilm-l6-v2";
 
@@ -303,4 +307,130 @@ async fn models_load_at_boot_or_on_first_use_and_failures_keep_their_reason() {
     assert_eq!(after[0]["state"], "ready", "{}", after[0]);
     assert!(after[0]["load_ms"].as_u64().unwrap() > 0, "{}", after[0]);
     assert_eq!(after[0]["stats"]["calls"], 1, "{}", after[0]);
+}
+
+/// A repository of copies of the shipped MiniLM, each `name` with extra
+/// `model.toml` lines.
+fn minilm_copies(dir: &Path, copies: &[(&str, &str)]) {
+    let shipped = root().join("models").join(MODEL);
+    let toml = std::fs::read_to_string(shipped.join("model.toml")).unwrap();
+    for (name, extra) in copies {
+        let model = dir.join(name);
+        std::fs::create_dir_all(&model).unwrap();
+        for file in ["model.onnx", "vocab.txt"] {
+            std::os::unix::fs::symlink(shipped.join(file), model.join(file)).unwrap();
+        }
+        // Top-level keys go before the first [section].
+        let (top, sections) = toml.split_at(toml.find("\n[").unwrap());
+        std::fs::write(
+            model.join("model.toml"),
+            format!("{top}\n{extra}\n{sections}"),
+        )
+        .unwrap();
+    }
+}
+
+/// Embeds the first reference sentence with `model` and checks the vector.
+async fn embeds_correctly(server: &Server, key: &str, model: &str) {
+    let (sentence, expected, _) = &reference_embeddings()[0];
+    let body = serde_json::json!({"model": model, "input": sentence}).to_string();
+    let reply = server
+        .post(key, "/openai/v1/embeddings", "application/json", body)
+        .await;
+    assert_eq!(reply.status, 200, "{model}: {}", text(&reply));
+    let vector = floats(&json(&reply)["data"][0]["embedding"]);
+    let off = largest_difference(&vector, expected);
+    assert!(off < 1e-3, "{model}: {off}");
+}
+
+#[tokio::test]
+async fn past_the_memory_budget_the_least_recently_used_model_is_evicted_never_a_pinned_one() {
+    let (data, models) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    minilm_copies(
+        models.path(),
+        &[
+            ("pinned", "pin = true"),
+            ("b", "load = \"first-use\""),
+            ("c", "load = \"first-use\""),
+        ],
+    );
+    // On ONNX Runtime each copy takes ~69 MiB (three sessions of a 23 MB
+    // file): two fit in 160 MiB, three do not.
+    let server = Server::start_with_models(
+        data.path(),
+        models.path(),
+        &[
+            "--cpu-model-memory-mib",
+            "160",
+            "--onnx-engine",
+            "onnxruntime",
+        ],
+    );
+    let key = server.tenant("acme").await;
+    assert_eq!(server.model("pinned").await["state"], "ready");
+    for model in ["b", "c", "b", "pinned", "c", "b"] {
+        embeds_correctly(&server, &key, model).await;
+        assert_eq!(server.model(model).await["state"], "ready");
+    }
+    let (b, c, pinned) = (
+        server.model("b").await,
+        server.model("c").await,
+        server.model("pinned").await,
+    );
+    assert_eq!(pinned["unloads"], 0, "{pinned}");
+    assert_eq!(pinned["loads"], 1, "{pinned}");
+    assert_eq!(pinned["pin"], true);
+    // b and c took turns: each call after the first evicted the other.
+    assert_eq!(b["loads"], 3, "{b}");
+    assert_eq!(c["loads"], 2, "{c}");
+    assert_eq!(c["unloads"], 2, "{c}");
+    assert_eq!(c["state"], "evicted", "{c}");
+    let devices = server
+        .client(Some(&key))
+        .api(Method::GET, "/v1/devices", None)
+        .await
+        .unwrap();
+    let cpu = &devices["devices"][0];
+    assert!(
+        cpu["used_bytes"].as_u64().unwrap() <= cpu["budget_bytes"].as_u64().unwrap(),
+        "{cpu}"
+    );
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("gigafactory_model_unloads_total{model=\"b\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gigafactory_model_load_wait_seconds_count 5\n"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_model_is_unloaded_and_the_next_call_loads_it_again() {
+    let (data, models) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    minilm_copies(models.path(), &[("idle", "idle_unload_after_secs = 1")]);
+    let server = Server::start_with_models(data.path(), models.path(), &[]);
+    let key = server.tenant("acme").await;
+    embeds_correctly(&server, &key, "idle").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let evicted = loop {
+        let model = server.model("idle").await;
+        if model["state"] == "evicted" || Instant::now() > deadline {
+            break model;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(evicted["state"], "evicted", "{evicted}");
+    assert_eq!(evicted["unloads"], 1, "{evicted}");
+    let devices = server
+        .client(Some(&key))
+        .api(Method::GET, "/v1/devices", None)
+        .await
+        .unwrap();
+    assert_eq!(devices["devices"][0]["used_bytes"], 0, "{devices}");
+    embeds_correctly(&server, &key, "idle").await;
+    let again = server.model("idle").await;
+    assert_eq!(again["state"], "ready", "{again}");
+    assert_eq!(again["loads"], 2, "{again}");
 }

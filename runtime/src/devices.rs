@@ -43,8 +43,9 @@ pub struct Devices {
 
 impl Devices {
     /// Finds the devices. `gpu_budget` is the share of each GPU's free
-    /// memory models may take (0..=1).
-    pub fn discover(gpu_budget: f64) -> Self {
+    /// memory models may take (0..=1); `cpu_budget`, the bytes they may
+    /// take in host memory (default: what was free).
+    pub fn discover(gpu_budget: f64, cpu_budget: Option<u64>) -> Self {
         let (total, free) = host_memory();
         let mut devices = vec![DeviceInfo {
             id: "cpu".into(),
@@ -55,7 +56,7 @@ impl Devices {
             ),
             memory_total_bytes: total,
             memory_free_bytes: free,
-            budget_bytes: free,
+            budget_bytes: cpu_budget.unwrap_or(free),
             used_bytes: 0,
         }];
         let cuda_unavailable = match gpus() {
@@ -114,6 +115,36 @@ impl Devices {
                     bytes.div_ceil(1 << 20)
                 )
             })
+    }
+
+    /// Bytes left in device `id`'s budget (0 for an unknown device).
+    pub fn room(&self, id: &str) -> u64 {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.devices
+            .iter()
+            .find(|d| d.id == id)
+            .map_or(0, |d| d.budget_bytes.saturating_sub(d.used_bytes))
+    }
+
+    /// The usable GPUs' ids, in order.
+    pub fn gpus(&self) -> Vec<String> {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        if list.cuda_unavailable.is_some() {
+            return Vec::new();
+        }
+        list.devices
+            .iter()
+            .filter(|d| d.id != "cpu")
+            .map(|d| d.id.clone())
+            .collect()
+    }
+
+    /// Records that a model of `bytes` left device `id`.
+    pub fn release(&self, id: &str, bytes: u64) {
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(device) = list.devices.iter_mut().find(|d| d.id == id) {
+            device.used_bytes = device.used_bytes.saturating_sub(bytes);
+        }
     }
 
     /// Records a model of `bytes` placed on device `id`.
@@ -195,7 +226,7 @@ mod tests {
 
     #[test]
     fn the_cpu_is_always_there_and_gpu_placement_says_why_not() {
-        let devices = Devices::discover(0.9);
+        let devices = Devices::discover(0.9, None);
         let list = devices.list();
         assert_eq!(list.devices[0].id, "cpu");
         assert!(list.devices[0].memory_total_bytes > 0);

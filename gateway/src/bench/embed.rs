@@ -318,6 +318,7 @@ async fn engine_alone(args: &EmbedArgs, engine: &str) -> Result<Duration> {
             guest_engine: None,
             threads,
         },
+        cpu_memory_budget: None,
     };
     let dir = args.models.join("all-minilm-l6-v2");
     let vocab = std::fs::read_to_string(dir.join("vocab.txt")).context("reading vocab.txt")?;

@@ -59,6 +59,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.pool.engines.onnxruntime = args.onnxruntime;
     config.pool.engines.onnx_engine = Some(args.onnx_engine);
     config.pool.engines.guest_engine = args.guest_onnx_engine;
+    config.pool.cpu_memory_budget = args.cpu_model_memory_mib.map(|mib| mib << 20);
     // Below 100 ms these would refuse ordinary clients.
     let at_least = |ms: u64| Duration::from_millis(ms.max(100));
     config.header_timeout = at_least(args.header_timeout_ms);

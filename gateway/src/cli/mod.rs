@@ -149,6 +149,11 @@ pub struct ServeArgs {
     /// memory-safe Rust while the repository's models run on ONNX Runtime.
     #[arg(long)]
     pub guest_onnx_engine: Option<String>,
+    /// Host memory the repository's models may take, in MiB (default: what
+    /// is free at start). Loading a model past it unloads the least recently
+    /// used ones nobody is calling (never `pin = true` ones).
+    #[arg(long)]
+    pub cpu_model_memory_mib: Option<u64>,
     /// Run every model call on its own, ignoring models' `[batching]` sections.
     #[arg(long)]
     pub no_batching: bool,

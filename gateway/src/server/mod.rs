@@ -382,7 +382,9 @@ fn load_runtime(config: &GatewayConfig) -> Result<Runtime> {
         Some(dir) => ModelPool::load_repository(dir, &config.pool)?,
         None => ModelPool::new(&config.pool)?,
     };
-    Runtime::new(config.limits.clone(), Arc::new(models)).context("building the sandbox")
+    let models = Arc::new(models);
+    models.start_unloading_idle();
+    Runtime::new(config.limits.clone(), models).context("building the sandbox")
 }
 
 /// The admin token's hash: the configured token, the stored one, or a new

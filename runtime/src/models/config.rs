@@ -48,6 +48,14 @@ pub struct ModelConfig {
     /// is fast) or `"first-use"` (when a function first asks for it).
     #[serde(default)]
     pub load: LoadPolicy,
+    /// Keep the model resident once loaded: never unloaded for idleness.
+    #[serde(default)]
+    pub pin: bool,
+    /// Unload the model after this many seconds without a call, freeing its
+    /// memory; the next call loads it again (and waits for that). Absent:
+    /// it stays resident. Example: `idle_unload_after_secs = 900`.
+    #[serde(default)]
+    pub idle_unload_after_secs: Option<u64>,
     /// Dynamic batching across callers (see [`BatchConfig`]); absent: none.
     #[serde(default)]
     pub batching: Option<BatchConfig>,
@@ -77,6 +85,11 @@ impl ModelConfig {
     /// than ignoring them: a tensor model has no `[generation]`, a text
     /// model no `[batching]`, `[limits]` or `[embedding]`.
     pub fn check(&self) -> Result<(), String> {
+        if self.pin && self.idle_unload_after_secs.is_some() {
+            return Err(
+                "a model with pin = true is never unloaded: remove idle_unload_after_secs".into(),
+            );
+        }
         let foreign: &[(&str, bool)] = match self.format {
             ModelFormat::Onnx => &[("[generation]", self.generation.is_some())],
             ModelFormat::Gguf => &[
@@ -168,6 +181,10 @@ mod tests {
             error.contains("a GGUF text model cannot have [batching]"),
             "{error}"
         );
+        let pinned: ModelConfig =
+            toml::from_str("format = \"onnx\"\npin = true\nidle_unload_after_secs = 60").unwrap();
+        let error = pinned.check().unwrap_err();
+        assert!(error.contains("pin = true is never unloaded"), "{error}");
         let plain: ModelConfig = toml::from_str("format = \"onnx\"").unwrap();
         assert_eq!(plain.engine, "auto");
         plain.check().unwrap();

@@ -17,7 +17,7 @@ mod tenant;
 mod tensor;
 mod workers;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -68,6 +68,10 @@ pub struct PoolOptions {
     pub batching: bool,
     /// Which engines run what.
     pub engines: EngineOptions,
+    /// The host memory repository models may take (`--cpu-model-memory-mib`);
+    /// past it, loading one unloads the least recently used others. Default:
+    /// what was free at start.
+    pub cpu_memory_budget: Option<u64>,
 }
 
 impl Default for PoolOptions {
@@ -80,6 +84,7 @@ impl Default for PoolOptions {
                 threads: workers,
                 ..EngineOptions::default()
             },
+            cpu_memory_budget: None,
         }
     }
 }
@@ -93,6 +98,8 @@ pub struct ModelPool {
     /// Whether repository models batch (`serve --no-batching` turns it off).
     batching: bool,
     tenant_graphs: Mutex<tenant::TenantGraphs>,
+    /// How long calls waited for a model to load on demand.
+    load_waits: crate::stats::Histogram,
 }
 
 impl ModelPool {
@@ -101,7 +108,11 @@ impl ModelPool {
         Ok(Self {
             models: BTreeMap::new(),
             engines: Engines::new(&options.engines).context("setting up the engines")?,
-            devices: Arc::new(Devices::discover(DEFAULT_GPU_BUDGET)),
+            devices: Arc::new(Devices::discover(
+                DEFAULT_GPU_BUDGET,
+                options.cpu_memory_budget,
+            )),
+            load_waits: crate::stats::Histogram::new(crate::stats::LATENCY_BUCKETS),
             workers: Workers::new(options.workers),
             batching: options.batching,
             tenant_graphs: Mutex::default(),
@@ -129,14 +140,23 @@ impl ModelPool {
                     continue;
                 }
             };
-            if model.loaded.get().is_some() {
+            if model.slot().outcome.is_some() {
                 // Refused when read: listed as failed with the reason.
             } else if model.config.load == LoadPolicy::Boot {
                 tracing::info!(model = %name, "loading model");
                 let started = Instant::now();
-                let loaded = load(&model, &pool.devices);
-                let outcome = pool.finish_load(&model, loaded, started);
-                let _ = model.loaded.set(outcome);
+                let job = LoadJob::of(&model, &pool.devices);
+                match job.destination(&HashMap::new()) {
+                    Ok((device, bytes)) if pool.devices.room(&device) < bytes => tracing::warn!(
+                        model = %name,
+                        "not loaded at start: {} MiB do not fit in {device}'s budget; it loads when called",
+                        bytes >> 20
+                    ),
+                    destination => {
+                        let loaded = destination.and_then(|(device, _)| job.load_on(&device));
+                        model.loaded(pool.finish_load(&model, loaded, started));
+                    }
+                }
             } else {
                 tracing::info!(model = %name, "model loads on first use");
             }
@@ -173,36 +193,140 @@ impl ModelPool {
         }
     }
 
+    /// The model for a call: resident, or loaded now (on first use, or
+    /// again after an unload) while other callers of it wait.
     async fn resident(&self, name: &str) -> Result<Resident, NnError> {
         let model = self
             .models
             .get(name)
             .ok_or_else(|| NnError::new(ErrorCode::NotFound, format!("no model named {name:?}")))?;
-        let outcome = model
-            .loaded
-            .get_or_init(|| async {
-                tracing::info!(model = %name, "loading model on first use");
-                model
-                    .loading
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                let started = Instant::now();
-                let loaded = self
-                    .workers
-                    .run(None, {
-                        let job = LoadJob::of(model, &self.devices);
-                        move || Ok(job.run())
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(e.message));
-                self.finish_load(model, loaded, started)
-            })
-            .await;
-        outcome.model.clone().map_err(|reason| {
+        let failed = |reason: String| {
             NnError::new(
                 ErrorCode::RuntimeError,
                 format!("model {name:?} failed to load: {reason}"),
             )
-        })
+        };
+        if let Some(ready) = model.ready() {
+            return ready.map_err(failed);
+        }
+        let _loading = model.load_lock.lock().await;
+        if let Some(ready) = model.ready() {
+            return ready.map_err(failed);
+        }
+        tracing::info!(model = %name, "loading model on demand");
+        model.slot().loading = true;
+        let started = Instant::now();
+        let job = LoadJob::of(model, &self.devices);
+        let freeable = self.freeable(model);
+        let destination = self
+            .workers
+            .run(None, {
+                let job = job.clone();
+                move || Ok(job.destination(&freeable))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.message));
+        let room =
+            destination.map(|(device, bytes)| (self.make_room(model, &device, bytes), device));
+        let device = match room {
+            Ok((Ok(()), device)) => device,
+            Ok((Err(busy), _)) => {
+                model.slot().loading = false;
+                self.load_waits.observe_duration(started.elapsed());
+                return Err(busy);
+            }
+            Err(reason) => {
+                model.loaded(self.finish_load(model, Err(reason), started));
+                return model.ready().expect("just failed").map_err(failed);
+            }
+        };
+        let loaded = self
+            .workers
+            .run(None, move || Ok(job.load_on(&device)))
+            .await
+            .unwrap_or_else(|e| Err(e.message));
+        model.loaded(self.finish_load(model, loaded, started));
+        self.load_waits.observe_duration(started.elapsed());
+        model.ready().expect("just loaded").map_err(failed)
+    }
+
+    /// Per device, the memory that unloading the models nobody holds
+    /// (other than `loading`, and not pinned) would give back.
+    fn freeable(&self, loading: &RepositoryModel) -> HashMap<String, u64> {
+        let mut freeable = HashMap::new();
+        for model in self.models.values() {
+            if std::ptr::eq(model, loading) {
+                continue;
+            }
+            if let Some((device, bytes)) = model.evictable() {
+                *freeable.entry(device).or_default() += bytes;
+            }
+        }
+        freeable
+    }
+
+    /// Unloads the least recently used models on `device` that nobody
+    /// holds (never `loading`, never a pinned one) until `bytes` fit in
+    /// its budget; a `busy` error when they cannot.
+    fn make_room(
+        &self,
+        loading: &RepositoryModel,
+        device: &str,
+        bytes: u64,
+    ) -> Result<(), NnError> {
+        let mut candidates: Vec<&RepositoryModel> = self
+            .models
+            .values()
+            .filter(|m| !std::ptr::eq(*m, loading))
+            .filter(|m| m.evictable().is_some_and(|(on, _)| on == device))
+            .collect();
+        candidates.sort_by_key(|m| m.slot().last_used);
+        let mut candidates = candidates.into_iter();
+        while self.devices.room(device) < bytes {
+            let Some(victim) = candidates.next() else {
+                return Err(NnError::busy(format!(
+                    "{:?} needs {} MiB on {device}, which has {} MiB free and the rest held by models in use",
+                    loading.name,
+                    bytes.div_ceil(1 << 20),
+                    self.devices.room(device) >> 20
+                )));
+            };
+            if victim.unload_if_unused(&self.devices) {
+                tracing::info!(model = %victim.name, to_load = %loading.name, device, "evicted for another model");
+            }
+        }
+        Ok(())
+    }
+
+    /// Unloads the models that went unused for their
+    /// `idle_unload_after_secs` (and that nobody holds); how many.
+    pub fn unload_idle(&self) -> usize {
+        let now = Instant::now();
+        self.models
+            .values()
+            .filter(|model| model.idle(now) && model.unload_if_unused(&self.devices))
+            .count()
+    }
+
+    /// Checks every second for idle models to unload, for as long as the
+    /// pool lives (call it inside a tokio runtime).
+    pub fn start_unloading_idle(self: &Arc<Self>) {
+        if !self
+            .models
+            .values()
+            .any(|m| m.config.idle_unload_after_secs.is_some())
+        {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.unload_idle();
+            }
+        });
     }
 
     /// Wires a loaded graph up (limits, batcher, tokenizer) and logs the outcome.
@@ -261,6 +385,7 @@ impl ModelPool {
             stats: Some(model.stats.clone()),
             embedder,
             caps,
+            lease: Arc::new(()),
         })
     }
 
@@ -490,25 +615,63 @@ impl ModelPool {
             .map(|(name, model)| (name.as_str(), &*model.stats, model.queued()))
             .collect();
         stats::render(out, &models);
-        let text: Vec<(&str, &TextModel)> = self
+        let text: Vec<(&str, Arc<TextModel>)> = self
             .models
             .iter()
             .filter_map(|(name, model)| match model.resident() {
-                Some(Resident::Text(text)) => Some((name.as_str(), &**text)),
+                Some(Resident::Text(text)) => Some((name.as_str(), text)),
                 _ => None,
             })
             .collect();
+        let text: Vec<(&str, &TextModel)> =
+            text.iter().map(|(name, model)| (*name, &**model)).collect();
         crate::llm::render_metrics(out, &text);
+        self.render_loads(out);
         self.tenant_graphs().render(out);
     }
 }
 
-/// Loads a repository model with its engine where its `device` says; blocking.
-fn load(model: &RepositoryModel, devices: &Arc<Devices>) -> Result<Loaded, String> {
-    LoadJob::of(model, devices).run()
+impl ModelPool {
+    fn render_loads(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        crate::stats::header(
+            out,
+            "gigafactory_model_load_wait_seconds",
+            "histogram",
+            "How long calls waited for a repository model to load on demand.",
+        );
+        self.load_waits
+            .render(out, "gigafactory_model_load_wait_seconds", "");
+        for (metric, help) in [
+            (
+                "gigafactory_model_loads_total",
+                "Times a repository model loaded.",
+            ),
+            (
+                "gigafactory_model_unloads_total",
+                "Times a repository model was unloaded: idle, or evicted for another.",
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
+            for (name, model) in &self.models {
+                let slot = model.slot();
+                let value = if metric.contains("unloads") {
+                    slot.unloads
+                } else {
+                    slot.loads
+                };
+                let _ = writeln!(
+                    out,
+                    "{metric}{{model=\"{}\"}} {value}",
+                    crate::stats::label(name)
+                );
+            }
+        }
+    }
 }
 
 /// What loading a repository model needs, owned, so it can move to a worker.
+#[derive(Clone)]
 struct LoadJob {
     name: String,
     file: std::path::PathBuf,
@@ -528,13 +691,88 @@ impl LoadJob {
         }
     }
 
-    fn run(&self) -> Result<Loaded, String> {
-        let engine = self.engine.as_ref().map_err(Clone::clone)?;
-        let source = Source {
+    fn source(&self) -> Source<'_> {
+        Source {
             name: &self.name,
             data: Data::File(&self.file),
             generation: self.config.generation.as_ref(),
-        };
-        Engines::place(&**engine, &source, self.config.device, &self.devices)
+        }
+    }
+
+    fn engine(&self) -> Result<&dyn engines::Engine, String> {
+        self.engine.as_deref().map_err(Clone::clone)
+    }
+
+    /// Where the model goes and what it will take there; blocking (an
+    /// engine may read the file's header).
+    fn destination(&self, freeable: &HashMap<String, u64>) -> Result<(String, u64), String> {
+        let freeable = |device: &str| freeable.get(device).copied().unwrap_or(0);
+        Engines::destination(
+            self.engine()?,
+            &self.source(),
+            self.config.device,
+            &self.devices,
+            &freeable,
+        )
+    }
+
+    /// Loads the model onto `device`; blocking.
+    fn load_on(&self, device: &str) -> Result<Loaded, String> {
+        Engines::load_on(
+            self.engine()?,
+            &self.source(),
+            self.config.device,
+            device,
+            &self.devices,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool over one copy of the shipped MiniLM on tract, with `extra`
+    /// `model.toml` lines.
+    fn minilm_pool(dir: &Path, extra: &str) -> ModelPool {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2");
+        assert!(
+            shipped.join("model.onnx").is_file(),
+            "{} has no model.onnx: run ./dev models",
+            shipped.display()
+        );
+        let model = dir.join("m");
+        std::fs::create_dir_all(&model).unwrap();
+        std::os::unix::fs::symlink(shipped.join("model.onnx"), model.join("model.onnx")).unwrap();
+        let toml = format!("format = \"onnx\"\nengine = \"tract\"\n{extra}\n");
+        std::fs::write(model.join("model.toml"), toml).unwrap();
+        ModelPool::load_repository(dir, &PoolOptions::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_model_someone_holds_is_never_unloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = minilm_pool(dir.path(), "idle_unload_after_secs = 0");
+        let held = pool.get("m").await.unwrap();
+        assert_eq!(pool.unload_idle(), 0, "held by a caller");
+        let clone = held.clone();
+        drop(held);
+        assert_eq!(pool.unload_idle(), 0, "still held by a clone");
+        drop(clone);
+        assert_eq!(pool.unload_idle(), 1);
+        assert_eq!(pool.list()[0].state, "evicted");
+        assert_eq!(pool.devices().list().devices[0].used_bytes, 0);
+        pool.get("m").await.unwrap();
+        assert_eq!(pool.list()[0].loads, 2);
+    }
+
+    #[tokio::test]
+    async fn a_pinned_model_is_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = minilm_pool(dir.path(), "pin = true");
+        let model = &pool.models["m"];
+        assert!(model.evictable().is_none());
+        assert!(!model.unload_if_unused(&pool.devices));
+        assert_eq!(pool.list()[0].state, "ready");
     }
 }

@@ -3,12 +3,11 @@
 //! `GET /v1/models` shows of it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
-use tokio::sync::OnceCell;
 
 use super::batcher::{BatchConfig, Batcher};
 use super::config::{LoadPolicy, ModelConfig, ModelFormat};
@@ -30,6 +29,9 @@ pub struct PoolGraph {
     pub(super) embedder: Option<Arc<Embedder>>,
     /// Repository models with `[limits]`: the largest shape of each input.
     pub(super) caps: Option<Arc<ShapeCaps>>,
+    /// Held by every holder of this graph: while another holds it, the
+    /// model is in use and is not unloaded.
+    pub(super) lease: Arc<()>,
 }
 
 impl PoolGraph {
@@ -46,6 +48,7 @@ impl PoolGraph {
             stats: None,
             embedder: None,
             caps: None,
+            lease: Arc::new(()),
         }
     }
 }
@@ -65,6 +68,22 @@ impl Resident {
             Resident::Text(text) => text.device(),
         }
     }
+
+    fn memory_bytes(&self) -> u64 {
+        match self {
+            Resident::Graph(graph) => graph.graph.memory_bytes(),
+            Resident::Text(text) => text.memory_bytes(),
+        }
+    }
+
+    /// Whether anyone but the repository holds it (a call, an instance's
+    /// graph, a generation).
+    fn in_use(&self) -> bool {
+        match self {
+            Resident::Graph(graph) => Arc::strong_count(&graph.lease) > 1,
+            Resident::Text(text) => Arc::strong_count(text) > 1,
+        }
+    }
 }
 
 /// How loading a model ended.
@@ -82,9 +101,22 @@ pub(super) struct RepositoryModel {
     size_bytes: u64,
     /// The engine that loads it, or why there is none.
     pub(super) engine: Result<Arc<dyn Engine>, String>,
-    /// Set once loaded (or failed); empty until first use for `first-use` models.
-    pub(super) loaded: OnceCell<Outcome>,
-    pub(super) loading: AtomicBool,
+    /// Whether it is loaded, and what it has been through.
+    slot: Mutex<Slot>,
+    /// Held while it loads, so one caller loads it and the others wait.
+    pub(super) load_lock: tokio::sync::Mutex<()>,
+}
+
+/// A repository model's state.
+#[derive(Default)]
+pub(super) struct Slot {
+    /// How its last load ended; none before the first and after an unload.
+    pub(super) outcome: Option<Outcome>,
+    pub(super) loading: bool,
+    /// When a call last got it.
+    pub(super) last_used: Option<Instant>,
+    pub(super) loads: u64,
+    pub(super) unloads: u64,
 }
 
 /// What `GET /v1/models` shows of one model.
@@ -105,7 +137,8 @@ pub struct ModelInfo {
     pub device: String,
     /// Whether every tenant may use it.
     pub public: bool,
-    /// `unloaded` (a `first-use` model nobody used yet), `loading`, `ready` or `failed`.
+    /// `unloaded` (a `first-use` model nobody used yet), `loading`,
+    /// `ready`, `evicted` (unloaded after use; the next call loads it) or `failed`.
     pub state: &'static str,
     /// When it loads: `boot` or `first-use`.
     pub load: LoadPolicy,
@@ -135,8 +168,20 @@ pub struct ModelInfo {
     pub outputs: Vec<TensorSpec>,
     /// Size of the model file.
     pub size_bytes: u64,
-    /// How long loading and optimising took.
+    /// How long its last load took (loading and optimising).
     pub load_ms: u64,
+    /// Whether it stays resident once loaded.
+    pub pin: bool,
+    /// Unloaded after this many seconds without a call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_unload_after_secs: Option<u64>,
+    /// Times it loaded.
+    pub loads: u64,
+    /// Times it was unloaded (`evicted` until it loads again).
+    pub unloads: u64,
+    /// Seconds since a call last got it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used_secs_ago: Option<f64>,
 }
 
 impl RepositoryModel {
@@ -160,18 +205,84 @@ impl RepositoryModel {
             file,
             stats: Arc::new(ModelStats::default()),
             size_bytes,
-            loaded: OnceCell::new(),
-            loading: AtomicBool::new(false),
+            slot: Mutex::default(),
+            load_lock: tokio::sync::Mutex::new(()),
             engine,
         };
         if let Err(why) = &model.engine {
             tracing::error!(model = %name, "model refused: {why}");
-            let _ = model.loaded.set(Outcome {
+            model.slot().outcome = Some(Outcome {
                 model: Err(why.clone()),
                 load_ms: 0,
             });
         }
         Ok(model)
+    }
+
+    pub(super) fn slot(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The loaded model for a call (marked as just used), its load's
+    /// failure, or `None` when it is not loaded.
+    pub(super) fn ready(&self) -> Option<Result<Resident, String>> {
+        let mut slot = self.slot();
+        let model = slot.outcome.as_ref()?.model.clone();
+        slot.last_used = Some(Instant::now());
+        Some(model)
+    }
+
+    /// Records how a load ended.
+    pub(super) fn loaded(&self, outcome: Outcome) {
+        let mut slot = self.slot();
+        slot.loading = false;
+        slot.loads += u64::from(outcome.model.is_ok());
+        slot.last_used = Some(Instant::now());
+        slot.outcome = Some(outcome);
+    }
+
+    /// Unloads the model if it is loaded, nobody holds it and it is not
+    /// pinned, giving its memory back to its device; whether it did.
+    pub(super) fn unload_if_unused(&self, devices: &super::Devices) -> bool {
+        let mut slot = self.slot();
+        let Some(Outcome {
+            model: Ok(resident),
+            ..
+        }) = &slot.outcome
+        else {
+            return false;
+        };
+        if self.config.pin || resident.in_use() {
+            return false;
+        }
+        let (device, bytes) = (resident.device().to_string(), resident.memory_bytes());
+        slot.outcome = None;
+        slot.unloads += 1;
+        drop(slot);
+        devices.release(&device, bytes);
+        tracing::info!(model = %self.name, device, "model unloaded");
+        true
+    }
+
+    /// Where it is resident and what it takes there, when it could be
+    /// unloaded now (loaded, not pinned, held by nobody).
+    pub(super) fn evictable(&self) -> Option<(String, u64)> {
+        let slot = self.slot();
+        let resident = slot.outcome.as_ref()?.model.as_ref().ok()?;
+        (!self.config.pin && !resident.in_use())
+            .then(|| (resident.device().to_string(), resident.memory_bytes()))
+    }
+
+    /// Whether it has gone unused for its `idle_unload_after_secs`.
+    pub(super) fn idle(&self, now: Instant) -> bool {
+        let Some(after) = self.config.idle_unload_after_secs else {
+            return false;
+        };
+        let slot = self.slot();
+        slot.outcome.is_some()
+            && slot
+                .last_used
+                .is_some_and(|used| now.duration_since(used).as_secs() >= after)
     }
 
     pub(super) fn queued(&self) -> usize {
@@ -184,17 +295,27 @@ impl RepositoryModel {
         }
     }
 
-    /// The loaded model, once it loaded.
-    pub(super) fn resident(&self) -> Option<&Resident> {
-        self.loaded.get().and_then(|l| l.model.as_ref().ok())
+    /// The loaded model, if it is loaded (not marked as used).
+    pub(super) fn resident(&self) -> Option<Resident> {
+        self.slot()
+            .outcome
+            .as_ref()
+            .and_then(|o| o.model.clone().ok())
     }
 
     pub(super) fn info(&self) -> ModelInfo {
-        let (state, error) = match self.loaded.get().map(|l| &l.model) {
-            None if self.loading.load(Ordering::Relaxed) => ("loading", None),
-            None => ("unloaded", None),
-            Some(Ok(_)) => ("ready", None),
-            Some(Err(reason)) => ("failed", Some(reason.clone())),
+        let (state, error, loads, unloads, last_used, load_ms) = {
+            let slot = self.slot();
+            let (state, error) = match slot.outcome.as_ref().map(|o| &o.model) {
+                None if slot.loading => ("loading", None),
+                None if slot.unloads > 0 => ("evicted", None),
+                None => ("unloaded", None),
+                Some(Ok(_)) => ("ready", None),
+                Some(Err(reason)) => ("failed", Some(reason.clone())),
+            };
+            let last_used = slot.last_used.map(|used| used.elapsed().as_secs_f64());
+            let load_ms = slot.outcome.as_ref().map_or(0, |o| o.load_ms);
+            (state, error, slot.loads, slot.unloads, last_used, load_ms)
         };
         let (mut inputs, mut outputs, mut memory_bytes, mut device) =
             (vec![], vec![], 0, String::new());
@@ -237,7 +358,12 @@ impl RepositoryModel {
             inputs,
             outputs,
             size_bytes: self.size_bytes,
-            load_ms: self.loaded.get().map_or(0, |l| l.load_ms),
+            load_ms,
+            pin: self.config.pin,
+            idle_unload_after_secs: self.config.idle_unload_after_secs,
+            loads,
+            unloads,
+            last_used_secs_ago: last_used,
         }
     }
 }

@@ -26,7 +26,7 @@ impl Engine for LlamaCpp {
         }
     }
 
-    fn estimate(&self, source: &Source) -> Result<u64, String> {
+    fn estimate(&self, source: &Source, _device: &str) -> Result<u64, String> {
         let Data::File(path) = source.data else {
             return Err("text models load from files".into());
         };

@@ -1,8 +1,9 @@
 //! Engines: what loads a model file onto a device. Each engine is one
 //! module behind [`Engine`]; [`Engines`] is the registry that picks one
 //! for a model (`engine = "auto"` or a name in `model.toml`), and
-//! [`Engines::place`] is the one placement policy (auto/cpu/gpu within
-//! the devices' budgets) every engine goes through.
+//! [`Engines::destination`] with [`Engines::load_on`] is the one placement
+//! policy (auto/cpu/gpu within the devices' budgets) every engine goes
+//! through.
 //!
 //! Adding an engine: a module here implementing [`Engine`] (and, for
 //! tensor models, [`Graph`]), and one line in [`Engines::new`].
@@ -89,9 +90,11 @@ pub trait Engine: Send + Sync {
     fn gpu_support(&self) -> Result<(), String> {
         Err(format!("the {} engine runs on the CPU only", self.name()))
     }
-    /// Memory a model will take on a GPU, estimated before loading it, to
-    /// choose one with room (default: the size of its bytes).
-    fn estimate(&self, source: &Source) -> Result<u64, String> {
+    /// Memory a model will take on `device` (`cpu` or `cuda:N`), estimated
+    /// before loading it, to choose a device with room (default: the size
+    /// of its bytes).
+    fn estimate(&self, source: &Source, device: &str) -> Result<u64, String> {
+        let _ = device;
         Ok(source.data.size())
     }
     /// Loads the model onto `device` (`cpu` or `cuda:N`).
@@ -213,39 +216,60 @@ impl Engines {
         }
     }
 
-    /// Loads `source` with `engine` where `preference` and the devices'
-    /// budgets allow, and records what it takes there: `auto` takes a GPU
-    /// with room when the engine runs on GPUs, else (or when loading there
-    /// fails) the CPU, saying why; `gpu` fails without one; `cpu` is the CPU.
-    pub fn place(
+    /// Where `source` goes with `engine`, and what it will take there:
+    /// `auto` takes a GPU with room (or where `freeable` — what unloading
+    /// unused models would give back on a device — makes room) when the
+    /// engine runs on GPUs, else the CPU, saying why; `gpu` fails without
+    /// one; `cpu` is the CPU.
+    pub fn destination(
         engine: &dyn Engine,
         source: &Source,
         preference: DevicePreference,
         devices: &Devices,
-    ) -> Result<Loaded, String> {
-        let name = source.name;
+        freeable: &dyn Fn(&str) -> u64,
+    ) -> Result<(String, u64), String> {
         let device = match (preference, engine.gpu_support()) {
-            (DevicePreference::Cpu, _) => "cpu".to_string(),
+            (DevicePreference::Cpu, _) | (DevicePreference::Auto, Err(_)) => "cpu".to_string(),
             (DevicePreference::Gpu, Err(why)) => return Err(format!("device = \"gpu\": {why}")),
-            (DevicePreference::Auto, Err(_)) => "cpu".to_string(),
             (preference, Ok(())) => {
-                let bytes = engine.estimate(source)?;
-                match devices.gpu_with_room(bytes) {
+                let bytes = engine.estimate(source, "cuda:0")?;
+                let roomy = devices.gpu_with_room(bytes).or_else(|why| {
+                    devices
+                        .gpus()
+                        .into_iter()
+                        .find(|gpu| devices.room(gpu) + freeable(gpu) >= bytes)
+                        .ok_or(why)
+                });
+                match roomy {
                     Ok(gpu) => gpu,
                     Err(why) if preference == DevicePreference::Gpu => {
                         return Err(format!("device = \"gpu\": {why}"));
                     }
                     Err(why) => {
-                        tracing::info!(model = %name, "device auto: on the CPU ({why})");
+                        tracing::info!(model = %source.name, "device auto: on the CPU ({why})");
                         "cpu".to_string()
                     }
                 }
             }
         };
-        let loaded = match engine.load(source, &device) {
+        let bytes = engine.estimate(source, &device)?;
+        Ok((device, bytes))
+    }
+
+    /// Loads `source` with `engine` onto `device` (from [`Self::destination`])
+    /// and records what it takes there; with `auto`, a GPU that fails
+    /// falls back to the CPU, saying why.
+    pub fn load_on(
+        engine: &dyn Engine,
+        source: &Source,
+        preference: DevicePreference,
+        device: &str,
+        devices: &Devices,
+    ) -> Result<Loaded, String> {
+        let loaded = match engine.load(source, device) {
             Ok(loaded) => loaded,
             Err(e) if preference == DevicePreference::Auto && device != "cpu" => {
-                tracing::warn!(model = %name, "device auto: {device} failed ({e}); on the CPU");
+                tracing::warn!(model = %source.name, "device auto: {device} failed ({e}); on the CPU");
                 engine.load(source, "cpu")?
             }
             Err(e) if device != "cpu" => return Err(format!("placing on {device}: {e}")),

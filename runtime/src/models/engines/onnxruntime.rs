@@ -95,6 +95,17 @@ impl OnnxRuntime {
     }
 }
 
+impl Runtime {
+    /// Single-threaded sessions a model keeps on `device` beside its wide one.
+    fn narrow_sessions(&self, device: &str) -> usize {
+        if device == "cpu" {
+            self.threads.min(MAX_NARROW_SESSIONS)
+        } else {
+            0
+        }
+    }
+}
+
 fn init(path: &Path) -> Result<Environment> {
     ort::init_from(path)
         .map_err(|e| anyhow!("{e}"))?
@@ -155,13 +166,14 @@ impl Engine for OnnxRuntime {
         }
     }
 
+    fn estimate(&self, source: &Source, device: &str) -> Result<u64, String> {
+        let sessions = 1 + self.runtime().map_or(0, |r| r.narrow_sessions(device)) as u64;
+        Ok(source.data.size() * sessions)
+    }
+
     fn load(&self, source: &Source, device: &str) -> Result<Loaded, String> {
         let runtime = self.runtime()?;
-        let narrow = if device == "cpu" {
-            runtime.threads.min(MAX_NARROW_SESSIONS)
-        } else {
-            0
-        };
+        let narrow = runtime.narrow_sessions(device);
         let load = |threads| session(runtime, &source.data, device, threads);
         let sessions = load(runtime.threads)
             .and_then(|wide| {

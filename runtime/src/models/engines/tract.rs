@@ -25,6 +25,11 @@ impl Engine for Tract {
         ModelFormat::Onnx
     }
 
+    fn estimate(&self, source: &Source, _device: &str) -> Result<u64, String> {
+        // Int8 weights dequantised in the graph are folded to f32: up to 4x.
+        Ok(source.data.size().saturating_mul(4))
+    }
+
     fn load(&self, source: &Source, device: &str) -> Result<Loaded, String> {
         if device != "cpu" {
             return Err(format!(
