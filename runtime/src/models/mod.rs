@@ -91,12 +91,12 @@ impl Default for PoolOptions {
 
 /// All models of the operator's repository, the engines and the workers.
 pub struct ModelPool {
-    models: BTreeMap<String, RepositoryModel>,
+    models: BTreeMap<String, Arc<RepositoryModel>>,
     engines: Engines,
     devices: Arc<Devices>,
     workers: Workers,
-    /// Whether repository models batch (`serve --no-batching` turns it off).
-    batching: bool,
+    /// What a loaded graph is wired up with.
+    wiring: Wiring,
     tenant_graphs: Mutex<tenant::TenantGraphs>,
     /// How long calls waited for a model to load on demand.
     load_waits: crate::stats::Histogram,
@@ -105,6 +105,7 @@ pub struct ModelPool {
 impl ModelPool {
     /// A pool with no repository models (functions may still `load` their own).
     pub fn new(options: &PoolOptions) -> Result<Self> {
+        let workers = Workers::new(options.workers);
         Ok(Self {
             models: BTreeMap::new(),
             engines: Engines::new(&options.engines).context("setting up the engines")?,
@@ -113,8 +114,11 @@ impl ModelPool {
                 options.cpu_memory_budget,
             )),
             load_waits: crate::stats::Histogram::new(crate::stats::LATENCY_BUCKETS),
-            workers: Workers::new(options.workers),
-            batching: options.batching,
+            wiring: Wiring {
+                batching: options.batching,
+                permits: workers.permits.clone(),
+            },
+            workers,
             tenant_graphs: Mutex::default(),
         })
     }
@@ -154,13 +158,13 @@ impl ModelPool {
                     ),
                     destination => {
                         let loaded = destination.and_then(|(device, _)| job.load_on(&device));
-                        model.loaded(pool.finish_load(&model, loaded, started));
+                        model.loaded(pool.wiring.finish(&model, loaded, started));
                     }
                 }
             } else {
                 tracing::info!(model = %name, "model loads on first use");
             }
-            pool.models.insert(name, model);
+            pool.models.insert(name, Arc::new(model));
         }
         Ok(pool)
     }
@@ -209,7 +213,7 @@ impl ModelPool {
         if let Some(ready) = model.ready() {
             return ready.map_err(failed);
         }
-        let _loading = model.load_lock.lock().await;
+        let loading = model.load_lock.clone().lock_owned().await;
         if let Some(ready) = model.ready() {
             return ready.map_err(failed);
         }
@@ -236,16 +240,31 @@ impl ModelPool {
                 return Err(busy);
             }
             Err(reason) => {
-                model.loaded(self.finish_load(model, Err(reason), started));
+                model.loaded(self.wiring.finish(model, Err(reason), started));
                 return model.ready().expect("just failed").map_err(failed);
             }
         };
-        let loaded = self
-            .workers
-            .run(None, move || Ok(job.load_on(&device)))
-            .await
-            .unwrap_or_else(|e| Err(e.message));
-        model.loaded(self.finish_load(model, loaded, started));
+        // The load runs to its end and is recorded even if this caller
+        // leaves: what it places on the device must be accounted for.
+        let (permits, wiring, loading_model) = (
+            self.workers.permits.clone(),
+            self.wiring.clone(),
+            model.clone(),
+        );
+        let load = tokio::spawn(async move {
+            let _loading = loading;
+            let loaded = match permits.acquire_owned().await {
+                Ok(permit) => tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    job.load_on(&device)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("the load failed: {e}"))),
+                Err(_) => Err("the model pool is shutting down".into()),
+            };
+            loading_model.loaded(wiring.finish(&loading_model, loaded, started));
+        });
+        let _ = load.await;
         self.load_waits.observe_duration(started.elapsed());
         model.ready().expect("just loaded").map_err(failed)
     }
@@ -255,7 +274,7 @@ impl ModelPool {
     fn freeable(&self, loading: &RepositoryModel) -> HashMap<String, u64> {
         let mut freeable = HashMap::new();
         for model in self.models.values() {
-            if std::ptr::eq(model, loading) {
+            if std::ptr::eq(&**model, loading) {
                 continue;
             }
             if let Some((device, bytes)) = model.evictable() {
@@ -277,6 +296,7 @@ impl ModelPool {
         let mut candidates: Vec<&RepositoryModel> = self
             .models
             .values()
+            .map(|m| &**m)
             .filter(|m| !std::ptr::eq(*m, loading))
             .filter(|m| m.evictable().is_some_and(|(on, _)| on == device))
             .collect();
@@ -327,66 +347,6 @@ impl ModelPool {
                 pool.unload_idle();
             }
         });
-    }
-
-    /// Wires a loaded graph up (limits, batcher, tokenizer) and logs the outcome.
-    fn finish_load(
-        &self,
-        model: &RepositoryModel,
-        loaded: Result<Loaded, String>,
-        started: Instant,
-    ) -> Outcome {
-        let resident = loaded.and_then(|loaded| match loaded {
-            Loaded::Text(text) => Ok(Resident::Text(text)),
-            Loaded::Graph(graph) => self.wire(model, graph).map(Resident::Graph),
-        });
-        let load_ms = started.elapsed().as_millis() as u64;
-        match &resident {
-            Ok(resident) => tracing::info!(
-                model = %model.name,
-                device = resident.device(),
-                ms = load_ms,
-                "model ready"
-            ),
-            Err(e) => tracing::error!(model = %model.name, "model failed: {e}"),
-        }
-        Outcome {
-            model: resident,
-            load_ms,
-        }
-    }
-
-    /// A repository graph with its `[limits]`, `[batching]` and `[embedding]`.
-    fn wire(&self, model: &RepositoryModel, graph: Arc<dyn Graph>) -> Result<PoolGraph, String> {
-        let caps = match &model.config.limits {
-            Some(limits) => Some(Arc::new(ShapeCaps::new(limits, graph.inputs())?)),
-            None => None,
-        };
-        let embedder = match &model.config.embedding {
-            Some(embedding) => {
-                let dir = model.file.parent().unwrap_or(Path::new("."));
-                Some(Arc::new(Embedder::new(embedding.clone(), dir, &*graph)?))
-            }
-            None => None,
-        };
-        let batcher = match (&model.config.batching, self.batching) {
-            (Some(batching), true) => Some(Arc::new(Batcher::start(
-                graph.clone(),
-                batching.clone(),
-                self.workers.permits.clone(),
-                model.stats.clone(),
-                caps.clone(),
-            )?)),
-            _ => None,
-        };
-        Ok(PoolGraph {
-            graph,
-            batcher,
-            stats: Some(model.stats.clone()),
-            embedder,
-            caps,
-            lease: Arc::new(()),
-        })
     }
 
     /// A function's own ONNX graph, loaded on a worker by the engine for
@@ -601,7 +561,7 @@ impl ModelPool {
 
     /// Every repository model with its state, by name.
     pub fn list(&self) -> Vec<ModelInfo> {
-        self.models.values().map(RepositoryModel::info).collect()
+        self.models.values().map(|m| m.info()).collect()
     }
 
     /// Appends the pool's Prometheus series: per model calls, rejections,
@@ -667,6 +627,78 @@ impl ModelPool {
                 );
             }
         }
+    }
+}
+
+/// What a loaded repository graph is wired up with, owned so a load can
+/// finish on its own task.
+#[derive(Clone)]
+struct Wiring {
+    /// Whether repository models batch (`serve --no-batching` turns it off).
+    batching: bool,
+    /// The workers' permits, which batches take.
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Wiring {
+    /// Wires a loaded graph up (limits, batcher, tokenizer) and logs the outcome.
+    fn finish(
+        &self,
+        model: &RepositoryModel,
+        loaded: Result<Loaded, String>,
+        started: Instant,
+    ) -> Outcome {
+        let resident = loaded.and_then(|loaded| match loaded {
+            Loaded::Text(text) => Ok(Resident::Text(text)),
+            Loaded::Graph(graph) => self.wire(model, graph).map(Resident::Graph),
+        });
+        let load_ms = started.elapsed().as_millis() as u64;
+        match &resident {
+            Ok(resident) => tracing::info!(
+                model = %model.name,
+                device = resident.device(),
+                ms = load_ms,
+                "model ready"
+            ),
+            Err(e) => tracing::error!(model = %model.name, "model failed: {e}"),
+        }
+        Outcome {
+            model: resident,
+            load_ms,
+        }
+    }
+
+    /// A repository graph with its `[limits]`, `[batching]` and `[embedding]`.
+    fn wire(&self, model: &RepositoryModel, graph: Arc<dyn Graph>) -> Result<PoolGraph, String> {
+        let caps = match &model.config.limits {
+            Some(limits) => Some(Arc::new(ShapeCaps::new(limits, graph.inputs())?)),
+            None => None,
+        };
+        let embedder = match &model.config.embedding {
+            Some(embedding) => {
+                let dir = model.file.parent().unwrap_or(Path::new("."));
+                Some(Arc::new(Embedder::new(embedding.clone(), dir, &*graph)?))
+            }
+            None => None,
+        };
+        let batcher = match (&model.config.batching, self.batching) {
+            (Some(batching), true) => Some(Arc::new(Batcher::start(
+                graph.clone(),
+                batching.clone(),
+                self.permits.clone(),
+                model.stats.clone(),
+                caps.clone(),
+            )?)),
+            _ => None,
+        };
+        Ok(PoolGraph {
+            graph,
+            batcher,
+            stats: Some(model.stats.clone()),
+            embedder,
+            caps,
+            lease: Arc::new(()),
+        })
     }
 }
 

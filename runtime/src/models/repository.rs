@@ -104,7 +104,7 @@ pub(super) struct RepositoryModel {
     /// Whether it is loaded, and what it has been through.
     slot: Mutex<Slot>,
     /// Held while it loads, so one caller loads it and the others wait.
-    pub(super) load_lock: tokio::sync::Mutex<()>,
+    pub(super) load_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A repository model's state.
@@ -206,7 +206,7 @@ impl RepositoryModel {
             stats: Arc::new(ModelStats::default()),
             size_bytes,
             slot: Mutex::default(),
-            load_lock: tokio::sync::Mutex::new(()),
+            load_lock: Arc::default(),
             engine,
         };
         if let Err(why) = &model.engine {
