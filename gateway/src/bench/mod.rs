@@ -10,12 +10,15 @@
 //!   text engine called directly, then with 8 and 32 clients.
 //! - `bench cluster`: the `embed` function on the node holding the model
 //!   against the same function through a node without it.
+//! - `bench models`: how long each shipped model takes to load on demand,
+//!   and a resident model's latency while another loads beside it.
 
 mod chat;
 mod cluster;
 mod embed;
 mod hello;
 mod load;
+mod models;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -31,6 +34,7 @@ pub use cluster::ClusterArgs;
 pub use embed::EmbedArgs;
 pub use hello::HelloArgs;
 pub use load::{Load, Stats};
+pub use models::ModelsArgs;
 
 use crate::cli::Client;
 
@@ -45,6 +49,9 @@ pub enum BenchCommand {
     Chat(ChatArgs),
     /// The embed function through a node without the model vs on its holder.
     Cluster(ClusterArgs),
+    /// Load times of the shipped models on demand, and a resident model's
+    /// latency while another loads.
+    Models(ModelsArgs),
 }
 
 /// Runs a benchmark and prints its Markdown table.
@@ -54,6 +61,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Embed(args) => embed::run(args).await,
         BenchCommand::Chat(args) => chat::run(args).await,
         BenchCommand::Cluster(args) => cluster::run(args).await,
+        BenchCommand::Models(args) => models::run(args).await,
     }
 }
 
