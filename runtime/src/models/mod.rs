@@ -218,7 +218,6 @@ impl ModelPool {
             return ready.map_err(failed);
         }
         tracing::info!(model = %name, "loading model on demand");
-        model.slot().loading = true;
         let started = Instant::now();
         let job = LoadJob::of(model, &self.devices);
         let freeable = self.freeable(model);
@@ -235,7 +234,6 @@ impl ModelPool {
         let device = match room {
             Ok((Ok(()), device)) => device,
             Ok((Err(busy), _)) => {
-                model.slot().loading = false;
                 self.load_waits.observe_duration(started.elapsed());
                 return Err(busy);
             }
@@ -300,7 +298,7 @@ impl ModelPool {
             .filter(|m| !std::ptr::eq(*m, loading))
             .filter(|m| m.evictable().is_some_and(|(on, _)| on == device))
             .collect();
-        candidates.sort_by_key(|m| m.slot().last_used);
+        candidates.sort_by_cached_key(|m| m.slot().last_used);
         let mut candidates = candidates.into_iter();
         while self.devices.room(device) < bytes {
             let Some(victim) = candidates.next() else {

@@ -112,7 +112,6 @@ pub(super) struct RepositoryModel {
 pub(super) struct Slot {
     /// How its last load ended; none before the first and after an unload.
     pub(super) outcome: Option<Outcome>,
-    pub(super) loading: bool,
     /// When a call last got it.
     pub(super) last_used: Option<Instant>,
     pub(super) loads: u64,
@@ -235,7 +234,6 @@ impl RepositoryModel {
     /// Records how a load ended.
     pub(super) fn loaded(&self, outcome: Outcome) {
         let mut slot = self.slot();
-        slot.loading = false;
         slot.loads += u64::from(outcome.model.is_ok());
         slot.last_used = Some(Instant::now());
         slot.outcome = Some(outcome);
@@ -307,7 +305,8 @@ impl RepositoryModel {
         let (state, error, loads, unloads, last_used, load_ms) = {
             let slot = self.slot();
             let (state, error) = match slot.outcome.as_ref().map(|o| &o.model) {
-                None if slot.loading => ("loading", None),
+                // A caller holds the load lock only to load it.
+                None if self.load_lock.try_lock().is_err() => ("loading", None),
                 None if slot.unloads > 0 => ("evicted", None),
                 None => ("unloaded", None),
                 Some(Ok(_)) => ("ready", None),
