@@ -56,7 +56,12 @@ pub struct Quota {
     /// once (default 64).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_outbound_connections: Option<u32>,
-    /// Repository models it may use (default: those marked `public`).
+    /// Bytes of private models (their files) the tenant may add through
+    /// the API; default 0: none until the operator grants some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_model_bytes: Option<u64>,
+    /// Repository models it may use (default: those marked `public`), its
+    /// own private models aside.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
 }
@@ -86,6 +91,9 @@ pub struct Usage {
     pub functions: u32,
     /// Bytes its versions keep (wasm and files).
     pub stored_bytes: u64,
+    /// Bytes its private models' files take.
+    #[serde(default)]
+    pub model_bytes: u64,
 }
 
 impl Quota {
@@ -105,6 +113,12 @@ impl Quota {
                 self.max_stored_bytes.map(|v| v as f64),
                 1.0,
                 (1u64 << 40) as f64,
+            ),
+            (
+                "max_model_bytes",
+                self.max_model_bytes.map(|v| v as f64),
+                0.0,
+                crate::store::MAX_MODEL_FILE_BYTES as f64,
             ),
             (
                 "max_memory_mib",
@@ -205,6 +219,22 @@ impl Quota {
             return Err(format!(
                 "the tenant's functions would keep {} bytes, over its max_stored_bytes of {cap}",
                 usage.stored_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the tenant's private models may take `bytes` in all.
+    pub fn admits_model_bytes(&self, bytes: u64) -> Result<(), String> {
+        let cap = self.max_model_bytes.unwrap_or(0);
+        if bytes > cap {
+            return Err(format!(
+                "the tenant's private models would take {bytes} bytes, over its max_model_bytes of {cap}{}",
+                if cap == 0 {
+                    " (the operator grants it with `gigafactory tenant quota`)"
+                } else {
+                    ""
+                }
             ));
         }
         Ok(())

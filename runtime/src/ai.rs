@@ -119,17 +119,14 @@ pub(crate) enum Failure {
 /// Whether the instance of `ctx` may use the repository model `model`:
 /// models the tenant may not see do not exist, models outside the
 /// manifest are denied (as for wasi-nn `load-by-name`).
-fn permit(ctx: &NnCtx, model: &str) -> Result<(), Failure> {
+fn permit(ctx: &NnCtx, model: &str) -> Result<String, Failure> {
     let capabilities = ctx.capabilities();
-    if !capabilities.models.is_visible(model) || !ctx.pool().has(model) {
-        return Err(Failure::NotFound(format!("no model named {model:?}")));
-    }
-    if !capabilities.models.is_allowed(model) {
-        return Err(Failure::Denied(format!(
-            "model {model:?} is not in this function's manifest (`models`)"
-        )));
-    }
-    Ok(())
+    ctx.pool()
+        .find(&capabilities.tenant, &capabilities.models, model)
+        .map_err(|error| match error.code {
+            ErrorCode::Security => Failure::Denied(error.message),
+            _ => Failure::NotFound(error.message),
+        })
 }
 
 /// Starts `request` for the instance of `ctx` on the text model `model`
@@ -140,12 +137,12 @@ pub(crate) async fn start_generation(
     model: &str,
     mut request: llm::Request,
 ) -> Result<Generation, Failure> {
-    permit(ctx, model)?;
+    let model = permit(ctx, model)?;
     let capabilities = ctx.capabilities();
     if let Some(budget) = &capabilities.compute {
         budget.check_tokens().map_err(Failure::Quota)?;
     }
-    let text_model = ctx.pool().text(model).await.map_err(Failure::Pool)?;
+    let text_model = ctx.pool().text(&model).await.map_err(Failure::Pool)?;
     request.budget = capabilities.compute.clone();
     text_model
         .start(capabilities.tenant.clone(), request)
@@ -161,14 +158,14 @@ pub(crate) async fn embed(
     model: &str,
     texts: &[String],
 ) -> Result<Embeddings, Failure> {
-    permit(ctx, model)?;
+    let model = permit(ctx, model)?;
     let capabilities = ctx.capabilities();
     if let Some(budget) = &capabilities.compute {
         budget.check().map_err(Failure::Quota)?;
     }
     let (result, spent) = ctx
         .pool()
-        .embed(model, texts, capabilities.tenant.clone())
+        .embed(&model, texts, capabilities.tenant.clone())
         .await;
     if let Some(budget) = &capabilities.compute {
         budget.charge(spent);

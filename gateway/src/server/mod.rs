@@ -383,7 +383,7 @@ fn load_runtime(config: &GatewayConfig) -> Result<Runtime> {
         None => ModelPool::new(&config.pool)?,
     };
     let models = Arc::new(models);
-    models.start_unloading_idle();
+    models.start_housekeeping();
     Runtime::new(config.limits.clone(), models).context("building the sandbox")
 }
 

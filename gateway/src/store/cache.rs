@@ -26,8 +26,8 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::{
-    ApiKey, Change, Deployed, FunctionRecord, NewVersion, Node, NodeStatus, Store, StoreError,
-    Tenant,
+    ApiKey, Change, Deployed, FunctionRecord, ModelBlob, ModelRecord, NewModel, NewVersion, Node,
+    NodeStatus, Store, StoreError, Tenant,
 };
 use crate::auth::TokenHash;
 use crate::quota::Quota;
@@ -137,6 +137,8 @@ impl State {
                 self.functions
                     .expire(|(owner, function), _| owner == tenant && function == name);
             }
+            // Models are not cached here: each node's catalog follows them.
+            Change::Model(_) => {}
             Change::Everything => {
                 self.keys.expire_all();
                 self.tenants.expire_all();
@@ -323,6 +325,67 @@ impl Store for Cached {
 
     async fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush().await
+    }
+
+    async fn begin_model_blob(&self, sha256: &str, size: u64) -> Result<ModelBlob, StoreError> {
+        self.inner.begin_model_blob(sha256, size).await
+    }
+
+    async fn model_blob(&self, sha256: &str) -> Result<Option<ModelBlob>, StoreError> {
+        self.inner.model_blob(sha256).await
+    }
+
+    async fn put_model_part(
+        &self,
+        sha256: &str,
+        index: u32,
+        content: &[u8],
+    ) -> Result<ModelBlob, StoreError> {
+        self.inner.put_model_part(sha256, index, content).await
+    }
+
+    async fn model_part(&self, sha256: &str, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.model_part(sha256, index).await
+    }
+
+    async fn verify_model_blob(&self, sha256: &str) -> Result<(), StoreError> {
+        self.inner.verify_model_blob(sha256).await
+    }
+
+    async fn put_model(&self, model: &NewModel, replace: bool) -> Result<ModelRecord, StoreError> {
+        let outcome = self.inner.put_model(model, replace).await;
+        if let Some(owner) = &model.owner {
+            self.state.forget(&Change::Tenant(owner.clone()));
+        }
+        outcome
+    }
+
+    async fn model(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        self.inner.model(owner, name).await
+    }
+
+    async fn models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        self.inner.models().await
+    }
+
+    async fn delete_model(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+    ) -> Result<ModelRecord, StoreError> {
+        let outcome = self.inner.delete_model(owner, name).await;
+        if let Some(owner) = owner {
+            self.state.forget(&Change::Tenant(owner.to_string()));
+        }
+        outcome
+    }
+
+    async fn prune_model_blobs(&self, before: u64) -> Result<usize, StoreError> {
+        self.inner.prune_model_blobs(before).await
     }
 
     async fn heartbeat(&self, node: &NodeStatus, taken_within: Duration) -> Result<(), StoreError> {

@@ -1,6 +1,8 @@
 //! Durable control-plane state behind one [`Store`] trait: tenants, hashed
 //! API keys, functions and their immutable versions, content-addressed
-//! blobs (wasm and files) and precompiled artifacts.
+//! blobs (wasm and files) and precompiled artifacts, and the models added
+//! through the API with their files (stored in parts, so uploads of many
+//! gigabytes resume where they stopped).
 //!
 //! Two backends: [`sled`] (embedded, one process: the default) and
 //! [`postgres`] (shared by every node of a cluster). Both store typed,
@@ -256,6 +258,146 @@ pub struct Deployed {
     pub created: bool,
 }
 
+/// A model added through the API: its `model.toml` and its files. The
+/// operator's models are public or granted by quota; a tenant's private
+/// model is seen by that tenant only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRecord {
+    /// The tenant of a private model; `None` for the operator's.
+    pub owner: Option<String>,
+    /// Its name (what functions pass to `load-by-name`).
+    pub name: String,
+    /// 1 when added, one more at each update.
+    pub version: u32,
+    /// Its `model.toml`.
+    pub config: String,
+    /// Its files: path in the model's directory → content.
+    pub files: BTreeMap<String, FileRef>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds of the last update.
+    pub updated_at: u64,
+}
+
+impl ModelRecord {
+    /// Its key in the model catalog: the name, `tenant/name` when private.
+    pub fn key(&self) -> String {
+        match &self.owner {
+            Some(owner) => gigafactory_runtime::models::private_key(owner, &self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// Bytes its files take.
+    pub fn stored_bytes(&self) -> u64 {
+        self.files.values().map(|f| f.size).sum()
+    }
+}
+
+/// What adding or updating a model stores.
+#[derive(Debug, Clone)]
+pub struct NewModel {
+    /// The tenant of a private model; `None` for the operator's.
+    pub owner: Option<String>,
+    /// Its name.
+    pub name: String,
+    /// Its `model.toml`.
+    pub config: String,
+    /// Its files, each a verified model blob.
+    pub files: BTreeMap<String, FileRef>,
+}
+
+/// A model file in the store, uploaded in parts of `part_size` bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelBlob {
+    /// sha256 of the whole file, hex.
+    pub sha256: String,
+    /// Size of the whole file.
+    pub size: u64,
+    /// Bytes of every part but the last.
+    pub part_size: u64,
+    /// The parts stored so far, ascending.
+    pub received: Vec<u32>,
+    /// Whether the parts were read back whole and matched the sha256.
+    pub verified: bool,
+}
+
+impl ModelBlob {
+    /// How many parts the file has.
+    pub fn parts(&self) -> u32 {
+        self.size.div_ceil(self.part_size).max(1) as u32
+    }
+
+    /// The size part `index` must have.
+    pub fn part_len(&self, index: u32) -> u64 {
+        let start = u64::from(index) * self.part_size;
+        self.size.saturating_sub(start).min(self.part_size)
+    }
+
+    /// Whether every part is stored.
+    pub fn complete(&self) -> bool {
+        self.received.len() as u32 == self.parts()
+    }
+}
+
+impl NewModel {
+    /// The record this change makes of the stored one (`existing`).
+    fn plan(&self, existing: Option<&ModelRecord>, replace: bool) -> Result<ModelRecord, StoreError> {
+        let now = now();
+        let record = |version: u32, created_at: u64| ModelRecord {
+            owner: self.owner.clone(),
+            name: self.name.clone(),
+            version,
+            config: self.config.clone(),
+            files: self.files.clone(),
+            created_at,
+            updated_at: now,
+        };
+        match (existing, replace) {
+            (Some(_), false) => Err(StoreError::Conflict(format!(
+                "model {:?} exists: update it (`gigafactory models update`)",
+                self.name
+            ))),
+            (None, true) => Err(StoreError::NotFound(format!("no model {:?}", self.name))),
+            (Some(old), true) => Ok(record(old.version + 1, old.created_at)),
+            (None, false) => Ok(record(1, now)),
+        }
+    }
+
+    /// The owner's usage with `old` replaced by this model; refused past
+    /// its `max_model_bytes` when it grows.
+    fn usage_of(&self, owner: &Tenant, old: Option<&ModelRecord>) -> Result<Usage, StoreError> {
+        let before = old.map_or(0, ModelRecord::stored_bytes);
+        let after: u64 = self.files.values().map(|f| f.size).sum();
+        let mut usage = owner.usage;
+        usage.model_bytes = usage.model_bytes.saturating_sub(before) + after;
+        if after > before {
+            owner
+                .quota
+                .admits_model_bytes(usage.model_bytes)
+                .map_err(StoreError::Quota)?;
+        }
+        Ok(usage)
+    }
+}
+
+/// Why a model file cannot be used yet.
+fn unusable_blob(path: &str, blob: Option<&ModelBlob>) -> Option<StoreError> {
+    let why = match blob {
+        None => "was never uploaded",
+        Some(blob) if !blob.complete() => "is not uploaded whole",
+        Some(blob) if !blob.verified => "was not checked against its sha256",
+        Some(_) => return None,
+    };
+    Some(StoreError::Conflict(format!("the model file {path:?} {why}")))
+}
+
+/// Bytes of each part of a model file (the last may be shorter).
+pub const MODEL_PART_BYTES: u64 = 16 << 20;
+
+/// The largest model file the store takes (1 TiB).
+pub const MAX_MODEL_FILE_BYTES: u64 = 1 << 40;
+
 /// A node as its heartbeats report it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeStatus {
@@ -301,6 +443,8 @@ pub enum Change {
         /// The function.
         name: String,
     },
+    /// A model was added, updated or removed (its catalog key).
+    Model(String),
     /// Changes may have been missed (a lost connection): everything
     /// cached may be stale.
     Everything,
@@ -390,6 +534,52 @@ pub trait Store: Send + Sync {
 
     /// Makes everything acknowledged durable.
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Starts storing the model file `sha256` of `size` bytes in parts of
+    /// [`MODEL_PART_BYTES`], or resumes it: what is stored of it so far.
+    async fn begin_model_blob(&self, sha256: &str, size: u64) -> Result<ModelBlob, StoreError>;
+
+    /// A model file as stored so far.
+    async fn model_blob(&self, sha256: &str) -> Result<Option<ModelBlob>, StoreError>;
+
+    /// Stores part `index` of a model file being uploaded (a part stored
+    /// already is left as it is); `NotFound` for a file nobody began,
+    /// `Conflict` for a part of the wrong size or past the end.
+    async fn put_model_part(
+        &self,
+        sha256: &str,
+        index: u32,
+        content: &[u8],
+    ) -> Result<ModelBlob, StoreError>;
+
+    /// Part `index` of a model file.
+    async fn model_part(&self, sha256: &str, index: u32) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Records that the file's parts were read back and matched its sha256.
+    async fn verify_model_blob(&self, sha256: &str) -> Result<(), StoreError>;
+
+    /// Adds a model (`replace` false: `Conflict` when it exists) or stores
+    /// a new version of one (`replace` true: `NotFound` when it does not),
+    /// in one transaction: every file must be a verified model blob; a
+    /// private model's bytes count against its tenant's `max_model_bytes`;
+    /// blobs only the old version used are deleted.
+    async fn put_model(&self, model: &NewModel, replace: bool) -> Result<ModelRecord, StoreError>;
+
+    /// A model by owner (`None`: the operator's) and name.
+    async fn model(&self, owner: Option<&str>, name: &str)
+    -> Result<Option<ModelRecord>, StoreError>;
+
+    /// Every model added through the API, the operator's and every tenant's.
+    async fn models(&self) -> Result<Vec<ModelRecord>, StoreError>;
+
+    /// Removes a model, and the blobs no other model uses; returns it.
+    async fn delete_model(&self, owner: Option<&str>, name: &str)
+    -> Result<ModelRecord, StoreError>;
+
+    /// Deletes model files no model uses that were last touched before
+    /// `before` (Unix seconds): uploads never finished or never added;
+    /// returns how many.
+    async fn prune_model_blobs(&self, before: u64) -> Result<usize, StoreError>;
 
     /// Records a node's heartbeat, registering it on the first. A
     /// conflict when another process holds the name and heartbeat within

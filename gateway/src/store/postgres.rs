@@ -22,8 +22,9 @@ use tokio_postgres::types::Json;
 use tokio_postgres::{AsyncMessage, GenericClient, IsolationLevel, NoTls, Row};
 
 use super::{
-    ApiKey, Change, Deployed, FileRef, FunctionRecord, NewVersion, Node, NodeStatus, Planned,
-    Store, StoreError, Tenant, Version, now,
+    ApiKey, Change, Deployed, FileRef, FunctionRecord, MODEL_PART_BYTES, ModelBlob, ModelRecord,
+    NewModel, NewVersion, Node, NodeStatus, Planned, Store, StoreError, Tenant, Version, now,
+    unusable_blob,
 };
 use crate::auth::TokenHash;
 use crate::quota::{Quota, Usage};
@@ -32,6 +33,7 @@ use crate::quota::{Quota, Usage};
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_initial.sql")),
     (2, include_str!("migrations/0002_nodes.sql")),
+    (3, include_str!("migrations/0003_models.sql")),
 ];
 
 /// The channel changes are announced on.
@@ -290,9 +292,17 @@ impl Store for PostgresStore {
         let functions = transaction!(self, |tx| {
             lock_tenant(&tx, name).await?;
             let functions = load_functions(&*tx, name, None).await?;
+            let models = load_models(&*tx, Some(name), None).await?;
             tx.execute("DELETE FROM tenants WHERE name = $1", &[&name])
                 .await
                 .map_err(db)?;
+            tx.execute("DELETE FROM models WHERE owner = $1", &[&name])
+                .await
+                .map_err(db)?;
+            release_model_blobs(&tx, &models).await?;
+            for model in &models {
+                notify(&tx, &Change::Model(model.key())).await?;
+            }
             let blobs: Vec<String> = functions
                 .iter()
                 .flat_map(|f| &f.versions)
@@ -550,6 +560,244 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn begin_model_blob(&self, sha256: &str, size: u64) -> Result<ModelBlob, StoreError> {
+        transaction!(self, |tx| {
+            tx.execute(
+                "INSERT INTO model_blobs (sha256, size, part_size, updated_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (sha256) DO UPDATE SET updated_at = EXCLUDED.updated_at",
+                &[&sha256, &(size as i64), &(MODEL_PART_BYTES as i64), &(now() as i64)],
+            )
+            .await
+            .map_err(db)?;
+            let blob = load_model_blob(&*tx, sha256)
+                .await?
+                .expect("just inserted");
+            if blob.size != size {
+                return Err(StoreError::Conflict(format!(
+                    "the model file {sha256} is being stored with {} bytes, not {size}",
+                    blob.size
+                )));
+            }
+            Ok(blob)
+        })
+    }
+
+    async fn model_blob(&self, sha256: &str) -> Result<Option<ModelBlob>, StoreError> {
+        let client = self.client().await?;
+        load_model_blob(&**client, sha256).await
+    }
+
+    async fn put_model_part(
+        &self,
+        sha256: &str,
+        index: u32,
+        content: &[u8],
+    ) -> Result<ModelBlob, StoreError> {
+        transaction!(self, |tx| {
+            let blob = tx
+                .query_opt(
+                    "SELECT size, part_size FROM model_blobs WHERE sha256 = $1 FOR UPDATE",
+                    &[&sha256],
+                )
+                .await
+                .map_err(db)?
+                .ok_or_else(|| {
+                    StoreError::NotFound(format!("no upload of the model file {sha256} was begun"))
+                })?;
+            let shape = ModelBlob {
+                sha256: sha256.to_string(),
+                size: blob.get::<_, i64>(0) as u64,
+                part_size: blob.get::<_, i64>(1) as u64,
+                received: Vec::new(),
+                verified: false,
+            };
+            check_part(&shape, index, content.len())?;
+            tx.execute(
+                "INSERT INTO model_parts (sha256, part, content) VALUES ($1, $2, $3)
+                 ON CONFLICT (sha256, part) DO NOTHING",
+                &[&sha256, &(index as i32), &content],
+            )
+            .await
+            .map_err(db)?;
+            tx.execute(
+                "UPDATE model_blobs SET updated_at = $2 WHERE sha256 = $1",
+                &[&sha256, &(now() as i64)],
+            )
+            .await
+            .map_err(db)?;
+            Ok(load_model_blob(&*tx, sha256).await?.expect("locked"))
+        })
+    }
+
+    async fn model_part(&self, sha256: &str, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT content FROM model_parts WHERE sha256 = $1 AND part = $2",
+                &[&sha256, &(index as i32)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    async fn verify_model_blob(&self, sha256: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let updated = client
+            .execute(
+                "UPDATE model_blobs SET verified = true, updated_at = $2 WHERE sha256 = $1",
+                &[&sha256, &(now() as i64)],
+            )
+            .await
+            .map_err(db)?;
+        if updated == 0 {
+            return Err(StoreError::NotFound(format!("no model file {sha256}")));
+        }
+        Ok(())
+    }
+
+    async fn put_model(&self, new: &NewModel, replace: bool) -> Result<ModelRecord, StoreError> {
+        let key = model_key_of(new.owner.as_deref(), &new.name);
+        let record = transaction!(self, |tx| {
+            let owner = match &new.owner {
+                Some(owner) => Some(lock_tenant(&tx, owner).await?),
+                None => None,
+            };
+            let existing = load_models(&*tx, Some(owner_column(new.owner.as_deref())), Some(&new.name))
+                .await?
+                .pop();
+            let record = new.plan(existing.as_ref(), replace)?;
+            for (path, file) in &new.files {
+                let blob = load_model_blob(&*tx, &file.sha256).await?;
+                if let Some(refused) = unusable_blob(path, blob.as_ref()) {
+                    return Err(refused);
+                }
+            }
+            if let Some(owner) = &owner {
+                let usage = new.usage_of(owner, existing.as_ref())?;
+                tx.execute(
+                    "UPDATE tenants SET model_bytes = $2, revision = revision + 1 WHERE name = $1",
+                    &[&owner.name, &(usage.model_bytes as i64)],
+                )
+                .await
+                .map_err(db)?;
+            }
+            let owner_name = owner_column(new.owner.as_deref());
+            tx.execute(
+                "DELETE FROM models WHERE owner = $1 AND name = $2",
+                &[&owner_name, &new.name],
+            )
+            .await
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO models (owner, name, version, config, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &owner_name,
+                    &record.name,
+                    &(record.version as i32),
+                    &record.config,
+                    &(record.created_at as i64),
+                    &(record.updated_at as i64),
+                ],
+            )
+            .await
+            .map_err(db)?;
+            for (path, file) in &record.files {
+                tx.execute(
+                    "INSERT INTO model_files (owner, name, path, sha256, size)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[&owner_name, &record.name, path, &file.sha256, &(file.size as i64)],
+                )
+                .await
+                .map_err(db)?;
+            }
+            release_model_blobs(&tx, existing.as_slice()).await?;
+            notify(&tx, &Change::Model(key.clone())).await?;
+            if let Some(owner) = &new.owner {
+                notify(&tx, &Change::Tenant(owner.clone())).await?;
+            }
+            Ok(record)
+        })?;
+        self.announce([Change::Model(key)]);
+        if let Some(owner) = &new.owner {
+            self.announce([Change::Tenant(owner.clone())]);
+        }
+        Ok(record)
+    }
+
+    async fn model(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        let client = self.client().await?;
+        Ok(load_models(&**client, Some(owner_column(owner)), Some(name))
+            .await?
+            .pop())
+    }
+
+    async fn models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        let client = self.client().await?;
+        load_models(&**client, None, None).await
+    }
+
+    async fn delete_model(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+    ) -> Result<ModelRecord, StoreError> {
+        let owner_name = owner_column(owner);
+        let key = model_key_of(owner, name);
+        let model = transaction!(self, |tx| {
+            if let Some(owner) = owner {
+                lock_tenant(&tx, owner).await?;
+            }
+            let model = load_models(&*tx, Some(owner_name), Some(name))
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::NotFound(format!("no model {name:?}")))?;
+            tx.execute(
+                "DELETE FROM models WHERE owner = $1 AND name = $2",
+                &[&owner_name, &name],
+            )
+            .await
+            .map_err(db)?;
+            if let Some(owner) = owner {
+                tx.execute(
+                    "UPDATE tenants SET model_bytes = GREATEST(model_bytes - $2, 0),
+                         revision = revision + 1
+                     WHERE name = $1",
+                    &[&owner, &(model.stored_bytes() as i64)],
+                )
+                .await
+                .map_err(db)?;
+                notify(&tx, &Change::Tenant(owner.to_string())).await?;
+            }
+            release_model_blobs(&tx, std::slice::from_ref(&model)).await?;
+            notify(&tx, &Change::Model(key.clone())).await?;
+            Ok(model)
+        })?;
+        self.announce([Change::Model(key)]);
+        if let Some(owner) = owner {
+            self.announce([Change::Tenant(owner.to_string())]);
+        }
+        Ok(model)
+    }
+
+    async fn prune_model_blobs(&self, before: u64) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let pruned = client
+            .execute(
+                "DELETE FROM model_blobs b WHERE b.updated_at < $1
+                   AND NOT EXISTS (SELECT 1 FROM model_files f WHERE f.sha256 = b.sha256)",
+                &[&(before as i64)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(pruned as usize)
+    }
+
     async fn heartbeat(&self, node: &NodeStatus, taken_within: Duration) -> Result<(), StoreError> {
         let client = self.client().await?;
         let updated = client
@@ -645,7 +893,7 @@ impl Store for PostgresStore {
 }
 
 const TENANT_COLUMNS: &str =
-    "name, created_at, quota, functions, stored_bytes, revision, incarnation";
+    "name, created_at, quota, functions, stored_bytes, model_bytes, revision, incarnation";
 
 fn tenant_from(row: &Row) -> Result<Tenant, StoreError> {
     let Json(quota): Json<Quota> = row.try_get("quota").context("decoding a tenant's quota")?;
@@ -656,6 +904,7 @@ fn tenant_from(row: &Row) -> Result<Tenant, StoreError> {
         usage: Usage {
             functions: row.get::<_, i32>("functions") as u32,
             stored_bytes: row.get::<_, i64>("stored_bytes") as u64,
+            model_bytes: row.get::<_, i64>("model_bytes") as u64,
         },
         revision: row.get::<_, i64>("revision") as u64,
         incarnation: row.get::<_, i64>("incarnation") as u64,
@@ -828,6 +1077,150 @@ async fn insert_version(
     Ok(())
 }
 
+/// The `owner` column of a model: '' for the operator's.
+fn owner_column(owner: Option<&str>) -> &str {
+    owner.unwrap_or("")
+}
+
+fn model_key_of(owner: Option<&str>, name: &str) -> String {
+    match owner {
+        Some(owner) => gigafactory_runtime::models::private_key(owner, name),
+        None => name.to_string(),
+    }
+}
+
+/// Models with their files: of one owner (`''`: the operator) or all,
+/// one by name or all.
+async fn load_models(
+    client: &impl GenericClient,
+    owner: Option<&str>,
+    only: Option<&str>,
+) -> Result<Vec<ModelRecord>, StoreError> {
+    let models = client
+        .query(
+            "SELECT owner, name, version, config, created_at, updated_at FROM models
+             WHERE ($1::text IS NULL OR owner = $1) AND ($2::text IS NULL OR name = $2)
+             ORDER BY owner, name",
+            &[&owner, &only],
+        )
+        .await
+        .map_err(db)?;
+    let files = client
+        .query(
+            "SELECT owner, name, path, sha256, size FROM model_files
+             WHERE ($1::text IS NULL OR owner = $1) AND ($2::text IS NULL OR name = $2)",
+            &[&owner, &only],
+        )
+        .await
+        .map_err(db)?;
+    let mut by_model: BTreeMap<(String, String), BTreeMap<String, FileRef>> = BTreeMap::new();
+    for file in &files {
+        let reference = FileRef {
+            sha256: file.get(3),
+            size: file.get::<_, i64>(4) as u64,
+        };
+        by_model
+            .entry((file.get(0), file.get(1)))
+            .or_default()
+            .insert(file.get(2), reference);
+    }
+    Ok(models
+        .iter()
+        .map(|row| {
+            let (owner, name): (String, String) = (row.get(0), row.get(1));
+            ModelRecord {
+                files: by_model
+                    .remove(&(owner.clone(), name.clone()))
+                    .unwrap_or_default(),
+                owner: (!owner.is_empty()).then_some(owner),
+                name,
+                version: row.get::<_, i32>(2) as u32,
+                config: row.get(3),
+                created_at: row.get::<_, i64>(4) as u64,
+                updated_at: row.get::<_, i64>(5) as u64,
+            }
+        })
+        .collect())
+}
+
+/// A model file and the parts stored of it.
+async fn load_model_blob(
+    client: &impl GenericClient,
+    sha256: &str,
+) -> Result<Option<ModelBlob>, StoreError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT size, part_size, verified FROM model_blobs WHERE sha256 = $1",
+            &[&sha256],
+        )
+        .await
+        .map_err(db)?
+    else {
+        return Ok(None);
+    };
+    let received = client
+        .query(
+            "SELECT part FROM model_parts WHERE sha256 = $1 ORDER BY part",
+            &[&sha256],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|part| part.get::<_, i32>(0) as u32)
+        .collect();
+    Ok(Some(ModelBlob {
+        sha256: sha256.to_string(),
+        size: row.get::<_, i64>(0) as u64,
+        part_size: row.get::<_, i64>(1) as u64,
+        received,
+        verified: row.get(2),
+    }))
+}
+
+/// Refuses a part past the end of the file or of the wrong size.
+fn check_part(blob: &ModelBlob, index: u32, len: usize) -> Result<(), StoreError> {
+    if index >= blob.parts() {
+        return Err(StoreError::Conflict(format!(
+            "part {index} of the model file {}: it has {} parts (0 to {})",
+            blob.sha256,
+            blob.parts(),
+            blob.parts() - 1
+        )));
+    }
+    if len as u64 != blob.part_len(index) {
+        return Err(StoreError::Conflict(format!(
+            "part {index} of the model file {} has {len} bytes, not {}",
+            blob.sha256,
+            blob.part_len(index)
+        )));
+    }
+    Ok(())
+}
+
+/// Deletes the files of `models` no model names any more (their parts go
+/// with them).
+async fn release_model_blobs(
+    tx: &tokio_postgres::Transaction<'_>,
+    models: &[ModelRecord],
+) -> Result<(), StoreError> {
+    let blobs: Vec<&str> = models
+        .iter()
+        .flat_map(|m| m.files.values())
+        .map(|f| f.sha256.as_str())
+        .collect();
+    if blobs.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "DELETE FROM model_blobs b WHERE b.sha256 = ANY($1)
+           AND NOT EXISTS (SELECT 1 FROM model_files f WHERE f.sha256 = b.sha256)",
+        &[&blobs],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
 /// Deletes those of `blobs` no version or version file names any more
 /// (their artifacts go with them).
 async fn release_blobs(
@@ -870,6 +1263,7 @@ fn encode(change: &Change) -> String {
         Change::Tenant(name) => format!("t:{name}"),
         Change::Key(hash) => format!("k:{}", hex::encode(hash.as_bytes())),
         Change::Function { tenant, name } => format!("f:{tenant}/{name}"),
+        Change::Model(key) => format!("m:{key}"),
         Change::Everything => "*".to_string(),
     }
 }
@@ -887,6 +1281,7 @@ fn decode(payload: &str) -> Change {
                 tenant: tenant.to_string(),
                 name: name.to_string(),
             }),
+        Some(("m", key)) => Some(Change::Model(key.to_string())),
         _ => None,
     };
     // A payload this build does not know (a newer node's) may mean anything.
@@ -1017,6 +1412,8 @@ mod tests {
                 tenant: "acme".into(),
                 name: "embed".into(),
             },
+            Change::Model("acme/tiny".into()),
+            Change::Model("minilm".into()),
             Change::Everything,
         ];
         for change in changes {

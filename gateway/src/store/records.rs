@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiKey, FileRef, FunctionRecord, Tenant, Version};
+use super::{ApiKey, FileRef, FunctionRecord, ModelBlob, ModelRecord, Tenant, Version};
 use crate::manifest::Manifest;
 use crate::quota::{Quota, Usage};
 
@@ -65,6 +65,38 @@ struct VersionV1 {
 struct FileV1 {
     sha256: String,
     size: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct ModelV1 {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
+    name: String,
+    version: u32,
+    config: String,
+    files: BTreeMap<String, FileV1>,
+    created_at: u64,
+    updated_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct ModelBlobV1 {
+    sha256: String,
+    size: u64,
+    part_size: u64,
+    received: Vec<u32>,
+    verified: bool,
+    refs: u64,
+    updated_at: u64,
+}
+
+/// A model file as the embedded store keeps it: what is stored of it, how
+/// many models use it, and when an upload last touched it.
+#[derive(Debug, Clone)]
+pub(super) struct StoredModelBlob {
+    pub(super) blob: ModelBlob,
+    pub(super) refs: u64,
+    pub(super) updated_at: u64,
 }
 
 /// A record kind: its current layout and the conversions to and from it.
@@ -178,6 +210,82 @@ impl Record for FunctionRecord {
             active: r.active,
             versions: r.versions.into_iter().map(version).collect(),
             created_at: r.created_at,
+        }
+    }
+}
+
+impl Record for ModelRecord {
+    type Current = ModelV1;
+    const KIND: &'static str = "model";
+    fn to_current(&self) -> ModelV1 {
+        ModelV1 {
+            owner: self.owner.clone(),
+            name: self.name.clone(),
+            version: self.version,
+            config: self.config.clone(),
+            files: self
+                .files
+                .iter()
+                .map(|(path, f)| {
+                    let file = FileV1 {
+                        sha256: f.sha256.clone(),
+                        size: f.size,
+                    };
+                    (path.clone(), file)
+                })
+                .collect(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+    fn from_current(r: ModelV1) -> Self {
+        Self {
+            owner: r.owner,
+            name: r.name,
+            version: r.version,
+            config: r.config,
+            files: r
+                .files
+                .into_iter()
+                .map(|(path, f)| {
+                    let file = FileRef {
+                        sha256: f.sha256,
+                        size: f.size,
+                    };
+                    (path, file)
+                })
+                .collect(),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+impl Record for StoredModelBlob {
+    type Current = ModelBlobV1;
+    const KIND: &'static str = "model file";
+    fn to_current(&self) -> ModelBlobV1 {
+        ModelBlobV1 {
+            sha256: self.blob.sha256.clone(),
+            size: self.blob.size,
+            part_size: self.blob.part_size,
+            received: self.blob.received.clone(),
+            verified: self.blob.verified,
+            refs: self.refs,
+            updated_at: self.updated_at,
+        }
+    }
+    fn from_current(r: ModelBlobV1) -> Self {
+        Self {
+            blob: ModelBlob {
+                sha256: r.sha256,
+                size: r.size,
+                part_size: r.part_size,
+                received: r.received,
+                verified: r.verified,
+            },
+            refs: r.refs,
+            updated_at: r.updated_at,
         }
     }
 }

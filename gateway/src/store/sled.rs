@@ -14,10 +14,10 @@ use sled::transaction::{
 use sled::{Db, Tree};
 use tokio::sync::broadcast;
 
-use super::records::{decode as from_json, encode as to_json};
+use super::records::{StoredModelBlob, decode as from_json, encode as to_json};
 use super::{
-    ApiKey, Change, Deployed, FunctionRecord, NewVersion, Node, NodeStatus, Planned, Store,
-    StoreError, Tenant, Version, now,
+    ApiKey, Change, Deployed, FunctionRecord, MODEL_PART_BYTES, ModelBlob, ModelRecord, NewModel,
+    NewVersion, Node, NodeStatus, Planned, Store, StoreError, Tenant, Version, now, unusable_blob,
 };
 use crate::auth::TokenHash;
 use crate::quota::{Quota, Usage};
@@ -33,6 +33,9 @@ pub struct SledStore {
     blobs: Tree,
     blob_refs: Tree,
     artifacts: Tree,
+    models: Tree,
+    model_blobs: Tree,
+    model_parts: Tree,
     fingerprint: String,
     changes: broadcast::Sender<Change>,
     /// This process's node, as its last heartbeat reported it.
@@ -59,6 +62,9 @@ impl SledStore {
             blobs: tree("blobs")?,
             blob_refs: tree("blob_refs")?,
             artifacts: tree("artifacts")?,
+            models: tree("models")?,
+            model_blobs: tree("model_blobs")?,
+            model_parts: tree("model_parts")?,
             fingerprint: fingerprint.to_string(),
             changes: broadcast::channel(super::CHANGES_BUFFERED).0,
             node: Arc::default(),
@@ -149,7 +155,8 @@ impl SledStore {
             };
             let functions = self.functions(name)?;
             let keys = self.key_hashes_of(name)?;
-            match self.delete_tenant_at(&seen, &keys, &functions) {
+            let models = self.models_of(Some(name))?;
+            match self.delete_tenant_at(&seen, &keys, &functions, &models) {
                 Err(StoreError::Moved) => continue,
                 outcome => {
                     outcome?;
@@ -185,6 +192,7 @@ impl SledStore {
         seen: &Tenant,
         keys: &[sled::IVec],
         functions: &[FunctionRecord],
+        models: &[ModelRecord],
     ) -> Result<(), StoreError> {
         let name = seen.name.as_str();
         let trees = (
@@ -194,9 +202,22 @@ impl SledStore {
             &self.blob_refs,
             &self.blobs,
             &self.artifacts,
+            &self.models,
+            &self.model_blobs,
+            &self.model_parts,
         );
-        let result =
-            trees.transaction(|(tenants, keys_tx, functions_tx, refs, blobs, artifacts)| {
+        let result = trees.transaction(
+            |(
+                tenants,
+                keys_tx,
+                functions_tx,
+                refs,
+                blobs,
+                artifacts,
+                models_tx,
+                model_blobs,
+                model_parts,
+            )| {
                 let Some(value) = tenants.remove(name)? else {
                     return abort(StoreError::NotFound(format!("no tenant {name:?}")));
                 };
@@ -213,8 +234,15 @@ impl SledStore {
                         self.release_blob(refs, blobs, artifacts, blob)?;
                     }
                 }
+                for model in models {
+                    models_tx.remove(model.key().as_bytes())?;
+                    for file in model.files.values() {
+                        release_model_blob(model_blobs, model_parts, &file.sha256)?;
+                    }
+                }
                 Ok(())
-            });
+            },
+        );
         finish(result)
     }
 
@@ -437,6 +465,270 @@ impl SledStore {
     }
 }
 
+/// Models and their files.
+impl SledStore {
+    fn stored_blob(&self, sha256: &str) -> Result<Option<StoredModelBlob>> {
+        self.model_blobs
+            .get(sha256)?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    fn begin_model_blob(&self, sha256: &str, size: u64) -> Result<ModelBlob, StoreError> {
+        let result = self.model_blobs.transaction(|blobs| {
+            let stored = match blobs.get(sha256)? {
+                Some(value) => {
+                    let mut stored: StoredModelBlob = from_json(&value).map_err(storage)?;
+                    if stored.blob.size != size {
+                        return abort(StoreError::Conflict(format!(
+                            "the model file {sha256} is being stored with {} bytes, not {size}",
+                            stored.blob.size
+                        )));
+                    }
+                    stored.updated_at = now();
+                    stored
+                }
+                None => StoredModelBlob {
+                    blob: ModelBlob {
+                        sha256: sha256.to_string(),
+                        size,
+                        part_size: MODEL_PART_BYTES,
+                        received: Vec::new(),
+                        verified: false,
+                    },
+                    refs: 0,
+                    updated_at: now(),
+                },
+            };
+            blobs.insert(sha256, to_json(&stored).map_err(storage)?)?;
+            Ok(stored.blob)
+        });
+        finish(result)
+    }
+
+    fn put_model_part(
+        &self,
+        sha256: &str,
+        index: u32,
+        content: &[u8],
+    ) -> Result<ModelBlob, StoreError> {
+        let key = part_key(sha256, index);
+        let trees = (&self.model_blobs, &self.model_parts);
+        let result = trees.transaction(|(blobs, parts)| {
+            let Some(value) = blobs.get(sha256)? else {
+                return abort(StoreError::NotFound(format!(
+                    "no upload of the model file {sha256} was begun"
+                )));
+            };
+            let mut stored: StoredModelBlob = from_json(&value).map_err(storage)?;
+            check_part(&stored.blob, index, content.len())?;
+            if let Err(at) = stored.blob.received.binary_search(&index) {
+                stored.blob.received.insert(at, index);
+                parts.insert(key.as_bytes(), content)?;
+            }
+            stored.updated_at = now();
+            blobs.insert(sha256, to_json(&stored).map_err(storage)?)?;
+            Ok(stored.blob)
+        });
+        finish(result)
+    }
+
+    fn verify_model_blob(&self, sha256: &str) -> Result<(), StoreError> {
+        let result = self.model_blobs.transaction(|blobs| {
+            let Some(value) = blobs.get(sha256)? else {
+                return abort(StoreError::NotFound(format!("no model file {sha256}")));
+            };
+            let mut stored: StoredModelBlob = from_json(&value).map_err(storage)?;
+            stored.blob.verified = true;
+            stored.updated_at = now();
+            blobs.insert(sha256, to_json(&stored).map_err(storage)?)?;
+            Ok(())
+        });
+        finish(result)
+    }
+
+    fn put_model(&self, new: &NewModel, replace: bool) -> Result<ModelRecord, StoreError> {
+        let key = model_key(new.owner.as_deref(), &new.name);
+        let trees = (&self.tenants, &self.models, &self.model_blobs, &self.model_parts);
+        let result = trees.transaction(|(tenants, models, blobs, parts)| {
+            let existing: Option<ModelRecord> = match models.get(key.as_bytes())? {
+                Some(value) => Some(from_json(&value).map_err(storage)?),
+                None => None,
+            };
+            let record = match new.plan(existing.as_ref(), replace) {
+                Ok(record) => record,
+                Err(refused) => return abort(refused),
+            };
+            for (path, file) in &new.files {
+                let stored: Option<StoredModelBlob> = match blobs.get(file.sha256.as_str())? {
+                    Some(value) => Some(from_json(&value).map_err(storage)?),
+                    None => None,
+                };
+                if let Some(refused) = unusable_blob(path, stored.as_ref().map(|s| &s.blob)) {
+                    return abort(refused);
+                }
+                let mut stored = stored.expect("checked");
+                stored.refs += 1;
+                blobs.insert(file.sha256.as_str(), to_json(&stored).map_err(storage)?)?;
+            }
+            for file in existing.iter().flat_map(|old| old.files.values()) {
+                release_model_blob(blobs, parts, &file.sha256)?;
+            }
+            if let Some(owner) = &new.owner {
+                let mut tenant = live_tenant(tenants, owner)?;
+                tenant.usage = match new.usage_of(&tenant, existing.as_ref()) {
+                    Ok(usage) => usage,
+                    Err(refused) => return abort(refused),
+                };
+                tenant.revision += 1;
+                tenants.insert(owner.as_str(), to_json(&tenant).map_err(storage)?)?;
+            }
+            models.insert(key.as_bytes(), to_json(&record).map_err(storage)?)?;
+            Ok(record)
+        });
+        let record = finish(result)?;
+        self.flush()?;
+        Ok(record)
+    }
+
+    fn model(&self, owner: Option<&str>, name: &str) -> Result<Option<ModelRecord>> {
+        self.models
+            .get(model_key(owner, name))?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    /// The operator's models (`None`) or a tenant's private ones.
+    fn models_of(&self, owner: Option<&str>) -> Result<Vec<ModelRecord>> {
+        let mut models = Vec::new();
+        for value in self.models.iter().values() {
+            let model: ModelRecord = from_json(&value?)?;
+            if model.owner.as_deref() == owner {
+                models.push(model);
+            }
+        }
+        Ok(models)
+    }
+
+    fn all_models(&self) -> Result<Vec<ModelRecord>> {
+        self.models
+            .iter()
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
+    }
+
+    fn delete_model(&self, owner: Option<&str>, name: &str) -> Result<ModelRecord, StoreError> {
+        let key = model_key(owner, name);
+        let trees = (&self.tenants, &self.models, &self.model_blobs, &self.model_parts);
+        let result = trees.transaction(|(tenants, models, blobs, parts)| {
+            let Some(value) = models.remove(key.as_bytes())? else {
+                return abort(StoreError::NotFound(format!("no model {name:?}")));
+            };
+            let model: ModelRecord = from_json(&value).map_err(storage)?;
+            for file in model.files.values() {
+                release_model_blob(blobs, parts, &file.sha256)?;
+            }
+            if let Some(owner) = owner
+                && let Some(value) = tenants.get(owner)?
+            {
+                let mut tenant: Tenant = from_json(&value).map_err(storage)?;
+                tenant.usage.model_bytes =
+                    tenant.usage.model_bytes.saturating_sub(model.stored_bytes());
+                tenant.revision += 1;
+                tenants.insert(owner, to_json(&tenant).map_err(storage)?)?;
+            }
+            Ok(model)
+        });
+        let model = finish(result)?;
+        self.flush()?;
+        Ok(model)
+    }
+
+    fn prune_model_blobs(&self, before: u64) -> Result<usize, StoreError> {
+        let mut pruned = 0;
+        for value in self.model_blobs.iter().values() {
+            let stored: StoredModelBlob = from_json(&value.map_err(anyhow::Error::from)?)?;
+            if stored.refs > 0 || stored.updated_at >= before {
+                continue;
+            }
+            let sha256 = stored.blob.sha256.clone();
+            let trees = (&self.model_blobs, &self.model_parts);
+            let result = trees.transaction(|(blobs, parts)| {
+                // Looked at again inside: an upload may have touched it since.
+                let Some(value) = blobs.get(sha256.as_str())? else {
+                    return Ok(false);
+                };
+                let stored: StoredModelBlob = from_json(&value).map_err(storage)?;
+                if stored.refs > 0 || stored.updated_at >= before {
+                    return Ok(false);
+                }
+                blobs.remove(sha256.as_str())?;
+                for index in 0..stored.blob.parts() {
+                    parts.remove(part_key(&sha256, index).as_bytes())?;
+                }
+                Ok(true)
+            });
+            pruned += usize::from(finish(result)?);
+        }
+        self.flush()?;
+        Ok(pruned)
+    }
+}
+
+/// Drops one model's use of a model file; the last one deletes it.
+fn release_model_blob(
+    blobs: &TransactionalTree,
+    parts: &TransactionalTree,
+    sha256: &str,
+) -> Result<(), TxError> {
+    let Some(value) = blobs.get(sha256)? else {
+        return Ok(());
+    };
+    let mut stored: StoredModelBlob = from_json(&value).map_err(storage)?;
+    stored.refs = stored.refs.saturating_sub(1);
+    if stored.refs == 0 {
+        blobs.remove(sha256)?;
+        for index in 0..stored.blob.parts() {
+            parts.remove(part_key(sha256, index).as_bytes())?;
+        }
+    } else {
+        blobs.insert(sha256, to_json(&stored).map_err(storage)?)?;
+    }
+    Ok(())
+}
+
+/// Refuses a part past the end of the file or of the wrong size.
+fn check_part(blob: &ModelBlob, index: u32, len: usize) -> Result<(), TxError> {
+    if index >= blob.parts() {
+        return abort(StoreError::Conflict(format!(
+            "part {index} of the model file {}: it has {} parts (0 to {})",
+            blob.sha256,
+            blob.parts(),
+            blob.parts() - 1
+        )));
+    }
+    if len as u64 != blob.part_len(index) {
+        return abort(StoreError::Conflict(format!(
+            "part {index} of the model file {} has {len} bytes, not {}",
+            blob.sha256,
+            blob.part_len(index)
+        )));
+    }
+    Ok(())
+}
+
+fn model_key(owner: Option<&str>, name: &str) -> String {
+    match owner {
+        Some(owner) => format!("{owner}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+fn part_key(sha256: &str, index: u32) -> String {
+    format!("{sha256}/{index:08x}")
+}
+
 impl SledStore {
     /// Tells the receivers of [`Store::changes`] (none is fine).
     fn announce(&self, change: Change) {
@@ -571,6 +863,74 @@ impl Store for SledStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(SledStore::flush(self)?)
+    }
+
+    async fn begin_model_blob(&self, sha256: &str, size: u64) -> Result<ModelBlob, StoreError> {
+        SledStore::begin_model_blob(self, sha256, size)
+    }
+
+    async fn model_blob(&self, sha256: &str) -> Result<Option<ModelBlob>, StoreError> {
+        Ok(self.stored_blob(sha256)?.map(|stored| stored.blob))
+    }
+
+    async fn put_model_part(
+        &self,
+        sha256: &str,
+        index: u32,
+        content: &[u8],
+    ) -> Result<ModelBlob, StoreError> {
+        SledStore::put_model_part(self, sha256, index, content)
+    }
+
+    async fn model_part(&self, sha256: &str, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .model_parts
+            .get(part_key(sha256, index))
+            .map_err(anyhow::Error::from)?
+            .map(|v| v.to_vec()))
+    }
+
+    async fn verify_model_blob(&self, sha256: &str) -> Result<(), StoreError> {
+        SledStore::verify_model_blob(self, sha256)?;
+        Ok(SledStore::flush(self)?)
+    }
+
+    async fn put_model(&self, model: &NewModel, replace: bool) -> Result<ModelRecord, StoreError> {
+        let record = SledStore::put_model(self, model, replace)?;
+        if let Some(owner) = &record.owner {
+            self.announce(Change::Tenant(owner.clone()));
+        }
+        self.announce(Change::Model(record.key()));
+        Ok(record)
+    }
+
+    async fn model(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        Ok(SledStore::model(self, owner, name)?)
+    }
+
+    async fn models(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        Ok(self.all_models()?)
+    }
+
+    async fn delete_model(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+    ) -> Result<ModelRecord, StoreError> {
+        let record = SledStore::delete_model(self, owner, name)?;
+        if let Some(owner) = owner {
+            self.announce(Change::Tenant(owner.to_string()));
+        }
+        self.announce(Change::Model(record.key()));
+        Ok(record)
+    }
+
+    async fn prune_model_blobs(&self, before: u64) -> Result<usize, StoreError> {
+        SledStore::prune_model_blobs(self, before)
     }
 
     // One process opens the embedded store: its only node is itself.
@@ -719,7 +1079,7 @@ mod tests {
         let new = TokenHash::of("new");
         store.add_key("t", &new, "new").unwrap();
         assert_eq!(store.tenant("t").unwrap().unwrap().revision, stale.revision);
-        let outcome = store.delete_tenant_at(&stale, &[], &[]);
+        let outcome = store.delete_tenant_at(&stale, &[], &[], &[]);
         assert!(matches!(outcome, Err(StoreError::Moved)), "{outcome:?}");
         assert!(store.key(&new).unwrap().is_some());
     }

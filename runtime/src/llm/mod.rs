@@ -362,13 +362,49 @@ fn kv_bytes(model: &LlamaModel, config: &GenerationConfig) -> u64 {
 /// The memory loading the GGUF file at `path` with `config` will take
 /// (weights and KV cache), read from its header without loading weights.
 pub fn estimate_memory(path: &Path, config: &GenerationConfig) -> Result<u64, String> {
+    let header = header_only(path)?;
+    let weights = std::fs::metadata(path).map_or(0, |m| m.len());
+    Ok(weights + kv_bytes(&header, config))
+}
+
+/// What a GGUF file's header says about its model.
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// `general.architecture` (`llama`, `qwen2` …).
+    pub architecture: String,
+    /// `general.name`, when set.
+    pub name: Option<String>,
+    /// `<arch>.context_length`: the context it was trained for.
+    pub context_length: Option<u32>,
+    /// Whether it carries a chat template (`tokenizer.chat_template`).
+    pub chat_template: bool,
+}
+
+/// Reads the header of the GGUF file at `path` (metadata and vocabulary,
+/// no weights).
+pub fn read_header(path: &Path) -> Result<Header, String> {
+    let header = header_only(path)?;
+    let architecture = header
+        .meta_val_str("general.architecture")
+        .map_err(|_| format!("{} has no general.architecture", path.display()))?;
+    Ok(Header {
+        name: header.meta_val_str("general.name").ok(),
+        context_length: header
+            .meta_val_str(&format!("{architecture}.context_length"))
+            .ok()
+            .and_then(|n| n.parse().ok()),
+        chat_template: header.meta_val_str("tokenizer.chat_template").is_ok(),
+        architecture,
+    })
+}
+
+/// The GGUF file at `path` loaded without its weights: metadata and vocabulary.
+fn header_only(path: &Path) -> Result<LlamaModel, String> {
     let params = LlamaModelParams::default()
         .with_vocab_only(true)
         .with_n_gpu_layers(0);
-    let header = LlamaModel::load_from_file(backend()?, path, &params)
-        .map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let weights = std::fs::metadata(path).map_or(0, |m| m.len());
-    Ok(weights + kv_bytes(&header, config))
+    LlamaModel::load_from_file(backend()?, path, &params)
+        .map_err(|e| format!("reading the GGUF header of {}: {e}", path.display()))
 }
 
 /// Whether this build can run text models on GPUs (feature `llm-cuda`:

@@ -10,6 +10,7 @@ mod embedding;
 pub mod engines;
 mod error;
 mod graph;
+mod inspect;
 mod limits;
 mod repository;
 mod stats;
@@ -18,13 +19,14 @@ mod tensor;
 mod workers;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
 
+use crate::capabilities::ModelAccess;
 use crate::devices::Devices;
 use crate::llm::TextModel;
 use engines::{Data, Engines, Loaded, Source};
@@ -37,6 +39,7 @@ pub use embedding::{Embedder, EmbeddingConfig, Embeddings, MAX_TEXTS, Pooling};
 pub use engines::EngineOptions;
 pub use error::{BUSY_PREFIX, ErrorCode, NnError};
 pub use graph::{Graph, TensorSpec};
+pub use inspect::{Hints, format_of, generate as generate_config};
 pub use limits::{InputLimits, ShapeCaps};
 pub use repository::{ModelInfo, PoolGraph};
 pub use stats::{ModelStats, StatsSnapshot};
@@ -91,7 +94,14 @@ impl Default for PoolOptions {
 
 /// All models of the operator's repository, the engines and the workers.
 pub struct ModelPool {
-    models: BTreeMap<String, Arc<RepositoryModel>>,
+    /// The catalog: each model by its key (its name; `tenant/name` for a
+    /// tenant's private model). Models come and go at run time.
+    models: RwLock<BTreeMap<String, Arc<RepositoryModel>>>,
+    /// Models taken out of the catalog (replaced or removed) that are
+    /// still loaded: unloaded once nobody holds them.
+    retired: Mutex<Vec<Arc<RepositoryModel>>>,
+    /// The repository directory, read again by [`Self::rescan`].
+    directory: Option<PathBuf>,
     engines: Engines,
     devices: Arc<Devices>,
     workers: Workers,
@@ -107,7 +117,9 @@ impl ModelPool {
     pub fn new(options: &PoolOptions) -> Result<Self> {
         let workers = Workers::new(options.workers);
         Ok(Self {
-            models: BTreeMap::new(),
+            models: RwLock::default(),
+            retired: Mutex::default(),
+            directory: None,
             engines: Engines::new(&options.engines).context("setting up the engines")?,
             devices: Arc::new(Devices::discover(
                 DEFAULT_GPU_BUDGET,
@@ -131,6 +143,7 @@ impl ModelPool {
     /// scheduler task.
     pub fn load_repository(dir: &Path, options: &PoolOptions) -> Result<Self> {
         let mut pool = Self::new(options)?;
+        pool.directory = Some(dir.to_path_buf());
         for model_dir in repository::model_dirs(dir)? {
             let name = model_dir
                 .file_name()
@@ -164,14 +177,176 @@ impl ModelPool {
             } else {
                 tracing::info!(model = %name, "model loads on first use");
             }
-            pool.models.insert(name, Arc::new(model));
+            pool.catalog_mut().insert(name, Arc::new(model));
         }
         Ok(pool)
     }
 
-    /// Whether the repository has a model by that name (loaded or not).
-    pub fn has(&self, name: &str) -> bool {
-        self.models.contains_key(name)
+    fn catalog(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<RepositoryModel>>> {
+        self.models.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn catalog_mut(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<RepositoryModel>>> {
+        self.models.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every model of the catalog, as it is now.
+    fn snapshot(&self) -> Vec<Arc<RepositoryModel>> {
+        self.catalog().values().cloned().collect()
+    }
+
+    fn model(&self, key: &str) -> Option<Arc<RepositoryModel>> {
+        self.catalog().get(key).cloned()
+    }
+
+    /// Whether the catalog has a model with that key (loaded or not).
+    pub fn has(&self, key: &str) -> bool {
+        self.catalog().contains_key(key)
+    }
+
+    /// The catalog key of the model `tenant` calls `name`: its own private
+    /// model of that name, else the operator's. `not-found` for a model the
+    /// tenant may not see (another tenant's private ones included) or that
+    /// does not exist, `security` for one outside the function's manifest.
+    pub fn find(&self, tenant: &str, access: &ModelAccess, name: &str) -> Result<String, NnError> {
+        let not_found = || NnError::new(ErrorCode::NotFound, format!("no model named {name:?}"));
+        if name.contains('/') {
+            return Err(not_found());
+        }
+        let private = private_key(tenant, name);
+        let key = if self.has(&private) {
+            private
+        } else if access.is_visible(name) && self.has(name) {
+            name.to_string()
+        } else {
+            return Err(not_found());
+        };
+        if !access.is_allowed(name) {
+            return Err(NnError::new(
+                ErrorCode::Security,
+                format!("model {name:?} is not in this function's manifest (`models`)"),
+            ));
+        }
+        Ok(key)
+    }
+
+    /// Checks a `model.toml` the way installing it would (it parses, its
+    /// sections fit its format, its engine can run); the config, or why not.
+    pub fn check_config(&self, text: &str) -> Result<ModelConfig, String> {
+        let config: ModelConfig =
+            toml::from_str(text).map_err(|e| format!("model.toml: {}", e.message()))?;
+        config.check()?;
+        self.engines.choose(config.format, &config.engine)?;
+        Ok(config)
+    }
+
+    /// Adds the model whose `model.toml` and files are in `dir` to the
+    /// catalog as `key`, or replaces the one there: calls that hold the old
+    /// one finish on it, later calls get the new one, and the old one's
+    /// memory is given back once nobody holds it. When the old one was
+    /// loaded (or the new one loads at boot) the new one loads first, so
+    /// callers do not wait for the switch.
+    pub async fn install(&self, key: &str, dir: &Path, origin: Origin) -> Result<ModelInfo> {
+        let mut model = RepositoryModel::read(key, dir, &self.engines)?;
+        let (owner, _) = split_key(key);
+        model.owner = owner.map(str::to_string);
+        model.origin = origin;
+        let model = Arc::new(model);
+        let old = self.model(key);
+        let warm = old.as_ref().is_some_and(|old| old.resident().is_some())
+            || model.config.load == LoadPolicy::Boot;
+        if warm
+            && model.slot().outcome.is_none()
+            && let Err(error) = self.ensure(&model).await
+        {
+            tracing::warn!(model = %key, "not loaded before taking over: {error}");
+        }
+        self.catalog_mut().insert(key.to_string(), model.clone());
+        match old {
+            Some(old) => {
+                tracing::info!(model = %key, ?origin, "model replaced");
+                self.retire(old);
+            }
+            None => tracing::info!(model = %key, ?origin, "model added"),
+        }
+        Ok(model.info())
+    }
+
+    /// Takes the model `key` out of the catalog (calls holding it finish on
+    /// it); whether there was one.
+    pub fn remove(&self, key: &str) -> bool {
+        let Some(old) = self.catalog_mut().remove(key) else {
+            return false;
+        };
+        tracing::info!(model = %key, "model removed");
+        self.retire(old);
+        true
+    }
+
+    /// Where the model `key` came from, if the catalog has it.
+    pub fn origin(&self, key: &str) -> Option<Origin> {
+        self.model(key).map(|m| m.origin)
+    }
+
+    fn retire(&self, model: Arc<RepositoryModel>) {
+        self.retired().push(model);
+        self.release_retired();
+    }
+
+    fn retired(&self) -> std::sync::MutexGuard<'_, Vec<Arc<RepositoryModel>>> {
+        self.retired.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Unloads the retired models nobody holds any more.
+    fn release_retired(&self) {
+        self.retired()
+            .retain(|model| !model.unload_retired(&self.devices));
+    }
+
+    /// Reads the repository directory again: models whose directory
+    /// appeared are added, those whose `model.toml` or model file changed
+    /// are replaced, those whose directory went are removed. Models added
+    /// through the API are left alone (a directory of the same name is
+    /// skipped with an error).
+    pub async fn rescan(&self) -> Result<Rescan> {
+        let Some(dir) = self.directory.clone() else {
+            return Ok(Rescan::default());
+        };
+        let mut rescan = Rescan::default();
+        let mut seen = std::collections::HashSet::new();
+        for model_dir in repository::model_dirs(&dir)? {
+            let Some(name) = model_dir.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            seen.insert(name.to_string());
+            let existing = self.model(name);
+            match &existing {
+                Some(model) if model.origin != Origin::Directory => {
+                    tracing::error!(model = %name, "the directory {} has the name of a model added through the API: skipped", model_dir.display());
+                    continue;
+                }
+                Some(model) if model.stamp == repository::stamp(&model_dir) => continue,
+                _ => {}
+            }
+            match self.install(name, &model_dir, Origin::Directory).await {
+                Ok(_) if existing.is_some() => rescan.replaced.push(name.to_string()),
+                Ok(_) => rescan.added.push(name.to_string()),
+                Err(e) => tracing::error!(model = %name, "skipping model: {e:#}"),
+            }
+        }
+        let gone: Vec<String> = self
+            .catalog()
+            .iter()
+            .filter(|(key, model)| model.origin == Origin::Directory && !seen.contains(*key))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            self.remove(&key);
+            rescan.removed.push(key);
+        }
+        Ok(rescan)
     }
 
     /// A repository tensor model by name, loaded on first use if it must
@@ -201,9 +376,14 @@ impl ModelPool {
     /// again after an unload) while other callers of it wait.
     async fn resident(&self, name: &str) -> Result<Resident, NnError> {
         let model = self
-            .models
-            .get(name)
+            .model(name)
             .ok_or_else(|| NnError::new(ErrorCode::NotFound, format!("no model named {name:?}")))?;
+        self.ensure(&model).await
+    }
+
+    /// `model` loaded, now if it must be, while other callers of it wait.
+    async fn ensure(&self, model: &Arc<RepositoryModel>) -> Result<Resident, NnError> {
+        let name = &model.name;
         let failed = |reason: String| {
             NnError::new(
                 ErrorCode::RuntimeError,
@@ -271,8 +451,8 @@ impl ModelPool {
     /// (other than `loading`, and not pinned) would give back.
     fn freeable(&self, loading: &RepositoryModel) -> HashMap<String, u64> {
         let mut freeable = HashMap::new();
-        for model in self.models.values() {
-            if std::ptr::eq(&**model, loading) {
+        for model in self.snapshot() {
+            if std::ptr::eq(&*model, loading) {
                 continue;
             }
             if let Some((device, bytes)) = model.evictable() {
@@ -291,9 +471,9 @@ impl ModelPool {
         device: &str,
         bytes: u64,
     ) -> Result<(), NnError> {
-        let mut candidates: Vec<&RepositoryModel> = self
-            .models
-            .values()
+        let models = self.snapshot();
+        let mut candidates: Vec<&RepositoryModel> = models
+            .iter()
             .map(|m| &**m)
             .filter(|m| !std::ptr::eq(*m, loading))
             .filter(|m| m.evictable().is_some_and(|(on, _)| on == device))
@@ -320,22 +500,16 @@ impl ModelPool {
     /// `idle_unload_after_secs` (and that nobody holds); how many.
     pub fn unload_idle(&self) -> usize {
         let now = Instant::now();
-        self.models
-            .values()
+        self.snapshot()
+            .iter()
             .filter(|model| model.idle(now) && model.unload_if_unused(&self.devices))
             .count()
     }
 
-    /// Checks every second for idle models to unload, for as long as the
-    /// pool lives (call it inside a tokio runtime).
-    pub fn start_unloading_idle(self: &Arc<Self>) {
-        if !self
-            .models
-            .values()
-            .any(|m| m.config.idle_unload_after_secs.is_some())
-        {
-            return;
-        }
+    /// Every second, for as long as the pool lives: unloads idle models and
+    /// the retired ones nobody holds any more (call it inside a tokio
+    /// runtime).
+    pub fn start_housekeeping(self: &Arc<Self>) {
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -343,6 +517,7 @@ impl ModelPool {
                 tick.tick().await;
                 let Some(pool) = pool.upgrade() else { return };
                 pool.unload_idle();
+                pool.release_retired();
             }
         });
     }
@@ -407,7 +582,7 @@ impl ModelPool {
     pub fn forget_tenant(&self, tenant: &str) {
         self.tenant_graphs().forget(tenant);
         self.workers.forget(tenant);
-        for model in self.models.values() {
+        for model in self.snapshot() {
             model.stats.forget_tenant(tenant);
             if let Some(Resident::Text(text)) = model.resident() {
                 text.stats().forget_tenant(tenant);
@@ -497,8 +672,7 @@ impl ModelPool {
             )));
         }
         let model = self
-            .models
-            .get(name)
+            .model(name)
             .ok_or_else(|| NnError::new(ErrorCode::NotFound, format!("no model named {name:?}")))?;
         if model.config.embedding.is_none() {
             return Err(NnError::unsupported(format!(
@@ -559,25 +733,29 @@ impl ModelPool {
 
     /// Every repository model with its state, by name.
     pub fn list(&self) -> Vec<ModelInfo> {
-        self.models.values().map(|m| m.info()).collect()
+        self.snapshot().iter().map(|m| m.info()).collect()
+    }
+
+    /// One model by key, with its state.
+    pub fn info(&self, key: &str) -> Option<ModelInfo> {
+        self.model(key).map(|m| m.info())
     }
 
     /// Appends the pool's Prometheus series: per model calls, rejections,
     /// queue depth, batch sizes, queue wait, compute time and compute
     /// seconds per tenant; per tenant the graph cache.
     pub fn render_metrics(&self, out: &mut String) {
-        let models: Vec<(&str, &ModelStats, usize)> = self
-            .models
+        let catalog = self.snapshot();
+        let models: Vec<(&str, &ModelStats, usize)> = catalog
             .iter()
-            .filter(|(_, model)| model.config.format == ModelFormat::Onnx)
-            .map(|(name, model)| (name.as_str(), &*model.stats, model.queued()))
+            .filter(|model| model.config.format == ModelFormat::Onnx)
+            .map(|model| (model.name.as_str(), &*model.stats, model.queued()))
             .collect();
         stats::render(out, &models);
-        let text: Vec<(&str, Arc<TextModel>)> = self
-            .models
+        let text: Vec<(&str, Arc<TextModel>)> = catalog
             .iter()
-            .filter_map(|(name, model)| match model.resident() {
-                Some(Resident::Text(text)) => Some((name.as_str(), text)),
+            .filter_map(|model| match model.resident() {
+                Some(Resident::Text(text)) => Some((model.name.as_str(), text)),
                 _ => None,
             })
             .collect();
@@ -611,7 +789,8 @@ impl ModelPool {
             ),
         ] {
             let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
-            for (name, model) in &self.models {
+            for model in self.snapshot() {
+                let name = &model.name;
                 let slot = model.slot();
                 let value = if metric.contains("unloads") {
                     slot.unloads
@@ -625,6 +804,43 @@ impl ModelPool {
                 );
             }
         }
+    }
+}
+
+/// Where a catalog model came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// A directory of the repository (`--models`), read at start and on a rescan.
+    Directory,
+    /// Added through the API (stored, shared by a cluster's nodes), at this version.
+    Api {
+        /// 1 when added, one more at each update.
+        version: u32,
+    },
+}
+
+/// What a [`ModelPool::rescan`] changed, by key.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Rescan {
+    /// Directories that appeared.
+    pub added: Vec<String>,
+    /// Models whose `model.toml` or files changed.
+    pub replaced: Vec<String>,
+    /// Models whose directory went.
+    pub removed: Vec<String>,
+}
+
+/// The catalog key of a tenant's private model.
+pub fn private_key(tenant: &str, name: &str) -> String {
+    format!("{tenant}/{name}")
+}
+
+/// A catalog key's owner (for a private model) and name.
+pub fn split_key(key: &str) -> (Option<&str>, &str) {
+    match key.split_once('/') {
+        Some((owner, name)) => (Some(owner), name),
+        None => (None, key),
     }
 }
 
@@ -800,7 +1016,7 @@ mod tests {
     async fn a_pinned_model_is_never_evicted() {
         let dir = tempfile::tempdir().unwrap();
         let pool = minilm_pool(dir.path(), "pin = true");
-        let model = &pool.models["m"];
+        let model = pool.model("m").unwrap();
         assert!(model.evictable().is_none());
         assert!(!model.unload_if_unused(&pool.devices));
         assert_eq!(pool.list()[0].state, "ready");

@@ -94,7 +94,15 @@ pub(super) struct Outcome {
 
 /// One model of the repository.
 pub(super) struct RepositoryModel {
+    /// Its catalog key: its name, or `tenant/name` for a private model.
     pub(super) name: String,
+    /// The tenant a private model belongs to.
+    pub(super) owner: Option<String>,
+    /// Where it came from.
+    pub(super) origin: super::Origin,
+    /// Its `model.toml` and model file as read (see [`stamp`]), so a
+    /// rescan can tell whether they changed.
+    pub(super) stamp: String,
     pub(super) config: ModelConfig,
     pub(super) file: PathBuf,
     pub(super) stats: Arc<ModelStats>,
@@ -123,6 +131,12 @@ pub(super) struct Slot {
 pub struct ModelInfo {
     /// The name functions pass to `load-by-name`.
     pub name: String,
+    /// The tenant a private model belongs to (only it sees the model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// `directory` (the repository directory) or `api` (added through the
+    /// API, with its version).
+    pub origin: super::Origin,
     /// The operator's description.
     pub description: String,
     /// The file format.
@@ -195,11 +209,15 @@ impl RepositoryModel {
             toml::from_str(&text).with_context(|| format!("parsing {}", toml_path.display()))?;
         let file = dir.join(&config.file);
         let size_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+        let stamp = stamp(dir);
         let engine = config
             .check()
             .and_then(|()| engines.choose(config.format, &config.engine));
         let model = Self {
             name: name.to_string(),
+            owner: None,
+            origin: super::Origin::Directory,
+            stamp,
             config,
             file,
             stats: Arc::new(ModelStats::default()),
@@ -242,6 +260,24 @@ impl RepositoryModel {
     /// Unloads the model if it is loaded, nobody holds it and it is not
     /// pinned, giving its memory back to its device; whether it did.
     pub(super) fn unload_if_unused(&self, devices: &super::Devices) -> bool {
+        self.unload(devices, false)
+    }
+
+    /// For a model taken out of the catalog: unloads it (pinned or not)
+    /// once nobody holds it; whether it holds nothing any more.
+    pub(super) fn unload_retired(&self, devices: &super::Devices) -> bool {
+        // A load in flight will leave it loaded: wait for it to finish.
+        if self.load_lock.try_lock().is_err() {
+            return false;
+        }
+        self.unload(devices, true);
+        !matches!(
+            self.slot().outcome,
+            Some(Outcome { model: Ok(_), .. })
+        )
+    }
+
+    fn unload(&self, devices: &super::Devices, even_pinned: bool) -> bool {
         let mut slot = self.slot();
         let Some(Outcome {
             model: Ok(resident),
@@ -250,7 +286,7 @@ impl RepositoryModel {
         else {
             return false;
         };
-        if self.config.pin || resident.in_use() {
+        if (self.config.pin && !even_pinned) || resident.in_use() {
             return false;
         }
         let (device, bytes) = (resident.device().to_string(), resident.memory_bytes());
@@ -335,7 +371,9 @@ impl RepositoryModel {
             None => {}
         }
         ModelInfo {
-            name: self.name.clone(),
+            name: super::split_key(&self.name).1.to_string(),
+            owner: self.owner.clone(),
+            origin: self.origin,
             description: self.config.description.clone(),
             format: self.config.format,
             engine: match &self.engine {
@@ -365,6 +403,23 @@ impl RepositoryModel {
             last_used_secs_ago: last_used,
         }
     }
+}
+
+/// What tells one state of a model directory from another: its
+/// `model.toml` and the size and modification time of each file.
+pub(super) fn stamp(dir: &Path) -> String {
+    use std::fmt::Write as _;
+    let mut stamp = std::fs::read_to_string(dir.join("model.toml")).unwrap_or_default();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    for file in files {
+        if let Ok(meta) = std::fs::metadata(&file) {
+            let _ = write!(stamp, "\n{} {} {:?}", file.display(), meta.len(), meta.modified().ok());
+        }
+    }
+    stamp
 }
 
 /// The directories of `dir` that hold a `model.toml`, sorted.

@@ -209,17 +209,16 @@ impl graph::Host for NnView<'_> {
             );
             return self.fail(error);
         }
-        if !self.ctx.capabilities.models.is_visible(&name) || !self.ctx.pool.has(&name) {
-            let error = NnError::new(ErrorCode::NotFound, format!("no model named {name:?}"));
-            return self.fail(error);
-        }
-        if !self.ctx.capabilities.models.is_allowed(&name) {
-            return self.fail(NnError::new(
-                ErrorCode::Security,
-                format!("model {name:?} is not in this function's manifest (`models`)"),
-            ));
-        }
-        match self.ctx.pool.get(&name).await {
+        let capabilities = &self.ctx.capabilities;
+        let key = match self
+            .ctx
+            .pool
+            .find(&capabilities.tenant, &capabilities.models, &name)
+        {
+            Ok(key) => key,
+            Err(error) => return self.fail(error),
+        };
+        match self.ctx.pool.get(&key).await {
             Ok(graph) => Ok(Ok(self.table.push(Graph(graph))?)),
             Err(error) => self.fail(error),
         }
