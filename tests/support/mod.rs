@@ -179,6 +179,11 @@ impl Server {
         }
     }
 
+    /// The server's process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A client with `token`.
     pub fn client(&self, token: Option<&str>) -> Client {
         Client::new(&self.url, token.map(str::to_string)).expect("a client")

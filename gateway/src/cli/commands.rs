@@ -36,6 +36,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Functions(command) => functions(&client()?, command, cli.json).await,
         Command::Models(ModelsCommand::List) => models(&client()?, cli.json).await,
         Command::Models(ModelsCommand::Devices) => devices(&client()?, cli.json).await,
+        Command::Models(command) => super::models::run(&client()?, command, cli.json).await,
         Command::Nodes(NodesCommand::List) => nodes(&client()?, cli.json).await,
         Command::Logs { name, follow } => logs(&client()?, &name, follow, cli.json).await,
         Command::Bench(command) => crate::bench::run(command).await,
@@ -372,7 +373,10 @@ async fn models(client: &Client, as_json: bool) -> Result<()> {
             let stats = &m["stats"];
             let mut line = format!(
                 "{:<24} {:<7} {:<11} {:<6} {:>5} MiB  {}\n    {} calls, {} batches ({:.1} rows each), {} rejected, {} queued, {:.1} s compute",
-                m["name"].as_str().unwrap_or("?"),
+                match (m["owner"].as_str(), m["name"].as_str().unwrap_or("?")) {
+                    (Some(owner), name) => format!("{owner}/{name}"),
+                    (None, name) => name.to_string(),
+                },
                 m["state"].as_str().unwrap_or("?"),
                 m["engine"].as_str().unwrap_or("?"),
                 m["device"].as_str().unwrap_or("?"),
@@ -488,7 +492,7 @@ async fn logs(client: &Client, name: &str, follow: bool, as_json: bool) -> Resul
     Ok(())
 }
 
-fn print_or(as_json: bool, value: &Value, summary: impl FnOnce() -> String) {
+pub(super) fn print_or(as_json: bool, value: &Value, summary: impl FnOnce() -> String) {
     if as_json {
         println!(
             "{}",

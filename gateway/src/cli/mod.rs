@@ -3,6 +3,7 @@
 
 pub mod client;
 mod commands;
+mod models;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -298,8 +299,69 @@ pub enum NodesCommand {
 /// `gigafactory models …`
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
-    /// List the repository's models and their state.
+    /// List the models and their state.
     List,
+    /// Show one model: its state, and for a model added through the API
+    /// its version, files and model.toml.
+    Show {
+        /// The model's name.
+        name: String,
+        /// Print only its model.toml (to edit and pass to `models update --config`).
+        #[arg(long)]
+        config: bool,
+    },
+    /// Add a model from a file (`model.onnx`, `model.gguf`) or a directory
+    /// (its files, and its model.toml when it has one). Files are uploaded
+    /// in parts, and an interrupted upload resumes where it stopped when
+    /// the command runs again. With the admin token it is the operator's
+    /// model; with a tenant's key, a private model only that tenant sees.
+    Add {
+        /// The model's name (a-z, 0-9, '.', '_', '-').
+        name: String,
+        /// The model file, or a directory of its files.
+        path: PathBuf,
+        /// Its model.toml (default: the directory's, else one generated
+        /// from what the file declares).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// For a generated model.toml: the format, when the file's name
+        /// and content do not tell.
+        #[arg(long, value_parser = ["onnx", "gguf"])]
+        format: Option<String>,
+        /// For a generated model.toml: what the model does
+        /// (`feature-extraction`, `text-generation` …).
+        #[arg(long)]
+        task: Option<String>,
+        /// For a generated model.toml: which file of a directory is the model.
+        #[arg(long)]
+        model_file: Option<String>,
+        /// For a generated model.toml: every tenant may use it (operator only).
+        #[arg(long)]
+        public: bool,
+    },
+    /// Store a new version of a model: new files, a new model.toml, or
+    /// both. Calls in flight finish on the old version; new ones get the
+    /// new one, loaded before it takes over when the old one was loaded.
+    Update {
+        /// The model's name.
+        name: String,
+        /// The new model file or directory (default: keep the files).
+        path: Option<PathBuf>,
+        /// The new model.toml (default: the directory's, else keep the
+        /// current one when it still fits the files).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Remove a model added through the API.
+    Remove {
+        /// The model's name.
+        name: String,
+        /// Remove it even while functions' manifests name it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reread the repository directory (`--models`) of the node (as SIGHUP does).
+    Rescan,
     /// List the machine's devices (CPU, GPUs) and their memory.
     Devices,
 }

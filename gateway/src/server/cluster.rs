@@ -46,7 +46,7 @@ pub(super) struct Peers {
     /// Models other live nodes hold, each with whether it is public.
     models: RwLock<Arc<BTreeMap<String, bool>>>,
     /// This node's public models (`public = true` in model.toml).
-    public_here: BTreeSet<String>,
+    public_here: RwLock<BTreeSet<String>>,
     /// Models every tenant may use: public ones here or on a live node.
     public: RwLock<Arc<BTreeSet<String>>>,
     load: Mutex<HashMap<String, Arc<PeerLoad>>>,
@@ -95,7 +95,7 @@ impl Peers {
             nodes: RwLock::default(),
             models: RwLock::default(),
             public: RwLock::new(Arc::new(public_here.clone())),
-            public_here,
+            public_here: RwLock::new(public_here),
             load: Mutex::default(),
             client,
         }
@@ -134,11 +134,9 @@ impl Peers {
         for (name, public) in peers.iter().flat_map(|n| &n.models) {
             *models.entry(name.clone()).or_insert(false) |= *public;
         }
-        let mut public = self.public_here.clone();
-        public.extend(models.iter().filter(|(_, p)| **p).map(|(m, _)| m.clone()));
         *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = peers;
         *self.models.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(models);
-        *self.public.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(public);
+        self.update_public();
         let mut load = ClusterLoad {
             nodes: 1 + live.len(),
             others: HashMap::new(),
@@ -163,6 +161,23 @@ impl Peers {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Replaces this node's public models (after its catalog changed).
+    pub(super) fn set_public_here(&self, public: BTreeSet<String>) {
+        *self.public_here.write().unwrap_or_else(|e| e.into_inner()) = public;
+        self.update_public();
+    }
+
+    fn update_public(&self) {
+        let mut public = self
+            .public_here
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let models = self.models();
+        public.extend(models.iter().filter(|(_, p)| **p).map(|(m, _)| m.clone()));
+        *self.public.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(public);
     }
 
     /// Models every tenant without a model list in its quota may use.
@@ -228,14 +243,16 @@ impl Peers {
 }
 
 impl Gateway {
-    /// Whether this node's repository has `model` (it loads it on first use).
-    pub(super) fn holds(&self, model: &str) -> bool {
-        self.runtime.models().has(model)
+    /// Whether this node's catalog has `model` for `tenant` (its private
+    /// model of that name, or the operator's; it loads it on first use).
+    pub(super) fn holds(&self, tenant: &str, model: &str) -> bool {
+        let pool = self.runtime.models();
+        pool.has(model) || pool.has(&gigafactory_runtime::models::private_key(tenant, model))
     }
 
-    /// Whether `model` is not here but another live node holds it.
-    pub(super) fn elsewhere(&self, model: &str) -> bool {
-        !self.holds(model) && self.peers.models().contains_key(model)
+    /// Whether `model` is not here for `tenant` but another live node holds it.
+    pub(super) fn elsewhere(&self, tenant: &str, model: &str) -> bool {
+        !self.holds(tenant, model) && self.peers.models().contains_key(model)
     }
 
     /// Sends `request` to a node holding all of `models`, and relays its

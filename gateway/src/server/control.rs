@@ -48,6 +48,10 @@ impl Gateway {
             (["functions", name], &Method::DELETE) => self.delete_function(&request, name).await,
             (["functions", name, "logs"], &Method::GET) => self.function_logs(&request, name).await,
             (["models"], &Method::GET) => self.list_models(&request).await,
+            (["models"], &Method::POST)
+            | (["models", _], _)
+            | (["model-files", _] | ["model-files", _, "parts", _], _)
+            | (["repository", "rescan"], _) => self.models_api(request, segments, method).await,
             (["devices"], &Method::GET) => self.list_devices(&request).await,
             (["nodes"], &Method::GET) => self.list_nodes(&request).await,
             (
@@ -143,6 +147,7 @@ impl Gateway {
             .models()
             .list()
             .into_iter()
+            .filter(|m| m.owner.is_none())
             .map(|m| m.name)
             .collect();
         names.extend(self.peers.models().keys().cloned());
@@ -260,7 +265,10 @@ impl Gateway {
         let mut models = self.runtime.models().list();
         if let Principal::Tenant(tenant) = self.authenticate(request).await? {
             let visible = self.visible_models(&self.tenant_record(&tenant).await?.quota);
-            models.retain(|m| visible.contains(&m.name));
+            models.retain(|m| match &m.owner {
+                Some(owner) => *owner == tenant,
+                None => visible.contains(&m.name),
+            });
         }
         Ok(json(
             StatusCode::OK,
@@ -297,13 +305,18 @@ impl Gateway {
             Bundle::wasm(body.to_vec())
         };
         let bundle_files: Vec<&str> = bundle.files.keys().map(String::as_str).collect();
+        let private = self.runtime.models().private_names(&tenant);
+        let mut known = self.model_names();
+        known.extend(private.iter().cloned());
         bundle
             .manifest
-            .validate(&self.manifest_caps(), &self.model_names(), &bundle_files)
+            .validate(&self.manifest_caps(), &known, &bundle_files)
             .map_err(|e| ApiError::bad_request("invalid_manifest", e))?;
         let quota = self.tenant_record(&tenant).await?.quota;
+        let mut usable = (*self.visible_models(&quota)).clone();
+        usable.extend(private);
         quota
-            .admits(&bundle.manifest, &self.visible_models(&quota))
+            .admits(&bundle.manifest, &usable)
             .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", e))?;
         let sha256 = hex::encode(Sha256::digest(&bundle.wasm));
         let artifact = match self.store.artifact(&sha256).await? {
@@ -424,7 +437,7 @@ fn tenant_json(tenant: &Tenant) -> serde_json::Value {
     })
 }
 
-fn no_content() -> Response {
+pub(super) fn no_content() -> Response {
     hyper::Response::builder()
         .status(StatusCode::NO_CONTENT)
         .body(super::full(Bytes::new()))
@@ -473,7 +486,7 @@ impl Gateway {
         Ok(Bytes::from(collected))
     }
 
-    async fn read_json<T: for<'de> Deserialize<'de>>(
+    pub(super) async fn read_json<T: for<'de> Deserialize<'de>>(
         &self,
         request: Request,
     ) -> Result<T, ApiError> {

@@ -53,7 +53,7 @@ impl Gateway {
         let forwarded = self.peers.forwarded(&request)?;
         if let Some(models) = &version.manifest.models
             && !forwarded
-            && !models.iter().all(|m| self.holds(m))
+            && !models.iter().all(|m| self.holds(tenant, m))
         {
             let limit = version
                 .manifest
@@ -208,6 +208,16 @@ impl Gateway {
                 .max_model_memory_mib
                 .map_or(DEFAULT_MODEL_MEMORY, |mib| mib << 20),
         })
+    }
+
+    /// The catalog key of the model `tenant` calls `name` (its private
+    /// model of that name, else an operator's model it may see), if any.
+    pub(super) fn model_key(&self, tenant: &str, quota: &Quota, name: &str) -> Option<String> {
+        let access = gigafactory_runtime::ModelAccess {
+            visible: Some(self.visible_models(quota)),
+            allowed: None,
+        };
+        self.runtime.models().find(tenant, &access, name).ok()
     }
 
     /// The models a tenant may use: its quota's list, else the public ones.

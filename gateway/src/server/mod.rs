@@ -8,10 +8,12 @@ mod connections;
 mod control;
 mod error;
 mod files;
+mod fleet;
 mod follow;
 mod functions;
 mod invoke;
 mod metrics;
+mod models;
 mod nodes;
 mod openai;
 mod routes;
@@ -150,6 +152,8 @@ pub struct Gateway {
     in_flight: Arc<AtomicUsize>,
     /// The other nodes of the cluster.
     peers: cluster::Peers,
+    /// The models added through the API, as this node holds them.
+    fleet: fleet::Fleet,
 }
 
 /// Requests one HTTP/2 connection may have in flight at once.
@@ -193,7 +197,8 @@ impl Gateway {
             .filter(|m| m.public)
             .map(|m| m.name)
             .collect();
-        Ok(Arc::new(Self {
+        let fleet = fleet::Fleet::new(config.data_dir.join("models"));
+        let gateway = Arc::new(Self {
             functions: FunctionCache::new(config.max_loaded_functions),
             logs: FunctionLogs::default(),
             metrics: metrics::Metrics::default(),
@@ -202,11 +207,18 @@ impl Gateway {
             draining: AtomicBool::new(false),
             in_flight: Arc::default(),
             peers: cluster::Peers::new(config.cluster_secret.clone(), public_models),
+            fleet,
             config,
             store,
             runtime,
             admin_token,
-        }))
+        });
+        // The models added through the API, installed before the node serves.
+        if let Err(error) = gateway.sync_models().await {
+            tracing::error!("installing the models added through the API: {error:#}");
+        }
+        gateway.follow_models();
+        Ok(gateway)
     }
 
     /// Registers the node, serves connections from `listener` until

@@ -123,7 +123,8 @@ impl Gateway {
             .into_iter()
             .map(|m| {
                 serde_json::json!({
-                    "name": m.name,
+                    // A private model by its key, which no manifest can name.
+                    "name": m.key(),
                     "public": m.public,
                     "state": m.state,
                     "device": m.device,

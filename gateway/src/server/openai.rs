@@ -125,25 +125,33 @@ impl Gateway {
     async fn openai_models(&self, request: &Request) -> Result<Response, ApiError> {
         let tenant = self.require_tenant(request).await?;
         let visible = self.visible_models(&self.tenant_record(&tenant).await?.quota);
-        let mut names: Vec<String> = self
-            .runtime
-            .models()
-            .list()
-            .into_iter()
-            .map(|m| m.name)
-            .chain(self.peers.models().keys().cloned())
-            .collect();
-        names.sort();
-        names.dedup();
+        let mut names: Vec<(String, &str)> = Vec::new();
+        for model in self.runtime.models().list() {
+            match &model.owner {
+                Some(owner) if *owner == tenant => names.push((model.name, "you")),
+                Some(_) => {}
+                None if visible.contains(&model.name) => names.push((model.name, "gigafactory")),
+                None => {}
+            }
+        }
+        let elsewhere = self.peers.models();
+        names.extend(
+            elsewhere
+                .keys()
+                .filter(|name| visible.contains(*name))
+                .map(|name| (name.clone(), "gigafactory")),
+        );
+        // A private model shadows the operator's of the same name.
+        names.sort_by(|a, b| a.0.cmp(&b.0).then((a.1 != "you").cmp(&(b.1 != "you"))));
+        names.dedup_by(|a, b| a.0 == b.0);
         let data: Vec<Value> = names
             .into_iter()
-            .filter(|name| visible.contains(name))
-            .map(|name| {
+            .map(|(name, owner)| {
                 json!({
                     "id": name,
                     "object": "model",
                     "created": 0,
-                    "owned_by": "gigafactory",
+                    "owned_by": owner,
                 })
             })
             .collect();
@@ -165,7 +173,7 @@ impl Gateway {
         })?;
         let quota = self.tenant_record(&tenant).await?.quota;
         let admitted = self.admission.admit(&tenant, &quota)?;
-        if !forwarded && self.elsewhere(&chat.model) {
+        if !forwarded && self.elsewhere(&tenant, &chat.model) {
             let (models, held) = ([chat.model], admitted.permit);
             return self.send_to_holder(outgoing, body, &models, held).await;
         }
@@ -176,13 +184,13 @@ impl Gateway {
                 "n: only one choice per request is supported",
             ));
         }
-        if !self.visible_models(&quota).contains(&chat.model) {
-            return Err(model_not_found(&chat.model));
-        }
+        let key = self
+            .model_key(&tenant, &quota, &chat.model)
+            .ok_or_else(|| model_not_found(&chat.model))?;
         let model = self
             .runtime
             .models()
-            .text(&chat.model)
+            .text(&key)
             .await
             .map_err(|e| match e.code {
                 ErrorCode::NotFound => model_not_found(&chat.model),
@@ -266,7 +274,7 @@ impl Gateway {
         })?;
         let quota = self.tenant_record(&tenant).await?.quota;
         let admitted = self.admission.admit(&tenant, &quota)?;
-        if !forwarded && self.elsewhere(&asked.model) {
+        if !forwarded && self.elsewhere(&tenant, &asked.model) {
             let (models, held) = ([asked.model], admitted.permit);
             return self.send_to_holder(outgoing, body, &models, held).await;
         }
@@ -281,11 +289,10 @@ impl Gateway {
             }
         };
         let texts = texts_of(asked.input)?;
-        if !self.visible_models(&quota).contains(&asked.model) {
-            return Err(model_not_found(&asked.model));
-        }
-        if let (Some(dimensions), Some(width)) =
-            (asked.dimensions, self.embedding_width(&asked.model))
+        let key = self
+            .model_key(&tenant, &quota, &asked.model)
+            .ok_or_else(|| model_not_found(&asked.model))?;
+        if let (Some(dimensions), Some(width)) = (asked.dimensions, self.embedding_width(&key))
             && dimensions as usize != width
         {
             return Err(wrong_dimensions(&asked.model, width));
@@ -294,7 +301,7 @@ impl Gateway {
         let embedding = self
             .runtime
             .models()
-            .embed(&asked.model, &texts, tenant.as_str().into());
+            .embed(&key, &texts, tenant.as_str().into());
         let Ok((result, spent)) = tokio::time::timeout(timeout, embedding).await else {
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -355,13 +362,8 @@ impl Gateway {
 impl Gateway {
     /// The width of a loaded embedding model's vectors, where its graph
     /// says (checked before computing anything).
-    fn embedding_width(&self, model: &str) -> Option<usize> {
-        let info = self
-            .runtime
-            .models()
-            .list()
-            .into_iter()
-            .find(|m| m.name == model)?;
+    fn embedding_width(&self, key: &str) -> Option<usize> {
+        let info = self.runtime.models().info(key)?;
         let output = &info.embedding?.output;
         let spec = info.outputs.iter().find(|o| &o.name == output)?;
         *spec.shape.last()?

@@ -327,29 +327,49 @@ impl Store for Cached {
         self.inner.flush().await
     }
 
-    async fn begin_model_blob(&self, sha256: &str, size: u64) -> Result<ModelBlob, StoreError> {
-        self.inner.begin_model_blob(sha256, size).await
+    async fn begin_model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        size: u64,
+    ) -> Result<ModelBlob, StoreError> {
+        self.inner.begin_model_blob(owner, sha256, size).await
     }
 
-    async fn model_blob(&self, sha256: &str) -> Result<Option<ModelBlob>, StoreError> {
-        self.inner.model_blob(sha256).await
+    async fn model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+    ) -> Result<Option<ModelBlob>, StoreError> {
+        self.inner.model_blob(owner, sha256).await
     }
 
     async fn put_model_part(
         &self,
+        owner: Option<&str>,
         sha256: &str,
         index: u32,
         content: &[u8],
     ) -> Result<ModelBlob, StoreError> {
-        self.inner.put_model_part(sha256, index, content).await
+        self.inner.put_model_part(owner, sha256, index, content).await
     }
 
-    async fn model_part(&self, sha256: &str, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.model_part(sha256, index).await
+    async fn model_part(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        index: u32,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.model_part(owner, sha256, index).await
     }
 
-    async fn verify_model_blob(&self, sha256: &str) -> Result<(), StoreError> {
-        self.inner.verify_model_blob(sha256).await
+    async fn verify_model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        matched: bool,
+    ) -> Result<(), StoreError> {
+        self.inner.verify_model_blob(owner, sha256, matched).await
     }
 
     async fn put_model(&self, model: &NewModel, replace: bool) -> Result<ModelRecord, StoreError> {

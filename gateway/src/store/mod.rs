@@ -535,32 +535,57 @@ pub trait Store: Send + Sync {
     /// Makes everything acknowledged durable.
     async fn flush(&self) -> Result<(), StoreError>;
 
-    /// Starts storing the model file `sha256` of `size` bytes in parts of
-    /// [`MODEL_PART_BYTES`], or resumes it: what is stored of it so far.
-    async fn begin_model_blob(&self, sha256: &str, size: u64) -> Result<ModelBlob, StoreError>;
+    /// Starts storing the model file `sha256` of `size` bytes for `owner`
+    /// (a tenant, or `None`: the operator) in parts of [`MODEL_PART_BYTES`],
+    /// or resumes it: what is stored of it so far. Each owner's files are
+    /// its own: parts one tenant sends never become part of another's file.
+    async fn begin_model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        size: u64,
+    ) -> Result<ModelBlob, StoreError>;
 
-    /// A model file as stored so far.
-    async fn model_blob(&self, sha256: &str) -> Result<Option<ModelBlob>, StoreError>;
+    /// A model file of `owner` as stored so far.
+    async fn model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+    ) -> Result<Option<ModelBlob>, StoreError>;
 
     /// Stores part `index` of a model file being uploaded (a part stored
     /// already is left as it is); `NotFound` for a file nobody began,
     /// `Conflict` for a part of the wrong size or past the end.
     async fn put_model_part(
         &self,
+        owner: Option<&str>,
         sha256: &str,
         index: u32,
         content: &[u8],
     ) -> Result<ModelBlob, StoreError>;
 
     /// Part `index` of a model file.
-    async fn model_part(&self, sha256: &str, index: u32) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn model_part(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        index: u32,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
 
-    /// Records that the file's parts were read back and matched its sha256.
-    async fn verify_model_blob(&self, sha256: &str) -> Result<(), StoreError>;
+    /// Records that the file's parts were read back and matched its
+    /// sha256 (`true`), or drops the parts that did not (`false`), so the
+    /// upload starts again.
+    async fn verify_model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        matched: bool,
+    ) -> Result<(), StoreError>;
 
     /// Adds a model (`replace` false: `Conflict` when it exists) or stores
     /// a new version of one (`replace` true: `NotFound` when it does not),
-    /// in one transaction: every file must be a verified model blob; a
+    /// in one transaction: every file must be a verified model blob of the
+    /// model's owner; a
     /// private model's bytes count against its tenant's `max_model_bytes`;
     /// blobs only the old version used are deleted.
     async fn put_model(&self, model: &NewModel, replace: bool) -> Result<ModelRecord, StoreError>;
@@ -620,6 +645,11 @@ pub async fn open(
 
 /// Changes kept for receivers that fall behind before they are told they lagged.
 const CHANGES_BUFFERED: usize = 1024;
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    now()
+}
 
 fn now() -> u64 {
     std::time::SystemTime::now()

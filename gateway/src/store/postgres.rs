@@ -560,16 +560,23 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn begin_model_blob(&self, sha256: &str, size: u64) -> Result<ModelBlob, StoreError> {
+    async fn begin_model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        size: u64,
+    ) -> Result<ModelBlob, StoreError> {
+        let owner = owner_column(owner);
         transaction!(self, |tx| {
             tx.execute(
-                "INSERT INTO model_blobs (sha256, size, part_size, updated_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (sha256) DO UPDATE SET updated_at = EXCLUDED.updated_at",
-                &[&sha256, &(size as i64), &(MODEL_PART_BYTES as i64), &(now() as i64)],
+                "INSERT INTO model_blobs (owner, sha256, size, part_size, updated_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (owner, sha256) DO UPDATE SET updated_at = EXCLUDED.updated_at",
+                &[&owner, &sha256, &(size as i64), &(MODEL_PART_BYTES as i64), &(now() as i64)],
             )
             .await
             .map_err(db)?;
-            let blob = load_model_blob(&*tx, sha256)
+            let blob = load_model_blob(&*tx, owner, sha256)
                 .await?
                 .expect("just inserted");
             if blob.size != size {
@@ -582,22 +589,29 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn model_blob(&self, sha256: &str) -> Result<Option<ModelBlob>, StoreError> {
+    async fn model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+    ) -> Result<Option<ModelBlob>, StoreError> {
         let client = self.client().await?;
-        load_model_blob(&**client, sha256).await
+        load_model_blob(&**client, owner_column(owner), sha256).await
     }
 
     async fn put_model_part(
         &self,
+        owner: Option<&str>,
         sha256: &str,
         index: u32,
         content: &[u8],
     ) -> Result<ModelBlob, StoreError> {
+        let owner = owner_column(owner);
         transaction!(self, |tx| {
             let blob = tx
                 .query_opt(
-                    "SELECT size, part_size FROM model_blobs WHERE sha256 = $1 FOR UPDATE",
-                    &[&sha256],
+                    "SELECT size, part_size FROM model_blobs
+                     WHERE owner = $1 AND sha256 = $2 FOR UPDATE",
+                    &[&owner, &sha256],
                 )
                 .await
                 .map_err(db)?
@@ -613,47 +627,72 @@ impl Store for PostgresStore {
             };
             check_part(&shape, index, content.len())?;
             tx.execute(
-                "INSERT INTO model_parts (sha256, part, content) VALUES ($1, $2, $3)
-                 ON CONFLICT (sha256, part) DO NOTHING",
-                &[&sha256, &(index as i32), &content],
+                "INSERT INTO model_parts (owner, sha256, part, content) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (owner, sha256, part) DO NOTHING",
+                &[&owner, &sha256, &(index as i32), &content],
             )
             .await
             .map_err(db)?;
             tx.execute(
-                "UPDATE model_blobs SET updated_at = $2 WHERE sha256 = $1",
-                &[&sha256, &(now() as i64)],
+                "UPDATE model_blobs SET updated_at = $3 WHERE owner = $1 AND sha256 = $2",
+                &[&owner, &sha256, &(now() as i64)],
             )
             .await
             .map_err(db)?;
-            Ok(load_model_blob(&*tx, sha256).await?.expect("locked"))
+            Ok(load_model_blob(&*tx, owner, sha256)
+                .await?
+                .expect("locked"))
         })
     }
 
-    async fn model_part(&self, sha256: &str, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn model_part(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        index: u32,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT content FROM model_parts WHERE sha256 = $1 AND part = $2",
-                &[&sha256, &(index as i32)],
+                "SELECT content FROM model_parts WHERE owner = $1 AND sha256 = $2 AND part = $3",
+                &[&owner_column(owner), &sha256, &(index as i32)],
             )
             .await
             .map_err(db)?;
         Ok(row.map(|row| row.get(0)))
     }
 
-    async fn verify_model_blob(&self, sha256: &str) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let updated = client
-            .execute(
-                "UPDATE model_blobs SET verified = true, updated_at = $2 WHERE sha256 = $1",
-                &[&sha256, &(now() as i64)],
-            )
-            .await
-            .map_err(db)?;
-        if updated == 0 {
-            return Err(StoreError::NotFound(format!("no model file {sha256}")));
-        }
-        Ok(())
+    async fn verify_model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        matched: bool,
+    ) -> Result<(), StoreError> {
+        let owner = owner_column(owner);
+        transaction!(self, |tx| {
+            let updated = tx
+                .execute(
+                    "UPDATE model_blobs SET verified = verified OR $3, updated_at = $4
+                     WHERE owner = $1 AND sha256 = $2",
+                    &[&owner, &sha256, &matched, &(now() as i64)],
+                )
+                .await
+                .map_err(db)?;
+            if updated == 0 {
+                return Err(StoreError::NotFound(format!("no model file {sha256}")));
+            }
+            if !matched {
+                tx.execute(
+                    "DELETE FROM model_parts p USING model_blobs b
+                     WHERE p.owner = $1 AND p.sha256 = $2
+                       AND b.owner = p.owner AND b.sha256 = p.sha256 AND NOT b.verified",
+                    &[&owner, &sha256],
+                )
+                .await
+                .map_err(db)?;
+            }
+            Ok(())
+        })
     }
 
     async fn put_model(&self, new: &NewModel, replace: bool) -> Result<ModelRecord, StoreError> {
@@ -668,7 +707,8 @@ impl Store for PostgresStore {
                 .pop();
             let record = new.plan(existing.as_ref(), replace)?;
             for (path, file) in &new.files {
-                let blob = load_model_blob(&*tx, &file.sha256).await?;
+                let blob =
+                    load_model_blob(&*tx, owner_column(new.owner.as_deref()), &file.sha256).await?;
                 if let Some(refused) = unusable_blob(path, blob.as_ref()) {
                     return Err(refused);
                 }
@@ -790,7 +830,8 @@ impl Store for PostgresStore {
         let pruned = client
             .execute(
                 "DELETE FROM model_blobs b WHERE b.updated_at < $1
-                   AND NOT EXISTS (SELECT 1 FROM model_files f WHERE f.sha256 = b.sha256)",
+                   AND NOT EXISTS (SELECT 1 FROM model_files f
+                                   WHERE f.owner = b.owner AND f.sha256 = b.sha256)",
                 &[&(before as i64)],
             )
             .await
@@ -1143,15 +1184,16 @@ async fn load_models(
         .collect())
 }
 
-/// A model file and the parts stored of it.
+/// A model file of `owner` (`''`: the operator) and the parts stored of it.
 async fn load_model_blob(
     client: &impl GenericClient,
+    owner: &str,
     sha256: &str,
 ) -> Result<Option<ModelBlob>, StoreError> {
     let Some(row) = client
         .query_opt(
-            "SELECT size, part_size, verified FROM model_blobs WHERE sha256 = $1",
-            &[&sha256],
+            "SELECT size, part_size, verified FROM model_blobs WHERE owner = $1 AND sha256 = $2",
+            &[&owner, &sha256],
         )
         .await
         .map_err(db)?
@@ -1160,8 +1202,8 @@ async fn load_model_blob(
     };
     let received = client
         .query(
-            "SELECT part FROM model_parts WHERE sha256 = $1 ORDER BY part",
-            &[&sha256],
+            "SELECT part FROM model_parts WHERE owner = $1 AND sha256 = $2 ORDER BY part",
+            &[&owner, &sha256],
         )
         .await
         .map_err(db)?
@@ -1203,21 +1245,17 @@ async fn release_model_blobs(
     tx: &tokio_postgres::Transaction<'_>,
     models: &[ModelRecord],
 ) -> Result<(), StoreError> {
-    let blobs: Vec<&str> = models
-        .iter()
-        .flat_map(|m| m.files.values())
-        .map(|f| f.sha256.as_str())
-        .collect();
-    if blobs.is_empty() {
-        return Ok(());
+    for model in models {
+        let blobs: Vec<&str> = model.files.values().map(|f| f.sha256.as_str()).collect();
+        tx.execute(
+            "DELETE FROM model_blobs b WHERE b.owner = $1 AND b.sha256 = ANY($2)
+               AND NOT EXISTS (SELECT 1 FROM model_files f
+                               WHERE f.owner = b.owner AND f.sha256 = b.sha256)",
+            &[&owner_column(model.owner.as_deref()), &blobs],
+        )
+        .await
+        .map_err(db)?;
     }
-    tx.execute(
-        "DELETE FROM model_blobs b WHERE b.sha256 = ANY($1)
-           AND NOT EXISTS (SELECT 1 FROM model_files f WHERE f.sha256 = b.sha256)",
-        &[&blobs],
-    )
-    .await
-    .map_err(db)?;
     Ok(())
 }
 

@@ -237,7 +237,8 @@ impl SledStore {
                 for model in models {
                     models_tx.remove(model.key().as_bytes())?;
                     for file in model.files.values() {
-                        release_model_blob(model_blobs, model_parts, &file.sha256)?;
+                        let id = model_key(Some(name), &file.sha256);
+                        release_model_blob(model_blobs, model_parts, &id)?;
                     }
                 }
                 Ok(())
@@ -467,16 +468,22 @@ impl SledStore {
 
 /// Models and their files.
 impl SledStore {
-    fn stored_blob(&self, sha256: &str) -> Result<Option<StoredModelBlob>> {
+    fn stored_blob(&self, owner: Option<&str>, sha256: &str) -> Result<Option<StoredModelBlob>> {
         self.model_blobs
-            .get(sha256)?
+            .get(model_key(owner, sha256))?
             .map(|v| from_json(&v))
             .transpose()
     }
 
-    fn begin_model_blob(&self, sha256: &str, size: u64) -> Result<ModelBlob, StoreError> {
+    fn begin_model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        size: u64,
+    ) -> Result<ModelBlob, StoreError> {
+        let id = model_key(owner, sha256);
         let result = self.model_blobs.transaction(|blobs| {
-            let stored = match blobs.get(sha256)? {
+            let stored = match blobs.get(id.as_str())? {
                 Some(value) => {
                     let mut stored: StoredModelBlob = from_json(&value).map_err(storage)?;
                     if stored.blob.size != size {
@@ -500,7 +507,7 @@ impl SledStore {
                     updated_at: now(),
                 },
             };
-            blobs.insert(sha256, to_json(&stored).map_err(storage)?)?;
+            blobs.insert(id.as_str(), to_json(&stored).map_err(storage)?)?;
             Ok(stored.blob)
         });
         finish(result)
@@ -508,14 +515,16 @@ impl SledStore {
 
     fn put_model_part(
         &self,
+        owner: Option<&str>,
         sha256: &str,
         index: u32,
         content: &[u8],
     ) -> Result<ModelBlob, StoreError> {
-        let key = part_key(sha256, index);
+        let id = model_key(owner, sha256);
+        let key = part_key(&id, index);
         let trees = (&self.model_blobs, &self.model_parts);
         let result = trees.transaction(|(blobs, parts)| {
-            let Some(value) = blobs.get(sha256)? else {
+            let Some(value) = blobs.get(id.as_str())? else {
                 return abort(StoreError::NotFound(format!(
                     "no upload of the model file {sha256} was begun"
                 )));
@@ -527,21 +536,34 @@ impl SledStore {
                 parts.insert(key.as_bytes(), content)?;
             }
             stored.updated_at = now();
-            blobs.insert(sha256, to_json(&stored).map_err(storage)?)?;
+            blobs.insert(id.as_str(), to_json(&stored).map_err(storage)?)?;
             Ok(stored.blob)
         });
         finish(result)
     }
 
-    fn verify_model_blob(&self, sha256: &str) -> Result<(), StoreError> {
-        let result = self.model_blobs.transaction(|blobs| {
-            let Some(value) = blobs.get(sha256)? else {
+    fn verify_model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        matched: bool,
+    ) -> Result<(), StoreError> {
+        let id = model_key(owner, sha256);
+        let trees = (&self.model_blobs, &self.model_parts);
+        let result = trees.transaction(|(blobs, parts)| {
+            let Some(value) = blobs.get(id.as_str())? else {
                 return abort(StoreError::NotFound(format!("no model file {sha256}")));
             };
             let mut stored: StoredModelBlob = from_json(&value).map_err(storage)?;
-            stored.blob.verified = true;
+            if matched {
+                stored.blob.verified = true;
+            } else if !stored.blob.verified {
+                for index in std::mem::take(&mut stored.blob.received) {
+                    parts.remove(part_key(&id, index).as_bytes())?;
+                }
+            }
             stored.updated_at = now();
-            blobs.insert(sha256, to_json(&stored).map_err(storage)?)?;
+            blobs.insert(id.as_str(), to_json(&stored).map_err(storage)?)?;
             Ok(())
         });
         finish(result)
@@ -559,8 +581,10 @@ impl SledStore {
                 Ok(record) => record,
                 Err(refused) => return abort(refused),
             };
+            let owner = new.owner.as_deref();
             for (path, file) in &new.files {
-                let stored: Option<StoredModelBlob> = match blobs.get(file.sha256.as_str())? {
+                let id = model_key(owner, &file.sha256);
+                let stored: Option<StoredModelBlob> = match blobs.get(id.as_str())? {
                     Some(value) => Some(from_json(&value).map_err(storage)?),
                     None => None,
                 };
@@ -569,10 +593,10 @@ impl SledStore {
                 }
                 let mut stored = stored.expect("checked");
                 stored.refs += 1;
-                blobs.insert(file.sha256.as_str(), to_json(&stored).map_err(storage)?)?;
+                blobs.insert(id.as_str(), to_json(&stored).map_err(storage)?)?;
             }
             for file in existing.iter().flat_map(|old| old.files.values()) {
-                release_model_blob(blobs, parts, &file.sha256)?;
+                release_model_blob(blobs, parts, &model_key(owner, &file.sha256))?;
             }
             if let Some(owner) = &new.owner {
                 let mut tenant = live_tenant(tenants, owner)?;
@@ -627,7 +651,7 @@ impl SledStore {
             };
             let model: ModelRecord = from_json(&value).map_err(storage)?;
             for file in model.files.values() {
-                release_model_blob(blobs, parts, &file.sha256)?;
+                release_model_blob(blobs, parts, &model_key(owner, &file.sha256))?;
             }
             if let Some(owner) = owner
                 && let Some(value) = tenants.get(owner)?
@@ -647,25 +671,26 @@ impl SledStore {
 
     fn prune_model_blobs(&self, before: u64) -> Result<usize, StoreError> {
         let mut pruned = 0;
-        for value in self.model_blobs.iter().values() {
-            let stored: StoredModelBlob = from_json(&value.map_err(anyhow::Error::from)?)?;
+        for entry in self.model_blobs.iter() {
+            let (id, value) = entry.map_err(anyhow::Error::from)?;
+            let stored: StoredModelBlob = from_json(&value)?;
             if stored.refs > 0 || stored.updated_at >= before {
                 continue;
             }
-            let sha256 = stored.blob.sha256.clone();
             let trees = (&self.model_blobs, &self.model_parts);
             let result = trees.transaction(|(blobs, parts)| {
                 // Looked at again inside: an upload may have touched it since.
-                let Some(value) = blobs.get(sha256.as_str())? else {
+                let Some(value) = blobs.get(&id)? else {
                     return Ok(false);
                 };
                 let stored: StoredModelBlob = from_json(&value).map_err(storage)?;
                 if stored.refs > 0 || stored.updated_at >= before {
                     return Ok(false);
                 }
-                blobs.remove(sha256.as_str())?;
-                for index in 0..stored.blob.parts() {
-                    parts.remove(part_key(&sha256, index).as_bytes())?;
+                blobs.remove(&id)?;
+                let id = String::from_utf8_lossy(&id);
+                for index in stored.blob.received {
+                    parts.remove(part_key(&id, index).as_bytes())?;
                 }
                 Ok(true)
             });
@@ -676,24 +701,25 @@ impl SledStore {
     }
 }
 
-/// Drops one model's use of a model file; the last one deletes it.
+/// Drops one model's use of the model file `id` (its owner's key of its
+/// sha256); the last one deletes it.
 fn release_model_blob(
     blobs: &TransactionalTree,
     parts: &TransactionalTree,
-    sha256: &str,
+    id: &str,
 ) -> Result<(), TxError> {
-    let Some(value) = blobs.get(sha256)? else {
+    let Some(value) = blobs.get(id)? else {
         return Ok(());
     };
     let mut stored: StoredModelBlob = from_json(&value).map_err(storage)?;
     stored.refs = stored.refs.saturating_sub(1);
     if stored.refs == 0 {
-        blobs.remove(sha256)?;
-        for index in 0..stored.blob.parts() {
-            parts.remove(part_key(sha256, index).as_bytes())?;
+        blobs.remove(id)?;
+        for index in stored.blob.received {
+            parts.remove(part_key(id, index).as_bytes())?;
         }
     } else {
-        blobs.insert(sha256, to_json(&stored).map_err(storage)?)?;
+        blobs.insert(id, to_json(&stored).map_err(storage)?)?;
     }
     Ok(())
 }
@@ -725,8 +751,9 @@ fn model_key(owner: Option<&str>, name: &str) -> String {
     }
 }
 
-fn part_key(sha256: &str, index: u32) -> String {
-    format!("{sha256}/{index:08x}")
+/// A part of the model file `id` (its owner's key of its sha256).
+fn part_key(id: &str, index: u32) -> String {
+    format!("{id}#{index:08x}")
 }
 
 impl SledStore {
@@ -865,33 +892,53 @@ impl Store for SledStore {
         Ok(SledStore::flush(self)?)
     }
 
-    async fn begin_model_blob(&self, sha256: &str, size: u64) -> Result<ModelBlob, StoreError> {
-        SledStore::begin_model_blob(self, sha256, size)
+    async fn begin_model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        size: u64,
+    ) -> Result<ModelBlob, StoreError> {
+        SledStore::begin_model_blob(self, owner, sha256, size)
     }
 
-    async fn model_blob(&self, sha256: &str) -> Result<Option<ModelBlob>, StoreError> {
-        Ok(self.stored_blob(sha256)?.map(|stored| stored.blob))
+    async fn model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+    ) -> Result<Option<ModelBlob>, StoreError> {
+        Ok(self.stored_blob(owner, sha256)?.map(|stored| stored.blob))
     }
 
     async fn put_model_part(
         &self,
+        owner: Option<&str>,
         sha256: &str,
         index: u32,
         content: &[u8],
     ) -> Result<ModelBlob, StoreError> {
-        SledStore::put_model_part(self, sha256, index, content)
+        SledStore::put_model_part(self, owner, sha256, index, content)
     }
 
-    async fn model_part(&self, sha256: &str, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn model_part(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        index: u32,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .model_parts
-            .get(part_key(sha256, index))
+            .get(part_key(&model_key(owner, sha256), index))
             .map_err(anyhow::Error::from)?
             .map(|v| v.to_vec()))
     }
 
-    async fn verify_model_blob(&self, sha256: &str) -> Result<(), StoreError> {
-        SledStore::verify_model_blob(self, sha256)?;
+    async fn verify_model_blob(
+        &self,
+        owner: Option<&str>,
+        sha256: &str,
+        matched: bool,
+    ) -> Result<(), StoreError> {
+        SledStore::verify_model_blob(self, owner, sha256, matched)?;
         Ok(SledStore::flush(self)?)
     }
 

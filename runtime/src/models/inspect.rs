@@ -27,9 +27,10 @@ pub struct Hints {
     pub siblings: Vec<String>,
 }
 
-/// The format of the file at `path`: GGUF by its magic bytes, ONNX by
-/// its name or by what the operator said.
-pub fn format_of(path: &Path, named: Option<ModelFormat>) -> Result<ModelFormat, String> {
+/// The format of the file at `path` (called `name` in its model's
+/// directory): GGUF by its magic bytes, ONNX by its name or by what the
+/// operator said.
+pub fn format_of(path: &Path, name: &str, named: Option<ModelFormat>) -> Result<ModelFormat, String> {
     let mut magic = [0u8; 4];
     let read = std::fs::File::open(path)
         .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic))
@@ -38,20 +39,17 @@ pub fn format_of(path: &Path, named: Option<ModelFormat>) -> Result<ModelFormat,
     read?;
     match (named, gguf) {
         (Some(ModelFormat::Gguf), false) => Err(format!(
-            "{} is not a GGUF file (it does not start with the GGUF magic bytes)",
-            path.display()
+            "{name} is not a GGUF file (it does not start with the GGUF magic bytes)"
         )),
         (Some(ModelFormat::Onnx), true) => Err(format!(
-            "{} is a GGUF file, not ONNX: add it with --format gguf",
-            path.display()
+            "{name} is a GGUF file, not ONNX (format = \"gguf\", --format gguf)"
         )),
         (Some(format), _) => Ok(format),
         (None, true) => Ok(ModelFormat::Gguf),
-        (None, false) if path.extension().is_some_and(|e| e == "onnx") => Ok(ModelFormat::Onnx),
+        (None, false) if name.ends_with(".onnx") => Ok(ModelFormat::Onnx),
         (None, false) => Err(format!(
-            "cannot tell the format of {}: not GGUF (no magic bytes) and not named *.onnx; \
-             say --format onnx or --format gguf",
-            path.display()
+            "cannot tell the format of {name}: not GGUF (no magic bytes) and not named *.onnx; \
+             say --format onnx or --format gguf"
         )),
     }
 }
@@ -60,7 +58,7 @@ pub fn format_of(path: &Path, named: Option<ModelFormat>) -> Result<ModelFormat,
 /// model's directory), from what the file declares; it parses and passes
 /// [`ModelConfig::check`].
 pub fn generate(path: &Path, hints: &Hints) -> Result<String, String> {
-    let text = match format_of(path, hints.format)? {
+    let text = match format_of(path, &hints.file, hints.format)? {
         ModelFormat::Onnx => onnx(path, hints)?,
         ModelFormat::Gguf => gguf(path, hints)?,
     };
@@ -427,11 +425,12 @@ mod tests {
     #[test]
     fn a_wrong_format_is_refused_naming_the_file() {
         let onnx = shipped("all-minilm-l6-v2", "model.onnx");
-        let refused = format_of(&onnx, Some(ModelFormat::Gguf)).unwrap_err();
+        let refused = format_of(&onnx, "model.onnx", Some(ModelFormat::Gguf)).unwrap_err();
         assert!(refused.contains("not a GGUF file"), "{refused}");
         let gguf = shipped("smollm2-135m-instruct", "model.gguf");
-        assert_eq!(format_of(&gguf, None).unwrap(), ModelFormat::Gguf);
-        let refused = format_of(&gguf, Some(ModelFormat::Onnx)).unwrap_err();
+        assert_eq!(format_of(&gguf, "weights", None).unwrap(), ModelFormat::Gguf);
+        assert!(format_of(&onnx, "weights", None).is_err());
+        let refused = format_of(&gguf, "model.gguf", Some(ModelFormat::Onnx)).unwrap_err();
         assert!(refused.contains("--format gguf"), "{refused}");
     }
 }

@@ -27,6 +27,7 @@ use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
 
 use crate::capabilities::ModelAccess;
+
 use crate::devices::Devices;
 use crate::llm::TextModel;
 use engines::{Data, Engines, Loaded, Source};
@@ -199,6 +200,16 @@ impl ModelPool {
 
     fn model(&self, key: &str) -> Option<Arc<RepositoryModel>> {
         self.catalog().get(key).cloned()
+    }
+
+    /// The names of `tenant`'s private models.
+    pub fn private_names(&self, tenant: &str) -> Vec<String> {
+        let prefix = private_key(tenant, "");
+        self.catalog()
+            .range(prefix.clone()..)
+            .take_while(|(key, _)| key.starts_with(&prefix))
+            .map(|(key, _)| key[prefix.len()..].to_string())
+            .collect()
     }
 
     /// Whether the catalog has a model with that key (loaded or not).

@@ -197,6 +197,16 @@ pub struct ModelInfo {
     pub last_used_secs_ago: Option<f64>,
 }
 
+impl ModelInfo {
+    /// Its key in the catalog: the name, `tenant/name` when private.
+    pub fn key(&self) -> String {
+        match &self.owner {
+            Some(owner) => super::private_key(owner, &self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
 impl RepositoryModel {
     /// Reads `model.toml` in `dir` and picks the model's engine; an
     /// unreadable file skips the model, a config its format refuses or an
@@ -382,7 +392,8 @@ impl RepositoryModel {
             },
             task: self.config.task.clone(),
             device,
-            public: self.config.public,
+            // A tenant's private model is never public, whatever its config says.
+            public: self.config.public && self.owner.is_none(),
             state,
             load: self.config.load,
             error,

@@ -1,11 +1,13 @@
 //! Probes what its manifest granted, by path:
 //! `/env`, `/file`, `/escape`, `/grow?mib=N`, `/fetch?url=U`,
-//! `/model?name=M`, `/sleep?ms=N`, `/big?bytes=N`, `/size` (of the body).
+//! `/model?name=M`, `/sleep?ms=N`, `/big?bytes=N`, `/size` (of the body),
+//! `/lookup?name=M&rows=0,5` (model M's I64 input `rows`: the first value
+//! of each row of its first output).
 
 use std::io::{Read, Write};
 
 use gigafactory_sdk::http::{Handler, Request, Response};
-use gigafactory_sdk::nn::Graph;
+use gigafactory_sdk::nn::{Graph, Tensor};
 use wasip2::http::outgoing_handler;
 use wasip2::http::types::{Fields, OutgoingRequest, Scheme};
 
@@ -96,6 +98,7 @@ impl Handler for Probe {
                     .unwrap_or_default()
                     .to_lowercase(),
             },
+            "/lookup" => lookup(query(&request, "name"), query(&request, "rows")),
             "/sleep" => {
                 wasip2::clocks::monotonic_clock::subscribe_duration(
                     number(&request, "ms") * 1_000_000,
@@ -109,6 +112,29 @@ impl Handler for Probe {
         };
         Response::text(200, answer)
     }
+}
+
+/// Runs model `name` on `rows` (comma-separated) as its I64 input `rows`
+/// and answers the first value of each row of its first output.
+fn lookup(name: &str, rows: &str) -> String {
+    let rows: Vec<i64> = rows.split(',').filter_map(|r| r.parse().ok()).collect();
+    let outcome = Graph::by_name(name)
+        .and_then(|graph| graph.context())
+        .and_then(|context| context.compute(vec![("rows", Tensor::new(&[rows.len() as u32], &rows))]));
+    let outputs = match outcome {
+        Ok(outputs) => outputs,
+        Err(e) => return format!("error: {e}"),
+    };
+    let Some((_, tensor)) = outputs.iter().next() else {
+        return "error: no output".into();
+    };
+    let values: Vec<f32> = tensor.to_vec().unwrap_or_default();
+    let width = tensor.dims().last().copied().unwrap_or(1).max(1) as usize;
+    values
+        .chunks(width)
+        .map(|row| row[0].to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A response of `bytes` bytes, streamed in 64 KiB chunks.

@@ -1,0 +1,562 @@
+//! `/v1/models/…` and `/v1/model-files/…`: models added, updated and
+//! removed at run time. The operator (admin token) manages the models
+//! every tenant may be granted; a tenant (its key) manages private models
+//! only it sees, within its quota's `max_model_bytes`.
+//!
+//! A file is uploaded in parts, each stored as it arrives, so an upload
+//! of many gigabytes that stops resumes where it stopped:
+//! `PUT /v1/model-files/{sha256}` `{"size": N}` says which parts the
+//! store has, `PUT /v1/model-files/{sha256}/parts/{i}` sends one (with
+//! its own sha256 in `x-part-sha256`). `POST /v1/models` then adds the
+//! model from its files — reading each back whole against its sha256 —
+//! with the `model.toml` given, or one generated from what the file
+//! declares; `PUT /v1/models/{name}` stores a new version.
+
+use std::collections::BTreeMap;
+
+use hyper::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+use super::fleet::{Mismatch, safe_path};
+use super::routes::{Request, json};
+use super::{ApiError, Gateway, Response};
+use crate::auth::Principal;
+use crate::store::{FileRef, MAX_MODEL_FILE_BYTES, ModelBlob, ModelRecord, NewModel};
+use gigafactory_runtime::models::{Hints, ModelFormat, Origin};
+
+/// Files one model may have.
+const MAX_FILES: usize = 16;
+
+/// What `POST /v1/models` and `PUT /v1/models/{name}` take.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelRequest {
+    /// The model's name (`POST` only; `PUT` takes it from the path).
+    #[serde(default)]
+    name: Option<String>,
+    /// Its files: path in its directory → uploaded file. `PUT` without
+    /// them keeps the current files.
+    #[serde(default)]
+    files: Option<BTreeMap<String, FileSpec>>,
+    /// Its `model.toml`; without it, `PUT` keeps the current one when it
+    /// still names one of the files, and otherwise one is generated.
+    #[serde(default)]
+    config: Option<String>,
+    /// For a generated `model.toml`: which file is the model (default: the
+    /// only `.onnx` or `.gguf` file), its format, task, and whether every
+    /// tenant may use it.
+    #[serde(default)]
+    model_file: Option<String>,
+    #[serde(default)]
+    format: Option<ModelFormat>,
+    #[serde(default)]
+    task: Option<String>,
+    #[serde(default)]
+    public: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSpec {
+    sha256: String,
+    size: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BeginUpload {
+    size: u64,
+}
+
+impl Gateway {
+    pub(super) async fn models_api(
+        &self,
+        request: Request,
+        segments: &[&str],
+        method: &Method,
+    ) -> Result<Response, ApiError> {
+        match (segments, method) {
+            (["models"], &Method::POST) => self.put_model(request, None).await,
+            (["models", name], &Method::GET) => self.show_model(&request, name).await,
+            (["models", name], &Method::PUT) => self.put_model(request, Some(name)).await,
+            (["models", name], &Method::DELETE) => self.remove_model(&request, name).await,
+            (["model-files", sha256], &Method::PUT) => self.begin_upload(request, sha256).await,
+            (["model-files", sha256], &Method::GET) => self.upload_state(&request, sha256).await,
+            (["model-files", sha256, "parts", index], &Method::PUT) => {
+                self.upload_part(request, sha256, index).await
+            }
+            (["repository", "rescan"], &Method::POST) => self.rescan(&request).await,
+            _ => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on /v1/{}", segments.join("/")),
+            )),
+        }
+    }
+
+    /// Whose models the request manages: the operator's (`None`) or its tenant's.
+    async fn model_owner(&self, request: &Request) -> Result<Option<String>, ApiError> {
+        Ok(match self.authenticate(request).await? {
+            Principal::Admin => None,
+            Principal::Tenant(tenant) => Some(tenant),
+        })
+    }
+
+    async fn begin_upload(&self, request: Request, sha256: &str) -> Result<Response, ApiError> {
+        let owner = self.model_owner(&request).await?;
+        check_sha256(sha256)?;
+        let body: BeginUpload = self.read_json(request).await?;
+        if body.size > MAX_MODEL_FILE_BYTES {
+            return Err(ApiError::too_large(format!(
+                "a model file may have at most {MAX_MODEL_FILE_BYTES} bytes, not {}",
+                body.size
+            )));
+        }
+        if let Some(tenant) = &owner {
+            let record = self.tenant_record(tenant).await?;
+            record
+                .quota
+                .admits_model_bytes(record.usage.model_bytes + body.size)
+                .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", e))?;
+        }
+        let blob = self
+            .store
+            .begin_model_blob(owner.as_deref(), sha256, body.size)
+            .await?;
+        Ok(json(StatusCode::OK, blob_json(&blob)))
+    }
+
+    async fn upload_state(&self, request: &Request, sha256: &str) -> Result<Response, ApiError> {
+        let owner = self.model_owner(request).await?;
+        check_sha256(sha256)?;
+        let blob = self
+            .store
+            .model_blob(owner.as_deref(), sha256)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no upload of {sha256} was begun")))?;
+        Ok(json(StatusCode::OK, blob_json(&blob)))
+    }
+
+    async fn upload_part(
+        &self,
+        request: Request,
+        sha256: &str,
+        index: &str,
+    ) -> Result<Response, ApiError> {
+        let owner = self.model_owner(&request).await?;
+        check_sha256(sha256)?;
+        let index: u32 = index.parse().map_err(|_| {
+            ApiError::bad_request("invalid_part", format!("part {index:?} is not a number"))
+        })?;
+        let expected = request
+            .headers()
+            .get("x-part-sha256")
+            .map(|v| v.to_str().unwrap_or_default().to_ascii_lowercase());
+        let limit = crate::store::MODEL_PART_BYTES as usize;
+        let body = self.read_body(request, limit).await?;
+        if let Some(expected) = expected {
+            let digest = {
+                let body = body.clone();
+                tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(&body)))
+                    .await
+                    .map_err(|e| ApiError::internal(e.into()))?
+            };
+            if digest != expected {
+                return Err(ApiError::bad_request(
+                    "part_mismatch",
+                    format!("part {index} arrived with sha256 {digest}, not {expected}: send it again"),
+                ));
+            }
+        }
+        let blob = self
+            .store
+            .put_model_part(owner.as_deref(), sha256, index, &body)
+            .await?;
+        Ok(json(StatusCode::OK, blob_json(&blob)))
+    }
+
+    /// `POST /v1/models` (`name` in the body) adds a model; `PUT
+    /// /v1/models/{name}` stores a new version of one.
+    async fn put_model(&self, request: Request, name: Option<&str>) -> Result<Response, ApiError> {
+        let owner = self.model_owner(&request).await?;
+        let replace = name.is_some();
+        let body: ModelRequest = self.read_json(request).await?;
+        let name = match (name, &body.name) {
+            (Some(path), Some(named)) if path != named => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    format!("the body names {named:?}, the path {path:?}"),
+                ));
+            }
+            (Some(name), _) => name.to_string(),
+            (None, Some(name)) => name.clone(),
+            (None, None) => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "name: the model's name is missing",
+                ));
+            }
+        };
+        check_model_name(&name)?;
+        if owner.is_some() && body.public {
+            return Err(private_is_never_public());
+        }
+        if owner.is_none() && self.runtime.models().origin(&name) == Some(Origin::Directory) {
+            return Err(ApiError::conflict(format!(
+                "{name:?} is a model of the repository directory: edit it there (and send SIGHUP)"
+            )));
+        }
+        let current = self.store.model(owner.as_deref(), &name).await?;
+        let files: BTreeMap<String, FileRef> = match (&body.files, &current) {
+            (Some(files), _) => files
+                .iter()
+                .map(|(path, f)| {
+                    let file = FileRef {
+                        sha256: f.sha256.clone(),
+                        size: f.size,
+                    };
+                    (path.clone(), file)
+                })
+                .collect(),
+            (None, Some(current)) if replace => current.files.clone(),
+            (None, _) => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "files: the model's files are missing",
+                ));
+            }
+        };
+        if files.is_empty() || files.len() > MAX_FILES {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!("files: a model has 1 to {MAX_FILES} files, not {}", files.len()),
+            ));
+        }
+        let mut local = BTreeMap::new();
+        for (path, file) in &files {
+            safe_path(path).map_err(|e| ApiError::bad_request("invalid_path", format!("{e:#}")))?;
+            check_sha256(&file.sha256)?;
+            local.insert(path.clone(), self.uploaded(owner.as_deref(), path, file).await?);
+        }
+        let keep = current.as_ref().filter(|_| body.files.is_some() || body.config.is_none());
+        let config = match (&body.config, keep) {
+            (Some(config), _) => config.clone(),
+            (None, Some(current))
+                if self
+                    .runtime
+                    .models()
+                    .check_config(&current.config)
+                    .is_ok_and(|c| files.contains_key(&c.file)) =>
+            {
+                current.config.clone()
+            }
+            (None, _) => self.generate_config(&body, &local).await?,
+        };
+        let checked = self
+            .runtime
+            .models()
+            .check_config(&config)
+            .map_err(|e| ApiError::bad_request("invalid_config", e))?;
+        if !files.contains_key(&checked.file) {
+            return Err(ApiError::bad_request(
+                "invalid_config",
+                format!(
+                    "model.toml names file {:?}, which is not one of the model's files ({:?})",
+                    checked.file,
+                    files.keys().collect::<Vec<_>>()
+                ),
+            ));
+        }
+        if owner.is_some() && checked.public {
+            return Err(private_is_never_public());
+        }
+        gigafactory_runtime::models::format_of(
+            &local[&checked.file],
+            &checked.file,
+            Some(checked.format),
+        )
+            .map_err(|e| ApiError::bad_request("invalid_model", e))?;
+        let new = NewModel {
+            owner: owner.clone(),
+            name: name.clone(),
+            config,
+            files,
+        };
+        let record = self.store.put_model(&new, replace).await?;
+        tracing::info!(model = %record.key(), version = record.version, "model stored");
+        self.sync_models().await.map_err(ApiError::internal)?;
+        let status = if replace {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        Ok(json(status, self.model_json(&record)))
+    }
+
+    /// This node's copy of an uploaded file, read back whole from the store
+    /// against its sha256 the first time (a file that does not match is
+    /// dropped, to be sent again).
+    async fn uploaded(
+        &self,
+        owner: Option<&str>,
+        path: &str,
+        file: &FileRef,
+    ) -> Result<std::path::PathBuf, ApiError> {
+        let blob = self
+            .store
+            .model_blob(owner, &file.sha256)
+            .await?
+            .filter(|b| b.size == file.size)
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "not_uploaded",
+                    format!(
+                        "{path}: no file of sha256 {} and {} bytes was uploaded",
+                        file.sha256, file.size
+                    ),
+                )
+            })?;
+        if !blob.complete() {
+            let missing: Vec<u32> = (0..blob.parts())
+                .filter(|i| blob.received.binary_search(i).is_err())
+                .take(10)
+                .collect();
+            return Err(ApiError::conflict(format!(
+                "{path}: the upload is not finished ({} of {} parts; missing {missing:?}…)",
+                blob.received.len(),
+                blob.parts()
+            )));
+        }
+        match self.fetch_blob(owner, file).await {
+            Ok(local) => {
+                if !blob.verified {
+                    self.store
+                        .verify_model_blob(owner, &file.sha256, true)
+                        .await?;
+                }
+                Ok(local)
+            }
+            Err(error) if error.downcast_ref::<Mismatch>().is_some() => {
+                self.store
+                    .verify_model_blob(owner, &file.sha256, false)
+                    .await?;
+                Err(ApiError::bad_request(
+                    "file_mismatch",
+                    format!("{path}: {error:#}; its parts were dropped: upload it again"),
+                ))
+            }
+            Err(error) => Err(ApiError::internal(error)),
+        }
+    }
+
+    /// A `model.toml` from what the model file declares.
+    async fn generate_config(
+        &self,
+        body: &ModelRequest,
+        local: &BTreeMap<String, std::path::PathBuf>,
+    ) -> Result<String, ApiError> {
+        let model_file = match &body.model_file {
+            Some(file) if local.contains_key(file) => file.clone(),
+            Some(file) => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    format!("model_file {file:?} is not one of the files"),
+                ));
+            }
+            None => {
+                let candidates: Vec<&String> = local
+                    .keys()
+                    .filter(|p| p.ends_with(".onnx") || p.ends_with(".gguf"))
+                    .collect();
+                match candidates.as_slice() {
+                    [only] => (*only).clone(),
+                    _ if local.len() == 1 => local.keys().next().expect("one").clone(),
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "invalid_request",
+                            format!(
+                                "model_file: say which of {:?} is the model",
+                                local.keys().collect::<Vec<_>>()
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        let hints = Hints {
+            file: model_file.clone(),
+            format: body.format,
+            task: body.task.clone(),
+            public: body.public,
+            siblings: local.keys().filter(|p| **p != model_file).cloned().collect(),
+        };
+        let path = local[&model_file].clone();
+        tokio::task::spawn_blocking(move || {
+            gigafactory_runtime::models::generate_config(&path, &hints)
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.into()))?
+        .map_err(|e| ApiError::bad_request("invalid_model", e))
+    }
+
+    async fn show_model(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
+        let owner = self.model_owner(request).await?;
+        check_model_name(name)?;
+        if let Some(record) = self.store.model(owner.as_deref(), name).await? {
+            return Ok(json(StatusCode::OK, self.model_json(&record)));
+        }
+        // A model of the repository directory, or another node's view.
+        let pool = self.runtime.models();
+        let visible = match &owner {
+            None => true,
+            Some(tenant) => {
+                let quota = self.tenant_record(tenant).await?.quota;
+                self.visible_models(&quota).contains(name)
+            }
+        };
+        match pool.info(name).filter(|_| visible) {
+            Some(info) => Ok(json(StatusCode::OK, json!({ "model": info }))),
+            None => Err(ApiError::not_found(format!("no model {name:?}"))),
+        }
+    }
+
+    /// What the API shows of a stored model: its record and its state here.
+    fn model_json(&self, record: &ModelRecord) -> Value {
+        json!({
+            "name": record.name,
+            "owner": record.owner,
+            "version": record.version,
+            "created_at": record.created_at,
+            "updated_at": record.updated_at,
+            "files": record.files.iter().map(|(path, f)| {
+                (path.clone(), json!({"sha256": f.sha256, "size": f.size}))
+            }).collect::<serde_json::Map<String, Value>>(),
+            "config": record.config,
+            "model": self.runtime.models().info(&record.key()),
+        })
+    }
+
+    /// `DELETE /v1/models/{name}`: refused while a function's manifest
+    /// names the model, unless `?force=true`.
+    async fn remove_model(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
+        let owner = self.model_owner(request).await?;
+        check_model_name(name)?;
+        let force = request
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .any(|pair| pair == "force=true" || pair == "force=1");
+        if !force {
+            let users = self.functions_naming(owner.as_deref(), name).await?;
+            if !users.is_empty() {
+                return Err(ApiError::conflict(format!(
+                    "functions name {name:?} in their manifest: {}{}; remove them first or pass force",
+                    users.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                    if users.len() > 5 { ", …" } else { "" }
+                )));
+            }
+        }
+        let record = self.store.delete_model(owner.as_deref(), name).await?;
+        tracing::info!(model = %record.key(), "model removed");
+        self.sync_models().await.map_err(ApiError::internal)?;
+        Ok(super::control::no_content())
+    }
+
+    /// The functions (`tenant/function`) whose active version's manifest
+    /// names the model: any tenant's for an operator's model, its owner's
+    /// for a private one.
+    async fn functions_naming(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+    ) -> Result<Vec<String>, ApiError> {
+        let tenants = match owner {
+            Some(owner) => vec![owner.to_string()],
+            None => self
+                .store
+                .tenants()
+                .await?
+                .into_iter()
+                .map(|t| t.name)
+                .collect(),
+        };
+        let mut users = Vec::new();
+        for tenant in tenants {
+            for function in self.store.functions(&tenant).await? {
+                let manifest = &function.active_version().manifest;
+                if manifest.models.iter().flatten().any(|m| m == name) {
+                    users.push(format!("{tenant}/{}", function.name));
+                }
+            }
+        }
+        Ok(users)
+    }
+
+    /// `POST /v1/repository/rescan` (admin): rereads the repository directory.
+    async fn rescan(&self, request: &Request) -> Result<Response, ApiError> {
+        self.require_admin(request).await?;
+        let rescan = self
+            .rescan_repository()
+            .await
+            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("rereading the repository failed")))?;
+        Ok(json(
+            StatusCode::OK,
+            serde_json::to_value(rescan).map_err(|e| ApiError::internal(e.into()))?,
+        ))
+    }
+}
+
+fn blob_json(blob: &ModelBlob) -> Value {
+    json!({
+        "sha256": blob.sha256,
+        "size": blob.size,
+        "part_size": blob.part_size,
+        "parts": blob.parts(),
+        "received": blob.received,
+        "complete": blob.complete(),
+        "verified": blob.verified,
+    })
+}
+
+fn private_is_never_public() -> ApiError {
+    ApiError::bad_request(
+        "invalid_request",
+        "a tenant's model is private: it cannot be public",
+    )
+}
+
+/// A sha256 in hex: 64 of `0-9a-f`.
+fn check_sha256(sha256: &str) -> Result<(), ApiError> {
+    if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_sha256",
+            format!("{sha256:?} is not a sha256: 64 lowercase hex digits"),
+        ))
+    }
+}
+
+/// A model name: 1–63 of `a-z0-9._-`, starting and ending with a letter or digit.
+pub(super) fn check_model_name(name: &str) -> Result<(), ApiError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_name",
+            format!(
+                "invalid model name {name:?}: use 1-63 of a-z, 0-9, '.', '_' and '-', starting and ending with a letter or digit"
+            ),
+        ))
+    }
+}
