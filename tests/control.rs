@@ -67,6 +67,7 @@ on_both_stores!(
     versions_and_files_survive_a_restart,
     deleting_a_tenant_takes_its_keys_and_functions_only,
     racing_deploys_are_numbered_without_gaps,
+    models_live_in_the_store,
 );
 
 async fn tenants_keys_and_quotas(backend: Backend) {
@@ -194,7 +195,7 @@ async fn versions_and_files_survive_a_restart(backend: Backend) {
     let me = server.whoami(&key).await;
     assert_eq!(
         me["usage"],
-        serde_json::json!({"functions": 0, "stored_bytes": 0})
+        serde_json::json!({"functions": 0, "stored_bytes": 0, "model_bytes": 0})
     );
 }
 
@@ -260,4 +261,89 @@ async fn racing_deploys_are_numbered_without_gaps(backend: Backend) {
     assert_eq!(function["versions"].as_array().unwrap().len(), RACERS);
     let me = server.whoami(&key).await;
     assert_eq!(me["usage"]["functions"], 1, "{me}");
+}
+
+/// Models added through the API are in the store: a node started on it
+/// (with PostgreSQL, on another data directory) serves them, private ones
+/// to their tenant only, and deleting a tenant deletes its models.
+async fn models_live_in_the_store(backend: Backend) {
+    let setup = Setup::new(backend).await;
+    let server = setup.server();
+    let tiny = std::fs::read(support::root().join("tests/data/tiny.onnx")).unwrap();
+    let admin = support::ADMIN_TOKEN;
+    let added = support::add_model(&server, admin, "tiny", &[("tiny.onnx", &tiny)], None).await;
+    assert_eq!(added.status, 201, "{}\n{}", text(&added), server.output());
+    assert_eq!(json(&added)["version"], 1);
+    let acme = server.tenant("acme").await;
+    let other = server.tenant("other").await;
+    server
+        .set_quota("acme", serde_json::json!({"max_model_bytes": 1000}))
+        .await;
+    let private = support::add_model(&server, &acme, "mine", &[("m.onnx", &tiny)], None).await;
+    assert_eq!(private.status, 201, "{}\n{}", text(&private), server.output());
+    // Twice is a conflict; past the quota is refused.
+    let again = support::add_model(&server, &acme, "mine", &[("m.onnx", &tiny)], None).await;
+    assert_error(&again, 409, "conflict");
+    let over = support::add_model(&server, &acme, "more", &[("m.onnx", &tiny)], None).await;
+    assert_error(&over, 403, "quota_exceeded");
+    let config = "format = \"onnx\"\nfile = \"tiny.onnx\"\npublic = true\n";
+    let updated = support::add_model(&server, admin, "tiny", &[], Some(config)).await;
+    assert_eq!(updated.status, 200, "{}", text(&updated));
+    assert_eq!(json(&updated)["version"], 2);
+    server.stop();
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let data = match backend {
+        Backend::Sled => setup.data.path(),
+        Backend::Postgres => elsewhere.path(),
+    };
+    let server = setup.server_in(data);
+    for (key, tenant) in [(&acme, "acme"), (&other, "other")] {
+        let deployed = server
+            .deploy_bundle(key, "probe", probe_bundle("", &[]))
+            .await;
+        assert_eq!(deployed.status, 201, "{}", text(&deployed));
+        let tiny = server
+            .get_text(key, &format!("/fn/{tenant}/probe/model?name=tiny"))
+            .await;
+        assert_eq!(tiny, "ok", "{backend:?} {tenant}");
+    }
+    let mine = server.get_text(&acme, "/fn/acme/probe/model?name=mine").await;
+    assert_eq!(mine, "ok", "{backend:?}");
+    let hidden = server.get_text(&other, "/fn/other/probe/model?name=mine").await;
+    assert_eq!(hidden, "notfound", "{backend:?}");
+    let shown = server
+        .admin()
+        .api(Method::GET, "/v1/models/tiny", None)
+        .await
+        .unwrap();
+    assert_eq!(shown["version"], 2, "{shown}");
+    assert_eq!(shown["model"]["public"], true, "{shown}");
+
+    let deleted = server
+        .admin()
+        .send(Method::DELETE, "/v1/tenants/acme", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(deleted.status, 204, "{}", text(&deleted));
+    let listed = server
+        .admin()
+        .api(Method::GET, "/v1/models", None)
+        .await
+        .unwrap();
+    let owners: Vec<&serde_json::Value> = listed["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["owner"])
+        .collect();
+    assert!(owners.iter().all(|o| o.is_null()), "{listed}");
+    let removed = server
+        .admin()
+        .send(Method::DELETE, "/v1/models/tiny", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(removed.status, 204, "{}", text(&removed));
+    let gone = server.get_text(&other, "/fn/other/probe/model?name=tiny").await;
+    assert_eq!(gone, "notfound");
 }

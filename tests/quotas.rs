@@ -41,7 +41,7 @@ async fn deploys_stay_within_function_and_storage_quotas() {
         .unwrap();
     assert_eq!(
         me["usage"],
-        json!({"functions": 1, "stored_bytes": hello.len()})
+        json!({"functions": 1, "stored_bytes": hello.len(), "model_bytes": 0})
     );
 
     let deleted = server

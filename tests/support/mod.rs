@@ -594,6 +594,69 @@ impl Drop for PrivatePostgres {
     }
 }
 
+/// Adds (no `files`: updates) model `name` through the API with `token`:
+/// each file uploaded in parts, then `POST /v1/models` (`PUT` to update).
+pub async fn add_model(
+    server: &Server,
+    token: &str,
+    name: &str,
+    files: &[(&str, &[u8])],
+    config: Option<&str>,
+) -> Reply {
+    use sha2::Digest as _;
+    let client = server.client(Some(token));
+    let mut refs = serde_json::Map::new();
+    for (path, content) in files {
+        let sha256 = hex::encode(sha2::Sha256::digest(content));
+        let size = serde_json::json!({ "size": content.len() }).to_string();
+        let begun = client
+            .send(
+                Method::PUT,
+                &format!("/v1/model-files/{sha256}"),
+                Some(("application/json", size.into())),
+                &[],
+            )
+            .await
+            .unwrap();
+        if begun.status != 200 {
+            return begun;
+        }
+        let part_size = json(&begun)["part_size"].as_u64().unwrap() as usize;
+        for (index, part) in content.chunks(part_size).enumerate() {
+            let sent = client
+                .send(
+                    Method::PUT,
+                    &format!("/v1/model-files/{sha256}/parts/{index}"),
+                    Some(("application/octet-stream", Bytes::copy_from_slice(part))),
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(sent.status, 200, "{}", text(&sent));
+        }
+        refs.insert(
+            path.to_string(),
+            serde_json::json!({"sha256": sha256, "size": content.len()}),
+        );
+    }
+    let (method, path, body) = if files.is_empty() {
+        let body = serde_json::json!({ "config": config });
+        (Method::PUT, format!("/v1/models/{name}"), body)
+    } else {
+        let body = serde_json::json!({ "name": name, "files": refs, "config": config });
+        (Method::POST, "/v1/models".to_string(), body)
+    };
+    client
+        .send(
+            method,
+            &path,
+            Some(("application/json", body.to_string().into())),
+            &[],
+        )
+        .await
+        .unwrap()
+}
+
 /// A bundle of the `manifest_probe` guest with `manifest` and `files`.
 pub fn probe_bundle(manifest: &str, files: &[(&str, &str)]) -> Vec<u8> {
     let files: Vec<(String, Vec<u8>)> = files

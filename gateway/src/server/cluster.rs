@@ -80,7 +80,7 @@ impl Drop for Sending {
 }
 
 impl Peers {
-    pub(super) fn new(secret: Option<String>, public_here: BTreeSet<String>) -> Self {
+    pub(super) fn new(secret: Option<String>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -94,8 +94,8 @@ impl Peers {
             }),
             nodes: RwLock::default(),
             models: RwLock::default(),
-            public: RwLock::new(Arc::new(public_here.clone())),
-            public_here: RwLock::new(public_here),
+            public: RwLock::default(),
+            public_here: RwLock::default(),
             load: Mutex::default(),
             client,
         }

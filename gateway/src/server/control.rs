@@ -190,6 +190,10 @@ impl Gateway {
         self.admission.forget(tenant);
         self.metrics.forget(tenant, None);
         self.runtime.models().forget_tenant(tenant);
+        // Its private models went with it.
+        if let Err(error) = self.sync_models().await {
+            tracing::warn!("{error:#}");
+        }
         tracing::info!(%tenant, "tenant deleted");
         Ok(no_content())
     }

@@ -25,6 +25,10 @@ use crate::store::{Change, FileRef, ModelBlob, ModelRecord};
 /// Uploads left unfinished (or finished and never added) this long are deleted.
 const UNFINISHED_UPLOADS_KEPT: u64 = 24 * 3600;
 
+/// Copies of files no model uses yet are kept this long (a model being
+/// added fetches its files before the store has its record).
+const FRESH_COPIES_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// This node's copy of the models added through the API.
 pub(super) struct Fleet {
     /// `<data>/models`.
@@ -32,6 +36,8 @@ pub(super) struct Fleet {
     /// What the catalog holds of them: key → version. Held while syncing,
     /// so syncs run one at a time.
     installed: tokio::sync::Mutex<BTreeMap<String, u32>>,
+    /// Held while a file is fetched from the store: one copy at a time.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl Fleet {
@@ -39,6 +45,7 @@ impl Fleet {
         Self {
             dir,
             installed: tokio::sync::Mutex::default(),
+            fetching: tokio::sync::Mutex::default(),
         }
     }
 
@@ -106,7 +113,11 @@ impl Gateway {
             installed.remove(&key);
             pool.remove(&key);
         }
-        self.collect_garbage(&records);
+        {
+            // Not while a file is being fetched (for a model being added).
+            let _fetching = self.fleet.fetching.lock().await;
+            self.collect_garbage(&records);
+        }
         self.public_models_changed();
         Ok(())
     }
@@ -159,6 +170,7 @@ impl Gateway {
     /// into place. Blocking file work runs off the async workers.
     pub(super) async fn fetch_blob(&self, owner: Option<&str>, file: &FileRef) -> Result<PathBuf> {
         let path = self.fleet.blob_path(owner, &file.sha256);
+        let _fetching = self.fleet.fetching.lock().await;
         if std::fs::metadata(&path).is_ok_and(|m| m.len() == file.size) {
             return Ok(path);
         }
@@ -226,7 +238,9 @@ impl Gateway {
     }
 
     /// Deletes the version directories and the file copies no current
-    /// model uses (a model still loaded from them keeps its open files).
+    /// model uses (a model still loaded from them keeps its open files),
+    /// except copies made lately: a model being added fetches its files
+    /// before the store has its record.
     fn collect_garbage(&self, records: &[ModelRecord]) {
         let current: BTreeSet<PathBuf> = records.iter().map(|r| self.fleet.version_dir(r)).collect();
         let installed = self.fleet.dir.join("installed");
@@ -248,7 +262,10 @@ impl Gateway {
             .collect();
         for owner in read_dirs(&self.fleet.dir.join("blobs")) {
             for blob in read_dirs(&owner) {
-                if !used.contains(&blob) {
+                let recent = std::fs::metadata(&blob)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|at| at.elapsed().is_ok_and(|age| age < FRESH_COPIES_KEPT));
+                if !used.contains(&blob) && !recent {
                     let _ = std::fs::remove_file(&blob);
                 }
             }

@@ -190,13 +190,6 @@ impl Gateway {
         }
         let admin_token = admin_token(&config, store.as_ref()).await?;
         files::remove_staging(&config.data_dir.join("files"));
-        let public_models = runtime
-            .models()
-            .list()
-            .into_iter()
-            .filter(|m| m.public)
-            .map(|m| m.name)
-            .collect();
         let fleet = fleet::Fleet::new(config.data_dir.join("models"));
         let gateway = Arc::new(Self {
             functions: FunctionCache::new(config.max_loaded_functions),
@@ -206,7 +199,7 @@ impl Gateway {
             admission: admission::Admission::default(),
             draining: AtomicBool::new(false),
             in_flight: Arc::default(),
-            peers: cluster::Peers::new(config.cluster_secret.clone(), public_models),
+            peers: cluster::Peers::new(config.cluster_secret.clone()),
             fleet,
             config,
             store,
@@ -214,6 +207,7 @@ impl Gateway {
             admin_token,
         });
         // The models added through the API, installed before the node serves.
+        gateway.public_models_changed();
         if let Err(error) = gateway.sync_models().await {
             tracing::error!("installing the models added through the API: {error:#}");
         }

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 use super::fleet::{Mismatch, safe_path};
-use super::routes::{Request, json};
+use super::routes::{Request, check_model_name, json};
 use super::{ApiError, Gateway, Response};
 use crate::auth::Principal;
 use crate::store::{FileRef, MAX_MODEL_FILE_BYTES, ModelBlob, ModelRecord, NewModel};
@@ -114,7 +114,11 @@ impl Gateway {
                 body.size
             )));
         }
-        if let Some(tenant) = &owner {
+        // Refused early when it could never fit (the sum is checked when
+        // the model is added); a file it has already is not counted again.
+        if let Some(tenant) = &owner
+            && self.store.model_blob(Some(tenant), sha256).await?.is_none()
+        {
             let record = self.tenant_record(tenant).await?;
             record
                 .quota
@@ -536,27 +540,6 @@ fn check_sha256(sha256: &str) -> Result<(), ApiError> {
         Err(ApiError::bad_request(
             "invalid_sha256",
             format!("{sha256:?} is not a sha256: 64 lowercase hex digits"),
-        ))
-    }
-}
-
-/// A model name: 1–63 of `a-z0-9._-`, starting and ending with a letter or digit.
-pub(super) fn check_model_name(name: &str) -> Result<(), ApiError> {
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(
-            "invalid_name",
-            format!(
-                "invalid model name {name:?}: use 1-63 of a-z, 0-9, '.', '_' and '-', starting and ending with a letter or digit"
-            ),
         ))
     }
 }

@@ -127,20 +127,35 @@ pub(super) fn json(status: StatusCode, value: serde_json::Value) -> Response {
 /// Checks a tenant or function name: 1–63 of `a-z0-9-`, starting and
 /// ending alphanumeric (so no `..`, no `/`, no percent-escapes).
 pub(super) fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
+    check_name_of(kind, name, b"-")
+}
+
+/// Checks a model name: as [`check_name`], with `.` and `_` too (`qwen2.5-0.5b`).
+pub(super) fn check_model_name(name: &str) -> Result<(), ApiError> {
+    check_name_of("model", name, b"-._")
+}
+
+/// 1–63 of `a-z0-9` and `punctuation`, starting and ending alphanumeric.
+fn check_name_of(kind: &str, name: &str, punctuation: &[u8]) -> Result<(), ApiError> {
     let valid = !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || punctuation.contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
     if valid {
         Ok(())
     } else {
+        let allowed: Vec<String> = punctuation
+            .iter()
+            .map(|b| format!("'{}'", *b as char))
+            .collect();
         Err(ApiError::bad_request(
             "invalid_name",
             format!(
-                "invalid {kind} name {name:?}: use 1-63 of a-z, 0-9 and '-', starting and ending with a letter or digit"
+                "invalid {kind} name {name:?}: use 1-63 of a-z, 0-9 and {}, starting and ending with a letter or digit",
+                allowed.join(", ")
             ),
         ))
     }

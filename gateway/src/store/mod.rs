@@ -338,6 +338,26 @@ impl ModelBlob {
     pub fn complete(&self) -> bool {
         self.received.len() as u32 == self.parts()
     }
+
+    /// Refuses a part past the end of the file or of the wrong size.
+    fn check_part(&self, index: u32, len: usize) -> Result<(), StoreError> {
+        if index >= self.parts() {
+            return Err(StoreError::Conflict(format!(
+                "part {index} of the model file {}: it has {} parts (0 to {})",
+                self.sha256,
+                self.parts(),
+                self.parts() - 1
+            )));
+        }
+        if len as u64 != self.part_len(index) {
+            return Err(StoreError::Conflict(format!(
+                "part {index} of the model file {} has {len} bytes, not {}",
+                self.sha256,
+                self.part_len(index)
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl NewModel {

@@ -625,7 +625,7 @@ impl Store for PostgresStore {
                 received: Vec::new(),
                 verified: false,
             };
-            check_part(&shape, index, content.len())?;
+            shape.check_part(index, content.len())?;
             tx.execute(
                 "INSERT INTO model_parts (owner, sha256, part, content) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (owner, sha256, part) DO NOTHING",
@@ -1217,26 +1217,6 @@ async fn load_model_blob(
         received,
         verified: row.get(2),
     }))
-}
-
-/// Refuses a part past the end of the file or of the wrong size.
-fn check_part(blob: &ModelBlob, index: u32, len: usize) -> Result<(), StoreError> {
-    if index >= blob.parts() {
-        return Err(StoreError::Conflict(format!(
-            "part {index} of the model file {}: it has {} parts (0 to {})",
-            blob.sha256,
-            blob.parts(),
-            blob.parts() - 1
-        )));
-    }
-    if len as u64 != blob.part_len(index) {
-        return Err(StoreError::Conflict(format!(
-            "part {index} of the model file {} has {len} bytes, not {}",
-            blob.sha256,
-            blob.part_len(index)
-        )));
-    }
-    Ok(())
 }
 
 /// Deletes the files of `models` no model names any more (their parts go

@@ -99,6 +99,32 @@ pub(super) struct StoredModelBlob {
     pub(super) updated_at: u64,
 }
 
+fn files_to_current(files: &BTreeMap<String, FileRef>) -> BTreeMap<String, FileV1> {
+    files
+        .iter()
+        .map(|(path, f)| {
+            let file = FileV1 {
+                sha256: f.sha256.clone(),
+                size: f.size,
+            };
+            (path.clone(), file)
+        })
+        .collect()
+}
+
+fn files_from_current(files: BTreeMap<String, FileV1>) -> BTreeMap<String, FileRef> {
+    files
+        .into_iter()
+        .map(|(path, f)| {
+            let file = FileRef {
+                sha256: f.sha256,
+                size: f.size,
+            };
+            (path, file)
+        })
+        .collect()
+}
+
 /// A record kind: its current layout and the conversions to and from it.
 pub(super) trait Record: Sized {
     /// The layout written now.
@@ -165,17 +191,7 @@ impl Record for FunctionRecord {
             size: v.size,
             deployed_at: v.deployed_at,
             manifest: v.manifest.clone(),
-            files: v
-                .files
-                .iter()
-                .map(|(path, f)| {
-                    let file = FileV1 {
-                        sha256: f.sha256.clone(),
-                        size: f.size,
-                    };
-                    (path.clone(), file)
-                })
-                .collect(),
+            files: files_to_current(&v.files),
         };
         FunctionV1 {
             tenant: self.tenant.clone(),
@@ -192,17 +208,7 @@ impl Record for FunctionRecord {
             size: v.size,
             deployed_at: v.deployed_at,
             manifest: v.manifest,
-            files: v
-                .files
-                .into_iter()
-                .map(|(path, f)| {
-                    let file = FileRef {
-                        sha256: f.sha256,
-                        size: f.size,
-                    };
-                    (path, file)
-                })
-                .collect(),
+            files: files_from_current(v.files),
         };
         Self {
             tenant: r.tenant,
@@ -223,17 +229,7 @@ impl Record for ModelRecord {
             name: self.name.clone(),
             version: self.version,
             config: self.config.clone(),
-            files: self
-                .files
-                .iter()
-                .map(|(path, f)| {
-                    let file = FileV1 {
-                        sha256: f.sha256.clone(),
-                        size: f.size,
-                    };
-                    (path.clone(), file)
-                })
-                .collect(),
+            files: files_to_current(&self.files),
             created_at: self.created_at,
             updated_at: self.updated_at,
         }
@@ -244,17 +240,7 @@ impl Record for ModelRecord {
             name: r.name,
             version: r.version,
             config: r.config,
-            files: r
-                .files
-                .into_iter()
-                .map(|(path, f)| {
-                    let file = FileRef {
-                        sha256: f.sha256,
-                        size: f.size,
-                    };
-                    (path, file)
-                })
-                .collect(),
+            files: files_from_current(r.files),
             created_at: r.created_at,
             updated_at: r.updated_at,
         }

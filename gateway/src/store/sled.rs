@@ -530,7 +530,9 @@ impl SledStore {
                 )));
             };
             let mut stored: StoredModelBlob = from_json(&value).map_err(storage)?;
-            check_part(&stored.blob, index, content.len())?;
+            if let Err(refused) = stored.blob.check_part(index, content.len()) {
+                return abort(refused);
+            }
             if let Err(at) = stored.blob.received.binary_search(&index) {
                 stored.blob.received.insert(at, index);
                 parts.insert(key.as_bytes(), content)?;
@@ -720,26 +722,6 @@ fn release_model_blob(
         }
     } else {
         blobs.insert(id, to_json(&stored).map_err(storage)?)?;
-    }
-    Ok(())
-}
-
-/// Refuses a part past the end of the file or of the wrong size.
-fn check_part(blob: &ModelBlob, index: u32, len: usize) -> Result<(), TxError> {
-    if index >= blob.parts() {
-        return abort(StoreError::Conflict(format!(
-            "part {index} of the model file {}: it has {} parts (0 to {})",
-            blob.sha256,
-            blob.parts(),
-            blob.parts() - 1
-        )));
-    }
-    if len as u64 != blob.part_len(index) {
-        return abort(StoreError::Conflict(format!(
-            "part {index} of the model file {} has {len} bytes, not {}",
-            blob.sha256,
-            blob.part_len(index)
-        )));
     }
     Ok(())
 }
