@@ -195,11 +195,7 @@ impl Gateway {
             outcome => {
                 let _ = std::fs::remove_file(&partial);
                 let digest = outcome?;
-                Err(Mismatch(format!(
-                    "the file read back from the store has sha256 {digest}, not {}",
-                    file.sha256
-                ))
-                .into())
+                Err(Mismatch::new(&file.sha256, &digest).into())
             }
         }
     }
@@ -349,6 +345,14 @@ impl Gateway {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub(super) struct Mismatch(String);
+
+impl Mismatch {
+    pub(super) fn new(expected: &str, read: &str) -> Self {
+        Self(format!(
+            "the file read back from the store has sha256 {read}, not {expected}"
+        ))
+    }
+}
 
 /// A model file's path inside its directory, refused unless it is plain:
 /// relative, of `A-Za-z0-9._-` components not starting with `.`.

@@ -333,7 +333,21 @@ impl Gateway {
                 blob.parts()
             )));
         }
-        match self.fetch_blob(owner, file).await {
+        // The store's parts are read back whole before they count as the
+        // file: while fetching this node's copy, or on their own when the
+        // node has a copy already (from an earlier upload of that content).
+        let has_copy = std::fs::metadata(self.fleet.blob_path(owner, &file.sha256))
+            .is_ok_and(|m| m.len() == file.size);
+        let checked = if blob.verified || !has_copy {
+            self.fetch_blob(owner, file).await
+        } else {
+            match self.read_blob(owner, &blob, None).await {
+                Ok(digest) if digest == file.sha256 => self.fetch_blob(owner, file).await,
+                Ok(digest) => Err(Mismatch::new(&file.sha256, &digest).into()),
+                Err(error) => Err(error),
+            }
+        };
+        match checked {
             Ok(local) => {
                 if !blob.verified {
                     self.store
