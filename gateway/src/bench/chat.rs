@@ -56,7 +56,7 @@ pub(super) async fn run(args: ChatArgs) -> Result<()> {
     eprintln!("loading the engine in this process …");
     let engine = {
         let (file, generation) = (dir.join(&config.file), generation.clone());
-        tokio::task::spawn_blocking(move || TextModel::load(MODEL, &file, generation, "cpu"))
+        tokio::task::spawn_blocking(move || TextModel::load(MODEL, &file, generation, "cpu", &[]))
             .await?
             .map_err(anyhow::Error::msg)?
     };

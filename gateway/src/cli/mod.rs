@@ -339,6 +339,23 @@ pub enum ModelsCommand {
         #[arg(long)]
         public: bool,
     },
+    /// Add a LoRA adapter of a GGUF text model as a model of its own: its
+    /// calls run on the base's weights and scheduler, batched with the
+    /// base's and its other adapters'.
+    AddAdapter {
+        /// The base text model.
+        base: String,
+        /// The adapter's name.
+        name: String,
+        /// The adapter's GGUF file.
+        file: PathBuf,
+        /// How much of the adapter applies.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f32,
+        /// Every tenant may use it (operator only).
+        #[arg(long)]
+        public: bool,
+    },
     /// Store a new version of a model: new files, a new model.toml, or
     /// both. Calls in flight finish on the old version; new ones get the
     /// new one, loaded before it takes over when the old one was loaded.

@@ -73,6 +73,25 @@ pub(super) async fn run(client: &Client, command: ModelsCommand, as_json: bool) 
             });
             Ok(())
         }
+        ModelsCommand::AddAdapter {
+            base,
+            name,
+            file,
+            scale,
+            public,
+        } => {
+            let (files, _) = upload_all(client, &file).await?;
+            let body = json!({
+                "name": name, "files": files, "base": base, "scale": scale, "public": public,
+            });
+            eprintln!("adding LoRA adapter {name} of {base}");
+            let reply = client
+                .api(Method::POST, "/v1/models", Some(json_body(&body)))
+                .await
+                .with_context(|| format!("adding LoRA adapter {name}"))?;
+            print_or(as_json, &reply, || describe(&reply));
+            Ok(())
+        }
         ModelsCommand::Update { name, path, config } => {
             let mut body = serde_json::Map::new();
             let mut found_config = None;

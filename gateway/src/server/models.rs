@@ -55,6 +55,12 @@ struct ModelRequest {
     task: Option<String>,
     #[serde(default)]
     public: bool,
+    /// For a LoRA adapter with a generated model.toml: its base text
+    /// model, and how much of it applies (default 1).
+    #[serde(default)]
+    base: Option<String>,
+    #[serde(default)]
+    scale: Option<f32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -281,7 +287,10 @@ impl Gateway {
             &checked.file,
             Some(checked.format),
         )
-            .map_err(|e| ApiError::bad_request("invalid_model", e))?;
+        .map_err(|e| ApiError::bad_request("invalid_model", e))?;
+        if let Some(lora) = &checked.lora {
+            self.check_base(owner.as_deref(), &lora.base).await?;
+        }
         let new = NewModel {
             owner: owner.clone(),
             name: name.clone(),
@@ -369,6 +378,31 @@ impl Gateway {
         }
     }
 
+    /// Refuses a LoRA adapter whose base is not a text model its owner may use.
+    async fn check_base(&self, owner: Option<&str>, base: &str) -> Result<(), ApiError> {
+        let pool = self.runtime.models();
+        let key = match owner {
+            None => pool.has(base).then(|| base.to_string()),
+            Some(tenant) => {
+                let quota = self.tenant_record(tenant).await?.quota;
+                self.model_key(tenant, &quota, base)
+            }
+        };
+        let info = key.and_then(|key| pool.info(&key)).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_config",
+                format!("[lora] base: no model {base:?} you may use"),
+            )
+        })?;
+        if info.format != ModelFormat::Gguf || info.lora.is_some() {
+            return Err(ApiError::bad_request(
+                "invalid_config",
+                format!("[lora] base: {base:?} is not a GGUF text model"),
+            ));
+        }
+        Ok(())
+    }
+
     /// A `model.toml` from what the model file declares.
     async fn generate_config(
         &self,
@@ -411,8 +445,12 @@ impl Gateway {
             siblings: local.keys().filter(|p| **p != model_file).cloned().collect(),
         };
         let path = local[&model_file].clone();
-        tokio::task::spawn_blocking(move || {
-            gigafactory_runtime::models::generate_config(&path, &hints)
+        let lora = body.base.clone().map(|base| (base, body.scale.unwrap_or(1.0)));
+        tokio::task::spawn_blocking(move || match lora {
+            Some((base, scale)) => {
+                gigafactory_runtime::models::adapter_config(&path, &hints, &base, scale)
+            }
+            None => gigafactory_runtime::models::generate_config(&path, &hints),
         })
         .await
         .map_err(|e| ApiError::internal(e.into()))?

@@ -9,7 +9,7 @@ mod text;
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
@@ -197,6 +197,15 @@ pub enum Event {
     Failed(String),
 }
 
+/// Why an adapter of a loaded base cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdapterError {
+    /// The base was loaded before the adapter was added: it must load again.
+    NotLoaded,
+    /// llama.cpp refused it when the base loaded.
+    Failed(String),
+}
+
 /// Why a request could not start.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GenerateError {
@@ -310,9 +319,27 @@ pub struct TextInfo {
     pub steps: u64,
 }
 
-/// A resident text model and its scheduler.
+/// A LoRA adapter loaded with its base model.
+#[derive(Debug, Clone)]
+pub struct AdapterFile {
+    /// The adapter's catalog key.
+    pub key: String,
+    /// Its GGUF file.
+    pub path: PathBuf,
+    /// How much of it applies (1: all).
+    pub scale: f32,
+}
+
+/// A resident text model and its scheduler — or a LoRA adapter of one,
+/// which shares its base's weights, scheduler and sequence slots.
 pub struct TextModel {
     model: Arc<LlamaModel>,
+    /// For an adapter: its index among the base's adapters, and the base
+    /// (held, so the base is in use while an adapter of it is loaded).
+    adapter: Option<(usize, Arc<TextModel>)>,
+    /// The adapters loaded with this model, by key: their index, or why
+    /// they did not load.
+    adapters: Arc<BTreeMap<String, Result<usize, String>>>,
     /// `cpu`, or `cuda:N` where its layers and KV cache live.
     device: String,
     template: Option<LlamaChatTemplate>,
@@ -420,6 +447,7 @@ impl TextModel {
         path: &Path,
         config: GenerationConfig,
         device: &str,
+        adapters: &[AdapterFile],
     ) -> Result<Arc<Self>, String> {
         if config.max_sequences == 0
             || config.context_tokens == 0
@@ -452,8 +480,24 @@ impl TextModel {
             }
         };
         let backend = backend()?;
-        let model = LlamaModel::load_from_file(backend, path, &params)
+        let mut model = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| format!("loading {}: {e}", path.display()))?;
+        // Adapters load before the context: it sizes its graphs for them.
+        let mut loaded = Vec::new();
+        let mut index = BTreeMap::new();
+        for adapter in adapters {
+            let outcome = match model.lora_adapter_init(&adapter.path) {
+                Ok(lora) => {
+                    loaded.push((lora, adapter.scale));
+                    Ok(loaded.len() - 1)
+                }
+                Err(e) => {
+                    tracing::error!(adapter = %adapter.key, base = %name, "LoRA adapter refused: {e}");
+                    Err(format!("loading the LoRA adapter {}: {e}", adapter.path.display()))
+                }
+            };
+            index.insert(adapter.key.clone(), outcome);
+        }
         let model = Arc::new(model);
         let template = model.chat_template(None).ok();
         let threads = match config.threads {
@@ -478,6 +522,7 @@ impl TextModel {
                 threads,
                 waiting: waiting.clone(),
                 stats: stats.clone(),
+                adapters: loaded,
             },
             receiver,
         )?;
@@ -486,12 +531,37 @@ impl TextModel {
             .map_err(|_| "the scheduler thread died".to_string())??;
         Ok(Arc::new(Self {
             model,
+            adapter: None,
+            adapters: Arc::new(index),
             device: device.to_string(),
             template,
             config,
             jobs: Mutex::new(jobs),
             waiting,
             stats,
+        }))
+    }
+
+    /// The LoRA adapter `key` of this base model, loaded with it: a text
+    /// model of its own (its own counters) whose generations run in this
+    /// model's scheduler, batched with the base's and other adapters'.
+    pub fn adapter(self: &Arc<Self>, key: &str) -> Result<Arc<TextModel>, AdapterError> {
+        let index = match self.adapters.get(key) {
+            Some(Ok(index)) => *index,
+            Some(Err(why)) => return Err(AdapterError::Failed(why.clone())),
+            None => return Err(AdapterError::NotLoaded),
+        };
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Ok(Arc::new(Self {
+            model: self.model.clone(),
+            adapter: Some((index, self.clone())),
+            adapters: Arc::default(),
+            device: self.device.clone(),
+            template: self.template.clone(),
+            config: self.config.clone(),
+            jobs: Mutex::new(jobs),
+            waiting: self.waiting.clone(),
+            stats: Arc::new(TextStats::default()),
         }))
     }
 
@@ -522,8 +592,11 @@ impl TextModel {
         &self.config
     }
 
-    /// Bytes of weights.
+    /// Bytes of weights (none of its own for an adapter: its base's).
     pub fn size_bytes(&self) -> u64 {
+        if self.adapter.is_some() {
+            return 0;
+        }
         self.model.size()
     }
 
@@ -535,6 +608,10 @@ impl TextModel {
     /// Memory it holds where it runs: weights and the KV cache of every
     /// sequence slot.
     pub fn memory_bytes(&self) -> u64 {
+        if self.adapter.is_some() {
+            // Counted with its base, which loaded it.
+            return 0;
+        }
         self.model.size() + kv_bytes(&self.model, &self.config)
     }
 
@@ -607,6 +684,8 @@ impl TextModel {
             tokens,
             request,
             events,
+            adapter: self.adapter.as_ref().map(|(index, _)| *index),
+            stats: self.stats.clone(),
         };
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(refused) = jobs.send(job) {
@@ -791,7 +870,7 @@ mod tests {
             context_tokens: 1024,
             ..GenerationConfig::default()
         };
-        Some(TextModel::load("smollm2", &path, config, "cpu").unwrap())
+        Some(TextModel::load("smollm2", &path, config, "cpu", &[]).unwrap())
     }
 
     fn request(prompt: Prompt, max_tokens: u32) -> Request {

@@ -1,10 +1,13 @@
 //! One thread per text model owns its llama.cpp context. Each step it
 //! admits waiting generations into free sequence slots (round-robin across
 //! tenants, within the KV budget), drops cancelled ones, puts one token of
-//! every active sequence — or a chunk of a new one's prompt — into a single
-//! `llama_batch`, decodes, and samples each sequence's next token. Each
-//! sequence has its own KV stream of `context_tokens`, so its output is
-//! the same whether it runs alone or with others.
+//! every active sequence — or a chunk of a new one's prompt — into a
+//! `llama_batch`, decodes, and samples each sequence's next token. The
+//! model's LoRA adapters share it: sequences of one adapter (or of none)
+//! decode together, one `llama_batch` per adapter in use each step, with
+//! that adapter applied to the context. Each sequence has its own KV
+//! stream of `context_tokens`, so its output is the same whether it runs
+//! alone or with others.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -14,7 +17,7 @@ use std::sync::{Arc, mpsc};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc as tokio_mpsc;
@@ -30,6 +33,10 @@ pub struct Job {
     pub tokens: Vec<LlamaToken>,
     pub request: Request,
     pub events: tokio_mpsc::UnboundedSender<Event>,
+    /// The LoRA adapter it runs with (an index into [`Setup::adapters`]).
+    pub adapter: Option<usize>,
+    /// The counters of the model it was asked of (the base or an adapter).
+    pub stats: Arc<TextStats>,
 }
 
 /// What the scheduler thread is given.
@@ -43,7 +50,10 @@ pub struct Setup {
     pub sequences_per_tenant: u32,
     pub threads: i32,
     pub waiting: Arc<Waiting>,
+    /// The base model's counters (decode steps; its generations' are in each job).
     pub stats: Arc<TextStats>,
+    /// The LoRA adapters loaded with the model, and their scales.
+    pub adapters: Vec<(LlamaLoraAdapter, f32)>,
 }
 
 /// Starts the scheduler thread; the returned channel says whether its
@@ -80,9 +90,11 @@ struct Sequence {
     max_tokens: u32,
     budget: Option<Arc<dyn ComputeBudget>>,
     events: tokio_mpsc::UnboundedSender<Event>,
+    adapter: Option<usize>,
+    stats: Arc<TextStats>,
 }
 
-fn run(setup: Setup, jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>) {
+fn run(mut setup: Setup, jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>) {
     let backend = match super::backend() {
         Ok(backend) => backend,
         Err(e) => {
@@ -109,8 +121,11 @@ fn run(setup: Setup, jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), S
         }
     };
     let _ = ready.send(Ok(()));
+    let adapters = std::mem::take(&mut setup.adapters);
     Scheduler {
         setup: &setup,
+        adapters,
+        applied: None,
         batch: LlamaBatch::new(setup.batch_tokens as usize, 1),
         queue: VecDeque::new(),
         active: Vec::new(),
@@ -121,6 +136,9 @@ fn run(setup: Setup, jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), S
 
 struct Scheduler<'a> {
     setup: &'a Setup,
+    adapters: Vec<(LlamaLoraAdapter, f32)>,
+    /// The adapter the context applies now.
+    applied: Option<usize>,
     batch: LlamaBatch<'static>,
     /// Waiting generations per tenant, served round-robin.
     queue: VecDeque<(Arc<str>, VecDeque<Job>)>,
@@ -150,7 +168,7 @@ impl Scheduler<'_> {
     }
 
     fn push(&mut self, job: Job) {
-        self.setup.stats.queued.fetch_add(1, Ordering::Relaxed);
+        job.stats.queued.fetch_add(1, Ordering::Relaxed);
         match self.queue.iter_mut().find(|(t, _)| *t == job.tenant) {
             Some((_, jobs)) => jobs.push_back(job),
             None => self
@@ -162,14 +180,13 @@ impl Scheduler<'_> {
     /// Callers that went away: queued ones are forgotten, active ones
     /// leave the batch and their KV cells are freed now.
     fn drop_cancelled(&mut self, context: &mut LlamaContext<'_>) {
-        let stats = &self.setup.stats;
         for (tenant, jobs) in &mut self.queue {
             jobs.retain(|job| {
                 let gone = job.events.is_closed();
                 if gone {
                     self.setup.waiting.leave(tenant);
-                    stats.queued.fetch_sub(1, Ordering::Relaxed);
-                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    job.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    job.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 }
                 !gone
             });
@@ -179,7 +196,7 @@ impl Scheduler<'_> {
         while index < self.active.len() {
             if self.active[index].events.is_closed() {
                 let sequence = self.active.swap_remove(index);
-                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                sequence.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 self.release(context, sequence);
             } else {
                 index += 1;
@@ -208,7 +225,7 @@ impl Scheduler<'_> {
                 self.queue.push_back((tenant.clone(), jobs));
             }
             self.setup.waiting.leave(&tenant);
-            let stats = &self.setup.stats;
+            let stats = &job.stats;
             stats.queued.fetch_sub(1, Ordering::Relaxed);
             stats.active.fetch_add(1, Ordering::Relaxed);
             stats.started.fetch_add(1, Ordering::Relaxed);
@@ -227,17 +244,72 @@ impl Scheduler<'_> {
                 max_tokens: job.request.max_tokens,
                 budget: job.request.budget.clone(),
                 events: job.events,
+                adapter: job.adapter,
+                stats: job.stats,
             });
         }
     }
 
-    /// One decode: a token of every generating sequence, then prompt chunks
-    /// while the batch has room.
+    /// One decode per adapter in use (the base alone first).
     fn step(&mut self, context: &mut LlamaContext<'_>) {
+        let mut groups: Vec<Option<usize>> = Vec::new();
+        for sequence in &self.active {
+            if !groups.contains(&sequence.adapter) {
+                groups.push(sequence.adapter);
+            }
+        }
+        groups.sort();
+        for group in groups {
+            match self.apply(context, group) {
+                Ok(()) => self.step_group(context, group),
+                Err(why) => self.fail(context, group, &why),
+            }
+        }
+    }
+
+    /// Applies `adapter` (or none) to the context, if it is not applied.
+    fn apply(&mut self, context: &mut LlamaContext<'_>, adapter: Option<usize>) -> Result<(), String> {
+        if self.applied == adapter {
+            return Ok(());
+        }
+        let outcome = match adapter {
+            Some(index) => {
+                let (lora, scale) = &mut self.adapters[index];
+                context.lora_adapter_set(lora, *scale).map_err(|e| e.to_string())
+            }
+            None => match self.adapters.first_mut() {
+                Some((lora, _)) => context.lora_adapter_remove(lora).map_err(|e| e.to_string()),
+                None => Ok(()),
+            },
+        };
+        outcome.map_err(|e| format!("applying the LoRA adapter: {e}"))?;
+        self.applied = adapter;
+        Ok(())
+    }
+
+    /// Ends the sequences of `group` with `why`.
+    fn fail(&mut self, context: &mut LlamaContext<'_>, group: Option<usize>, why: &str) {
+        tracing::error!("{why}");
+        let (failed, kept) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|s| s.adapter == group);
+        self.active = kept;
+        for sequence in failed {
+            let _ = sequence.events.send(Event::Failed(why.to_string()));
+            self.release(context, sequence);
+        }
+    }
+
+    /// One decode of the sequences of one adapter: a token of every
+    /// generating sequence, then prompt chunks while the batch has room.
+    fn step_group(&mut self, context: &mut LlamaContext<'_>, group: Option<usize>) {
         self.batch.clear();
         let mut room = self.setup.batch_tokens as usize;
         for sequence in &mut self.active {
             sequence.row = None;
+            if sequence.adapter != group {
+                continue;
+            }
             if let Some(token) = sequence.last {
                 let row = self.batch.n_tokens();
                 if self
@@ -252,7 +324,7 @@ impl Scheduler<'_> {
             }
         }
         for sequence in &mut self.active {
-            if sequence.last.is_some() || room == 0 {
+            if sequence.adapter != group || sequence.last.is_some() || room == 0 {
                 continue;
             }
             let end = (sequence.fed + room).min(sequence.prompt.len());
@@ -274,23 +346,21 @@ impl Scheduler<'_> {
                 room -= 1;
             }
         }
-        if let Err(e) = context.decode(&mut self.batch) {
-            let why = format!("decoding failed: {e}");
-            tracing::error!("{why}");
-            for sequence in std::mem::take(&mut self.active) {
-                let _ = sequence.events.send(Event::Failed(why.clone()));
-                self.release(context, sequence);
-            }
+        if self.batch.n_tokens() == 0 {
             return;
         }
-        let stats = &self.setup.stats;
-        stats.steps.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = context.decode(&mut self.batch) {
+            self.fail(context, group, &format!("decoding failed: {e}"));
+            return;
+        }
+        self.setup.stats.steps.fetch_add(1, Ordering::Relaxed);
         let vocab = self.setup.model.vocab();
         let mut finished = Vec::new();
         for (index, sequence) in self.active.iter_mut().enumerate() {
             let Some(row) = sequence.row else {
                 continue;
             };
+            let stats = &sequence.stats;
             if sequence.last.is_none() {
                 stats
                     .prompt_tokens
@@ -349,7 +419,7 @@ impl Scheduler<'_> {
 
     /// Frees a sequence's KV cells and slot.
     fn release(&mut self, context: &mut LlamaContext<'_>, sequence: Sequence) {
-        self.setup.stats.charge_tenant(
+        sequence.stats.charge_tenant(
             &sequence.tenant,
             sequence.fed as u64,
             u64::from(sequence.generated),
@@ -358,7 +428,7 @@ impl Scheduler<'_> {
             tracing::error!(tenant = %sequence.tenant, "freeing a sequence's KV cache: {e}");
         }
         self.free.push(sequence.id);
-        self.setup.stats.active.fetch_sub(1, Ordering::Relaxed);
+        sequence.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -70,6 +70,33 @@ pub struct ModelConfig {
     /// `gigafactory:ai` `embed` (see [`EmbeddingConfig`]).
     #[serde(default)]
     pub embedding: Option<EmbeddingConfig>,
+    /// A LoRA adapter of a GGUF text model (see [`LoraConfig`]): `file` is
+    /// the adapter's GGUF; it runs on its base's weights and scheduler.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+}
+
+/// `[lora]`: this model is a LoRA adapter of a text model.
+///
+/// ```toml
+/// format = "gguf"
+/// file = "adapter.gguf"
+/// [lora]
+/// base = "smollm2-135m-instruct"
+/// scale = 1.0
+/// ```
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// The base model's name (its owner's private model of that name first).
+    pub base: String,
+    /// How much of the adapter applies (default 1).
+    #[serde(default = "one")]
+    pub scale: f32,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 fn default_file() -> String {
@@ -85,6 +112,17 @@ impl ModelConfig {
     /// than ignoring them: a tensor model has no `[generation]`, a text
     /// model no `[batching]`, `[limits]` or `[embedding]`.
     pub fn check(&self) -> Result<(), String> {
+        if self.lora.is_some() && self.format != ModelFormat::Gguf {
+            return Err("[lora] adapters are of GGUF text models: format = \"gguf\"".into());
+        }
+        if self.lora.is_some() && self.generation.is_some() {
+            return Err(
+                "a LoRA adapter runs with its base model's [generation]: remove it here".into(),
+            );
+        }
+        if self.lora.as_ref().is_some_and(|l| !l.scale.is_finite()) {
+            return Err("[lora] scale must be a number".into());
+        }
         if self.pin && self.idle_unload_after_secs.is_some() {
             return Err(
                 "a model with pin = true is never unloaded: remove idle_unload_after_secs".into(),

@@ -68,6 +68,31 @@ pub fn generate(path: &Path, hints: &Hints) -> Result<String, String> {
     Ok(text)
 }
 
+/// A `model.toml` for the LoRA adapter at `path` (a GGUF file named
+/// `hints.file`) of the text model `base`.
+pub fn adapter_config(path: &Path, hints: &Hints, base: &str, scale: f32) -> Result<String, String> {
+    if format_of(path, &hints.file, Some(ModelFormat::Gguf)).is_err() {
+        return Err(format!(
+            "{} is not a GGUF file: LoRA adapters are GGUF (llama.cpp's convert_lora_to_gguf.py makes one)",
+            hints.file
+        ));
+    }
+    let text = format!(
+        "# A LoRA adapter: it runs on {base}'s weights and scheduler, batched with\n\
+         # the base's generations and its other adapters'.\n\
+         description = {}\nformat = \"gguf\"\nfile = {}\ntask = \"text-generation\"\npublic = {}\n\n\
+         [lora]\nbase = {}\nscale = {scale}\n",
+        quoted(&format!("LoRA adapter {} of {base}", stem(&hints.file))),
+        quoted(&hints.file),
+        hints.public,
+        quoted(base),
+    );
+    let config: ModelConfig = toml::from_str(&text)
+        .map_err(|e| format!("the generated model.toml does not parse: {e}"))?;
+    config.check()?;
+    Ok(text)
+}
+
 /// One input or output as the graph declares it.
 struct Declared {
     name: String,

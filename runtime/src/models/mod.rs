@@ -35,12 +35,12 @@ use repository::{Outcome, RepositoryModel, Resident};
 use workers::Workers;
 
 pub use batcher::{BatchConfig, Batcher, Pad, SliceBack};
-pub use config::{DevicePreference, LoadPolicy, ModelConfig, ModelFormat};
+pub use config::{DevicePreference, LoadPolicy, LoraConfig, ModelConfig, ModelFormat};
 pub use embedding::{Embedder, EmbeddingConfig, Embeddings, MAX_TEXTS, Pooling};
 pub use engines::EngineOptions;
 pub use error::{BUSY_PREFIX, ErrorCode, NnError};
 pub use graph::{Graph, TensorSpec};
-pub use inspect::{Hints, format_of, generate as generate_config};
+pub use inspect::{Hints, adapter_config, format_of, generate as generate_config};
 pub use limits::{InputLimits, ShapeCaps};
 pub use repository::{ModelInfo, PoolGraph};
 pub use stats::{ModelStats, StatsSnapshot};
@@ -151,19 +151,25 @@ impl ModelPool {
                 .and_then(|n| n.to_str())
                 .context("model directory name is not UTF-8")?
                 .to_string();
-            let model = match RepositoryModel::read(&name, &model_dir, &pool.engines) {
-                Ok(model) => model,
-                Err(e) => {
-                    tracing::error!(model = %name, "skipping model: {e:#}");
-                    continue;
+            match RepositoryModel::read(&name, &model_dir, &pool.engines) {
+                Ok(model) => {
+                    pool.catalog_mut().insert(name, Arc::new(model));
                 }
-            };
+                Err(e) => tracing::error!(model = %name, "skipping model: {e:#}"),
+            }
+        }
+        // Every model is in the catalog before any loads: a base model
+        // loads with the adapters the catalog has for it.
+        for model in pool.snapshot() {
+            let name = model.name.clone();
             if model.slot().outcome.is_some() {
                 // Refused when read: listed as failed with the reason.
+            } else if model.config.lora.is_some() {
+                tracing::info!(model = %name, "LoRA adapter: loads with its base when first called");
             } else if model.config.load == LoadPolicy::Boot {
                 tracing::info!(model = %name, "loading model");
                 let started = Instant::now();
-                let job = LoadJob::of(&model, &pool.devices);
+                let job = LoadJob::of(&model, &pool.devices, pool.adapters_of(&name));
                 match job.destination(&HashMap::new()) {
                     Ok((device, bytes)) if pool.devices.room(&device) < bytes => tracing::warn!(
                         model = %name,
@@ -178,9 +184,32 @@ impl ModelPool {
             } else {
                 tracing::info!(model = %name, "model loads on first use");
             }
-            pool.catalog_mut().insert(name, Arc::new(model));
         }
         Ok(pool)
+    }
+
+    /// The base model of the LoRA adapter `adapter`: its owner's private
+    /// model of that name, else the operator's.
+    fn base_of(&self, adapter: &RepositoryModel) -> Option<Arc<RepositoryModel>> {
+        let base = &adapter.config.lora.as_ref()?.base;
+        adapter
+            .owner
+            .as_deref()
+            .and_then(|owner| self.model(&private_key(owner, base)))
+            .or_else(|| self.model(base))
+    }
+
+    /// The catalog's LoRA adapters of the base model `base` (a key).
+    fn adapters_of(&self, base: &str) -> Vec<crate::llm::AdapterFile> {
+        self.snapshot()
+            .iter()
+            .filter(|model| self.base_of(model).is_some_and(|b| b.name == base))
+            .map(|model| crate::llm::AdapterFile {
+                key: model.name.clone(),
+                path: model.file.clone(),
+                scale: model.config.lora.as_ref().map_or(1.0, |l| l.scale),
+            })
+            .collect()
     }
 
     fn catalog(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<RepositoryModel>>> {
@@ -240,6 +269,14 @@ impl ModelPool {
                 format!("model {name:?} is not in this function's manifest (`models`)"),
             ));
         }
+        // An adapter reaches its base's weights: the tenant must see the base.
+        if let Some(lora) = self.model(&key).and_then(|m| m.config.lora.clone()) {
+            let anywhere = ModelAccess {
+                visible: access.visible.clone(),
+                allowed: None,
+            };
+            self.find(tenant, &anywhere, &lora.base).map_err(|_| not_found())?;
+        }
         Ok(key)
     }
 
@@ -259,7 +296,47 @@ impl ModelPool {
     /// memory is given back once nobody holds it. When the old one was
     /// loaded (or the new one loads at boot) the new one loads first, so
     /// callers do not wait for the switch.
+    ///
+    /// A LoRA adapter loads with its base: adding one to a loaded base
+    /// loads the base again (with it), and replacing a base replaces its
+    /// adapters too, so that each runs on the new base.
     pub async fn install(&self, key: &str, dir: &Path, origin: Origin) -> Result<ModelInfo> {
+        let info = self.install_one(key, dir, origin).await?;
+        let model = self.model(key).context("just installed")?;
+        if model.config.lora.is_some() {
+            if let Some(base) = self.base_of(&model)
+                && base.resident().is_some()
+            {
+                self.reload_family(&base).await?;
+            }
+        } else {
+            self.reinstall_adapters_of(key).await?;
+        }
+        Ok(self.info(key).unwrap_or(info))
+    }
+
+    /// Loads the base model `base` again (with the adapters the catalog has
+    /// for it now), then its adapters.
+    async fn reload_family(&self, base: &RepositoryModel) -> Result<()> {
+        tracing::info!(model = %base.name, "loading the base model again, with its adapters");
+        Box::pin(self.install_one(&base.name, &base.dir, base.origin)).await?;
+        Box::pin(self.reinstall_adapters_of(&base.name)).await
+    }
+
+    /// Fresh catalog entries for the loaded adapters of `base`, which load
+    /// on the base as it is now (the old ones let go of the old base once
+    /// nobody holds them).
+    async fn reinstall_adapters_of(&self, base: &str) -> Result<()> {
+        for adapter in self.snapshot() {
+            let on_base = self.base_of(&adapter).is_some_and(|b| b.name == base);
+            if on_base && adapter.resident().is_some() {
+                Box::pin(self.install_one(&adapter.name, &adapter.dir, adapter.origin)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn install_one(&self, key: &str, dir: &Path, origin: Origin) -> Result<ModelInfo> {
         let mut model = RepositoryModel::read(key, dir, &self.engines)?;
         let (owner, _) = split_key(key);
         model.owner = owner.map(str::to_string);
@@ -267,10 +344,10 @@ impl ModelPool {
         let model = Arc::new(model);
         let old = self.model(key);
         let warm = old.as_ref().is_some_and(|old| old.resident().is_some())
-            || model.config.load == LoadPolicy::Boot;
+            || (model.config.load == LoadPolicy::Boot && model.config.lora.is_none());
         if warm
             && model.slot().outcome.is_none()
-            && let Err(error) = self.ensure(&model).await
+            && let Err(error) = Box::pin(self.ensure(&model)).await
         {
             tracing::warn!(model = %key, "not loaded before taking over: {error}");
         }
@@ -394,6 +471,9 @@ impl ModelPool {
 
     /// `model` loaded, now if it must be, while other callers of it wait.
     async fn ensure(&self, model: &Arc<RepositoryModel>) -> Result<Resident, NnError> {
+        if model.config.lora.is_some() {
+            return Box::pin(self.ensure_adapter(model)).await;
+        }
         let name = &model.name;
         let failed = |reason: String| {
             NnError::new(
@@ -410,7 +490,7 @@ impl ModelPool {
         }
         tracing::info!(model = %name, "loading model on demand");
         let started = Instant::now();
-        let job = LoadJob::of(model, &self.devices);
+        let job = LoadJob::of(model, &self.devices, self.adapters_of(name));
         let freeable = self.freeable(model);
         let destination = self
             .workers
@@ -456,6 +536,63 @@ impl ModelPool {
         let _ = load.await;
         self.load_waits.observe_duration(started.elapsed());
         model.ready().expect("just loaded").map_err(failed)
+    }
+
+    /// A LoRA adapter: its base loaded (with it), and the adapter's own
+    /// view of the base — its own counters, the base's scheduler.
+    async fn ensure_adapter(&self, adapter: &Arc<RepositoryModel>) -> Result<Resident, NnError> {
+        let name = &adapter.name;
+        let failed = |reason: String| {
+            NnError::new(
+                ErrorCode::RuntimeError,
+                format!("model {name:?} failed to load: {reason}"),
+            )
+        };
+        if let Some(ready) = adapter.ready() {
+            return ready.map_err(failed);
+        }
+        let loading = adapter.load_lock.clone().lock_owned().await;
+        if let Some(ready) = adapter.ready() {
+            return ready.map_err(failed);
+        }
+        let started = Instant::now();
+        let base = self.base_of(adapter).ok_or_else(|| {
+            let base = adapter.config.lora.as_ref().map_or("", |l| l.base.as_str());
+            NnError::new(
+                ErrorCode::NotFound,
+                format!("{name:?} is a LoRA adapter of {base:?}, which is not in the catalog"),
+            )
+        })?;
+        let text = match self.ensure(&base).await? {
+            Resident::Text(text) => text,
+            Resident::Graph(_) => {
+                return Err(failed(format!("its base {:?} is not a text model", base.name)));
+            }
+        };
+        let view = match text.adapter(name) {
+            Ok(view) => Ok(view),
+            Err(crate::llm::AdapterError::Failed(why)) => Err(why),
+            Err(crate::llm::AdapterError::NotLoaded) => {
+                // The base loaded before this adapter was added: load it
+                // again with it, then use the adapter's new entry.
+                drop(loading);
+                self.reload_family(&base)
+                    .await
+                    .map_err(|e| failed(format!("{e:#}")))?;
+                let again = self.model(name).ok_or_else(|| failed("it was removed".into()))?;
+                if Arc::ptr_eq(&again, adapter) {
+                    return Err(failed("its base did not load it".into()));
+                }
+                return Box::pin(self.ensure(&again)).await;
+            }
+        };
+        let outcome = Outcome {
+            model: view.map(Resident::Text),
+            load_ms: started.elapsed().as_millis() as u64,
+        };
+        adapter.loaded(outcome);
+        drop(loading);
+        adapter.ready().expect("just loaded").map_err(failed)
     }
 
     /// Per device, the memory that unloading the models nobody holds
@@ -566,6 +703,7 @@ impl ModelPool {
                     name: "a function's graph",
                     data: Data::Bytes(&bytes),
                     generation: None,
+                    adapters: &[],
                 };
                 match engine.load(&source, "cpu") {
                     Ok(Loaded::Graph(graph)) => Ok(graph),
@@ -935,16 +1073,23 @@ struct LoadJob {
     config: ModelConfig,
     engine: Result<Arc<dyn engines::Engine>, String>,
     devices: Arc<Devices>,
+    /// A text model's LoRA adapters, loaded with it.
+    adapters: Vec<crate::llm::AdapterFile>,
 }
 
 impl LoadJob {
-    fn of(model: &RepositoryModel, devices: &Arc<Devices>) -> Self {
+    fn of(
+        model: &RepositoryModel,
+        devices: &Arc<Devices>,
+        adapters: Vec<crate::llm::AdapterFile>,
+    ) -> Self {
         Self {
             name: model.name.clone(),
             file: model.file.clone(),
             config: model.config.clone(),
             engine: model.engine.clone(),
             devices: devices.clone(),
+            adapters,
         }
     }
 
@@ -953,6 +1098,7 @@ impl LoadJob {
             name: &self.name,
             data: Data::File(&self.file),
             generation: self.config.generation.as_ref(),
+            adapters: &self.adapters,
         }
     }
 

@@ -103,6 +103,8 @@ pub(super) struct RepositoryModel {
     /// Its `model.toml` and model file as read (see [`stamp`]), so a
     /// rescan can tell whether they changed.
     pub(super) stamp: String,
+    /// The directory it was read from.
+    pub(super) dir: PathBuf,
     pub(super) config: ModelConfig,
     pub(super) file: PathBuf,
     pub(super) stats: Arc<ModelStats>,
@@ -183,6 +185,9 @@ pub struct ModelInfo {
     pub size_bytes: u64,
     /// How long its last load took (loading and optimising).
     pub load_ms: u64,
+    /// For a LoRA adapter: its base model and scale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<super::config::LoraConfig>,
     /// Whether it stays resident once loaded.
     pub pin: bool,
     /// Unloaded after this many seconds without a call.
@@ -228,6 +233,7 @@ impl RepositoryModel {
             owner: None,
             origin: super::Origin::Directory,
             stamp,
+            dir: dir.to_path_buf(),
             config,
             file,
             stats: Arc::new(ModelStats::default()),
@@ -407,6 +413,7 @@ impl RepositoryModel {
             outputs,
             size_bytes: self.size_bytes,
             load_ms,
+            lora: self.config.lora.clone(),
             pin: self.config.pin,
             idle_unload_after_secs: self.config.idle_unload_after_secs,
             loads,

@@ -30,7 +30,13 @@ impl Engine for LlamaCpp {
         let Data::File(path) = source.data else {
             return Err("text models load from files".into());
         };
-        crate::llm::estimate_memory(path, &source.generation.cloned().unwrap_or_default())
+        let adapters: u64 = source
+            .adapters
+            .iter()
+            .map(|a| std::fs::metadata(&a.path).map_or(0, |m| m.len()))
+            .sum();
+        Ok(crate::llm::estimate_memory(path, &source.generation.cloned().unwrap_or_default())?
+            + adapters)
     }
 
     fn load(&self, source: &Source, device: &str) -> Result<Loaded, String> {
@@ -38,7 +44,7 @@ impl Engine for LlamaCpp {
             return Err("text models load from files".into());
         };
         let generation = source.generation.cloned().unwrap_or_default();
-        let model = TextModel::load(source.name, path, generation, device)?;
+        let model = TextModel::load(source.name, path, generation, device, source.adapters)?;
         Ok(Loaded::Text(model))
     }
 }

@@ -73,6 +73,8 @@ pub struct Source<'a> {
     pub data: Data<'a>,
     /// Text models: their `[generation]` settings.
     pub generation: Option<&'a GenerationConfig>,
+    /// Text models: the LoRA adapters to load with them.
+    pub adapters: &'a [crate::llm::AdapterFile],
 }
 
 /// An engine: loads models of one format onto a device. Blocking; the pool
