@@ -193,3 +193,103 @@ async fn bad_chats_and_forbidden_models_get_clear_errors() {
         "model_not_found",
     );
 }
+
+/// One greedy OpenAI chat completion of `model`: its answer.
+async fn answer(server: &Server, key: &str, model: &str) -> Result<String, String> {
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    });
+    let reply = server
+        .client(Some(key))
+        .send(
+            Method::POST,
+            "/openai/v1/chat/completions",
+            Some(("application/json", Bytes::from(body.to_string()))),
+            &[],
+        )
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    if reply.status != 200 {
+        return Err(format!("{}: {}", reply.status, text(&reply)));
+    }
+    let body = support::json(&reply);
+    Ok(body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string())
+}
+
+fn adapter_toml(scale: f32, public: bool) -> String {
+    format!(
+        "format = \"gguf\"\nfile = \"adapter.gguf\"\npublic = {public}\n\
+         [lora]\nbase = \"{MODEL}\"\nscale = {scale}\n"
+    )
+}
+
+#[tokio::test]
+async fn lora_adapters_answer_differently_from_their_base_while_all_run() {
+    let data = tempfile::tempdir().unwrap();
+    let server = std::sync::Arc::new(Server::start(data.path()));
+    let adapter = std::fs::read(support::root().join("tests/data/lora/adapter.gguf")).unwrap();
+    let admin = support::ADMIN_TOKEN;
+    let files = [("adapter.gguf", adapter.as_slice())];
+    let toml = adapter_toml(1.0, true);
+    let added = support::add_model(&server, admin, "noisy", &files, Some(&toml)).await;
+    assert_eq!(added.status, 201, "{}", text(&added));
+    let key = server.tenant("acme").await;
+
+    // The base and its adapter, three generations each, all at once.
+    let asked: Vec<_> = [MODEL, "noisy", MODEL, "noisy", MODEL, "noisy"]
+        .into_iter()
+        .map(|model| {
+            let (server, key) = (server.clone(), key.clone());
+            tokio::spawn(async move { (model, answer(&server, &key, model).await) })
+        })
+        .collect();
+    let mut answers = std::collections::BTreeMap::<&str, Vec<String>>::new();
+    for asked in asked {
+        let (model, answered) = asked.await.unwrap();
+        answers.entry(model).or_default().push(answered.unwrap());
+    }
+    eprintln!("{answers:?}");
+    let base = &answers[MODEL];
+    let noisy = &answers["noisy"];
+    assert!(base.iter().all(|a| a == "The capital of France is Paris."), "{base:?}");
+    assert!(noisy.iter().all(|a| a == &noisy[0]), "greedy answers vary: {noisy:?}");
+    assert_ne!(noisy[0], base[0]);
+    let listed = server.model("noisy").await;
+    assert_eq!(listed["lora"]["base"], MODEL, "{listed}");
+    assert_eq!(listed["generation"]["started"], 3, "{listed}");
+    assert_eq!(listed["memory_bytes"], 0, "{listed}");
+    assert_eq!(server.model(MODEL).await["generation"]["started"], 3);
+
+    // Added while the base is loaded: the base loads again, with it.
+    let toml = adapter_toml(0.3, true);
+    let added = support::add_model(&server, admin, "mild", &files, Some(&toml)).await;
+    assert_eq!(added.status, 201, "{}", text(&added));
+    let mild = answer(&server, &key, "mild").await.unwrap();
+    assert!(mild != base[0] && mild != noisy[0], "{mild}");
+    assert_eq!(answer(&server, &key, "noisy").await.unwrap(), noisy[0]);
+    assert_eq!(answer(&server, &key, MODEL).await.unwrap(), base[0]);
+
+    // An adapter reaches its base's weights: a tenant that may not use
+    // the base may not use the adapter either.
+    let limited = server.tenant("limited").await;
+    server
+        .set_quota("limited", serde_json::json!({"models": ["noisy"]}))
+        .await;
+    let refused = answer(&server, &limited, "noisy").await.unwrap_err();
+    assert!(refused.starts_with("404"), "{refused}");
+    // A tenant's private adapter on the operator's base.
+    server
+        .set_quota("acme", serde_json::json!({"max_model_bytes": 1_000_000}))
+        .await;
+    let private = support::add_model(&server, &key, "mine", &files, Some(&adapter_toml(1.0, false))).await;
+    assert_eq!(private.status, 201, "{}", text(&private));
+    assert_eq!(answer(&server, &key, "mine").await.unwrap(), noisy[0]);
+    let hidden = answer(&server, &limited, "mine").await.unwrap_err();
+    assert!(hidden.starts_with("404"), "{hidden}");
+}
