@@ -200,7 +200,7 @@ async fn direct_run(engine: &TextModel, max_tokens: u32) -> Result<f64> {
 }
 
 /// Tokens/s of one generation through the engine, and the seconds it took.
-async fn direct_generation(engine: &TextModel, max_tokens: u32) -> Result<(f64, f64)> {
+pub(super) async fn direct_generation(engine: &TextModel, max_tokens: u32) -> Result<(f64, f64)> {
     let started = Instant::now();
     let mut generation = engine
         .generate("bench".into(), chat_request(max_tokens))

@@ -18,6 +18,7 @@ mod cluster;
 mod embed;
 mod hello;
 mod load;
+mod lora;
 mod models;
 
 use std::net::SocketAddr;
@@ -34,6 +35,7 @@ pub use cluster::ClusterArgs;
 pub use embed::EmbedArgs;
 pub use hello::HelloArgs;
 pub use load::{Load, Stats};
+pub use lora::LoraArgs;
 pub use models::ModelsArgs;
 
 use crate::cli::Client;
@@ -52,6 +54,8 @@ pub enum BenchCommand {
     /// Load times of the shipped models on demand, and a resident model's
     /// latency while another loads.
     Models(ModelsArgs),
+    /// Four LoRA adapters on one base vs four copies of the base.
+    Lora(LoraArgs),
 }
 
 /// Runs a benchmark and prints its Markdown table.
@@ -62,6 +66,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Chat(args) => chat::run(args).await,
         BenchCommand::Cluster(args) => cluster::run(args).await,
         BenchCommand::Models(args) => models::run(args).await,
+        BenchCommand::Lora(args) => lora::run(args).await,
     }
 }
 

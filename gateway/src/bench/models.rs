@@ -1,5 +1,6 @@
 //! `gigafactory bench models`: how long each shipped model takes to load
-//! on demand (from the page cache: the files were read before), and what a
+//! on demand, warm (from the page cache: the files were read before) and
+//! cold (the files' pages dropped from the cache first), and what a
 //! resident model's callers see while another model loads beside it.
 //! Every model is a copy that unloads after a second unused, so each
 //! round loads it again; the load time is the server's own (`load_ms` of
@@ -50,25 +51,36 @@ pub(super) async fn run(args: ModelsArgs) -> Result<()> {
         &format!("http://{}", server.address),
         Some(server.key.clone()),
     )?;
-    println!("| model | file | loads | load p50 | load max |\n|---|---|---|---|---|");
+    println!(
+        "| model | file | loads | warm p50 | warm max | cold p50 | cold max |\n|---|---|---|---|---|---|---|"
+    );
     for (name, path) in MODELS {
-        let mut loads = Vec::new();
-        for round in 0..args.rounds {
-            eprintln!("{name}: load {} of {} …", round + 1, args.rounds);
+        let (mut warm, mut cold) = (Vec::new(), Vec::new());
+        for round in 0..2 * args.rounds {
+            let is_cold = round % 2 == 1;
+            eprintln!("{name}: load {} of {} …", round + 1, 2 * args.rounds);
             wait_until_unloaded(&client, name).await?;
+            if is_cold {
+                drop_cached(&args.models.join(name))?;
+            }
             call(&client, name, path).await?;
-            loads.push(model(&client, name).await?["load_ms"].as_u64().unwrap_or(0));
+            let ms = model(&client, name).await?["load_ms"].as_u64().unwrap_or(0);
+            if is_cold { &mut cold } else { &mut warm }.push(ms);
         }
-        loads.sort_unstable();
+        warm.sort_unstable();
+        cold.sort_unstable();
         let size = model(&client, name).await?["size_bytes"]
             .as_u64()
             .unwrap_or(0);
         println!(
-            "| {name} | {} MiB | {} | {} ms | {} ms |",
+            "| {name} | {} MiB | {} + {} | {} ms | {} ms | {} ms | {} ms |",
             size >> 20,
-            loads.len(),
-            loads[loads.len() / 2],
-            loads[loads.len() - 1]
+            warm.len(),
+            cold.len(),
+            warm[warm.len() / 2],
+            warm[warm.len() - 1],
+            cold[cold.len() / 2],
+            cold[cold.len() - 1]
         );
     }
 
@@ -100,9 +112,20 @@ pub(super) async fn run(args: ModelsArgs) -> Result<()> {
         latency_row(&format!("while {text} loads beside it"), &mut beside)
     );
     println!(
-        "\n(from the page cache; {} CPU threads)",
+        "\n(cold: the model's files dropped from the page cache before the load; {} CPU threads)",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
+    Ok(())
+}
+
+/// Drops the pages of the files in `dir` from the page cache
+/// (`posix_fadvise(DONTNEED)`: clean pages nobody maps), so the next
+/// load reads them from the disk.
+fn drop_cached(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let file = std::fs::File::open(entry?.path().canonicalize()?)?;
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed)?;
+    }
     Ok(())
 }
 
