@@ -276,6 +276,22 @@ async fn models_live_in_the_store(backend: Backend) {
     assert_eq!(json(&added)["version"], 1);
     let acme = server.tenant("acme").await;
     let other = server.tenant("other").await;
+    // A file already on the node, registered by the operator: stored too.
+    let path = support::root().join("tests/data/tiny.onnx");
+    let on_node = serde_json::json!({"name": "local", "path": path, "public": true});
+    let body = || Some(("application/json", on_node.to_string().into()));
+    let registered = server
+        .admin()
+        .send(Method::POST, "/v1/models", body(), &[])
+        .await
+        .unwrap();
+    assert_eq!(registered.status, 201, "{}", text(&registered));
+    let refused = server
+        .client(Some(&acme))
+        .send(Method::POST, "/v1/models", body(), &[])
+        .await
+        .unwrap();
+    assert_error(&refused, 403, "forbidden");
     server
         .set_quota("acme", serde_json::json!({"max_model_bytes": 1000}))
         .await;
@@ -310,6 +326,8 @@ async fn models_live_in_the_store(backend: Backend) {
     }
     let mine = server.get_text(&acme, "/fn/acme/probe/model?name=mine").await;
     assert_eq!(mine, "ok", "{backend:?}");
+    let local = server.get_text(&other, "/fn/other/probe/model?name=local").await;
+    assert_eq!(local, "ok", "{backend:?}");
     let hidden = server.get_text(&other, "/fn/other/probe/model?name=mine").await;
     assert_eq!(hidden, "notfound", "{backend:?}");
     let shown = server

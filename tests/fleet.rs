@@ -121,7 +121,13 @@ async fn probe(server: &Server, key: &str, tenant: &str, path: &str) -> String {
 async fn models_are_added_updated_and_removed_at_run_time() {
     let data = tempfile::tempdir().unwrap();
     let repository = tempfile::tempdir().unwrap();
-    let server = Arc::new(Server::start_with_models(data.path(), repository.path(), &[]));
+    // Tenants' graphs (private models too) on tract, the operator's on
+    // the default engine.
+    let server = Arc::new(Server::start_with_models(
+        data.path(),
+        repository.path(),
+        &["--guest-onnx-engine", "tract"],
+    ));
     let admin = support::ADMIN_TOKEN;
     let alice = server.tenant("alice").await;
     let bob = server.tenant("bob").await;
@@ -220,8 +226,15 @@ async fn models_are_added_updated_and_removed_at_run_time() {
     assert!(!over.status.success());
     assert!(String::from_utf8_lossy(&over.stderr).contains("max_model_bytes"), "{over:?}");
     server.set_quota("bob", serde_json::json!({"max_model_bytes": 4096})).await;
+    let tiny_bytes = std::fs::read(&tiny).unwrap();
+    let files = [("tiny.onnx", tiny_bytes.as_slice())];
+    let named = "format = \"onnx\"\nfile = \"tiny.onnx\"\nengine = \"onnxruntime\"\n";
+    let refused = support::add_model(&server, &bob, "mine", &files, Some(named)).await;
+    assert_error(&refused, 400, "invalid_config");
     succeeded(&gigafactory(&server, &bob, &["models", "add", "mine", tiny.to_str().unwrap()]));
     assert_eq!(server.whoami(&bob).await["usage"]["model_bytes"], 552);
+    let mine = server.client(Some(&bob)).api(Method::GET, "/v1/models/mine", None).await.unwrap();
+    assert_eq!(mine["model"]["engine"], "tract", "{mine}");
     let bob_probe = probe_bundle("models = [\"mine\"]", &[]);
     let deployed = server.deploy_bundle(&bob, "probe", bob_probe).await;
     assert_eq!(deployed.status, 201, "{}", text(&deployed));

@@ -338,6 +338,10 @@ pub enum ModelsCommand {
         /// For a generated model.toml: every tenant may use it (operator only).
         #[arg(long)]
         public: bool,
+        /// PATH is on the node the command talks to, which stores it
+        /// itself: nothing is uploaded (operator only).
+        #[arg(long)]
+        on_node: bool,
     },
     /// Add a LoRA adapter of a GGUF text model as a model of its own: its
     /// calls run on the base's weights and scheduler, batched with the

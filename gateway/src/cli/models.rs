@@ -47,13 +47,22 @@ pub(super) async fn run(client: &Client, command: ModelsCommand, as_json: bool) 
             task,
             model_file,
             public,
+            on_node,
         } => {
-            let (files, found_config) = upload_all(client, &path).await?;
-            let config = read_config(config.as_deref(), found_config)?;
-            let body = json!({
-                "name": name, "files": files, "config": config, "format": format,
-                "task": task, "model_file": model_file, "public": public,
+            let mut body = json!({
+                "name": name, "format": format, "task": task, "model_file": model_file,
+                "public": public,
             });
+            let config = if on_node {
+                body["path"] = json!(path);
+                eprintln!("the node stores {} itself …", path.display());
+                read_config(config.as_deref(), None)?
+            } else {
+                let (files, found_config) = upload_all(client, &path).await?;
+                body["files"] = json!(files);
+                read_config(config.as_deref(), found_config)?
+            };
+            body["config"] = json!(config);
             eprintln!("adding model {name}");
             let reply = client
                 .api(Method::POST, "/v1/models", Some(json_body(&body)))

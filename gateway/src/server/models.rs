@@ -61,6 +61,11 @@ struct ModelRequest {
     base: Option<String>,
     #[serde(default)]
     scale: Option<f32>,
+    /// Instead of `files` (operator only): a file or directory on the node
+    /// that answers, which it stores itself (a directory's `model.toml` is
+    /// the config unless one is given).
+    #[serde(default)]
+    path: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,7 +197,25 @@ impl Gateway {
     async fn put_model(&self, request: Request, name: Option<&str>) -> Result<Response, ApiError> {
         let owner = self.model_owner(&request).await?;
         let replace = name.is_some();
-        let body: ModelRequest = self.read_json(request).await?;
+        let mut body: ModelRequest = self.read_json(request).await?;
+        if let Some(path) = body.path.take() {
+            if owner.is_some() {
+                return Err(ApiError::forbidden(
+                    "only the operator adds models from files on the node",
+                ));
+            }
+            if body.files.is_some() {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "give files or path, not both",
+                ));
+            }
+            let (files, config) = self.import(&path).await?;
+            body.files = Some(files);
+            if body.config.is_none() {
+                body.config = config;
+            }
+        }
         let name = match (name, &body.name) {
             (Some(path), Some(named)) if path != named => {
                 return Err(ApiError::bad_request(
@@ -257,7 +280,7 @@ impl Gateway {
                 if self
                     .runtime
                     .models()
-                    .check_config(&current.config)
+                    .check_config(&current.config, owner.is_some())
                     .is_ok_and(|c| files.contains_key(&c.file)) =>
             {
                 current.config.clone()
@@ -267,7 +290,7 @@ impl Gateway {
         let checked = self
             .runtime
             .models()
-            .check_config(&config)
+            .check_config(&config, owner.is_some())
             .map_err(|e| ApiError::bad_request("invalid_config", e))?;
         if !files.contains_key(&checked.file) {
             return Err(ApiError::bad_request(
@@ -306,6 +329,53 @@ impl Gateway {
             StatusCode::CREATED
         };
         Ok(json(status, self.model_json(&record)))
+    }
+
+    /// Stores the file or the directory's files at `path` on this node as
+    /// model files, as an upload would (read in parts, off the async
+    /// workers): their references, and the directory's `model.toml`.
+    async fn import(
+        &self,
+        path: &str,
+    ) -> Result<(BTreeMap<String, FileSpec>, Option<String>), ApiError> {
+        let root = std::path::PathBuf::from(path);
+        let bad = |why: String| ApiError::bad_request("invalid_path", why);
+        if !root.is_absolute() {
+            return Err(bad(format!("{path:?} is not an absolute path")));
+        }
+        let local = {
+            let root = root.clone();
+            tokio::task::spawn_blocking(move || local_files(&root))
+                .await
+                .map_err(|e| ApiError::internal(e.into()))?
+                .map_err(|e| bad(format!("{e:#}")))?
+        };
+        let (mut files, mut config) = (BTreeMap::new(), None);
+        for (relative, file) in local {
+            if relative == "model.toml" {
+                config = Some(std::fs::read_to_string(&file).map_err(|e| bad(e.to_string()))?);
+                continue;
+            }
+            let (sha256, size) = {
+                let reading = file.clone();
+                tokio::task::spawn_blocking(move || hash_file(&reading))
+                    .await
+                    .map_err(|e| ApiError::internal(e.into()))?
+                    .map_err(|e| bad(format!("reading {}: {e}", file.display())))?
+            };
+            let blob = self.store.begin_model_blob(None, &sha256, size).await?;
+            for index in (0..blob.parts()).filter(|i| blob.received.binary_search(i).is_err()) {
+                let (file, offset, len) = (file.clone(), u64::from(index) * blob.part_size, blob.part_len(index));
+                let part = tokio::task::spawn_blocking(move || read_part(&file, offset, len))
+                    .await
+                    .map_err(|e| ApiError::internal(e.into()))?
+                    .map_err(|e| ApiError::internal(e.into()))?;
+                self.store.put_model_part(None, &sha256, index, &part).await?;
+            }
+            tracing::info!(file = %file.display(), size, "stored a model file from this node");
+            files.insert(relative, FileSpec { sha256, size });
+        }
+        Ok((files, config))
     }
 
     /// This node's copy of an uploaded file, read back whole from the store
@@ -563,6 +633,57 @@ impl Gateway {
             serde_json::to_value(rescan).map_err(|e| ApiError::internal(e.into()))?,
         ))
     }
+}
+
+/// The regular file at `root`, or those below the directory `root`, by
+/// their path in the model's directory.
+fn local_files(root: &std::path::Path) -> anyhow::Result<Vec<(String, std::path::PathBuf)>> {
+    let meta = std::fs::metadata(root)?;
+    if meta.is_file() {
+        let name = root
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| anyhow::anyhow!("{} has no UTF-8 file name", root.display()))?;
+        return Ok(vec![(name.to_string(), root.to_path_buf())]);
+    }
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.is_file() {
+                let relative = path
+                    .strip_prefix(root)?
+                    .to_str()
+                    .ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", path.display()))?
+                    .to_string();
+                found.push((relative, path));
+            }
+        }
+        if found.len() > MAX_FILES + 1 {
+            anyhow::bail!("{} has more than {MAX_FILES} files", root.display());
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn hash_file(path: &std::path::Path) -> std::io::Result<(String, u64)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut file, &mut hasher)?;
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+fn read_part(path: &std::path::Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = std::fs::File::open(path)?;
+    file.seek(std::io::SeekFrom::Start(offset))?;
+    let mut part = vec![0; len as usize];
+    file.read_exact(&mut part)?;
+    Ok(part)
 }
 
 fn blob_json(blob: &ModelBlob) -> Value {

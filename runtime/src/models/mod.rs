@@ -282,11 +282,13 @@ impl ModelPool {
 
     /// Checks a `model.toml` the way installing it would (it parses, its
     /// sections fit its format, its engine can run); the config, or why not.
-    pub fn check_config(&self, text: &str) -> Result<ModelConfig, String> {
+    /// `private`: for a tenant's private model.
+    pub fn check_config(&self, text: &str, private: bool) -> Result<ModelConfig, String> {
         let config: ModelConfig =
             toml::from_str(text).map_err(|e| format!("model.toml: {}", e.message()))?;
         config.check()?;
-        self.engines.choose(config.format, &config.engine)?;
+        self.engines
+            .choose_for(config.format, &config.engine, private)?;
         Ok(config)
     }
 
@@ -337,9 +339,8 @@ impl ModelPool {
     }
 
     async fn install_one(&self, key: &str, dir: &Path, origin: Origin) -> Result<ModelInfo> {
-        let mut model = RepositoryModel::read(key, dir, &self.engines)?;
         let (owner, _) = split_key(key);
-        model.owner = owner.map(str::to_string);
+        let mut model = RepositoryModel::read_as(key, dir, &self.engines, owner)?;
         model.origin = origin;
         let model = Arc::new(model);
         let old = self.model(key);

@@ -217,6 +217,18 @@ impl RepositoryModel {
     /// unreadable file skips the model, a config its format refuses or an
     /// engine that cannot run leaves it listed as `failed` with the reason.
     pub(super) fn read(name: &str, dir: &Path, engines: &Engines) -> Result<Self> {
+        Self::read_as(name, dir, engines, None)
+    }
+
+    /// [`Self::read`] of a model of `owner` (a tenant's private model: an
+    /// ONNX one runs on the engine for functions' own graphs, as other
+    /// graphs a tenant supplies do).
+    pub(super) fn read_as(
+        name: &str,
+        dir: &Path,
+        engines: &Engines,
+        owner: Option<&str>,
+    ) -> Result<Self> {
         let toml_path = dir.join("model.toml");
         let text = std::fs::read_to_string(&toml_path)
             .with_context(|| format!("reading {}", toml_path.display()))?;
@@ -227,10 +239,10 @@ impl RepositoryModel {
         let stamp = stamp(dir);
         let engine = config
             .check()
-            .and_then(|()| engines.choose(config.format, &config.engine));
+            .and_then(|()| engines.choose_for(config.format, &config.engine, owner.is_some()));
         let model = Self {
             name: name.to_string(),
-            owner: None,
+            owner: owner.map(str::to_string),
             origin: super::Origin::Directory,
             stamp,
             dir: dir.to_path_buf(),

@@ -209,6 +209,30 @@ impl Engines {
         self.guest.clone()
     }
 
+    /// [`Self::choose`] for a tenant's private model when `private`: an
+    /// ONNX graph a tenant supplies runs on the engine for functions' own
+    /// graphs (`--guest-onnx-engine`), whatever it asks for.
+    pub fn choose_for(
+        &self,
+        format: ModelFormat,
+        engine: &str,
+        private: bool,
+    ) -> Result<Arc<dyn Engine>, String> {
+        if !private || format != ModelFormat::Onnx {
+            return self.choose(format, engine);
+        }
+        let guest = self.for_guests();
+        if engine == "auto" || engine == guest.name() {
+            Ok(guest)
+        } else {
+            Err(format!(
+                "a tenant's ONNX model runs on {}, the engine for tenants' graphs here, not {engine:?}: \
+                 say engine = \"auto\"",
+                guest.name()
+            ))
+        }
+    }
+
     /// The engine for a model of `format` asking for `engine` (`auto` or a name).
     pub fn choose(&self, format: ModelFormat, engine: &str) -> Result<Arc<dyn Engine>, String> {
         match (format, engine) {
