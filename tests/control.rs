@@ -296,7 +296,13 @@ async fn models_live_in_the_store(backend: Backend) {
         .set_quota("acme", serde_json::json!({"max_model_bytes": 1000}))
         .await;
     let private = support::add_model(&server, &acme, "mine", &[("m.onnx", &tiny)], None).await;
-    assert_eq!(private.status, 201, "{}\n{}", text(&private), server.output());
+    assert_eq!(
+        private.status,
+        201,
+        "{}\n{}",
+        text(&private),
+        server.output()
+    );
     // Twice is a conflict; past the quota is refused.
     let again = support::add_model(&server, &acme, "mine", &[("m.onnx", &tiny)], None).await;
     assert_error(&again, 409, "conflict");
@@ -324,11 +330,17 @@ async fn models_live_in_the_store(backend: Backend) {
             .await;
         assert_eq!(tiny, "ok", "{backend:?} {tenant}");
     }
-    let mine = server.get_text(&acme, "/fn/acme/probe/model?name=mine").await;
+    let mine = server
+        .get_text(&acme, "/fn/acme/probe/model?name=mine")
+        .await;
     assert_eq!(mine, "ok", "{backend:?}");
-    let local = server.get_text(&other, "/fn/other/probe/model?name=local").await;
+    let local = server
+        .get_text(&other, "/fn/other/probe/model?name=local")
+        .await;
     assert_eq!(local, "ok", "{backend:?}");
-    let hidden = server.get_text(&other, "/fn/other/probe/model?name=mine").await;
+    let hidden = server
+        .get_text(&other, "/fn/other/probe/model?name=mine")
+        .await;
     assert_eq!(hidden, "notfound", "{backend:?}");
     let shown = server
         .admin()
@@ -362,6 +374,8 @@ async fn models_live_in_the_store(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(removed.status, 204, "{}", text(&removed));
-    let gone = server.get_text(&other, "/fn/other/probe/model?name=tiny").await;
+    let gone = server
+        .get_text(&other, "/fn/other/probe/model?name=tiny")
+        .await;
     assert_eq!(gone, "notfound");
 }

@@ -85,7 +85,12 @@ normalize = {normalize}
 
 /// `POST /openai/v1/embeddings` of one text: the vector (after checking
 /// the status).
-async fn embed_openai(server: &Server, key: &str, model: &str, input: &str) -> Result<Vec<f32>, String> {
+async fn embed_openai(
+    server: &Server,
+    key: &str,
+    model: &str,
+    input: &str,
+) -> Result<Vec<f32>, String> {
     let body = serde_json::json!({"model": model, "input": input}).to_string();
     let reply = server
         .client(Some(key))
@@ -135,7 +140,16 @@ async fn models_are_added_updated_and_removed_at_run_time() {
     // Added over the API with the CLI, then called from a function: no restart.
     let files = tempfile::tempdir().unwrap();
     minilm_dir(&files.path().join("v1"), true);
-    let added = gigafactory(&server, admin, &["models", "add", MINILM, files.path().join("v1").to_str().unwrap()]);
+    let added = gigafactory(
+        &server,
+        admin,
+        &[
+            "models",
+            "add",
+            MINILM,
+            files.path().join("v1").to_str().unwrap(),
+        ],
+    );
     let shown = succeeded(&added);
     assert!(shown.contains("version 1"), "{shown}");
     server.deploy(&alice, "embed", support::wasm("embed")).await;
@@ -153,14 +167,19 @@ async fn models_are_added_updated_and_removed_at_run_time() {
     assert_eq!(reply.status, 200, "{}", text(&reply));
     let got = support::floats(&json(&reply)["embedding"]);
     let off = support::largest_difference(&got, &expected);
-    assert!(off < 1e-3, "the added model answers {off} away from the reference");
+    assert!(
+        off < 1e-3,
+        "the added model answers {off} away from the reference"
+    );
     let model = server.model(MINILM).await;
     assert_eq!(model["origin"]["api"]["version"], 1, "{model}");
     assert_eq!(model["state"], "ready", "{model}");
 
     // Updated under load: every call answers, and after the update returns
     // every call gets the new version (vectors no longer normalised).
-    let before = embed_openai(&server, &alice, MINILM, &sentence).await.unwrap();
+    let before = embed_openai(&server, &alice, MINILM, &sentence)
+        .await
+        .unwrap();
     assert!((norm(&before) - 1.0).abs() < 1e-3, "norm {}", norm(&before));
     let updated = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicBool::new(true));
@@ -186,7 +205,17 @@ async fn models_are_added_updated_and_removed_at_run_time() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let config = files.path().join("v2.toml");
     std::fs::write(&config, minilm_toml(false)).unwrap();
-    let output = gigafactory(&server, admin, &["models", "update", MINILM, "--config", config.to_str().unwrap()]);
+    let output = gigafactory(
+        &server,
+        admin,
+        &[
+            "models",
+            "update",
+            MINILM,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
     assert!(succeeded(&output).contains("version 2"));
     updated.store(true, Ordering::Release);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -194,14 +223,23 @@ async fn models_are_added_updated_and_removed_at_run_time() {
     let (mut calls, mut after) = (0, Vec::new());
     for client in clients {
         let (n, norms, failures) = client.await.unwrap();
-        assert!(failures.is_empty(), "calls failed during the update: {failures:?}");
+        assert!(
+            failures.is_empty(),
+            "calls failed during the update: {failures:?}"
+        );
         calls += n;
         after.extend(norms);
     }
-    eprintln!("{calls} calls during the update, {} after it, none failed", after.len());
+    eprintln!(
+        "{calls} calls during the update, {} after it, none failed",
+        after.len()
+    );
     assert!(!after.is_empty(), "no call after the update");
     for norm in &after {
-        assert!((norm - 1.0).abs() > 1e-2, "a call after the update got the old version (norm {norm})");
+        assert!(
+            (norm - 1.0).abs() > 1e-2,
+            "a call after the update got the old version (norm {norm})"
+        );
     }
     let model = server.model(MINILM).await;
     assert_eq!(model["origin"]["api"]["version"], 2, "{model}");
@@ -222,28 +260,57 @@ async fn models_are_added_updated_and_removed_at_run_time() {
 
     // Private models: bob adds one within his quota; alice never sees it.
     let tiny = root().join("tests/data/tiny.onnx");
-    let over = gigafactory(&server, &bob, &["models", "add", "mine", tiny.to_str().unwrap()]);
+    let over = gigafactory(
+        &server,
+        &bob,
+        &["models", "add", "mine", tiny.to_str().unwrap()],
+    );
     assert!(!over.status.success());
-    assert!(String::from_utf8_lossy(&over.stderr).contains("max_model_bytes"), "{over:?}");
-    server.set_quota("bob", serde_json::json!({"max_model_bytes": 4096})).await;
+    assert!(
+        String::from_utf8_lossy(&over.stderr).contains("max_model_bytes"),
+        "{over:?}"
+    );
+    server
+        .set_quota("bob", serde_json::json!({"max_model_bytes": 4096}))
+        .await;
     let tiny_bytes = std::fs::read(&tiny).unwrap();
     let files = [("tiny.onnx", tiny_bytes.as_slice())];
     let named = "format = \"onnx\"\nfile = \"tiny.onnx\"\nengine = \"onnxruntime\"\n";
     let refused = support::add_model(&server, &bob, "mine", &files, Some(named)).await;
     assert_error(&refused, 400, "invalid_config");
-    succeeded(&gigafactory(&server, &bob, &["models", "add", "mine", tiny.to_str().unwrap()]));
+    succeeded(&gigafactory(
+        &server,
+        &bob,
+        &["models", "add", "mine", tiny.to_str().unwrap()],
+    ));
     assert_eq!(server.whoami(&bob).await["usage"]["model_bytes"], 552);
-    let mine = server.client(Some(&bob)).api(Method::GET, "/v1/models/mine", None).await.unwrap();
+    let mine = server
+        .client(Some(&bob))
+        .api(Method::GET, "/v1/models/mine", None)
+        .await
+        .unwrap();
     assert_eq!(mine["model"]["engine"], "tract", "{mine}");
     let bob_probe = probe_bundle("models = [\"mine\"]", &[]);
     let deployed = server.deploy_bundle(&bob, "probe", bob_probe).await;
     assert_eq!(deployed.status, 201, "{}", text(&deployed));
     assert_eq!(probe(&server, &bob, "bob", "/model?name=mine").await, "ok");
-    let alice_probe = server.deploy_bundle(&alice, "probe", probe_bundle("", &[])).await;
+    let alice_probe = server
+        .deploy_bundle(&alice, "probe", probe_bundle("", &[]))
+        .await;
     assert_eq!(alice_probe.status, 201, "{}", text(&alice_probe));
-    assert_eq!(probe(&server, &alice, "alice", "/model?name=mine").await, "notfound");
-    assert_eq!(probe(&server, &alice, "alice", "/model?name=bob/mine").await, "notfound");
-    let listed = server.client(Some(&alice)).api(Method::GET, "/v1/models", None).await.unwrap();
+    assert_eq!(
+        probe(&server, &alice, "alice", "/model?name=mine").await,
+        "notfound"
+    );
+    assert_eq!(
+        probe(&server, &alice, "alice", "/model?name=bob/mine").await,
+        "notfound"
+    );
+    let listed = server
+        .client(Some(&alice))
+        .api(Method::GET, "/v1/models", None)
+        .await
+        .unwrap();
     assert!(!listed.to_string().contains("\"mine\""), "{listed}");
     let shown = server
         .client(Some(&alice))
@@ -261,7 +328,10 @@ async fn models_are_added_updated_and_removed_at_run_time() {
     // --force removes it even though bob's manifest names it.
     let forced = gigafactory(&server, admin, &["models", "remove", MINILM, "--force"]);
     succeeded(&forced);
-    assert_eq!(probe(&server, &bob, "bob", "/model?name=all-minilm-l6-v2").await, "notfound");
+    assert_eq!(
+        probe(&server, &bob, "bob", "/model?name=all-minilm-l6-v2").await,
+        "notfound"
+    );
     let forced = gigafactory(&server, &bob, &["models", "remove", "mine", "--force"]);
     succeeded(&forced);
     assert_eq!(server.whoami(&bob).await["usage"]["model_bytes"], 0);
@@ -270,7 +340,11 @@ async fn models_are_added_updated_and_removed_at_run_time() {
     let dir = repository.path().join("tiny");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(&tiny, dir.join("tiny.onnx")).unwrap();
-    std::fs::write(dir.join("model.toml"), "format = \"onnx\"\nfile = \"tiny.onnx\"\npublic = true\n").unwrap();
+    std::fs::write(
+        dir.join("model.toml"),
+        "format = \"onnx\"\nfile = \"tiny.onnx\"\npublic = true\n",
+    )
+    .unwrap();
     hang_up(&server);
     wait_for(&server, "tiny", true).await;
     assert_eq!(server.model("tiny").await["origin"], "directory");
@@ -291,7 +365,11 @@ fn hang_up(server: &Server) {
 async fn wait_for(server: &Server, name: &str, listed: bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let models = server.admin().api(Method::GET, "/v1/models", None).await.unwrap();
+        let models = server
+            .admin()
+            .api(Method::GET, "/v1/models", None)
+            .await
+            .unwrap();
         let names: Vec<String> = models["models"]
             .as_array()
             .unwrap()
@@ -301,7 +379,10 @@ async fn wait_for(server: &Server, name: &str, listed: bool) {
         if names.iter().any(|n| n == name) == listed {
             return;
         }
-        assert!(Instant::now() < deadline, "{name} listed: {names:?}, wanted {listed}");
+        assert!(
+            Instant::now() < deadline,
+            "{name} listed: {names:?}, wanted {listed}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -319,7 +400,11 @@ async fn an_upload_of_gigabytes_cut_short_resumes_where_it_stopped() {
     // at both ends, across the first part boundary (16 MiB = 4096 rows)
     // and in the middle.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(root().join("tests/data/big/model.onnx"), dir.path().join("model.onnx")).unwrap();
+    std::fs::copy(
+        root().join("tests/data/big/model.onnx"),
+        dir.path().join("model.onnx"),
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("model.toml"),
         "format = \"onnx\"\nfile = \"model.onnx\"\nload = \"first-use\"\npublic = true\n",
@@ -378,18 +463,40 @@ async fn an_upload_of_gigabytes_cut_short_resumes_where_it_stopped() {
         .and_then(|n| n.parse().ok())
         .unwrap();
     assert!(stored >= 20, "{resumed}");
-    eprintln!("{resumed}; the rest took {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "{resumed}; the rest took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     // The whole file arrived: the server checked its sha256, and the
     // marked rows come back from the model.
-    let shown = server.admin().api(Method::GET, "/v1/models/big", None).await.unwrap();
-    assert_eq!(shown["files"]["table.bin"]["size"], TABLE_ROWS * ROW_BYTES, "{shown}");
+    let shown = server
+        .admin()
+        .api(Method::GET, "/v1/models/big", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        shown["files"]["table.bin"]["size"],
+        TABLE_ROWS * ROW_BYTES,
+        "{shown}"
+    );
     let key = server.tenant("t").await;
-    let deployed = server.deploy_bundle(&key, "probe", probe_bundle("", &[])).await;
+    let deployed = server
+        .deploy_bundle(&key, "probe", probe_bundle("", &[]))
+        .await;
     assert_eq!(deployed.status, 201, "{}", text(&deployed));
     let rows: Vec<String> = marked.iter().map(|r| r.to_string()).collect();
-    let answer = probe(&server, &key, "t", &format!("/lookup?name=big&rows={}", rows.join(","))).await;
-    let expected: Vec<String> = marked.iter().map(|r| (*r as f32 + 0.5).to_string()).collect();
+    let answer = probe(
+        &server,
+        &key,
+        "t",
+        &format!("/lookup?name=big&rows={}", rows.join(",")),
+    )
+    .await;
+    let expected: Vec<String> = marked
+        .iter()
+        .map(|r| (*r as f32 + 0.5).to_string())
+        .collect();
     assert_eq!(answer, expected.join(","));
     let unmarked = probe(&server, &key, "t", "/lookup?name=big&rows=1,200000").await;
     assert_eq!(unmarked, "0,0");
@@ -399,7 +506,11 @@ async fn an_upload_of_gigabytes_cut_short_resumes_where_it_stopped() {
     let body = |v: serde_json::Value| Some(("application/json", Bytes::from(v.to_string())));
     let fake = "ab".repeat(32);
     let begun = client
-        .api(Method::PUT, &format!("/v1/model-files/{fake}"), body(serde_json::json!({"size": 5})))
+        .api(
+            Method::PUT,
+            &format!("/v1/model-files/{fake}"),
+            body(serde_json::json!({"size": 5})),
+        )
         .await
         .unwrap();
     assert_eq!(begun["parts"], 1, "{begun}");
@@ -425,7 +536,10 @@ async fn an_upload_of_gigabytes_cut_short_resumes_where_it_stopped() {
         .await
         .unwrap();
     assert_error(&refused, 400, "file_mismatch");
-    let state = client.api(Method::GET, &format!("/v1/model-files/{fake}"), None).await.unwrap();
+    let state = client
+        .api(Method::GET, &format!("/v1/model-files/{fake}"), None)
+        .await
+        .unwrap();
     assert_eq!(state["received"], serde_json::json!([]), "{state}");
     // A part of the wrong size, or past the end, is refused.
     let wrong = client

@@ -257,8 +257,14 @@ async fn lora_adapters_answer_differently_from_their_base_while_all_run() {
     eprintln!("{answers:?}");
     let base = &answers[MODEL];
     let noisy = &answers["noisy"];
-    assert!(base.iter().all(|a| a == "The capital of France is Paris."), "{base:?}");
-    assert!(noisy.iter().all(|a| a == &noisy[0]), "greedy answers vary: {noisy:?}");
+    assert!(
+        base.iter().all(|a| a == "The capital of France is Paris."),
+        "{base:?}"
+    );
+    assert!(
+        noisy.iter().all(|a| a == &noisy[0]),
+        "greedy answers vary: {noisy:?}"
+    );
     assert_ne!(noisy[0], base[0]);
     let listed = server.model("noisy").await;
     assert_eq!(listed["lora"]["base"], MODEL, "{listed}");
@@ -287,7 +293,14 @@ async fn lora_adapters_answer_differently_from_their_base_while_all_run() {
     server
         .set_quota("acme", serde_json::json!({"max_model_bytes": 1_000_000}))
         .await;
-    let private = support::add_model(&server, &key, "mine", &files, Some(&adapter_toml(1.0, false))).await;
+    let private = support::add_model(
+        &server,
+        &key,
+        "mine",
+        &files,
+        Some(&adapter_toml(1.0, false)),
+    )
+    .await;
     assert_eq!(private.status, 201, "{}", text(&private));
     assert_eq!(answer(&server, &key, "mine").await.unwrap(), noisy[0]);
     let hidden = answer(&server, &limited, "mine").await.unwrap_err();

@@ -59,9 +59,11 @@ pub(super) async fn run(args: LoraArgs) -> Result<()> {
     let shared = {
         let (file, mut generation, adapters) = (file.clone(), generation.clone(), adapters.clone());
         generation.max_sequences = slots;
-        tokio::task::spawn_blocking(move || TextModel::load(MODEL, &file, generation, "cpu", &adapters))
-            .await?
-            .map_err(anyhow::Error::msg)?
+        tokio::task::spawn_blocking(move || {
+            TextModel::load(MODEL, &file, generation, "cpu", &adapters)
+        })
+        .await?
+        .map_err(anyhow::Error::msg)?
     };
     let views: Vec<Arc<TextModel>> = adapters
         .iter()
@@ -73,7 +75,10 @@ pub(super) async fn run(args: LoraArgs) -> Result<()> {
             .iter()
             .map(|a| std::fs::metadata(&a.path).map_or(0, |m| m.len()))
             .sum::<u64>();
-    eprintln!("{WAYS} adapters × {} clients for {} s …", args.clients, args.seconds);
+    eprintln!(
+        "{WAYS} adapters × {} clients for {} s …",
+        args.clients, args.seconds
+    );
     let shared_rate = aggregate(&views, &args).await?;
     drop(views);
     drop(shared);
@@ -85,18 +90,25 @@ pub(super) async fn run(args: LoraArgs) -> Result<()> {
         let (file, mut generation) = (file.clone(), generation.clone());
         generation.max_sequences = args.clients as u32;
         copies.push(
-            tokio::task::spawn_blocking(move || TextModel::load(MODEL, &file, generation, "cpu", &[]))
-                .await?
-                .map_err(anyhow::Error::msg)?,
+            tokio::task::spawn_blocking(move || {
+                TextModel::load(MODEL, &file, generation, "cpu", &[])
+            })
+            .await?
+            .map_err(anyhow::Error::msg)?,
         );
     }
     let copies_rss = rss_bytes().saturating_sub(before);
     let copies_memory: u64 = copies.iter().map(|c| c.memory_bytes()).sum();
-    eprintln!("{WAYS} copies × {} clients for {} s …", args.clients, args.seconds);
+    eprintln!(
+        "{WAYS} copies × {} clients for {} s …",
+        args.clients, args.seconds
+    );
     let copies_rate = aggregate(&copies, &args).await?;
 
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    println!("| setup | generated tokens/s (aggregate) | model memory (MiB) | resident growth (MiB) |");
+    println!(
+        "| setup | generated tokens/s (aggregate) | model memory (MiB) | resident growth (MiB) |"
+    );
     println!("|---|---|---|---|");
     println!(
         "| {WAYS} LoRA adapters on one base | {shared_rate:.1} | {:.0} | {:.0} |",

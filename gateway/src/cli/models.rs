@@ -172,7 +172,8 @@ fn json_body(value: &Value) -> (&'static str, Bytes) {
 fn read_config(named: Option<&Path>, found: Option<PathBuf>) -> Result<Option<String>> {
     match named.map(Path::to_path_buf).or(found) {
         Some(path) => Ok(Some(
-            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
         )),
         None => Ok(None),
     }
@@ -187,13 +188,18 @@ fn describe(reply: &Value) -> String {
     };
     let mut out = format!(
         "{} {} ({}, {}), {}",
-        model["name"].as_str().or(reply["name"].as_str()).unwrap_or("?"),
+        model["name"]
+            .as_str()
+            .or(reply["name"].as_str())
+            .unwrap_or("?"),
         reply["version"]
             .as_u64()
             .map_or_else(String::new, |v| format!("version {v}")),
         model["format"].as_str().unwrap_or("?"),
         model["engine"].as_str().unwrap_or("?"),
-        model["state"].as_str().unwrap_or("not installed on this node yet"),
+        model["state"]
+            .as_str()
+            .unwrap_or("not installed on this node yet"),
     );
     if let Some(error) = model["error"].as_str() {
         out.push_str(&format!("\n    error: {error}"));
@@ -290,7 +296,12 @@ async fn upload(client: &Client, name: &str, path: &Path) -> Result<(String, u64
     let parts = begun["parts"].as_u64().context("no parts")? as u32;
     let received: Vec<u32> = begun["received"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect()
+        })
         .unwrap_or_default();
     let missing: Vec<u32> = (0..parts).filter(|i| !received.contains(i)).collect();
     if missing.is_empty() {
@@ -336,7 +347,13 @@ async fn upload(client: &Client, name: &str, path: &Path) -> Result<(String, u64
 
 /// Sends one part, again after a failure that may pass (the connection,
 /// a timeout, a 5xx).
-async fn send_part(client: &Client, sha256: &str, index: u32, part: Bytes, part_sha: &str) -> Result<()> {
+async fn send_part(
+    client: &Client,
+    sha256: &str,
+    index: u32,
+    part: Bytes,
+    part_sha: &str,
+) -> Result<()> {
     let path = format!("/v1/model-files/{sha256}/parts/{index}");
     let headers = [("x-part-sha256".to_string(), part_sha.to_string())];
     let mut attempt = 0;
@@ -371,7 +388,8 @@ async fn send_part(client: &Client, sha256: &str, index: u32, part: Bytes, part_
 
 /// The file's sha256 and size, with progress for large files.
 fn hash_file(name: &str, path: &Path) -> Result<(String, u64)> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata()?.len();
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 8 << 20];

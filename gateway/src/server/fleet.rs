@@ -214,7 +214,9 @@ impl Gateway {
                 .store
                 .model_part(owner, &blob.sha256, index)
                 .await?
-                .with_context(|| format!("part {index} of the model file {} is missing", blob.sha256))?;
+                .with_context(|| {
+                    format!("part {index} of the model file {} is missing", blob.sha256)
+                })?;
             (hasher, out) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
                 hasher.update(&part);
                 if let Some(out) = &mut out {
@@ -238,7 +240,8 @@ impl Gateway {
     /// except copies made lately: a model being added fetches its files
     /// before the store has its record.
     fn collect_garbage(&self, records: &[ModelRecord]) {
-        let current: BTreeSet<PathBuf> = records.iter().map(|r| self.fleet.version_dir(r)).collect();
+        let current: BTreeSet<PathBuf> =
+            records.iter().map(|r| self.fleet.version_dir(r)).collect();
         let installed = self.fleet.dir.join("installed");
         for model in read_dirs(&installed) {
             for version in read_dirs(&model) {
@@ -278,7 +281,9 @@ impl Gateway {
         tokio::spawn(async move {
             loop {
                 let change = changes.recv().await;
-                let Some(gateway) = gateway.upgrade() else { return };
+                let Some(gateway) = gateway.upgrade() else {
+                    return;
+                };
                 let relevant = match change {
                     Ok(Change::Model(_) | Change::Everything)
                     | Err(broadcast::error::RecvError::Lagged(_)) => true,
@@ -295,7 +300,9 @@ impl Gateway {
             let mut day = tokio::time::interval(std::time::Duration::from_secs(24 * 3600));
             loop {
                 day.tick().await;
-                let Some(gateway) = gateway.upgrade() else { return };
+                let Some(gateway) = gateway.upgrade() else {
+                    return;
+                };
                 let before = crate::store::unix_now().saturating_sub(UNFINISHED_UPLOADS_KEPT);
                 match gateway.store.prune_model_blobs(before).await {
                     Ok(0) => {}
@@ -313,7 +320,9 @@ impl Gateway {
             let gateway = Arc::downgrade(self);
             tokio::spawn(async move {
                 while hangups.recv().await.is_some() {
-                    let Some(gateway) = gateway.upgrade() else { return };
+                    let Some(gateway) = gateway.upgrade() else {
+                        return;
+                    };
                     gateway.rescan_repository().await;
                 }
             });

@@ -181,7 +181,9 @@ impl Gateway {
             if digest != expected {
                 return Err(ApiError::bad_request(
                     "part_mismatch",
-                    format!("part {index} arrived with sha256 {digest}, not {expected}: send it again"),
+                    format!(
+                        "part {index} arrived with sha256 {digest}, not {expected}: send it again"
+                    ),
                 ));
             }
         }
@@ -264,16 +266,24 @@ impl Gateway {
         if files.is_empty() || files.len() > MAX_FILES {
             return Err(ApiError::bad_request(
                 "invalid_request",
-                format!("files: a model has 1 to {MAX_FILES} files, not {}", files.len()),
+                format!(
+                    "files: a model has 1 to {MAX_FILES} files, not {}",
+                    files.len()
+                ),
             ));
         }
         let mut local = BTreeMap::new();
         for (path, file) in &files {
             safe_path(path).map_err(|e| ApiError::bad_request("invalid_path", format!("{e:#}")))?;
             check_sha256(&file.sha256)?;
-            local.insert(path.clone(), self.uploaded(owner.as_deref(), path, file).await?);
+            local.insert(
+                path.clone(),
+                self.uploaded(owner.as_deref(), path, file).await?,
+            );
         }
-        let keep = current.as_ref().filter(|_| body.files.is_some() || body.config.is_none());
+        let keep = current
+            .as_ref()
+            .filter(|_| body.files.is_some() || body.config.is_none());
         let config = match (&body.config, keep) {
             (Some(config), _) => config.clone(),
             (None, Some(current))
@@ -365,12 +375,18 @@ impl Gateway {
             };
             let blob = self.store.begin_model_blob(None, &sha256, size).await?;
             for index in (0..blob.parts()).filter(|i| blob.received.binary_search(i).is_err()) {
-                let (file, offset, len) = (file.clone(), u64::from(index) * blob.part_size, blob.part_len(index));
+                let (file, offset, len) = (
+                    file.clone(),
+                    u64::from(index) * blob.part_size,
+                    blob.part_len(index),
+                );
                 let part = tokio::task::spawn_blocking(move || read_part(&file, offset, len))
                     .await
                     .map_err(|e| ApiError::internal(e.into()))?
                     .map_err(|e| ApiError::internal(e.into()))?;
-                self.store.put_model_part(None, &sha256, index, &part).await?;
+                self.store
+                    .put_model_part(None, &sha256, index, &part)
+                    .await?;
             }
             tracing::info!(file = %file.display(), size, "stored a model file from this node");
             files.insert(relative, FileSpec { sha256, size });
@@ -512,10 +528,17 @@ impl Gateway {
             format: body.format,
             task: body.task.clone(),
             public: body.public,
-            siblings: local.keys().filter(|p| **p != model_file).cloned().collect(),
+            siblings: local
+                .keys()
+                .filter(|p| **p != model_file)
+                .cloned()
+                .collect(),
         };
         let path = local[&model_file].clone();
-        let lora = body.base.clone().map(|base| (base, body.scale.unwrap_or(1.0)));
+        let lora = body
+            .base
+            .clone()
+            .map(|base| (base, body.scale.unwrap_or(1.0)));
         tokio::task::spawn_blocking(move || match lora {
             Some((base, scale)) => {
                 gigafactory_runtime::models::adapter_config(&path, &hints, &base, scale)
@@ -624,10 +647,9 @@ impl Gateway {
     /// `POST /v1/repository/rescan` (admin): rereads the repository directory.
     async fn rescan(&self, request: &Request) -> Result<Response, ApiError> {
         self.require_admin(request).await?;
-        let rescan = self
-            .rescan_repository()
-            .await
-            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("rereading the repository failed")))?;
+        let rescan = self.rescan_repository().await.ok_or_else(|| {
+            ApiError::internal(anyhow::anyhow!("rereading the repository failed"))
+        })?;
         Ok(json(
             StatusCode::OK,
             serde_json::to_value(rescan).map_err(|e| ApiError::internal(e.into()))?,
@@ -707,7 +729,11 @@ fn private_is_never_public() -> ApiError {
 
 /// A sha256 in hex: 64 of `0-9a-f`.
 fn check_sha256(sha256: &str) -> Result<(), ApiError> {
-    if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if sha256.len() == 64
+        && sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(())
     } else {
         Err(ApiError::bad_request(

@@ -351,7 +351,9 @@ impl Store for Cached {
         index: u32,
         content: &[u8],
     ) -> Result<ModelBlob, StoreError> {
-        self.inner.put_model_part(owner, sha256, index, content).await
+        self.inner
+            .put_model_part(owner, sha256, index, content)
+            .await
     }
 
     async fn model_part(

@@ -362,7 +362,11 @@ impl ModelBlob {
 
 impl NewModel {
     /// The record this change makes of the stored one (`existing`).
-    fn plan(&self, existing: Option<&ModelRecord>, replace: bool) -> Result<ModelRecord, StoreError> {
+    fn plan(
+        &self,
+        existing: Option<&ModelRecord>,
+        replace: bool,
+    ) -> Result<ModelRecord, StoreError> {
         let now = now();
         let record = |version: u32, created_at: u64| ModelRecord {
             owner: self.owner.clone(),
@@ -409,7 +413,9 @@ fn unusable_blob(path: &str, blob: Option<&ModelBlob>) -> Option<StoreError> {
         Some(blob) if !blob.verified => "was not checked against its sha256",
         Some(_) => return None,
     };
-    Some(StoreError::Conflict(format!("the model file {path:?} {why}")))
+    Some(StoreError::Conflict(format!(
+        "the model file {path:?} {why}"
+    )))
 }
 
 /// Bytes of each part of a model file (the last may be shorter).
@@ -611,15 +617,21 @@ pub trait Store: Send + Sync {
     async fn put_model(&self, model: &NewModel, replace: bool) -> Result<ModelRecord, StoreError>;
 
     /// A model by owner (`None`: the operator's) and name.
-    async fn model(&self, owner: Option<&str>, name: &str)
-    -> Result<Option<ModelRecord>, StoreError>;
+    async fn model(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+    ) -> Result<Option<ModelRecord>, StoreError>;
 
     /// Every model added through the API, the operator's and every tenant's.
     async fn models(&self) -> Result<Vec<ModelRecord>, StoreError>;
 
     /// Removes a model, and the blobs no other model uses; returns it.
-    async fn delete_model(&self, owner: Option<&str>, name: &str)
-    -> Result<ModelRecord, StoreError>;
+    async fn delete_model(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+    ) -> Result<ModelRecord, StoreError>;
 
     /// Deletes model files no model uses that were last touched before
     /// `before` (Unix seconds): uploads never finished or never added;

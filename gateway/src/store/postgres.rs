@@ -572,7 +572,13 @@ impl Store for PostgresStore {
                 "INSERT INTO model_blobs (owner, sha256, size, part_size, updated_at)
                  VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (owner, sha256) DO UPDATE SET updated_at = EXCLUDED.updated_at",
-                &[&owner, &sha256, &(size as i64), &(MODEL_PART_BYTES as i64), &(now() as i64)],
+                &[
+                    &owner,
+                    &sha256,
+                    &(size as i64),
+                    &(MODEL_PART_BYTES as i64),
+                    &(now() as i64),
+                ],
             )
             .await
             .map_err(db)?;
@@ -639,9 +645,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db)?;
-            Ok(load_model_blob(&*tx, owner, sha256)
-                .await?
-                .expect("locked"))
+            Ok(load_model_blob(&*tx, owner, sha256).await?.expect("locked"))
         })
     }
 
@@ -702,9 +706,13 @@ impl Store for PostgresStore {
                 Some(owner) => Some(lock_tenant(&tx, owner).await?),
                 None => None,
             };
-            let existing = load_models(&*tx, Some(owner_column(new.owner.as_deref())), Some(&new.name))
-                .await?
-                .pop();
+            let existing = load_models(
+                &*tx,
+                Some(owner_column(new.owner.as_deref())),
+                Some(&new.name),
+            )
+            .await?
+            .pop();
             let record = new.plan(existing.as_ref(), replace)?;
             for (path, file) in &new.files {
                 let blob =
@@ -747,7 +755,13 @@ impl Store for PostgresStore {
                 tx.execute(
                     "INSERT INTO model_files (owner, name, path, sha256, size)
                      VALUES ($1, $2, $3, $4, $5)",
-                    &[&owner_name, &record.name, path, &file.sha256, &(file.size as i64)],
+                    &[
+                        &owner_name,
+                        &record.name,
+                        path,
+                        &file.sha256,
+                        &(file.size as i64),
+                    ],
                 )
                 .await
                 .map_err(db)?;
@@ -772,9 +786,11 @@ impl Store for PostgresStore {
         name: &str,
     ) -> Result<Option<ModelRecord>, StoreError> {
         let client = self.client().await?;
-        Ok(load_models(&**client, Some(owner_column(owner)), Some(name))
-            .await?
-            .pop())
+        Ok(
+            load_models(&**client, Some(owner_column(owner)), Some(name))
+                .await?
+                .pop(),
+        )
     }
 
     async fn models(&self) -> Result<Vec<ModelRecord>, StoreError> {

@@ -573,7 +573,12 @@ impl SledStore {
 
     fn put_model(&self, new: &NewModel, replace: bool) -> Result<ModelRecord, StoreError> {
         let key = model_key(new.owner.as_deref(), &new.name);
-        let trees = (&self.tenants, &self.models, &self.model_blobs, &self.model_parts);
+        let trees = (
+            &self.tenants,
+            &self.models,
+            &self.model_blobs,
+            &self.model_parts,
+        );
         let result = trees.transaction(|(tenants, models, blobs, parts)| {
             let existing: Option<ModelRecord> = match models.get(key.as_bytes())? {
                 Some(value) => Some(from_json(&value).map_err(storage)?),
@@ -646,7 +651,12 @@ impl SledStore {
 
     fn delete_model(&self, owner: Option<&str>, name: &str) -> Result<ModelRecord, StoreError> {
         let key = model_key(owner, name);
-        let trees = (&self.tenants, &self.models, &self.model_blobs, &self.model_parts);
+        let trees = (
+            &self.tenants,
+            &self.models,
+            &self.model_blobs,
+            &self.model_parts,
+        );
         let result = trees.transaction(|(tenants, models, blobs, parts)| {
             let Some(value) = models.remove(key.as_bytes())? else {
                 return abort(StoreError::NotFound(format!("no model {name:?}")));
@@ -659,8 +669,10 @@ impl SledStore {
                 && let Some(value) = tenants.get(owner)?
             {
                 let mut tenant: Tenant = from_json(&value).map_err(storage)?;
-                tenant.usage.model_bytes =
-                    tenant.usage.model_bytes.saturating_sub(model.stored_bytes());
+                tenant.usage.model_bytes = tenant
+                    .usage
+                    .model_bytes
+                    .saturating_sub(model.stored_bytes());
                 tenant.revision += 1;
                 tenants.insert(owner, to_json(&tenant).map_err(storage)?)?;
             }

@@ -493,7 +493,10 @@ impl TextModel {
                 }
                 Err(e) => {
                     tracing::error!(adapter = %adapter.key, base = %name, "LoRA adapter refused: {e}");
-                    Err(format!("loading the LoRA adapter {}: {e}", adapter.path.display()))
+                    Err(format!(
+                        "loading the LoRA adapter {}: {e}",
+                        adapter.path.display()
+                    ))
                 }
             };
             index.insert(adapter.key.clone(), outcome);

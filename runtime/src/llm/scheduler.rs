@@ -268,14 +268,20 @@ impl Scheduler<'_> {
     }
 
     /// Applies `adapter` (or none) to the context, if it is not applied.
-    fn apply(&mut self, context: &mut LlamaContext<'_>, adapter: Option<usize>) -> Result<(), String> {
+    fn apply(
+        &mut self,
+        context: &mut LlamaContext<'_>,
+        adapter: Option<usize>,
+    ) -> Result<(), String> {
         if self.applied == adapter {
             return Ok(());
         }
         let outcome = match adapter {
             Some(index) => {
                 let (lora, scale) = &mut self.adapters[index];
-                context.lora_adapter_set(lora, *scale).map_err(|e| e.to_string())
+                context
+                    .lora_adapter_set(lora, *scale)
+                    .map_err(|e| e.to_string())
             }
             None => match self.adapters.first_mut() {
                 Some((lora, _)) => context.lora_adapter_remove(lora).map_err(|e| e.to_string()),

@@ -30,7 +30,11 @@ pub struct Hints {
 /// The format of the file at `path` (called `name` in its model's
 /// directory): GGUF by its magic bytes, ONNX by its name or by what the
 /// operator said.
-pub fn format_of(path: &Path, name: &str, named: Option<ModelFormat>) -> Result<ModelFormat, String> {
+pub fn format_of(
+    path: &Path,
+    name: &str,
+    named: Option<ModelFormat>,
+) -> Result<ModelFormat, String> {
     let mut magic = [0u8; 4];
     let read = std::fs::File::open(path)
         .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic))
@@ -70,7 +74,12 @@ pub fn generate(path: &Path, hints: &Hints) -> Result<String, String> {
 
 /// A `model.toml` for the LoRA adapter at `path` (a GGUF file named
 /// `hints.file`) of the text model `base`.
-pub fn adapter_config(path: &Path, hints: &Hints, base: &str, scale: f32) -> Result<String, String> {
+pub fn adapter_config(
+    path: &Path,
+    hints: &Hints,
+    base: &str,
+    scale: f32,
+) -> Result<String, String> {
     if format_of(path, &hints.file, Some(ModelFormat::Gguf)).is_err() {
         return Err(format!(
             "{} is not a GGUF file: LoRA adapters are GGUF (llama.cpp's convert_lora_to_gguf.py makes one)",
@@ -183,10 +192,13 @@ fn onnx(path: &Path, hints: &Hints) -> Result<String, String> {
     });
 
     let mut out = String::new();
-    let producer = [proto.producer_name.as_str(), proto.producer_version.as_str()]
-        .join(" ")
-        .trim()
-        .to_string();
+    let producer = [
+        proto.producer_name.as_str(),
+        proto.producer_version.as_str(),
+    ]
+    .join(" ")
+    .trim()
+    .to_string();
     let opset = proto
         .opset_import
         .iter()
@@ -234,9 +246,9 @@ fn onnx(path: &Path, hints: &Hints) -> Result<String, String> {
     };
     let sequence = inputs[0].symbol(1).filter(|sequence| {
         inputs.iter().any(|i| i.name == "attention_mask")
-            && inputs.iter().all(|i| {
-                i.dims.len() == 2 && i.symbol(1) == Some(*sequence) && i.ty == "int64"
-            })
+            && inputs
+                .iter()
+                .all(|i| i.dims.len() == 2 && i.symbol(1) == Some(*sequence) && i.ty == "int64")
     });
     match (batch, sequence) {
         (Some(_), None) if others_fixed(&inputs) && others_fixed(&outputs) => {
@@ -410,7 +422,11 @@ mod tests {
             .join("../models")
             .join(model)
             .join(file);
-        assert!(path.is_file(), "{} is missing: run ./dev models", path.display());
+        assert!(
+            path.is_file(),
+            "{} is missing: run ./dev models",
+            path.display()
+        );
         path
     }
 
@@ -453,7 +469,10 @@ mod tests {
         let refused = format_of(&onnx, "model.onnx", Some(ModelFormat::Gguf)).unwrap_err();
         assert!(refused.contains("not a GGUF file"), "{refused}");
         let gguf = shipped("smollm2-135m-instruct", "model.gguf");
-        assert_eq!(format_of(&gguf, "weights", None).unwrap(), ModelFormat::Gguf);
+        assert_eq!(
+            format_of(&gguf, "weights", None).unwrap(),
+            ModelFormat::Gguf
+        );
         assert!(format_of(&onnx, "weights", None).is_err());
         let refused = format_of(&gguf, "model.gguf", Some(ModelFormat::Onnx)).unwrap_err();
         assert!(refused.contains("--format gguf"), "{refused}");

@@ -275,7 +275,8 @@ impl ModelPool {
                 visible: access.visible.clone(),
                 allowed: None,
             };
-            self.find(tenant, &anywhere, &lora.base).map_err(|_| not_found())?;
+            self.find(tenant, &anywhere, &lora.base)
+                .map_err(|_| not_found())?;
         }
         Ok(key)
     }
@@ -567,7 +568,10 @@ impl ModelPool {
         let text = match self.ensure(&base).await? {
             Resident::Text(text) => text,
             Resident::Graph(_) => {
-                return Err(failed(format!("its base {:?} is not a text model", base.name)));
+                return Err(failed(format!(
+                    "its base {:?} is not a text model",
+                    base.name
+                )));
             }
         };
         let view = match text.adapter(name) {
@@ -580,7 +584,9 @@ impl ModelPool {
                 self.reload_family(&base)
                     .await
                     .map_err(|e| failed(format!("{e:#}")))?;
-                let again = self.model(name).ok_or_else(|| failed("it was removed".into()))?;
+                let again = self
+                    .model(name)
+                    .ok_or_else(|| failed("it was removed".into()))?;
                 if Arc::ptr_eq(&again, adapter) {
                     return Err(failed("its base did not load it".into()));
                 }

@@ -299,10 +299,7 @@ impl RepositoryModel {
             return false;
         }
         self.unload(devices, true);
-        !matches!(
-            self.slot().outcome,
-            Some(Outcome { model: Ok(_), .. })
-        )
+        !matches!(self.slot().outcome, Some(Outcome { model: Ok(_), .. }))
     }
 
     fn unload(&self, devices: &super::Devices, even_pinned: bool) -> bool {
@@ -446,7 +443,13 @@ pub(super) fn stamp(dir: &Path) -> String {
     files.sort();
     for file in files {
         if let Ok(meta) = std::fs::metadata(&file) {
-            let _ = write!(stamp, "\n{} {} {:?}", file.display(), meta.len(), meta.modified().ok());
+            let _ = write!(
+                stamp,
+                "\n{} {} {:?}",
+                file.display(),
+                meta.len(),
+                meta.modified().ok()
+            );
         }
     }
     stamp

@@ -35,8 +35,10 @@ impl Engine for LlamaCpp {
             .iter()
             .map(|a| std::fs::metadata(&a.path).map_or(0, |m| m.len()))
             .sum();
-        Ok(crate::llm::estimate_memory(path, &source.generation.cloned().unwrap_or_default())?
-            + adapters)
+        Ok(
+            crate::llm::estimate_memory(path, &source.generation.cloned().unwrap_or_default())?
+                + adapters,
+        )
     }
 
     fn load(&self, source: &Source, device: &str) -> Result<Loaded, String> {

@@ -120,7 +120,9 @@ fn lookup(name: &str, rows: &str) -> String {
     let rows: Vec<i64> = rows.split(',').filter_map(|r| r.parse().ok()).collect();
     let outcome = Graph::by_name(name)
         .and_then(|graph| graph.context())
-        .and_then(|context| context.compute(vec![("rows", Tensor::new(&[rows.len() as u32], &rows))]));
+        .and_then(|context| {
+            context.compute(vec![("rows", Tensor::new(&[rows.len() as u32], &rows))])
+        });
     let outputs = match outcome {
         Ok(outputs) => outputs,
         Err(e) => return format!("error: {e}"),
