@@ -350,6 +350,26 @@ async fn models_live_in_the_store(backend: Backend) {
     assert_eq!(shown["version"], 2, "{shown}");
     assert_eq!(shown["model"]["public"], true, "{shown}");
 
+    // Uploads in progress count against the quota too.
+    let begin = |sha: &str, size: u64| {
+        let (client, path) = (server.client(Some(&acme)), format!("/v1/model-files/{sha}"));
+        let body = serde_json::json!({ "size": size }).to_string();
+        async move {
+            client
+                .send(
+                    Method::PUT,
+                    &path,
+                    Some(("application/json", body.into())),
+                    &[],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let pending = "ab".repeat(32);
+    assert_eq!(begin(&pending, 400).await.status, 200);
+    assert_error(&begin(&"cd".repeat(32), 100).await, 403, "quota_exceeded");
+
     let deleted = server
         .admin()
         .send(Method::DELETE, "/v1/tenants/acme", None, &[])
@@ -368,6 +388,19 @@ async fn models_live_in_the_store(backend: Backend) {
         .map(|m| &m["owner"])
         .collect();
     assert!(owners.iter().all(|o| o.is_null()), "{listed}");
+    // A new tenant of the name starts with none of the old one's uploads.
+    let again = server.tenant("acme").await;
+    let upload = server
+        .client(Some(&again))
+        .send(
+            Method::GET,
+            &format!("/v1/model-files/{pending}"),
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_error(&upload, 404, "not_found");
     let removed = server
         .admin()
         .send(Method::DELETE, "/v1/models/tiny", None, &[])

@@ -281,6 +281,10 @@ async fn lora_adapters_answer_differently_from_their_base_while_all_run() {
     assert_eq!(answer(&server, &key, "noisy").await.unwrap(), noisy[0]);
     assert_eq!(answer(&server, &key, MODEL).await.unwrap(), base[0]);
 
+    let selfish = "format = \"gguf\"\nfile = \"adapter.gguf\"\n[lora]\nbase = \"selfish\"\n";
+    let refused = support::add_model(&server, admin, "selfish", &files, Some(selfish)).await;
+    assert_error(&refused, 400, "invalid_config");
+
     // An adapter reaches its base's weights: a tenant that may not use
     // the base may not use the adapter either.
     let limited = server.tenant("limited").await;

@@ -33,9 +33,9 @@ const FRESH_COPIES_KEPT: std::time::Duration = std::time::Duration::from_secs(36
 pub(super) struct Fleet {
     /// `<data>/models`.
     dir: PathBuf,
-    /// What the catalog holds of them: key → version. Held while syncing,
-    /// so syncs run one at a time.
-    installed: tokio::sync::Mutex<BTreeMap<String, u32>>,
+    /// What the catalog holds of them: key → the record installed. Held
+    /// while syncing, so syncs run one at a time.
+    installed: tokio::sync::Mutex<BTreeMap<String, ModelRecord>>,
     /// Held while a file is fetched from the store: one copy at a time.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -57,12 +57,20 @@ impl Fleet {
             .join(sha256)
     }
 
-    /// The directory of one version of a model.
+    /// The directory of one version of a model, named by its version and
+    /// its content (a model removed and added again starts at version 1
+    /// again, with other files).
     fn version_dir(&self, record: &ModelRecord) -> PathBuf {
+        let mut content = Sha256::new();
+        content.update(record.config.as_bytes());
+        for (path, file) in &record.files {
+            content.update(format!("\n{path} {} {}", file.sha256, file.size));
+        }
+        let content = hex::encode(content.finalize());
         self.dir
             .join("installed")
             .join(record.key().replace('/', "~"))
-            .join(format!("v{}", record.version))
+            .join(format!("v{}-{}", record.version, &content[..16]))
     }
 }
 
@@ -80,7 +88,7 @@ impl Gateway {
         for record in &records {
             let key = record.key();
             wanted.insert(key.clone());
-            if installed.get(&key) == Some(&record.version) {
+            if installed.get(&key) == Some(record) {
                 continue;
             }
             if pool.origin(&key) == Some(Origin::Directory) {
@@ -97,26 +105,41 @@ impl Gateway {
             let origin = Origin::Api {
                 version: record.version,
             };
-            match pool.install(&key, &dir, origin).await {
-                Ok(_) => {
-                    installed.insert(key, record.version);
-                }
-                Err(error) => tracing::error!(model = %key, "installing the model: {error:#}"),
+            let outcome = pool.install(&key, &dir, origin).await;
+            if let Err(error) = &outcome {
+                tracing::error!(model = %key, "installing the model: {error:#}");
+            }
+            // What the catalog holds now, even when a step after the
+            // install failed (loading its base again, say).
+            if pool.origin(&key) == Some(origin) {
+                installed.insert(key, record.clone());
             }
         }
-        let gone: Vec<String> = installed
+        // Gone from the store: what was installed, and any model added
+        // through the API the catalog still has.
+        let mut gone: BTreeSet<String> = installed
             .keys()
             .filter(|key| !wanted.contains(*key))
             .cloned()
             .collect();
+        gone.extend(
+            pool.list()
+                .into_iter()
+                .filter(|m| matches!(m.origin, Origin::Api { .. }))
+                .map(|m| m.key())
+                .filter(|key| !wanted.contains(key)),
+        );
         for key in gone {
             installed.remove(&key);
-            pool.remove(&key);
+            pool.remove(&key).await;
         }
         {
-            // Not while a file is being fetched (for a model being added).
+            // Not while a file is being fetched (for a model being added);
+            // the files of what the catalog serves are kept, even when the
+            // store has a newer version that could not be installed.
             let _fetching = self.fleet.fetching.lock().await;
-            self.collect_garbage(&records);
+            let serving: Vec<ModelRecord> = installed.values().cloned().collect();
+            self.collect_garbage(&serving);
         }
         self.public_models_changed();
         Ok(())

@@ -131,9 +131,10 @@ impl Gateway {
             && self.store.model_blob(Some(tenant), sha256).await?.is_none()
         {
             let record = self.tenant_record(tenant).await?;
+            let pending = self.store.pending_model_bytes(tenant).await?;
             record
                 .quota
-                .admits_model_bytes(record.usage.model_bytes + body.size)
+                .admits_model_bytes(record.usage.model_bytes + pending + body.size)
                 .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", e))?;
         }
         let blob = self
@@ -272,6 +273,16 @@ impl Gateway {
                 ),
             ));
         }
+        if let Some(tenant) = &owner {
+            // Refused before any file is copied to this node.
+            let record = self.tenant_record(tenant).await?;
+            let before = current.as_ref().map_or(0, ModelRecord::stored_bytes);
+            let after: u64 = files.values().map(|f| f.size).sum();
+            record
+                .quota
+                .admits_model_bytes(record.usage.model_bytes.saturating_sub(before) + after)
+                .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", e))?;
+        }
         let mut local = BTreeMap::new();
         for (path, file) in &files {
             safe_path(path).map_err(|e| ApiError::bad_request("invalid_path", format!("{e:#}")))?;
@@ -314,6 +325,23 @@ impl Gateway {
         }
         if owner.is_some() && checked.public {
             return Err(private_is_never_public());
+        }
+        if let Some(embedding) = &checked.embedding
+            && !files.contains_key(&embedding.vocabulary)
+        {
+            return Err(ApiError::bad_request(
+                "invalid_config",
+                format!(
+                    "[embedding] vocabulary {:?} is not one of the model's files",
+                    embedding.vocabulary
+                ),
+            ));
+        }
+        if checked.lora.as_ref().is_some_and(|lora| lora.base == name) {
+            return Err(ApiError::bad_request(
+                "invalid_config",
+                "[lora] base: an adapter cannot be its own base",
+            ));
         }
         gigafactory_runtime::models::format_of(
             &local[&checked.file],

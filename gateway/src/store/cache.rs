@@ -406,6 +406,10 @@ impl Store for Cached {
         outcome
     }
 
+    async fn pending_model_bytes(&self, owner: &str) -> Result<u64, StoreError> {
+        self.inner.pending_model_bytes(owner).await
+    }
+
     async fn prune_model_blobs(&self, before: u64) -> Result<usize, StoreError> {
         self.inner.prune_model_blobs(before).await
     }

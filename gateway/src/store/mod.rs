@@ -633,6 +633,10 @@ pub trait Store: Send + Sync {
         name: &str,
     ) -> Result<ModelRecord, StoreError>;
 
+    /// Bytes of the tenant `owner`'s model files no model uses yet
+    /// (uploads in progress, or finished and not added).
+    async fn pending_model_bytes(&self, owner: &str) -> Result<u64, StoreError>;
+
     /// Deletes model files no model uses that were last touched before
     /// `before` (Unix seconds): uploads never finished or never added;
     /// returns how many.

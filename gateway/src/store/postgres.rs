@@ -299,7 +299,11 @@ impl Store for PostgresStore {
             tx.execute("DELETE FROM models WHERE owner = $1", &[&name])
                 .await
                 .map_err(db)?;
-            release_model_blobs(&tx, &models).await?;
+            // Its uploads too, finished or not: a later tenant of the name
+            // starts with none.
+            tx.execute("DELETE FROM model_blobs WHERE owner = $1", &[&name])
+                .await
+                .map_err(db)?;
             for model in &models {
                 notify(&tx, &Change::Model(model.key())).await?;
             }
@@ -839,6 +843,20 @@ impl Store for PostgresStore {
             self.announce([Change::Tenant(owner.to_string())]);
         }
         Ok(model)
+    }
+
+    async fn pending_model_bytes(&self, owner: &str) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT COALESCE(SUM(size), 0)::bigint FROM model_blobs b WHERE b.owner = $1
+                   AND NOT EXISTS (SELECT 1 FROM model_files f
+                                   WHERE f.owner = b.owner AND f.sha256 = b.sha256)",
+                &[&owner],
+            )
+            .await
+            .map_err(db)?;
+        Ok(row.get::<_, i64>(0) as u64)
     }
 
     async fn prune_model_blobs(&self, before: u64) -> Result<usize, StoreError> {
@@ -1397,7 +1415,10 @@ fn db(error: tokio_postgres::Error) -> StoreError {
     }
 }
 
-/// Serialization failures and deadlocks: the transaction may succeed if run again.
+/// Serialization failures and deadlocks, and the unique and foreign-key
+/// violations of a racing change (two adds of one model, an upload
+/// pruned under an add): the transaction may succeed if run again, or
+/// see what happened and refuse with a clear error.
 fn retryable(error: &StoreError) -> bool {
     let StoreError::Storage(error) = error else {
         return false;
@@ -1406,7 +1427,13 @@ fn retryable(error: &StoreError) -> bool {
         .downcast_ref::<tokio_postgres::Error>()
         .and_then(tokio_postgres::Error::code)
         .is_some_and(|code| {
-            *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
+            [
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                SqlState::T_R_DEADLOCK_DETECTED,
+                SqlState::UNIQUE_VIOLATION,
+                SqlState::FOREIGN_KEY_VIOLATION,
+            ]
+            .contains(code)
         })
 }
 

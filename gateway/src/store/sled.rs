@@ -156,7 +156,8 @@ impl SledStore {
             let functions = self.functions(name)?;
             let keys = self.key_hashes_of(name)?;
             let models = self.models_of(Some(name))?;
-            match self.delete_tenant_at(&seen, &keys, &functions, &models) {
+            let uploads = self.unused_blobs_of(name)?;
+            match self.delete_tenant_at(&seen, &keys, &functions, &models, &uploads) {
                 Err(StoreError::Moved) => continue,
                 outcome => {
                     outcome?;
@@ -193,6 +194,7 @@ impl SledStore {
         keys: &[sled::IVec],
         functions: &[FunctionRecord],
         models: &[ModelRecord],
+        uploads: &[(sled::IVec, StoredModelBlob)],
     ) -> Result<(), StoreError> {
         let name = seen.name.as_str();
         let trees = (
@@ -239,6 +241,15 @@ impl SledStore {
                     for file in model.files.values() {
                         let id = model_key(Some(name), &file.sha256);
                         release_model_blob(model_blobs, model_parts, &id)?;
+                    }
+                }
+                // Its uploads too, finished or not (one begun meanwhile is
+                // pruned later): a later tenant of the name starts with none.
+                for (id, stored) in uploads {
+                    model_blobs.remove(id)?;
+                    let id = String::from_utf8_lossy(id);
+                    for &index in &stored.blob.received {
+                        model_parts.remove(part_key(&id, index).as_bytes())?;
                     }
                 }
                 Ok(())
@@ -683,6 +694,19 @@ impl SledStore {
         Ok(model)
     }
 
+    /// The tenant `owner`'s model files no model uses, by id.
+    fn unused_blobs_of(&self, owner: &str) -> Result<Vec<(sled::IVec, StoredModelBlob)>> {
+        let mut unused = Vec::new();
+        for entry in self.model_blobs.scan_prefix(format!("{owner}/")) {
+            let (id, value) = entry?;
+            let stored: StoredModelBlob = from_json(&value)?;
+            if stored.refs == 0 {
+                unused.push((id, stored));
+            }
+        }
+        Ok(unused)
+    }
+
     fn prune_model_blobs(&self, before: u64) -> Result<usize, StoreError> {
         let mut pruned = 0;
         for entry in self.model_blobs.iter() {
@@ -970,6 +994,14 @@ impl Store for SledStore {
         Ok(record)
     }
 
+    async fn pending_model_bytes(&self, owner: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .unused_blobs_of(owner)?
+            .iter()
+            .map(|(_, stored)| stored.blob.size)
+            .sum())
+    }
+
     async fn prune_model_blobs(&self, before: u64) -> Result<usize, StoreError> {
         SledStore::prune_model_blobs(self, before)
     }
@@ -1120,7 +1152,7 @@ mod tests {
         let new = TokenHash::of("new");
         store.add_key("t", &new, "new").unwrap();
         assert_eq!(store.tenant("t").unwrap().unwrap().revision, stale.revision);
-        let outcome = store.delete_tenant_at(&stale, &[], &[], &[]);
+        let outcome = store.delete_tenant_at(&stale, &[], &[], &[], &[]);
         assert!(matches!(outcome, Err(StoreError::Moved)), "{outcome:?}");
         assert!(store.key(&new).unwrap().is_some());
     }

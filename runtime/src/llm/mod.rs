@@ -340,6 +340,8 @@ pub struct TextModel {
     /// The adapters loaded with this model, by key: their index, or why
     /// they did not load.
     adapters: Arc<BTreeMap<String, Result<usize, String>>>,
+    /// Bytes of the adapters' files, held with the weights.
+    adapter_bytes: u64,
     /// `cpu`, or `cuda:N` where its layers and KV cache live.
     device: String,
     template: Option<LlamaChatTemplate>,
@@ -485,9 +487,11 @@ impl TextModel {
         // Adapters load before the context: it sizes its graphs for them.
         let mut loaded = Vec::new();
         let mut index = BTreeMap::new();
+        let mut adapter_bytes = 0;
         for adapter in adapters {
             let outcome = match model.lora_adapter_init(&adapter.path) {
                 Ok(lora) => {
+                    adapter_bytes += std::fs::metadata(&adapter.path).map_or(0, |m| m.len());
                     loaded.push((lora, adapter.scale));
                     Ok(loaded.len() - 1)
                 }
@@ -536,6 +540,7 @@ impl TextModel {
             model,
             adapter: None,
             adapters: Arc::new(index),
+            adapter_bytes,
             device: device.to_string(),
             template,
             config,
@@ -559,6 +564,7 @@ impl TextModel {
             model: self.model.clone(),
             adapter: Some((index, self.clone())),
             adapters: Arc::default(),
+            adapter_bytes: 0,
             device: self.device.clone(),
             template: self.template.clone(),
             config: self.config.clone(),
@@ -615,7 +621,7 @@ impl TextModel {
             // Counted with its base, which loaded it.
             return 0;
         }
-        self.model.size() + kv_bytes(&self.model, &self.config)
+        self.model.size() + self.adapter_bytes + kv_bytes(&self.model, &self.config)
     }
 
     /// Renders `prompt` (the chat template for messages) and tokenises it.

@@ -103,6 +103,9 @@ pub struct ModelPool {
     retired: Mutex<Vec<Arc<RepositoryModel>>>,
     /// The repository directory, read again by [`Self::rescan`].
     directory: Option<PathBuf>,
+    /// Held while the catalog changes (install, remove, rescan, a base
+    /// loaded again for an adapter): one change at a time.
+    changing: tokio::sync::Mutex<()>,
     engines: Engines,
     devices: Arc<Devices>,
     workers: Workers,
@@ -121,6 +124,7 @@ impl ModelPool {
             models: RwLock::default(),
             retired: Mutex::default(),
             directory: None,
+            changing: tokio::sync::Mutex::default(),
             engines: Engines::new(&options.engines).context("setting up the engines")?,
             devices: Arc::new(Devices::discover(
                 DEFAULT_GPU_BUDGET,
@@ -190,6 +194,7 @@ impl ModelPool {
 
     /// The base model of the LoRA adapter `adapter`: its owner's private
     /// model of that name, else the operator's.
+    /// A base is a text model, never an adapter (nor the adapter itself).
     fn base_of(&self, adapter: &RepositoryModel) -> Option<Arc<RepositoryModel>> {
         let base = &adapter.config.lora.as_ref()?.base;
         adapter
@@ -197,6 +202,7 @@ impl ModelPool {
             .as_deref()
             .and_then(|owner| self.model(&private_key(owner, base)))
             .or_else(|| self.model(base))
+            .filter(|base| base.config.lora.is_none() && base.config.format == ModelFormat::Gguf)
     }
 
     /// The catalog's LoRA adapters of the base model `base` (a key).
@@ -269,14 +275,18 @@ impl ModelPool {
                 format!("model {name:?} is not in this function's manifest (`models`)"),
             ));
         }
-        // An adapter reaches its base's weights: the tenant must see the base.
-        if let Some(lora) = self.model(&key).and_then(|m| m.config.lora.clone()) {
-            let anywhere = ModelAccess {
-                visible: access.visible.clone(),
-                allowed: None,
+        // An adapter reaches its base's weights: the tenant must see the
+        // very base it runs on (its own private model, or an operator's
+        // model it may use).
+        if let Some(adapter) = self.model(&key).filter(|m| m.config.lora.is_some()) {
+            let base = self.base_of(&adapter).ok_or_else(not_found)?;
+            let visible = match split_key(&base.name) {
+                (Some(owner), _) => owner == tenant,
+                (None, name) => access.is_visible(name),
             };
-            self.find(tenant, &anywhere, &lora.base)
-                .map_err(|_| not_found())?;
+            if !visible {
+                return Err(not_found());
+            }
         }
         Ok(key)
     }
@@ -304,6 +314,12 @@ impl ModelPool {
     /// loads the base again (with it), and replacing a base replaces its
     /// adapters too, so that each runs on the new base.
     pub async fn install(&self, key: &str, dir: &Path, origin: Origin) -> Result<ModelInfo> {
+        let _changing = self.changing.lock().await;
+        self.install_locked(key, dir, origin).await
+    }
+
+    /// [`Self::install`], holding `changing`.
+    async fn install_locked(&self, key: &str, dir: &Path, origin: Origin) -> Result<ModelInfo> {
         let info = self.install_one(key, dir, origin).await?;
         let model = self.model(key).context("just installed")?;
         if model.config.lora.is_some() {
@@ -353,8 +369,8 @@ impl ModelPool {
         {
             tracing::warn!(model = %key, "not loaded before taking over: {error}");
         }
-        self.catalog_mut().insert(key.to_string(), model.clone());
-        match old {
+        let replaced = self.catalog_mut().insert(key.to_string(), model.clone());
+        match replaced {
             Some(old) => {
                 tracing::info!(model = %key, ?origin, "model replaced");
                 self.retire(old);
@@ -366,7 +382,12 @@ impl ModelPool {
 
     /// Takes the model `key` out of the catalog (calls holding it finish on
     /// it); whether there was one.
-    pub fn remove(&self, key: &str) -> bool {
+    pub async fn remove(&self, key: &str) -> bool {
+        let _changing = self.changing.lock().await;
+        self.remove_locked(key)
+    }
+
+    fn remove_locked(&self, key: &str) -> bool {
         let Some(old) = self.catalog_mut().remove(key) else {
             return false;
         };
@@ -389,8 +410,19 @@ impl ModelPool {
         self.retired.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Adapters hold their base: those nobody calls now let go of it, so
+    /// that the base can be unloaded or evicted (a call makes a new view).
+    fn release_idle_views(&self) {
+        for model in self.snapshot() {
+            model.release_view();
+        }
+    }
+
     /// Unloads the retired models nobody holds any more.
     fn release_retired(&self) {
+        if !self.retired().is_empty() {
+            self.release_idle_views();
+        }
         self.retired()
             .retain(|model| !model.unload_retired(&self.devices));
     }
@@ -404,6 +436,7 @@ impl ModelPool {
         let Some(dir) = self.directory.clone() else {
             return Ok(Rescan::default());
         };
+        let _changing = self.changing.lock().await;
         let mut rescan = Rescan::default();
         let mut seen = std::collections::HashSet::new();
         for model_dir in repository::model_dirs(&dir)? {
@@ -420,7 +453,10 @@ impl ModelPool {
                 Some(model) if model.stamp == repository::stamp(&model_dir) => continue,
                 _ => {}
             }
-            match self.install(name, &model_dir, Origin::Directory).await {
+            match self
+                .install_locked(name, &model_dir, Origin::Directory)
+                .await
+            {
                 Ok(_) if existing.is_some() => rescan.replaced.push(name.to_string()),
                 Ok(_) => rescan.added.push(name.to_string()),
                 Err(e) => tracing::error!(model = %name, "skipping model: {e:#}"),
@@ -433,7 +469,7 @@ impl ModelPool {
             .map(|(key, _)| key.clone())
             .collect();
         for key in gone {
-            self.remove(&key);
+            self.remove_locked(&key);
             rescan.removed.push(key);
         }
         Ok(rescan)
@@ -551,6 +587,9 @@ impl ModelPool {
             )
         };
         if let Some(ready) = adapter.ready() {
+            if let Some(base) = self.base_of(adapter) {
+                base.touch();
+            }
             return ready.map_err(failed);
         }
         let loading = adapter.load_lock.clone().lock_owned().await;
@@ -579,11 +618,23 @@ impl ModelPool {
             Err(crate::llm::AdapterError::Failed(why)) => Err(why),
             Err(crate::llm::AdapterError::NotLoaded) => {
                 // The base loaded before this adapter was added: load it
-                // again with it, then use the adapter's new entry.
+                // again with it (unless another caller just did), then use
+                // the adapter's new entry.
                 drop(loading);
-                self.reload_family(&base)
+                // Bounded: a change in progress that itself waits for
+                // this adapter would otherwise never end.
+                let changing = tokio::time::timeout(Duration::from_secs(120), self.changing.lock())
                     .await
-                    .map_err(|e| failed(format!("{e:#}")))?;
+                    .map_err(|_| NnError::busy(format!("{name:?} is being loaded again")))?;
+                if self
+                    .model(&base.name)
+                    .is_some_and(|now| Arc::ptr_eq(&now, &base))
+                {
+                    self.reload_family(&base)
+                        .await
+                        .map_err(|e| failed(format!("{e:#}")))?;
+                }
+                drop(changing);
                 let again = self
                     .model(name)
                     .ok_or_else(|| failed("it was removed".into()))?;
@@ -626,6 +677,9 @@ impl ModelPool {
         device: &str,
         bytes: u64,
     ) -> Result<(), NnError> {
+        if self.devices.room(device) < bytes {
+            self.release_idle_views();
+        }
         let models = self.snapshot();
         let mut candidates: Vec<&RepositoryModel> = models
             .iter()
@@ -655,6 +709,13 @@ impl ModelPool {
     /// `idle_unload_after_secs` (and that nobody holds); how many.
     pub fn unload_idle(&self) -> usize {
         let now = Instant::now();
+        if self
+            .snapshot()
+            .iter()
+            .any(|m| m.config.lora.is_none() && m.idle(now))
+        {
+            self.release_idle_views();
+        }
         self.snapshot()
             .iter()
             .filter(|model| model.idle(now) && model.unload_if_unused(&self.devices))

@@ -232,8 +232,15 @@ impl RepositoryModel {
         let toml_path = dir.join("model.toml");
         let text = std::fs::read_to_string(&toml_path)
             .with_context(|| format!("reading {}", toml_path.display()))?;
-        let config: ModelConfig =
+        let mut config: ModelConfig =
             toml::from_str(&text).with_context(|| format!("parsing {}", toml_path.display()))?;
+        if owner.is_some() {
+            // A tenant's model takes shared memory only while it is used:
+            // it loads when called, is never pinned, and is evicted like
+            // any other.
+            config.pin = false;
+            config.load = LoadPolicy::FirstUse;
+        }
         let file = dir.join(&config.file);
         let size_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
         let stamp = stamp(dir);
@@ -275,6 +282,25 @@ impl RepositoryModel {
         let model = slot.outcome.as_ref()?.model.clone();
         slot.last_used = Some(Instant::now());
         Some(model)
+    }
+
+    /// Marks it as just used (a call of one of its adapters uses it).
+    pub(super) fn touch(&self) {
+        self.slot().last_used = Some(Instant::now());
+    }
+
+    /// For a LoRA adapter: lets go of its view of the base when nobody
+    /// holds it (the next call makes a new one, at no cost), so that the
+    /// base can be unloaded.
+    /// (An adapter's view takes no device memory of its own.)
+    pub(super) fn release_view(&self) {
+        if self.config.lora.is_none() {
+            return;
+        }
+        let mut slot = self.slot();
+        if matches!(&slot.outcome, Some(Outcome { model: Ok(view), .. }) if !view.in_use()) {
+            slot.outcome = None;
+        }
     }
 
     /// Records how a load ended.
