@@ -114,6 +114,54 @@ async fn changes_on_one_node_reach_the_others_within_a_second() {
         .await;
     }
 
+    // A model added on A is served on B and C; updated on B, A serves
+    // the new version; removed on C, it is gone everywhere.
+    let tiny = std::fs::read(support::root().join("tests/data/tiny.onnx")).unwrap();
+    let admin = support::ADMIN_TOKEN;
+    let public = "format = \"onnx\"\nfile = \"tiny.onnx\"\npublic = true\n";
+    let added = support::add_model(a, admin, "tiny", &[("tiny.onnx", &tiny)], Some(public)).await;
+    assert_eq!(added.status, 201, "{}", text(&added));
+    let model_here = |node: &Server| {
+        let client = node.client(Some(&key));
+        async move {
+            let reply = client
+                .send(Method::GET, "/fn/acme/hello/model?name=tiny", None, &[])
+                .await
+                .unwrap();
+            text(&reply)
+        }
+    };
+    for node in [b, c] {
+        within(PROPAGATION, "an added model", || async {
+            model_here(node).await == "ok"
+        })
+        .await;
+    }
+    let config = "format = \"onnx\"\nfile = \"tiny.onnx\"\npublic = true\nload = \"first-use\"\n";
+    let updated = support::add_model(b, admin, "tiny", &[], Some(config)).await;
+    assert_eq!(updated.status, 200, "{}", text(&updated));
+    within(PROPAGATION, "an updated model", || async {
+        let shown = a
+            .admin()
+            .api(Method::GET, "/v1/models/tiny", None)
+            .await
+            .unwrap();
+        shown["model"]["origin"]["api"]["version"] == 2
+    })
+    .await;
+    let removed = c
+        .admin()
+        .send(Method::DELETE, "/v1/models/tiny", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(removed.status, 204, "{}", text(&removed));
+    for node in [a, b] {
+        within(PROPAGATION, "a removed model", || async {
+            model_here(node).await == "notfound"
+        })
+        .await;
+    }
+
     // A key revoked on C is refused on A, which had it cached.
     let (second_key, id) = c.create_key("acme").await;
     assert_eq!(
