@@ -2,28 +2,9 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-use support::{ADMIN_TOKEN, Server, binary, root, wasm};
-
-fn gigafactory(server: &Server, token: &str, args: &[&str]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .env("GIGAFACTORY_URL", &server.url)
-        .env("GIGAFACTORY_TOKEN", token)
-        .output()
-        .expect("running gigafactory")
-}
-
-fn success(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
+use support::{ADMIN_TOKEN, Server, binary, gigafactory, root, success, wasm};
 
 #[test]
 fn a_tour_of_the_cli() {

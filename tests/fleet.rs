@@ -10,36 +10,19 @@ mod support;
 
 use std::io::{BufRead as _, BufReader, Seek as _, SeekFrom, Write as _};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::Method;
-use support::{Server, assert_error, binary, json, probe_bundle, reference_embeddings, root, text};
+use support::{
+    Server, assert_error, binary, gigafactory, json, probe_bundle, reference_embeddings, root,
+    success, text,
+};
 
 const MINILM: &str = "all-minilm-l6-v2";
-
-/// Runs the CLI against `server` with `token`.
-fn gigafactory(server: &Server, token: &str, args: &[&str]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .env("GIGAFACTORY_URL", &server.url)
-        .env("GIGAFACTORY_TOKEN", token)
-        .output()
-        .expect("running gigafactory")
-}
-
-fn succeeded(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 /// A copy of the shipped MiniLM's files (hard links) in `dir`, with a
 /// model.toml of its own: `normalize` as given.
@@ -150,7 +133,7 @@ async fn models_are_added_updated_and_removed_at_run_time() {
             files.path().join("v1").to_str().unwrap(),
         ],
     );
-    let shown = succeeded(&added);
+    let shown = success(added);
     assert!(shown.contains("version 1"), "{shown}");
     server.deploy(&alice, "embed", support::wasm("embed")).await;
     let (sentence, expected, _) = reference_embeddings().remove(0);
@@ -216,7 +199,7 @@ async fn models_are_added_updated_and_removed_at_run_time() {
             config.to_str().unwrap(),
         ],
     );
-    assert!(succeeded(&output).contains("version 2"));
+    assert!(success(output).contains("version 2"));
     updated.store(true, Ordering::Release);
     tokio::time::sleep(Duration::from_millis(500)).await;
     running.store(false, Ordering::Relaxed);
@@ -278,7 +261,7 @@ async fn models_are_added_updated_and_removed_at_run_time() {
     let named = "format = \"onnx\"\nfile = \"tiny.onnx\"\nengine = \"onnxruntime\"\n";
     let refused = support::add_model(&server, &bob, "mine", &files, Some(named)).await;
     assert_error(&refused, 400, "invalid_config");
-    succeeded(&gigafactory(
+    success(gigafactory(
         &server,
         &bob,
         &["models", "add", "mine", tiny.to_str().unwrap()],
@@ -327,13 +310,13 @@ async fn models_are_added_updated_and_removed_at_run_time() {
 
     // --force removes it even though bob's manifest names it.
     let forced = gigafactory(&server, admin, &["models", "remove", MINILM, "--force"]);
-    succeeded(&forced);
+    success(forced);
     assert_eq!(
         probe(&server, &bob, "bob", "/model?name=all-minilm-l6-v2").await,
         "notfound"
     );
     let forced = gigafactory(&server, &bob, &["models", "remove", "mine", "--force"]);
-    succeeded(&forced);
+    success(forced);
     assert_eq!(server.whoami(&bob).await["usage"]["model_bytes"], 0);
 
     // The repository directory is reread on SIGHUP.

@@ -657,6 +657,27 @@ pub async fn add_model(
         .unwrap()
 }
 
+/// Runs the `gigafactory` command line against `server` with `token`.
+pub fn gigafactory(server: &Server, token: &str, args: &[&str]) -> std::process::Output {
+    Command::new(binary())
+        .args(args)
+        .env("GIGAFACTORY_URL", &server.url)
+        .env("GIGAFACTORY_TOKEN", token)
+        .output()
+        .expect("running gigafactory")
+}
+
+/// A command's standard output, after asserting that it succeeded.
+pub fn success(output: std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
 /// A bundle of the `manifest_probe` guest with `manifest` and `files`.
 pub fn probe_bundle(manifest: &str, files: &[(&str, &str)]) -> Vec<u8> {
     let files: Vec<(String, Vec<u8>)> = files
