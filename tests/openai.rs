@@ -16,7 +16,11 @@ async fn the_openai_client_chats_streams_and_lists_models() {
     let server = Server::start(data.path());
     let key = server.tenant("acme").await;
     let base = format!("{}/openai/v1", server.url);
-    let report = run_python("openai_client.py", vec![base, key, MODEL.to_string()]).await;
+    let report = run_python(
+        "openai_client.py",
+        vec![base, key.clone(), MODEL.to_string()],
+    )
+    .await;
     let answer = "The capital of France is Paris.";
     assert_eq!(report["whole"]["content"], answer, "{report}");
     assert_eq!(report["whole"]["role"], "assistant");
@@ -40,6 +44,13 @@ async fn the_openai_client_chats_streams_and_lists_models() {
     );
     assert_eq!(report["unknown_model"], 404);
     assert_eq!(report["bad_temperature"], 400);
+    assert_eq!(report["retrieved"], serde_json::json!([MODEL, "model"]));
+    assert_eq!(report["retrieve_unknown"], 404);
+
+    // The base URL clients of other servers are given works the same.
+    let usual = format!("{}/v1", server.url);
+    let again = run_python("openai_client.py", vec![usual, key, MODEL.to_string()]).await;
+    assert_eq!(again, report);
 }
 
 #[tokio::test]

@@ -61,6 +61,13 @@ short = client.chat.completions.create(
 report["length"] = [short.choices[0].message.content, short.choices[0].finish_reason]
 
 report["models"] = sorted(m.id for m in client.models.list())
+retrieved = client.models.retrieve(model)
+report["retrieved"] = [retrieved.id, retrieved.object]
+try:
+    client.models.retrieve("no-such-model")
+    report["retrieve_unknown"] = "found"
+except openai.NotFoundError as error:
+    report["retrieve_unknown"] = error.status_code
 
 try:
     client.chat.completions.create(model="no-such-model", messages=question)

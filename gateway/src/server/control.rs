@@ -267,16 +267,23 @@ impl Gateway {
     /// Every model for the admin; a tenant sees only the models it may use.
     async fn list_models(&self, request: &Request) -> Result<Response, ApiError> {
         let mut models = self.runtime.models().list();
-        if let Principal::Tenant(tenant) = self.authenticate(request).await? {
-            let visible = self.visible_models(&self.tenant_record(&tenant).await?.quota);
+        let tenant = match self.authenticate(request).await? {
+            Principal::Tenant(tenant) => Some(tenant),
+            Principal::Admin => None,
+        };
+        if let Some(tenant) = &tenant {
+            let visible = self.visible_models(&self.tenant_record(tenant).await?.quota);
             models.retain(|m| match &m.owner {
-                Some(owner) => *owner == tenant,
+                Some(owner) => owner == tenant,
                 None => visible.contains(&m.name),
             });
         }
+        // OpenAI's list shape too (`object`, `data`), for clients given
+        // `http://host:port/v1` as their base URL.
+        let data = self.openai_entries(tenant.as_deref()).await?;
         Ok(json(
             StatusCode::OK,
-            serde_json::json!({ "models": models }),
+            serde_json::json!({ "models": models, "object": "list", "data": data }),
         ))
     }
 

@@ -581,8 +581,25 @@ impl Gateway {
     async fn show_model(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
         let owner = self.model_owner(request).await?;
         check_model_name(name)?;
+        // Also in OpenAI's shape (`id`, `object`, `created`, `owned_by`),
+        // for `models.retrieve` of clients given `http://host:port/v1`.
+        let openai = |created: u64| {
+            json!({
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": if owner.is_some() { "you" } else { "gigafactory" },
+            })
+        };
+        let merged = |mut shown: Value, created: u64| {
+            if let (Some(shown), Value::Object(extra)) = (shown.as_object_mut(), openai(created)) {
+                shown.extend(extra);
+            }
+            shown
+        };
         if let Some(record) = self.store.model(owner.as_deref(), name).await? {
-            return Ok(json(StatusCode::OK, self.model_json(&record)));
+            let shown = merged(self.model_json(&record), record.created_at);
+            return Ok(json(StatusCode::OK, shown));
         }
         // A model of the repository directory, or another node's view.
         let pool = self.runtime.models();
@@ -594,7 +611,7 @@ impl Gateway {
             }
         };
         match pool.info(name).filter(|_| visible) {
-            Some(info) => Ok(json(StatusCode::OK, json!({ "model": info }))),
+            Some(info) => Ok(json(StatusCode::OK, merged(json!({ "model": info }), 0))),
             None => Err(ApiError::not_found(format!("no model {name:?}"))),
         }
     }

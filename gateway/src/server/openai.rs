@@ -105,15 +105,20 @@ impl Gateway {
     ) -> Result<Response, ApiError> {
         match (segments, method) {
             (["v1", "models"], &Method::GET) => self.openai_models(&request).await,
+            (["v1", "models", id], &Method::GET) => self.openai_model(&request, id).await,
             (["v1", "chat", "completions"], &Method::POST) => self.chat_completions(request).await,
             (["v1", "embeddings"], &Method::POST) => self.embeddings(request).await,
-            (["v1", "models"] | ["v1", "chat", "completions"] | ["v1", "embeddings"], _) => {
-                Err(ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    format!("{method} is not allowed here"),
-                ))
-            }
+            (
+                ["v1", "models"]
+                | ["v1", "models", _]
+                | ["v1", "chat", "completions"]
+                | ["v1", "embeddings"],
+                _,
+            ) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed here"),
+            )),
             _ => Err(ApiError::not_found(format!(
                 "no OpenAI-compatible route /openai/{}",
                 segments.join("/")
@@ -124,27 +129,57 @@ impl Gateway {
     /// The models the tenant may use, in OpenAI's list shape.
     async fn openai_models(&self, request: &Request) -> Result<Response, ApiError> {
         let tenant = self.require_tenant(request).await?;
-        let visible = self.visible_models(&self.tenant_record(&tenant).await?.quota);
-        let mut names: Vec<(String, &str)> = Vec::new();
+        let data = self.openai_entries(Some(&tenant)).await?;
+        Ok(json(
+            StatusCode::OK,
+            json!({ "object": "list", "data": data }),
+        ))
+    }
+
+    /// One model the tenant may use, in OpenAI's shape (`models.retrieve`).
+    async fn openai_model(&self, request: &Request, id: &str) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request).await?;
+        let data = self.openai_entries(Some(&tenant)).await?;
+        data.into_iter()
+            .find(|entry| entry["id"] == id)
+            .map(|entry| json(StatusCode::OK, entry))
+            .ok_or_else(|| model_not_found(id))
+    }
+
+    /// OpenAI's model entries: those `tenant` may use (its private models
+    /// owned by `you`, shadowing the operator's of the same name), or
+    /// every model for the operator (`None`).
+    pub(super) async fn openai_entries(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<Value>, ApiError> {
+        let visible = match tenant {
+            Some(tenant) => Some(self.visible_models(&self.tenant_record(tenant).await?.quota)),
+            None => None,
+        };
+        let may_see = |name: &str| visible.as_ref().is_none_or(|v| v.contains(name));
+        let mut names: Vec<(String, String)> = Vec::new();
         for model in self.runtime.models().list() {
-            match &model.owner {
-                Some(owner) if *owner == tenant => names.push((model.name, "you")),
-                Some(_) => {}
-                None if visible.contains(&model.name) => names.push((model.name, "gigafactory")),
-                None => {}
+            match (&model.owner, tenant) {
+                (Some(owner), Some(tenant)) if owner == tenant => {
+                    names.push((model.name, "you".into()));
+                }
+                (Some(_), Some(_)) => {}
+                (Some(owner), None) => names.push((model.key(), owner.clone())),
+                (None, _) if may_see(&model.name) => names.push((model.name, "gigafactory".into())),
+                (None, _) => {}
             }
         }
         let elsewhere = self.peers.models();
         names.extend(
             elsewhere
                 .keys()
-                .filter(|name| visible.contains(*name))
-                .map(|name| (name.clone(), "gigafactory")),
+                .filter(|name| may_see(name))
+                .map(|name| (name.clone(), "gigafactory".into())),
         );
-        // A private model shadows the operator's of the same name.
         names.sort_by(|a, b| a.0.cmp(&b.0).then((a.1 != "you").cmp(&(b.1 != "you"))));
         names.dedup_by(|a, b| a.0 == b.0);
-        let data: Vec<Value> = names
+        Ok(names
             .into_iter()
             .map(|(name, owner)| {
                 json!({
@@ -154,11 +189,7 @@ impl Gateway {
                     "owned_by": owner,
                 })
             })
-            .collect();
-        Ok(json(
-            StatusCode::OK,
-            json!({ "object": "list", "data": data }),
-        ))
+            .collect())
     }
 
     async fn chat_completions(&self, request: Request) -> Result<Response, ApiError> {

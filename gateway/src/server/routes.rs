@@ -34,6 +34,12 @@ impl Gateway {
                 let rest = rest_of_path(&path, 3);
                 self.invoke(request, tenant, function, rest).await
             }
+            // The OpenAI-compatible API at the base URL clients of other
+            // servers use (`http://host:port/v1`), besides `/openai/v1`;
+            // `/v1/models` answers in both shapes (control.rs).
+            (["v1", "chat", "completions"] | ["v1", "embeddings"], _) => {
+                self.openai(request, &segments, &method).await
+            }
             (["v1", "functions", _, "logs"], &Method::GET) => {
                 // `?follow=true` streams for as long as the client reads.
                 self.control(request, &segments[1..], &method).await
