@@ -49,8 +49,64 @@ async fn the_openai_client_chats_streams_and_lists_models() {
 
     // The base URL clients of other servers are given works the same.
     let usual = format!("{}/v1", server.url);
-    let again = run_python("openai_client.py", vec![usual, key, MODEL.to_string()]).await;
+    let again = run_python(
+        "openai_client.py",
+        vec![usual, key.clone(), MODEL.to_string()],
+    )
+    .await;
     assert_eq!(again, report);
+
+    // Messages as tool-calling loops and other clients send them: text
+    // parts, an assistant turn with null content, `developer`. Malformed
+    // ones are refused with the message at fault, never serde's words.
+    let chat = |messages: serde_json::Value| {
+        let body = serde_json::json!({"model": MODEL, "messages": messages, "max_tokens": 4});
+        let client = server.client(Some(&key));
+        async move {
+            client
+                .send(
+                    Method::POST,
+                    "/v1/chat/completions",
+                    Some(("application/json", Bytes::from(body.to_string()))),
+                    &[],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let accepted = chat(serde_json::json!([
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+        {"role": "assistant", "content": null},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]))
+    .await;
+    assert_eq!(accepted.status, 200, "{}", text(&accepted));
+    for (messages, says) in [
+        (serde_json::json!([]), "at least one message"),
+        (
+            serde_json::json!([{"role": "user", "content": 42}]),
+            "not a number",
+        ),
+        (
+            serde_json::json!([{"role": "user", "content": null}]),
+            "only an assistant",
+        ),
+        (
+            serde_json::json!([{"role": "robot", "content": "hi"}]),
+            "is not one of system",
+        ),
+        (
+            serde_json::json!([{"role": "user", "content": [{"type": "image_url"}]}]),
+            "only text parts",
+        ),
+    ] {
+        let refused = chat(messages.clone()).await;
+        assert_error(&refused, 400, "invalid_request");
+        let message = text(&refused);
+        assert!(message.contains(says), "{messages}: {message}");
+        assert!(!message.contains("untagged"), "{message}");
+    }
 }
 
 #[tokio::test]

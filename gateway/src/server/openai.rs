@@ -63,24 +63,15 @@ struct ChatRequest {
 #[derive(Debug, Deserialize)]
 struct ChatMessage {
     role: String,
-    content: Content,
-}
-
-/// Message content: a string, or parts of which only text is supported.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Debug, Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
+    /// A string, an array of parts (only text is supported), or null (an
+    /// assistant turn that called tools); read by [`message_of`].
     #[serde(default)]
-    text: Option<String>,
+    content: Value,
 }
+
+/// The roles a chat message may have (`developer` is OpenAI's newer
+/// name for `system`).
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -234,10 +225,17 @@ impl Gateway {
                     e.message,
                 ),
             })?;
+        if chat.messages.is_empty() {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "messages: send at least one message",
+            ));
+        }
         let messages = chat
             .messages
             .into_iter()
-            .map(|m| Ok((m.role, text_of(m.content)?)))
+            .enumerate()
+            .map(|(index, m)| message_of(index, m))
             .collect::<Result<Vec<_>, ApiError>>()?;
         let generate = llm::Request {
             prompt: llm::Prompt::Chat(messages),
@@ -500,19 +498,62 @@ fn generate_error(error: GenerateError) -> ApiError {
     }
 }
 
-fn text_of(content: Content) -> Result<String, ApiError> {
-    match content {
-        Content::Text(text) => Ok(text),
-        Content::Parts(parts) => parts
+/// A chat message as the template takes it: its role and its text.
+fn message_of(index: usize, message: ChatMessage) -> Result<(String, String), ApiError> {
+    let invalid =
+        |why: String| ApiError::bad_request("invalid_request", format!("messages[{index}]: {why}"));
+    let role = match message.role.as_str() {
+        "developer" => "system".to_string(),
+        role if ROLES.contains(&role) => role.to_string(),
+        role => {
+            return Err(invalid(format!(
+                "role {role:?} is not one of {}",
+                ROLES.join(", ")
+            )));
+        }
+    };
+    let text = match message.content {
+        Value::String(text) => text,
+        Value::Null if role == "assistant" => String::new(),
+        Value::Null => {
+            return Err(invalid(
+                "content is missing (only an assistant's may be null)".into(),
+            ));
+        }
+        Value::Array(parts) => parts
             .into_iter()
-            .map(|part| match (part.kind.as_str(), part.text) {
-                ("text", Some(text)) => Ok(text),
-                (kind, _) => Err(ApiError::bad_request(
-                    "invalid_request",
-                    format!("message parts of type {kind:?} are not supported; send text"),
-                )),
-            })
-            .collect(),
+            .enumerate()
+            .map(
+                |(at, part)| match (part["type"].as_str(), part["text"].as_str()) {
+                    (Some("text"), Some(text)) => Ok(text.to_string()),
+                    (Some(kind), _) if kind != "text" => Err(invalid(format!(
+                        "content[{at}] is of type {kind:?}: only text parts are supported"
+                    ))),
+                    _ => Err(invalid(format!(
+                        "content[{at}] is not a text part ({{\"type\": \"text\", \"text\": \"…\"}})"
+                    ))),
+                },
+            )
+            .collect::<Result<String, ApiError>>()?,
+        other => {
+            return Err(invalid(format!(
+                "content must be a string, an array of text parts or null, not {}",
+                kind_of(&other)
+            )));
+        }
+    };
+    Ok((role, text))
+}
+
+/// A JSON value's kind, for error messages.
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
