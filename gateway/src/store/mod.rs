@@ -282,10 +282,7 @@ pub struct ModelRecord {
 impl ModelRecord {
     /// Its key in the model catalog: the name, `tenant/name` when private.
     pub fn key(&self) -> String {
-        match &self.owner {
-            Some(owner) => gigafactory_runtime::models::private_key(owner, &self.name),
-            None => self.name.clone(),
-        }
+        owned_key(self.owner.as_deref(), &self.name)
     }
 
     /// Bytes its files take.
@@ -337,6 +334,17 @@ impl ModelBlob {
     /// Whether every part is stored.
     pub fn complete(&self) -> bool {
         self.received.len() as u32 == self.parts()
+    }
+
+    /// Refuses to resume it as a file of another size.
+    fn resumes(&self, size: u64) -> Result<(), StoreError> {
+        if self.size == size {
+            return Ok(());
+        }
+        Err(StoreError::Conflict(format!(
+            "the model file {} is being stored with {} bytes, not {size}",
+            self.sha256, self.size
+        )))
     }
 
     /// Refuses a part past the end of the file or of the wrong size.
@@ -416,6 +424,15 @@ fn unusable_blob(path: &str, blob: Option<&ModelBlob>) -> Option<StoreError> {
     Some(StoreError::Conflict(format!(
         "the model file {path:?} {why}"
     )))
+}
+
+/// What `owner` (a tenant; `None`: the operator) calls `name`, as keyed
+/// in the catalog and the stores: `name`, or `tenant/name`.
+fn owned_key(owner: Option<&str>, name: &str) -> String {
+    match owner {
+        Some(owner) => gigafactory_runtime::models::private_key(owner, name),
+        None => name.to_string(),
+    }
 }
 
 /// Bytes of each part of a model file (the last may be shorter).

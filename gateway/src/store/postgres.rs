@@ -24,7 +24,7 @@ use tokio_postgres::{AsyncMessage, GenericClient, IsolationLevel, NoTls, Row};
 use super::{
     ApiKey, Change, Deployed, FileRef, FunctionRecord, MODEL_PART_BYTES, ModelBlob, ModelRecord,
     NewModel, NewVersion, Node, NodeStatus, Planned, Store, StoreError, Tenant, Version, now,
-    unusable_blob,
+    owned_key, unusable_blob,
 };
 use crate::auth::TokenHash;
 use crate::quota::{Quota, Usage};
@@ -589,12 +589,7 @@ impl Store for PostgresStore {
             let blob = load_model_blob(&*tx, owner, sha256)
                 .await?
                 .expect("just inserted");
-            if blob.size != size {
-                return Err(StoreError::Conflict(format!(
-                    "the model file {sha256} is being stored with {} bytes, not {size}",
-                    blob.size
-                )));
-            }
+            blob.resumes(size)?;
             Ok(blob)
         })
     }
@@ -704,7 +699,7 @@ impl Store for PostgresStore {
     }
 
     async fn put_model(&self, new: &NewModel, replace: bool) -> Result<ModelRecord, StoreError> {
-        let key = model_key_of(new.owner.as_deref(), &new.name);
+        let key = owned_key(new.owner.as_deref(), &new.name);
         let record = transaction!(self, |tx| {
             let owner = match &new.owner {
                 Some(owner) => Some(lock_tenant(&tx, owner).await?),
@@ -808,7 +803,7 @@ impl Store for PostgresStore {
         name: &str,
     ) -> Result<ModelRecord, StoreError> {
         let owner_name = owner_column(owner);
-        let key = model_key_of(owner, name);
+        let key = owned_key(owner, name);
         let model = transaction!(self, |tx| {
             if let Some(owner) = owner {
                 lock_tenant(&tx, owner).await?;
@@ -1155,13 +1150,6 @@ async fn insert_version(
 /// The `owner` column of a model: '' for the operator's.
 fn owner_column(owner: Option<&str>) -> &str {
     owner.unwrap_or("")
-}
-
-fn model_key_of(owner: Option<&str>, name: &str) -> String {
-    match owner {
-        Some(owner) => gigafactory_runtime::models::private_key(owner, name),
-        None => name.to_string(),
-    }
 }
 
 /// Models with their files: of one owner (`''`: the operator) or all,

@@ -17,7 +17,8 @@ use tokio::sync::broadcast;
 use super::records::{StoredModelBlob, decode as from_json, encode as to_json};
 use super::{
     ApiKey, Change, Deployed, FunctionRecord, MODEL_PART_BYTES, ModelBlob, ModelRecord, NewModel,
-    NewVersion, Node, NodeStatus, Planned, Store, StoreError, Tenant, Version, now, unusable_blob,
+    NewVersion, Node, NodeStatus, Planned, Store, StoreError, Tenant, Version, now, owned_key,
+    unusable_blob,
 };
 use crate::auth::TokenHash;
 use crate::quota::{Quota, Usage};
@@ -239,7 +240,7 @@ impl SledStore {
                 for model in models {
                     models_tx.remove(model.key().as_bytes())?;
                     for file in model.files.values() {
-                        let id = model_key(Some(name), &file.sha256);
+                        let id = owned_key(Some(name), &file.sha256);
                         release_model_blob(model_blobs, model_parts, &id)?;
                     }
                 }
@@ -481,7 +482,7 @@ impl SledStore {
 impl SledStore {
     fn stored_blob(&self, owner: Option<&str>, sha256: &str) -> Result<Option<StoredModelBlob>> {
         self.model_blobs
-            .get(model_key(owner, sha256))?
+            .get(owned_key(owner, sha256))?
             .map(|v| from_json(&v))
             .transpose()
     }
@@ -492,16 +493,13 @@ impl SledStore {
         sha256: &str,
         size: u64,
     ) -> Result<ModelBlob, StoreError> {
-        let id = model_key(owner, sha256);
+        let id = owned_key(owner, sha256);
         let result = self.model_blobs.transaction(|blobs| {
             let stored = match blobs.get(id.as_str())? {
                 Some(value) => {
                     let mut stored: StoredModelBlob = from_json(&value).map_err(storage)?;
-                    if stored.blob.size != size {
-                        return abort(StoreError::Conflict(format!(
-                            "the model file {sha256} is being stored with {} bytes, not {size}",
-                            stored.blob.size
-                        )));
+                    if let Err(refused) = stored.blob.resumes(size) {
+                        return abort(refused);
                     }
                     stored.updated_at = now();
                     stored
@@ -531,7 +529,7 @@ impl SledStore {
         index: u32,
         content: &[u8],
     ) -> Result<ModelBlob, StoreError> {
-        let id = model_key(owner, sha256);
+        let id = owned_key(owner, sha256);
         let key = part_key(&id, index);
         let trees = (&self.model_blobs, &self.model_parts);
         let result = trees.transaction(|(blobs, parts)| {
@@ -561,7 +559,7 @@ impl SledStore {
         sha256: &str,
         matched: bool,
     ) -> Result<(), StoreError> {
-        let id = model_key(owner, sha256);
+        let id = owned_key(owner, sha256);
         let trees = (&self.model_blobs, &self.model_parts);
         let result = trees.transaction(|(blobs, parts)| {
             let Some(value) = blobs.get(id.as_str())? else {
@@ -583,7 +581,7 @@ impl SledStore {
     }
 
     fn put_model(&self, new: &NewModel, replace: bool) -> Result<ModelRecord, StoreError> {
-        let key = model_key(new.owner.as_deref(), &new.name);
+        let key = owned_key(new.owner.as_deref(), &new.name);
         let trees = (
             &self.tenants,
             &self.models,
@@ -601,7 +599,7 @@ impl SledStore {
             };
             let owner = new.owner.as_deref();
             for (path, file) in &new.files {
-                let id = model_key(owner, &file.sha256);
+                let id = owned_key(owner, &file.sha256);
                 let stored: Option<StoredModelBlob> = match blobs.get(id.as_str())? {
                     Some(value) => Some(from_json(&value).map_err(storage)?),
                     None => None,
@@ -614,7 +612,7 @@ impl SledStore {
                 blobs.insert(id.as_str(), to_json(&stored).map_err(storage)?)?;
             }
             for file in existing.iter().flat_map(|old| old.files.values()) {
-                release_model_blob(blobs, parts, &model_key(owner, &file.sha256))?;
+                release_model_blob(blobs, parts, &owned_key(owner, &file.sha256))?;
             }
             if let Some(owner) = &new.owner {
                 let mut tenant = live_tenant(tenants, owner)?;
@@ -635,7 +633,7 @@ impl SledStore {
 
     fn model(&self, owner: Option<&str>, name: &str) -> Result<Option<ModelRecord>> {
         self.models
-            .get(model_key(owner, name))?
+            .get(owned_key(owner, name))?
             .map(|v| from_json(&v))
             .transpose()
     }
@@ -661,7 +659,7 @@ impl SledStore {
     }
 
     fn delete_model(&self, owner: Option<&str>, name: &str) -> Result<ModelRecord, StoreError> {
-        let key = model_key(owner, name);
+        let key = owned_key(owner, name);
         let trees = (
             &self.tenants,
             &self.models,
@@ -674,7 +672,7 @@ impl SledStore {
             };
             let model: ModelRecord = from_json(&value).map_err(storage)?;
             for file in model.files.values() {
-                release_model_blob(blobs, parts, &model_key(owner, &file.sha256))?;
+                release_model_blob(blobs, parts, &owned_key(owner, &file.sha256))?;
             }
             if let Some(owner) = owner
                 && let Some(value) = tenants.get(owner)?
@@ -760,13 +758,6 @@ fn release_model_blob(
         blobs.insert(id, to_json(&stored).map_err(storage)?)?;
     }
     Ok(())
-}
-
-fn model_key(owner: Option<&str>, name: &str) -> String {
-    match owner {
-        Some(owner) => format!("{owner}/{name}"),
-        None => name.to_string(),
-    }
 }
 
 /// A part of the model file `id` (its owner's key of its sha256).
@@ -945,7 +936,7 @@ impl Store for SledStore {
     ) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .model_parts
-            .get(part_key(&model_key(owner, sha256), index))
+            .get(part_key(&owned_key(owner, sha256), index))
             .map_err(anyhow::Error::from)?
             .map(|v| v.to_vec()))
     }
