@@ -109,6 +109,401 @@ async fn the_openai_client_chats_streams_and_lists_models() {
     }
 }
 
+/// Tools, structured output, log-probabilities, `n` and legacy
+/// completions through the official client, and LangChain on top of it.
+#[tokio::test]
+async fn applications_call_tools_and_get_structured_answers() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let base = format!("{}/v1", server.url);
+    let report = run_python("openai_tools.py", vec![base, key, MODEL.to_string()]).await;
+    // Under `auto` the model may call or answer: either way the answer
+    // is well formed (calls were checked against their schemas).
+    let auto = &report["auto"];
+    if auto["calls"].as_array().unwrap().is_empty() {
+        assert_eq!(auto["finish_reason"], "stop", "{report}");
+        assert_eq!(auto["has_content"], true, "{report}");
+    } else {
+        assert_eq!(auto["finish_reason"], "tool_calls", "{report}");
+    }
+    // A required call is made, parses and validates (checked by the
+    // script with jsonschema), and is the only content.
+    let required = &report["required"];
+    assert_eq!(required["calls"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(required["finish_reason"], "tool_calls");
+    assert_eq!(required["content"], serde_json::Value::Null);
+    assert_eq!(report["named"], serde_json::json!(["get_time"]), "{report}");
+    // The tool's result fed back: a text answer, no further call.
+    let looped = &report["looped"];
+    assert!(
+        looped["content"].as_str().is_some_and(|c| !c.is_empty()),
+        "{report}"
+    );
+    assert_eq!(looped["calls"], serde_json::Value::Null);
+    assert_eq!(report["streamed_equal"], true, "{report}");
+    assert_eq!(report["streamed_finish"], "tool_calls");
+    assert!(report["schema_chars"].as_u64().unwrap() >= 1000);
+    assert_eq!(report["structured"]["valid"], true);
+    assert_eq!(report["structured"]["finish_reason"], "stop", "{report}");
+    assert_eq!(report["json_object"], true);
+    let logprobs = &report["logprobs"];
+    assert_eq!(logprobs["tokens"], true, "{report}");
+    assert_eq!(logprobs["count"], logprobs["completion_tokens"], "{report}");
+    assert!(logprobs["top"].as_array().unwrap().iter().all(|n| n == 3));
+    assert_eq!(logprobs["greedy"], true, "{report}");
+    assert_eq!(report["n"]["indexes"], serde_json::json!([0, 1, 2]));
+    assert_eq!(report["n"]["seeded"], true, "{report}");
+    assert!(report["n"]["completion_tokens"].as_u64().unwrap() >= 3);
+    let legacy = &report["legacy"];
+    assert_eq!(legacy["object"], "text_completion");
+    assert_eq!(legacy["finish_reason"], "length");
+    assert_eq!(legacy["tokens"], true, "{report}");
+    assert_eq!(legacy["top"], serde_json::json!([2, 2, 2, 2]));
+    assert_eq!(legacy["completion_tokens"], 4);
+    assert_eq!(report["legacy_list"], serde_json::json!([0, 1]));
+    assert_eq!(report["legacy_stream"]["text"], legacy["text"], "{report}");
+    assert_eq!(report["legacy_stream"]["completion_tokens"], 4);
+    assert_eq!(
+        report["langchain_tools"],
+        serde_json::json!([{"name": "Weather", "city": true}]),
+        "{report}"
+    );
+    assert_eq!(report["langchain_structured"], "City");
+}
+
+/// Every malformed request is refused with a 400 in OpenAI's error shape,
+/// naming the field at fault, and generates nothing.
+#[tokio::test]
+async fn malformed_requests_are_refused_before_generating() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let user = serde_json::json!([{"role": "user", "content": "Hi"}]);
+    let weather = serde_json::json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+    let chat = |extra: serde_json::Value| {
+        let mut body = serde_json::json!({"model": MODEL, "messages": user});
+        for (name, value) in extra.as_object().unwrap() {
+            body[name] = value.clone();
+        }
+        body
+    };
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "chat/completions",
+            serde_json::json!("not an object"),
+            "a string",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": user}),
+            "model",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"model": 7, "messages": user}),
+            "model",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"model": MODEL}),
+            "messages",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"messages": []})),
+            "messages",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"messages": "hi"})),
+            "messages",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"messages": [{"content": "hi"}]})),
+            "messages[0].role",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"messages": [{"role": "robot", "content": "hi"}]})),
+            "messages[0].role",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"messages": [{"role": "user", "content": 42}]})),
+            "messages[0].content",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"messages": [{"role": "user"}]})),
+            "messages[0].content",
+        ),
+        (
+            "chat/completions",
+            chat(
+                serde_json::json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            ),
+            "messages[0].content[0]",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"messages": [{"role": "tool", "content": "18"}]})),
+            "messages[0].tool_call_id",
+        ),
+        (
+            "chat/completions",
+            chat(
+                serde_json::json!({"messages": [{"role": "user", "content": "a", "tool_calls": []}]}),
+            ),
+            "messages[0].tool_calls",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"temperature": 7})),
+            "temperature",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"temperature": "hot"})),
+            "temperature",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"top_p": 0})),
+            "top_p",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"max_tokens": 0})),
+            "max_tokens",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"max_tokens": 1.5})),
+            "max_tokens",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"max_completion_tokens": -1})),
+            "max_completion_tokens",
+        ),
+        ("chat/completions", chat(serde_json::json!({"n": 0})), "n"),
+        ("chat/completions", chat(serde_json::json!({"n": 100})), "n"),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"seed": "x"})),
+            "seed",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"stop": 5})),
+            "stop",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"stop": [""]})),
+            "stop",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"frequency_penalty": 3})),
+            "frequency_penalty",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"presence_penalty": -3})),
+            "presence_penalty",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"stream": "yes"})),
+            "stream",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"stream_options": {"include_usage": true}})),
+            "stream_options",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"top_logprobs": 2})),
+            "top_logprobs",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"logprobs": true, "top_logprobs": 50})),
+            "top_logprobs",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"logit_bias": {"1": 5}})),
+            "logit_bias",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"tools": {}})),
+            "tools",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"tools": [{"type": "retrieval"}]})),
+            "tools[0].type",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"tools": [{"type": "function", "function": {"name": "a b"}}]})),
+            "tools[0].function.name",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"tools": [weather, weather]})),
+            "tools[1].function.name",
+        ),
+        (
+            "chat/completions",
+            chat(
+                serde_json::json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}),
+            ),
+            "tools[0].function.parameters",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"tools": [weather], "tool_choice": "always"})),
+            "tool_choice",
+        ),
+        (
+            "chat/completions",
+            chat(
+                serde_json::json!({"tools": [weather], "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            ),
+            "tool_choice.function.name",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"tool_choice": "required"})),
+            "tool_choice",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"response_format": {"type": "xml"}})),
+            "response_format.type",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"response_format": {"type": "json_schema"}})),
+            "response_format.json_schema",
+        ),
+        (
+            "chat/completions",
+            chat(
+                serde_json::json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}}),
+            ),
+            "response_format.json_schema.schema",
+        ),
+        (
+            "chat/completions",
+            chat(
+                serde_json::json!({"tools": [weather], "response_format": {"type": "json_object"}}),
+            ),
+            "response_format",
+        ),
+        ("completions", serde_json::json!({"model": MODEL}), "prompt"),
+        (
+            "completions",
+            serde_json::json!({"model": MODEL, "prompt": [1, 2, 3]}),
+            "prompt",
+        ),
+        (
+            "completions",
+            serde_json::json!({"model": MODEL, "prompt": []}),
+            "prompt",
+        ),
+        (
+            "completions",
+            serde_json::json!({"model": MODEL, "prompt": "a", "logprobs": 9}),
+            "logprobs",
+        ),
+        (
+            "completions",
+            serde_json::json!({"model": MODEL, "prompt": "a", "suffix": "b"}),
+            "suffix",
+        ),
+        (
+            "completions",
+            serde_json::json!({"model": MODEL, "prompt": "a", "best_of": 3}),
+            "best_of",
+        ),
+        (
+            "completions",
+            serde_json::json!({"model": MODEL, "prompt": "a", "echo": true, "logprobs": 1}),
+            "echo",
+        ),
+    ];
+    assert!(cases.len() >= 30);
+    let client = server.client(Some(&key));
+    // One answer first, so that the model is loaded and counting.
+    let warm = chat(serde_json::json!({"max_tokens": 1}));
+    let reply = client
+        .send(
+            Method::POST,
+            "/v1/chat/completions",
+            Some(("application/json", Bytes::from(warm.to_string()))),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    let before = server.model(MODEL).await["generation"]["started"].clone();
+    assert_eq!(before, 1);
+    for (route, body, param) in &cases {
+        let reply = client
+            .send(
+                Method::POST,
+                &format!("/v1/{route}"),
+                Some(("application/json", Bytes::from(body.to_string()))),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_error(&reply, 400, "invalid_request");
+        let error = &support::json(&reply)["error"];
+        assert_eq!(error["type"], "invalid_request_error", "{body}: {error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            error["param"] == *param || message.contains(param),
+            "{body}: expected {param}: {error}"
+        );
+        assert!(
+            !message.contains("untagged") && !message.contains("serde"),
+            "{message}"
+        );
+    }
+    // A schema the constraint engine cannot compile is refused too.
+    let reply = client
+        .send(
+            Method::POST,
+            "/v1/chat/completions",
+            Some((
+                "application/json",
+                Bytes::from(
+                    chat(
+                        serde_json::json!({"response_format": {"type": "json_schema",
+                        "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}),
+                    )
+                    .to_string(),
+                ),
+            )),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_error(&reply, 400, "invalid_request");
+    let after = server.model(MODEL).await["generation"]["started"].clone();
+    assert_eq!(before, after, "nothing was generated");
+}
+
 #[tokio::test]
 async fn keys_quotas_and_permissions_apply() {
     let data = tempfile::tempdir().unwrap();

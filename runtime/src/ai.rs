@@ -198,7 +198,11 @@ impl generation::HostGenerationStream for AiView<'_> {
         if stream.done {
             return Ok(Ok(None));
         }
-        let event = stream.generation.next().await;
+        let mut event = stream.generation.next().await;
+        // Log-probabilities are not asked for here; skipped all the same.
+        while let Some(Event::Token(_)) = event {
+            event = stream.generation.next().await;
+        }
         Ok(match event {
             Some(Event::Text(text)) => Ok(Some(generation::Chunk::Text(text))),
             Some(Event::Done(usage)) => {
@@ -216,6 +220,7 @@ impl generation::HostGenerationStream for AiView<'_> {
                 stream.done = true;
                 Err(types::Error::Failed(why))
             }
+            Some(Event::Token(_)) => unreachable!("skipped above"),
             None => {
                 stream.done = true;
                 Err(types::Error::Failed("the model stopped".into()))

@@ -92,6 +92,8 @@ impl spin::Host for SpinView<'_> {
         loop {
             match generation.next().await {
                 Some(Event::Text(piece)) => text.push_str(&piece),
+                // Not asked for.
+                Some(Event::Token(_)) => {}
                 Some(Event::Done(usage)) => {
                     return Ok(Ok(spin::InferencingResult {
                         text,

@@ -207,7 +207,7 @@ pub(super) async fn direct_generation(engine: &TextModel, max_tokens: u32) -> Re
         .map_err(anyhow::Error::msg)?;
     loop {
         match generation.next().await {
-            Some(Event::Text(_)) => {}
+            Some(Event::Text(_) | Event::Token(_)) => {}
             Some(Event::Done(usage)) => {
                 let took = started.elapsed().as_secs_f64();
                 return Ok((usage.completion_tokens as f64 / took, took));

@@ -1,4 +1,5 @@
-//! API errors: `{"error": {"code", "message"}}` with the right status.
+//! API errors: `{"error": {"message", "type", "param", "code"}}` (the
+//! shape OpenAI's clients parse) with the right status.
 
 use hyper::StatusCode;
 
@@ -10,6 +11,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The request field at fault, when one is.
+    param: Option<String>,
     retry_after: Option<u64>,
 }
 
@@ -20,8 +23,15 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            param: None,
             retry_after: None,
         }
+    }
+
+    /// Names the request field at fault.
+    pub fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
     }
 
     /// 429 with `Retry-After: seconds`.
@@ -99,8 +109,20 @@ impl ApiError {
 
     /// The JSON response.
     pub fn into_response(self) -> Response {
+        let kind = match self.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
         let body = serde_json::json!({
-            "error": { "code": self.code, "message": self.message }
+            "error": {
+                "message": self.message,
+                "type": kind,
+                "param": self.param,
+                "code": self.code,
+            }
         });
         let mut response = hyper::Response::builder()
             .status(self.status)

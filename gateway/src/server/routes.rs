@@ -37,7 +37,7 @@ impl Gateway {
             // The OpenAI-compatible API at the base URL clients of other
             // servers use (`http://host:port/v1`), besides `/openai/v1`;
             // `/v1/models` answers in both shapes (control.rs).
-            (["v1", "chat", "completions"] | ["v1", "embeddings"], _) => {
+            (["v1", "chat", "completions"] | ["v1", "completions"] | ["v1", "embeddings"], _) => {
                 self.openai(request, &segments, &method).await
             }
             (["v1", "functions", _, "logs"], &Method::GET) => {

@@ -16,7 +16,10 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::{LlamaModelParams, LlamaSplitMode};
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llguidance::api::TopLevelGrammar;
+use llguidance::{Matcher, ParserFactory};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc as tokio_mpsc;
 
@@ -32,6 +35,7 @@ use crate::ComputeBudget;
 /// threads = 0            # 0: the machine's cores
 /// max_queue = 64         # waiting generations; past it, refused at once
 /// max_sequences_per_tenant = 6  # slots one tenant may hold (default: three quarters)
+/// default_max_tokens = 256      # an answer's length when the caller sets none
 /// ```
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +65,11 @@ pub struct GenerationConfig {
     /// for the others.
     #[serde(default)]
     pub max_sequences_per_tenant: Option<u32>,
+    /// Most tokens of an answer whose caller sets no `max_tokens` (the
+    /// OpenAI-compatible API), lowered to what the context leaves: small
+    /// models can run on for as long as they are let.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u32,
 }
 
 impl GenerationConfig {
@@ -84,8 +93,13 @@ impl Default for GenerationConfig {
             max_queue: default_queue(),
             max_queue_per_tenant: None,
             max_sequences_per_tenant: None,
+            default_max_tokens: default_max_tokens(),
         }
     }
+}
+
+fn default_max_tokens() -> u32 {
+    256
 }
 
 fn default_sequences() -> u32 {
@@ -120,6 +134,9 @@ pub struct Request {
     pub prompt: Prompt,
     /// Most tokens to generate.
     pub max_tokens: u32,
+    /// Lower `max_tokens` to what the context leaves after the prompt,
+    /// instead of refusing a request that does not fit.
+    pub fit_context: bool,
     /// Sampling temperature; 0 is greedy.
     pub temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens with this much probability (1: off).
@@ -142,8 +159,49 @@ pub struct Request {
     /// Subtracted from a token's logit if it occurred in the window at all
     /// (OpenAI's `presence_penalty`, -2 to 2; 0: off).
     pub presence_penalty: f32,
+    /// What the text must match, enforced token by token.
+    pub constraint: Option<Constraint>,
+    /// Report each generated token's log-probability and this many
+    /// alternatives ([`Event::Token`]; at most [`MAX_TOP_LOGPROBS`]).
+    pub logprobs: Option<u32>,
     /// Who pays for the tokens, charged as each is generated.
     pub budget: Option<Arc<dyn ComputeBudget>>,
+}
+
+/// The most alternatives a token's log-probability may list.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// What a generation's text must match. Enforced by constrained decoding
+/// (llguidance): each step, every token that would leave the language is
+/// masked before sampling, so the text always parses, unless `max_tokens`
+/// cuts it short.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Constraint {
+    /// A JSON value valid against this JSON schema.
+    JsonSchema(serde_json::Value),
+    /// A grammar in llguidance's Lark syntax (`%json { … }` embeds a schema).
+    Lark(String),
+}
+
+/// A token and how likely the model found it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Its text (lossy where it is part of a character).
+    pub text: String,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Natural log of its probability under the model's distribution
+    /// (before sampling settings and constraints).
+    pub logprob: f32,
+}
+
+/// A generated token's log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token generated.
+    pub chosen: Candidate,
+    /// The most likely tokens at that step, most likely first.
+    pub top: Vec<Candidate>,
 }
 
 impl Default for Request {
@@ -151,6 +209,7 @@ impl Default for Request {
         Self {
             prompt: Prompt::Text(String::new()),
             max_tokens: 256,
+            fit_context: false,
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
@@ -160,6 +219,8 @@ impl Default for Request {
             repeat_last_n: 64,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            constraint: None,
+            logprobs: None,
             budget: None,
         }
     }
@@ -191,6 +252,9 @@ pub struct Usage {
 pub enum Event {
     /// The next piece of text.
     Text(String),
+    /// A generated token's log-probability, when the request asked for
+    /// them: sent as the token is sampled, before the text it adds.
+    Token(TokenLogprob),
     /// Generation ended.
     Done(Usage),
     /// Generation failed.
@@ -345,6 +409,10 @@ pub struct TextModel {
     /// `cpu`, or `cuda:N` where its layers and KV cache live.
     device: String,
     template: Option<LlamaChatTemplate>,
+    /// Compiles output constraints against the model's vocabulary; built
+    /// on the first constrained request (it walks the whole vocabulary)
+    /// and shared with the model's adapters.
+    grammars: Arc<OnceLock<Result<Arc<ParserFactory>, String>>>,
     config: GenerationConfig,
     jobs: Mutex<mpsc::Sender<scheduler::Job>>,
     waiting: Arc<crate::queue::Waiting>,
@@ -543,6 +611,7 @@ impl TextModel {
             adapter_bytes,
             device: device.to_string(),
             template,
+            grammars: Arc::default(),
             config,
             jobs: Mutex::new(jobs),
             waiting,
@@ -567,6 +636,7 @@ impl TextModel {
             adapter_bytes: 0,
             device: self.device.clone(),
             template: self.template.clone(),
+            grammars: self.grammars.clone(),
             config: self.config.clone(),
             jobs: Mutex::new(jobs),
             waiting: self.waiting.clone(),
@@ -648,6 +718,29 @@ impl TextModel {
         Ok(vocab.tokenize(text.as_bytes(), vocab.should_add_bos(), true))
     }
 
+    /// A sampler that keeps the output within `constraint`.
+    fn grammar(&self, constraint: &Constraint) -> Result<LlamaSampler, GenerateError> {
+        let factory = self
+            .grammars
+            .get_or_init(|| {
+                let vocabulary = LlamaSampler::llguidance_tok_env(&self.model);
+                let mut factory =
+                    ParserFactory::new_simple(&vocabulary).map_err(|e| e.to_string())?;
+                factory.quiet();
+                Ok(Arc::new(factory))
+            })
+            .as_ref()
+            .map_err(|e| GenerateError::Stopped(format!("preparing constrained decoding: {e}")))?;
+        let grammar = match constraint {
+            Constraint::JsonSchema(schema) => TopLevelGrammar::from_json_schema(schema.clone()),
+            Constraint::Lark(grammar) => TopLevelGrammar::from_lark(grammar.clone()),
+        };
+        let parser = factory
+            .create_parser(grammar)
+            .map_err(|e| GenerateError::Invalid(format!("the output constraint: {e}")))?;
+        Ok(LlamaSampler::from(Matcher::new(Ok(parser))))
+    }
+
     /// [`Self::generate`] off the async workers: rendering and tokenising
     /// a prompt is CPU work proportional to its length.
     pub async fn start(
@@ -669,9 +762,19 @@ impl TextModel {
         request: Request,
     ) -> Result<Generation, GenerateError> {
         check(&request)?;
+        let grammar = request
+            .constraint
+            .as_ref()
+            .map(|constraint| self.grammar(constraint))
+            .transpose()?;
         let tokens = self.tokenize(&request.prompt)?;
         if tokens.is_empty() {
             return Err(GenerateError::Invalid("the prompt is empty".into()));
+        }
+        let mut request = request;
+        if request.fit_context {
+            let room = u64::from(self.config.context_tokens).saturating_sub(tokens.len() as u64);
+            request.max_tokens = request.max_tokens.min(room.max(1) as u32);
         }
         let needed = tokens.len() as u64 + u64::from(request.max_tokens);
         if needed > u64::from(self.config.context_tokens) {
@@ -692,6 +795,7 @@ impl TextModel {
             tenant,
             tokens,
             request,
+            grammar,
             events,
             adapter: self.adapter.as_ref().map(|(index, _)| *index),
             stats: self.stats.clone(),
@@ -840,6 +944,13 @@ fn check(request: &Request) -> Result<(), GenerateError> {
             return invalid(format!("{name} must be between -2 and 2, got {value}"));
         }
     }
+    if let Some(top) = request.logprobs
+        && top > MAX_TOP_LOGPROBS
+    {
+        return invalid(format!(
+            "top_logprobs: at most {MAX_TOP_LOGPROBS} alternatives, got {top}"
+        ));
+    }
     if !(request.repeat_penalty > 0.0 && request.repeat_penalty <= 2.0) {
         return invalid(format!(
             "repeat_penalty must be in (0, 2], got {}",
@@ -897,6 +1008,7 @@ mod tests {
                 Event::Text(chunk) => text.push_str(&chunk),
                 Event::Done(usage) => return (text, usage),
                 Event::Failed(why) => panic!("generation failed: {why}"),
+                Event::Token(_) => {}
             }
         }
     }

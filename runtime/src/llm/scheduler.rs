@@ -20,10 +20,11 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::vocab::LlamaVocab;
 use tokio::sync::mpsc as tokio_mpsc;
 
 use super::text::{Step, TextStream};
-use super::{Event, FinishReason, Request, TextStats, Usage};
+use super::{Candidate, Event, FinishReason, Request, TextStats, TokenLogprob, Usage};
 use crate::ComputeBudget;
 use crate::queue::Waiting;
 
@@ -32,6 +33,8 @@ pub struct Job {
     pub tenant: Arc<str>,
     pub tokens: Vec<LlamaToken>,
     pub request: Request,
+    /// Keeps the output within the request's constraint.
+    pub grammar: Option<LlamaSampler>,
     pub events: tokio_mpsc::UnboundedSender<Event>,
     /// The LoRA adapter it runs with (an index into [`Setup::adapters`]).
     pub adapter: Option<usize>,
@@ -88,6 +91,8 @@ struct Sequence {
     text: TextStream,
     generated: u32,
     max_tokens: u32,
+    /// Alternatives to report with each token's log-probability.
+    logprobs: Option<u32>,
     budget: Option<Arc<dyn ComputeBudget>>,
     events: tokio_mpsc::UnboundedSender<Event>,
     adapter: Option<usize>,
@@ -233,7 +238,7 @@ impl Scheduler<'_> {
             self.active.push(Sequence {
                 id,
                 tenant,
-                sampler: sampler(&job.request, &self.setup.model, &job.tokens),
+                sampler: sampler(&job.request, &self.setup.model, &job.tokens, job.grammar),
                 text: TextStream::new(job.request.stop.clone()),
                 prompt: job.tokens,
                 fed: 0,
@@ -242,6 +247,7 @@ impl Scheduler<'_> {
                 row: None,
                 generated: 0,
                 max_tokens: job.request.max_tokens,
+                logprobs: job.request.logprobs,
                 budget: job.request.budget.clone(),
                 events: job.events,
                 adapter: job.adapter,
@@ -377,6 +383,12 @@ impl Scheduler<'_> {
                 finished.push((index, FinishReason::Stop));
                 continue;
             }
+            if let Some(top) = sequence.logprobs {
+                let logits = context.get_logits_ith(row);
+                let _ = sequence
+                    .events
+                    .send(Event::Token(logprobs(&vocab, logits, token, top)));
+            }
             sequence.generated += 1;
             stats.completion_tokens.fetch_add(1, Ordering::Relaxed);
             if let Some(budget) = &sequence.budget {
@@ -438,29 +450,37 @@ impl Scheduler<'_> {
     }
 }
 
-/// The request's sampler chain (greedy at temperature 0); a repeat
-/// penalty starts out having seen the `prompt`.
-fn sampler(request: &Request, model: &LlamaModel, prompt: &[LlamaToken]) -> LlamaSampler {
+/// The request's sampler chain: penalties (having seen the `prompt`),
+/// the output constraint, then greedy at temperature 0 or top-k, top-p,
+/// temperature and a seeded draw.
+fn sampler(
+    request: &Request,
+    model: &LlamaModel,
+    prompt: &[LlamaToken],
+    grammar: Option<LlamaSampler>,
+) -> LlamaSampler {
     let mut chain = Vec::new();
     let penalised = request.repeat_last_n > 0
         && (request.repeat_penalty != 1.0
             || request.frequency_penalty != 0.0
             || request.presence_penalty != 0.0);
     if penalised {
-        chain.push(LlamaSampler::penalties(
+        let penalties = LlamaSampler::penalties(
             model.n_vocab(),
             i32::try_from(request.repeat_last_n).unwrap_or(i32::MAX),
             request.repeat_penalty,
             request.frequency_penalty,
             request.presence_penalty,
-        ));
+        );
+        chain.push(penalties.with_tokens(prompt));
     }
+    chain.extend(grammar);
     if request.temperature <= 0.0 {
-        if !penalised {
+        if chain.is_empty() {
             return LlamaSampler::greedy();
         }
         chain.push(LlamaSampler::greedy());
-        return LlamaSampler::chain_simple(chain).with_tokens(prompt);
+        return LlamaSampler::chain_simple(chain);
     }
     if request.top_k > 0 {
         chain.push(LlamaSampler::top_k(request.top_k as i32));
@@ -470,10 +490,39 @@ fn sampler(request: &Request, model: &LlamaModel, prompt: &[LlamaToken]) -> Llam
     }
     chain.push(LlamaSampler::temp(request.temperature));
     chain.push(LlamaSampler::dist(request.seed));
-    let chain = LlamaSampler::chain_simple(chain);
-    if penalised {
-        chain.with_tokens(prompt)
+    LlamaSampler::chain_simple(chain)
+}
+
+/// The log-probability of `chosen` under `logits` and the `top` most
+/// likely tokens: a log-softmax over the whole vocabulary.
+fn logprobs(vocab: &LlamaVocab<'_>, logits: &[f32], chosen: LlamaToken, top: u32) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    let normaliser = max + sum.ln();
+    let candidate = |token: LlamaToken| {
+        let bytes = vocab.token_to_piece(token, false, None);
+        Candidate {
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+            logprob: logits
+                .get(token.0 as usize)
+                .map_or(f32::NEG_INFINITY, |l| l - normaliser),
+        }
+    };
+    let mut best: Vec<usize> = (0..logits.len()).collect();
+    let top = (top as usize).min(best.len());
+    if top > 0 {
+        best.select_nth_unstable_by(top - 1, |a, b| logits[*b].total_cmp(&logits[*a]));
+        best.truncate(top);
+        best.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
     } else {
-        chain
+        best.clear();
+    }
+    TokenLogprob {
+        chosen: candidate(chosen),
+        top: best
+            .into_iter()
+            .map(|t| candidate(LlamaToken(t as i32)))
+            .collect(),
     }
 }

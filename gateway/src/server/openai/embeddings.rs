@@ -1,0 +1,184 @@
+//! `POST /v1/embeddings`: texts in, vectors out (floats or base64).
+
+use gigafactory_runtime::models::ErrorCode;
+use hyper::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::model_not_found;
+use crate::server::cluster::Outgoing;
+use crate::server::routes::{Request, json};
+use crate::server::{ApiError, Gateway, Response};
+
+/// The largest embeddings request body (2048 texts of a few hundred words).
+const MAX_EMBEDDINGS_BODY: usize = 8 << 20;
+
+impl Gateway {
+    pub(super) async fn embeddings(&self, request: Request) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(&request).await?;
+        let (forwarded, outgoing) = (self.peers.forwarded(&request)?, Outgoing::of(&request));
+        let body = self.read_body(request, MAX_EMBEDDINGS_BODY).await?;
+        let asked: EmbeddingRequest = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request("invalid_request", format!("not an embeddings request: {e}"))
+        })?;
+        let quota = self.tenant_record(&tenant).await?.quota;
+        let admitted = self.admission.admit(&tenant, &quota)?;
+        if !forwarded && self.elsewhere(&tenant, &asked.model) {
+            let (models, held) = ([asked.model], admitted.permit);
+            return self.send_to_holder(outgoing, body, &models, held).await;
+        }
+        let base64 = match asked.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    format!("encoding_format {other:?}: use \"float\" or \"base64\""),
+                ));
+            }
+        };
+        let texts = texts_of(asked.input)?;
+        let key = self
+            .model_key(&tenant, &quota, &asked.model)
+            .ok_or_else(|| model_not_found(&asked.model))?;
+        if let (Some(dimensions), Some(width)) = (asked.dimensions, self.embedding_width(&key))
+            && dimensions as usize != width
+        {
+            return Err(wrong_dimensions(&asked.model, width));
+        }
+        let timeout = self.config.limits.timeout;
+        let embedding = self
+            .runtime
+            .models()
+            .embed(&key, &texts, tenant.as_str().into());
+        let Ok((result, spent)) = tokio::time::timeout(timeout, embedding).await else {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "deadline_exceeded",
+                format!(
+                    "the embeddings did not finish within {} s",
+                    timeout.as_secs_f64()
+                ),
+            ));
+        };
+        if let Some(budget) = &admitted.budget {
+            budget.charge(spent);
+        }
+        let embeddings = result.map_err(|e| {
+            if e.is_busy() {
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.message)
+                    .retry_after(1);
+            }
+            match e.code {
+                ErrorCode::NotFound => model_not_found(&asked.model),
+                ErrorCode::UnsupportedOperation | ErrorCode::InvalidArgument => {
+                    ApiError::bad_request("invalid_request", e.message)
+                }
+                _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", e.message),
+            }
+        })?;
+        let width = embeddings.vectors.first().map_or(0, Vec::len);
+        if let Some(dimensions) = asked.dimensions
+            && dimensions as usize != width
+        {
+            return Err(wrong_dimensions(&asked.model, width));
+        }
+        let data: Vec<Value> = embeddings
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(index, vector)| {
+                let embedding = if base64 {
+                    json!(base64_of_floats(vector))
+                } else {
+                    json!(vector)
+                };
+                json!({"object": "embedding", "index": index, "embedding": embedding})
+            })
+            .collect();
+        Ok(json(
+            StatusCode::OK,
+            json!({
+                "object": "list",
+                "data": data,
+                "model": asked.model,
+                "usage": {"prompt_tokens": embeddings.tokens, "total_tokens": embeddings.tokens},
+            }),
+        ))
+    }
+
+    /// The width of a loaded embedding model's vectors, where its graph
+    /// says (checked before computing anything).
+    fn embedding_width(&self, key: &str) -> Option<usize> {
+        let info = self.runtime.models().info(key)?;
+        let output = &info.embedding?.output;
+        let spec = info.outputs.iter().find(|o| &o.name == output)?;
+        *spec.shape.last()?
+    }
+}
+
+fn wrong_dimensions(model: &str, width: usize) -> ApiError {
+    ApiError::bad_request(
+        "invalid_request",
+        format!("dimensions: {model:?} makes {width}-dimensional vectors only"),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingRequest {
+    model: String,
+    input: Value,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<u32>,
+    /// Accepted and ignored, as an end-user id is only a hint.
+    #[serde(default)]
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+/// `input`: a string or a list of strings (token-id arrays are refused:
+/// the host tokenises with the model's own vocabulary).
+fn texts_of(input: Value) -> Result<Vec<String>, ApiError> {
+    let refuse = |why: &str| ApiError::bad_request("invalid_request", format!("input: {why}"));
+    match input {
+        Value::String(text) => Ok(vec![text]),
+        Value::Array(items) if items.is_empty() => Err(refuse("send at least one text")),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(text) => Ok(text),
+                Value::Number(_) | Value::Array(_) => Err(refuse(
+                    "token ids are not supported; send text (the model's vocabulary is applied here)",
+                )),
+                _ => Err(refuse("expected a string or a list of strings")),
+            })
+            .collect(),
+        _ => Err(refuse("expected a string or a list of strings")),
+    }
+}
+
+/// The vector as base64 of its little-endian f32 bytes, as OpenAI's
+/// `encoding_format: "base64"` (which the official clients ask for).
+fn base64_of_floats(vector: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let b = [
+            group[0],
+            *group.get(1).unwrap_or(&0),
+            *group.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= group.len() {
+                out.push(ALPHABET[(n >> shift & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,503 @@
+//! OpenAI-compatible endpoints for tenants who just want a model, no
+//! function, at `/v1` (the base URL clients of other servers use) and
+//! `/openai/v1`: chat completions (`chat.rs`: tools, structured output,
+//! log-probabilities, `n` answers, whole or streamed as server-sent
+//! events), legacy completions (`completions.rs`), embeddings
+//! (`embeddings.rs`) and the model list. The tenant's API key is the
+//! bearer token; the tenant's quotas (rate, concurrency, compute,
+//! generated tokens) and model permissions apply as they do to its
+//! functions. Requests are read field by field (`fields.rs`), so a
+//! refusal names the field at fault in OpenAI's error shape.
+
+mod chat;
+mod completions;
+mod embeddings;
+mod fields;
+mod tools;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use gigafactory_runtime::llm::{self, Event, GenerateError, Generation, TextModel, TokenLogprob};
+use gigafactory_runtime::models::ErrorCode;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::admission::Admitted;
+use super::cluster::Outgoing;
+use super::routes::{Request, json};
+use super::{ApiError, BoxError, Gateway, Response};
+use crate::quota::Quota;
+
+/// Tokens the frequency and presence penalties look back over.
+const OPENAI_PENALTY_WINDOW: u32 = 4096;
+
+impl Gateway {
+    /// `/openai/…`: `segments` are the path after `openai`.
+    pub(super) async fn openai(
+        &self,
+        request: Request,
+        segments: &[&str],
+        method: &Method,
+    ) -> Result<Response, ApiError> {
+        match (segments, method) {
+            (["v1", "models"], &Method::GET) => self.openai_models(&request).await,
+            (["v1", "models", id], &Method::GET) => self.openai_model(&request, id).await,
+            (["v1", "chat", "completions"], &Method::POST) => self.chat_completions(request).await,
+            (["v1", "completions"], &Method::POST) => self.completions(request).await,
+            (["v1", "embeddings"], &Method::POST) => self.embeddings(request).await,
+            (
+                ["v1", "models"]
+                | ["v1", "models", _]
+                | ["v1", "chat", "completions"]
+                | ["v1", "completions"]
+                | ["v1", "embeddings"],
+                _,
+            ) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed here"),
+            )),
+            _ => Err(ApiError::not_found(format!(
+                "no OpenAI-compatible route /openai/{}",
+                segments.join("/")
+            ))),
+        }
+    }
+
+    /// The models the tenant may use, in OpenAI's list shape.
+    async fn openai_models(&self, request: &Request) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request).await?;
+        let data = self.openai_entries(Some(&tenant)).await?;
+        Ok(json(
+            StatusCode::OK,
+            json!({ "object": "list", "data": data }),
+        ))
+    }
+
+    /// One model the tenant may use, in OpenAI's shape (`models.retrieve`).
+    async fn openai_model(&self, request: &Request, id: &str) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request).await?;
+        let data = self.openai_entries(Some(&tenant)).await?;
+        data.into_iter()
+            .find(|entry| entry["id"] == id)
+            .map(|entry| json(StatusCode::OK, entry))
+            .ok_or_else(|| model_not_found(id))
+    }
+
+    /// OpenAI's model entries: those `tenant` may use (its private models
+    /// owned by `you`, shadowing the operator's of the same name), or
+    /// every model for the operator (`None`).
+    pub(super) async fn openai_entries(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<Value>, ApiError> {
+        let visible = match tenant {
+            Some(tenant) => Some(self.visible_models(&self.tenant_record(tenant).await?.quota)),
+            None => None,
+        };
+        let may_see = |name: &str| visible.as_ref().is_none_or(|v| v.contains(name));
+        let mut names: Vec<(String, String)> = Vec::new();
+        for model in self.runtime.models().list() {
+            match (&model.owner, tenant) {
+                (Some(owner), Some(tenant)) if owner == tenant => {
+                    names.push((model.name, "you".into()));
+                }
+                (Some(_), Some(_)) => {}
+                (Some(owner), None) => names.push((model.key(), owner.clone())),
+                (None, _) if may_see(&model.name) => names.push((model.name, "gigafactory".into())),
+                (None, _) => {}
+            }
+        }
+        let elsewhere = self.peers.models();
+        names.extend(
+            elsewhere
+                .keys()
+                .filter(|name| may_see(name))
+                .map(|name| (name.clone(), "gigafactory".into())),
+        );
+        names.sort_by(|a, b| a.0.cmp(&b.0).then((a.1 != "you").cmp(&(b.1 != "you"))));
+        names.dedup_by(|a, b| a.0 == b.0);
+        Ok(names
+            .into_iter()
+            .map(|(name, owner)| {
+                json!({
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": owner,
+                })
+            })
+            .collect())
+    }
+}
+
+/// Where a request is answered.
+pub(super) enum Admit {
+    /// Here: the tenant, the body, and what admission gave it.
+    Here(String, Bytes, Admitted),
+    /// On the node that holds the model: its response.
+    Elsewhere(Response),
+}
+
+impl Gateway {
+    /// Authenticates, reads the body (at most `limit` bytes), admits the
+    /// tenant's request, and sends it on to the node holding its model
+    /// when this one does not.
+    async fn openai_admit(&self, request: Request, limit: usize) -> Result<Admit, ApiError> {
+        let tenant = self.require_tenant(&request).await?;
+        let (forwarded, outgoing) = (self.peers.forwarded(&request)?, Outgoing::of(&request));
+        let body = self.read_body(request, limit).await?;
+        let model = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["model"].as_str().map(String::from));
+        let quota = self.tenant_record(&tenant).await?.quota;
+        let admitted = self.admission.admit(&tenant, &quota)?;
+        if let Some(model) = model
+            && !forwarded
+            && self.elsewhere(&tenant, &model)
+        {
+            let (models, held) = ([model], admitted.permit);
+            let response = self.send_to_holder(outgoing, body, &models, held).await?;
+            return Ok(Admit::Elsewhere(response));
+        }
+        Ok(Admit::Here(tenant, body, admitted))
+    }
+
+    /// The text model `name` as `tenant` may call it, loaded.
+    async fn text_model(
+        &self,
+        tenant: &str,
+        quota: &Quota,
+        name: &str,
+    ) -> Result<Arc<TextModel>, ApiError> {
+        let key = self
+            .model_key(tenant, quota, name)
+            .ok_or_else(|| model_not_found(name))?;
+        self.runtime
+            .models()
+            .text(&key)
+            .await
+            .map_err(|e| match e.code {
+                ErrorCode::NotFound => model_not_found(name),
+                ErrorCode::UnsupportedOperation => {
+                    ApiError::bad_request("invalid_request", e.message).param("model")
+                }
+                _ => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "model_unavailable",
+                    e.message,
+                ),
+            })
+    }
+
+    /// Starts the `n` answers of one request, each with its own seed.
+    async fn start_answers(
+        &self,
+        model: &Arc<TextModel>,
+        tenant: &str,
+        request: llm::Request,
+        sampling: &fields::Sampling,
+    ) -> Result<Vec<Generation>, ApiError> {
+        let mut answers = Vec::new();
+        for index in 0..sampling.n {
+            let request = llm::Request {
+                seed: sampling.seed_of(index),
+                ..request.clone()
+            };
+            let generation = model
+                .start(tenant.into(), request)
+                .await
+                .map_err(generate_error)?;
+            answers.push(generation);
+        }
+        Ok(answers)
+    }
+
+    /// Waits for every answer, within the generation deadline.
+    async fn collect(&self, answers: Vec<Generation>) -> Result<Vec<Answer>, ApiError> {
+        let limit = self.config.generation_timeout;
+        let all = futures_util::future::try_join_all(answers.into_iter().map(Answer::collect));
+        tokio::time::timeout(limit, all)
+            .await
+            .unwrap_or_else(|_| Err(generation_deadline(limit)))
+    }
+
+    /// Streams the answers as server-sent events, as `reader` words them:
+    /// each answer's opening, its steps as they come (answers
+    /// interleaved), the usage when asked, then `[DONE]`. The deadline
+    /// and a failed answer end the stream with an error event; a client
+    /// that leaves cancels every answer.
+    fn stream(
+        &self,
+        answers: Vec<Generation>,
+        mut reader: impl Reader,
+        include_usage: bool,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Response {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(32);
+        let deadline = tokio::time::Instant::now() + self.config.generation_timeout;
+        let limit = self.config.generation_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let send = |chunk: Value| sender.send(Bytes::from(format!("data: {chunk}\n\n")));
+            let count = answers.len();
+            let mut events = futures_util::stream::select_all(answers.into_iter().enumerate().map(
+                |(index, generation)| {
+                    futures_util::stream::unfold(generation, move |mut generation| async move {
+                        let event = generation.next().await?;
+                        Some(((index, event), generation))
+                    })
+                    .boxed()
+                },
+            ));
+            for index in 0..count {
+                for chunk in reader.start(index) {
+                    if send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let mut usage = Usage::default();
+            let mut open = count;
+            while open > 0 {
+                let chunks = match tokio::time::timeout_at(deadline, events.next()).await {
+                    Err(_) => {
+                        let error = generation_deadline(limit);
+                        let _ = send(stream_error(error.code(), error.message())).await;
+                        return;
+                    }
+                    Ok(None) => {
+                        let _ = send(stream_error("model_unavailable", "the model stopped")).await;
+                        return;
+                    }
+                    Ok(Some((_, Event::Failed(why)))) => {
+                        let _ = send(stream_error("model_error", &why)).await;
+                        return;
+                    }
+                    Ok(Some((index, Event::Token(token)))) => {
+                        reader.step(index, Step::Token(token))
+                    }
+                    Ok(Some((index, Event::Text(text)))) => reader.step(index, Step::Text(text)),
+                    Ok(Some((index, Event::Done(done)))) => {
+                        open -= 1;
+                        usage.add(&done, reader.counts_prompt(index));
+                        reader.step(index, Step::Done(done))
+                    }
+                };
+                for chunk in chunks {
+                    if send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if include_usage && send(reader.usage(usage.to_json())).await.is_err() {
+                return;
+            }
+            let _ = sender.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        });
+        let frames = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            let bytes = receiver.recv().await?;
+            Some((Ok::<_, BoxError>(Frame::data(bytes)), receiver))
+        });
+        hyper::Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "text/event-stream")
+            .header("cache-control", "no-cache")
+            .body(StreamBody::new(frames).boxed_unsync())
+            .expect("a valid response")
+    }
+}
+
+/// An error event ending a stream (its status was sent with the first byte).
+fn stream_error(code: &str, message: &str) -> Value {
+    json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}})
+}
+
+/// What happened next in one answer of a stream.
+pub(super) enum Step {
+    Token(TokenLogprob),
+    Text(String),
+    Done(llm::Usage),
+}
+
+/// Words a stream's answers as one front-end's chunks.
+pub(super) trait Reader: Send + 'static {
+    /// Chunks opening answer `index`.
+    fn start(&mut self, index: usize) -> Vec<Value>;
+    /// Chunks for a step of answer `index`.
+    fn step(&mut self, index: usize, step: Step) -> Vec<Value>;
+    /// The chunk that carries the usage of the whole request.
+    fn usage(&self, usage: Value) -> Value;
+    /// Whether answer `index`'s prompt counts in the usage (each prompt
+    /// counts once, however many answers it has).
+    fn counts_prompt(&self, index: usize) -> bool {
+        index == 0
+    }
+}
+
+/// One whole answer.
+pub(super) struct Answer {
+    pub text: String,
+    /// Its tokens' log-probabilities, when asked for.
+    pub tokens: Vec<TokenLogprob>,
+    pub usage: llm::Usage,
+}
+
+impl Answer {
+    async fn collect(mut generation: Generation) -> Result<Self, ApiError> {
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        loop {
+            match generation.next().await {
+                Some(Event::Text(piece)) => text.push_str(&piece),
+                Some(Event::Token(token)) => tokens.push(token),
+                Some(Event::Done(usage)) => {
+                    return Ok(Self {
+                        text,
+                        tokens,
+                        usage,
+                    });
+                }
+                Some(Event::Failed(why)) => {
+                    return Err(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "model_error",
+                        why,
+                    ));
+                }
+                None => {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "model_unavailable",
+                        "the model stopped",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Token counts of a request's answers.
+#[derive(Debug, Default)]
+pub(super) struct Usage {
+    prompt: u32,
+    completion: u32,
+}
+
+impl Usage {
+    /// Adds an answer's tokens (and its prompt's, when it counts).
+    pub(super) fn add(&mut self, usage: &llm::Usage, prompt: bool) {
+        if prompt {
+            self.prompt += usage.prompt_tokens;
+        }
+        self.completion += usage.completion_tokens;
+    }
+
+    pub(super) fn to_json(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        })
+    }
+}
+
+/// A log-probability as OpenAI writes it (-9999 for a token the model
+/// ruled out).
+fn logprob_value(logprob: f32) -> f64 {
+    f64::from(logprob.max(-9999.0))
+}
+
+/// A token's `logprobs.content` entry.
+pub(super) fn logprob_entry(token: &TokenLogprob) -> Value {
+    let entry = |c: &llm::Candidate| json!({"token": c.text, "logprob": logprob_value(c.logprob), "bytes": c.bytes});
+    let mut chosen = entry(&token.chosen);
+    chosen["top_logprobs"] = json!(token.top.iter().map(entry).collect::<Vec<_>>());
+    chosen
+}
+
+impl fields::Sampling {
+    /// The generation request these settings make (prompt and length
+    /// aside; the seed is set per answer).
+    pub(super) fn request(&self) -> llm::Request {
+        llm::Request {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            stop: self.stop.clone(),
+            // OpenAI's penalties count the whole answer so far.
+            repeat_last_n: OPENAI_PENALTY_WINDOW,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            ..llm::Request::default()
+        }
+    }
+}
+
+/// What every response and chunk of one completion repeats.
+#[derive(Debug, Clone)]
+pub(super) struct Head {
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+}
+
+impl Head {
+    /// A fresh id with `prefix` (`chatcmpl`, `cmpl`).
+    pub(super) fn new(prefix: &str, model: String) -> Self {
+        Self {
+            id: format!("{prefix}-{}", completion_id()),
+            model,
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
+pub(super) fn model_not_found(model: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "model_not_found",
+        format!("the model {model:?} does not exist or you do not have access to it"),
+    )
+    .param("model")
+}
+
+fn generate_error(error: GenerateError) -> ApiError {
+    match error {
+        GenerateError::Invalid(why) => ApiError::bad_request("invalid_request", why),
+        GenerateError::TooLarge(why) => ApiError::bad_request("context_length_exceeded", why),
+        GenerateError::Busy(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "model_busy",
+            error.to_string(),
+        )
+        .retry_after(1),
+        GenerateError::Stopped(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "model_unavailable",
+            error.to_string(),
+        ),
+    }
+}
+
+pub(super) fn completion_id() -> String {
+    let mut bytes = [0u8; 12];
+    getrandom::fill(&mut bytes).expect("the OS has randomness");
+    hex::encode(bytes)
+}
+
+/// 504 for a completion past the generation deadline.
+fn generation_deadline(limit: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "deadline_exceeded",
+        format!("the completion did not finish within {} s", limit.as_secs()),
+    )
+}
