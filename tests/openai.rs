@@ -704,3 +704,73 @@ async fn frequency_and_presence_penalties_steer_and_are_checked() {
         text(&refused)
     );
 }
+
+/// Browser apps on the origins the operator lists may call the API:
+/// preflights are answered, responses carry the origin; other origins
+/// get no CORS headers.
+#[tokio::test]
+async fn browser_apps_call_from_the_allowed_origins() {
+    let data = tempfile::tempdir().unwrap();
+    let server =
+        Server::start_without_models_with(data.path(), &["--cors-origin", "https://app.example"]);
+    let key = server.tenant("acme").await;
+    let client = server.client(Some(&key));
+    let preflight = |origin: &'static str| {
+        let client = server.client(None);
+        async move {
+            client
+                .send(
+                    Method::OPTIONS,
+                    "/v1/chat/completions",
+                    None,
+                    &[
+                        ("origin".into(), origin.into()),
+                        ("access-control-request-method".into(), "POST".into()),
+                        (
+                            "access-control-request-headers".into(),
+                            "authorization,content-type".into(),
+                        ),
+                    ],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let allowed = preflight("https://app.example").await;
+    assert_eq!(allowed.status, 200, "{}", text(&allowed));
+    let header = |reply: &support::Reply, name: &str| {
+        reply
+            .headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    assert_eq!(
+        header(&allowed, "access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
+    assert!(
+        header(&allowed, "access-control-allow-headers").is_some(),
+        "{:?}",
+        allowed.headers
+    );
+    let other = preflight("https://elsewhere.example").await;
+    assert_eq!(header(&other, "access-control-allow-origin"), None);
+    let listed = client
+        .send(
+            Method::GET,
+            "/v1/models",
+            None,
+            &[("origin".into(), "https://app.example".into())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.status, 200);
+    assert_eq!(
+        header(&listed, "access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        header(&listed, "access-control-expose-headers").as_deref(),
+        Some("retry-after")
+    );
+}

@@ -69,6 +69,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.max_connections = args.max_connections;
     config.control_timeout = Duration::from_secs(args.control_timeout_secs);
     config.generation_timeout = Duration::from_secs(args.generation_timeout_secs);
+    config.cors_origins = args.cors_origins;
     config.max_loaded_functions = args.max_loaded_functions.max(1);
     config.allow_loopback_outbound = args.allow_loopback_outbound;
     config.node.name = args.node_name;

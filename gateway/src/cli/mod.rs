@@ -177,6 +177,10 @@ pub struct ServeArgs {
     /// Wall-clock limit of an OpenAI-compatible chat completion, streamed or not, in seconds.
     #[arg(long, default_value_t = 300)]
     pub generation_timeout_secs: u64,
+    /// Origins of browser apps that may call the API (CORS), repeatable:
+    /// `https://app.example.com`, or `*` for any. None by default.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
     /// Function versions kept loaded (compiled code and its descriptors);
     /// the least recently used are unloaded past it.
     #[arg(long, default_value_t = 256)]

@@ -34,6 +34,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -53,6 +55,33 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// Every response.
 pub type Response = hyper::Response<Body>;
+
+/// CORS for `origins` (`*`: any), or none. Browser apps send the API key
+/// as a bearer token, so no credentials (cookies) are allowed; the
+/// headers clients read (`retry-after`) are exposed.
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|origin| origin.parse().ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods(tower_http::cors::Any)
+            .allow_headers(tower_http::cors::Any)
+            .expose_headers([hyper::header::RETRY_AFTER])
+            .max_age(Duration::from_secs(3600)),
+    )
+}
 
 /// A whole body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -95,6 +124,9 @@ pub struct GatewayConfig {
     pub control_timeout: Duration,
     /// Wall-clock limit of an OpenAI-compatible chat completion.
     pub generation_timeout: Duration,
+    /// Origins browser apps may call the API from (`*`: any); none: no
+    /// CORS headers, and preflights are not answered.
+    pub cors_origins: Vec<String>,
     /// Function versions kept loaded; the least recently used are unloaded.
     pub max_loaded_functions: usize,
     /// Whether manifests may allow outbound requests to loopback addresses.
@@ -125,6 +157,7 @@ impl GatewayConfig {
             max_connections: 10_000,
             control_timeout: Duration::from_secs(120),
             generation_timeout: Duration::from_secs(300),
+            cors_origins: Vec::new(),
             max_loaded_functions: 256,
             allow_loopback_outbound: false,
             node: NodeConfig::default(),
@@ -321,9 +354,10 @@ impl Gateway {
             opened,
             activity,
         } = connection;
+        let cors = cors_layer(&self.config.cors_origins);
         let service = {
             let activity = activity.clone();
-            hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            tower::service_fn(move |request: hyper::Request<Incoming>| {
                 let (gateway, in_flight) = (self.clone(), activity.request());
                 let counted = InFlight::new(&self.in_flight);
                 async move {
@@ -341,6 +375,11 @@ impl Gateway {
                 }
             })
         };
+        let service = TowerToHyperService::new(tower::util::BoxCloneService::new(
+            tower::ServiceBuilder::new()
+                .option_layer(cors)
+                .service(service),
+        ));
         let io = TokioIo::new(Watched::new(stream, activity.clone()));
         let served = graceful.watch(builder.serve_connection(io, service).into_owned());
         let connections = connections.clone();
