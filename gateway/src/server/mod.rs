@@ -35,9 +35,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{self, TokenHash};
 use crate::logs::FunctionLogs;
