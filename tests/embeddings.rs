@@ -156,9 +156,46 @@ async fn the_embeddings_endpoint_checks_its_input_keys_and_quotas() {
     assert_eq!(truncated.status, 200, "{}", text(&truncated));
     assert_eq!(json(&truncated)["usage"]["prompt_tokens"], 256);
 
+    // Ids of the model's own vocabulary embed as the text they encode.
+    let ids = post(
+        me(),
+        serde_json::json!({"model": MODEL, "input": [101, 7592, 102]}),
+    )
+    .await;
+    assert_eq!(ids.status, 200, "{}", text(&ids));
+    assert_eq!(json(&ids)["usage"]["prompt_tokens"], 3);
+    let (from_text, from_ids) = (
+        &body["data"][0]["embedding"],
+        &json(&ids)["data"][0]["embedding"],
+    );
+    for (a, b) in from_text
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(from_ids.as_array().unwrap())
+    {
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-5);
+    }
+    let lists = post(
+        me(),
+        serde_json::json!({"model": MODEL, "input": [[101, 7592, 102], [101, 102]]}),
+    )
+    .await;
+    assert_eq!(lists.status, 200, "{}", text(&lists));
+    assert_eq!(json(&lists)["data"].as_array().unwrap().len(), 2);
+    assert_eq!(json(&lists)["usage"]["prompt_tokens"], 5);
+
     let cases = [
         (
-            serde_json::json!({"model": MODEL, "input": [101, 7592, 102]}),
+            serde_json::json!({"model": MODEL, "input": [101, 999_999, 102]}),
+            "not in the model's vocabulary",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "input": vec![101; 300]}),
+            "1 to 256 token ids",
+        ),
+        (
+            serde_json::json!({"model": MODEL, "input": [101, "hello"]}),
             "token ids",
         ),
         (
@@ -167,7 +204,7 @@ async fn the_embeddings_endpoint_checks_its_input_keys_and_quotas() {
         ),
         (
             serde_json::json!({"model": MODEL, "input": {"text": "hi"}}),
-            "a string or a list",
+            "a string, a list",
         ),
         (
             serde_json::json!({"model": MODEL, "input": "hi", "dimensions": 128}),

@@ -21,6 +21,8 @@ pub struct WordPiece {
     cls: i64,
     sep: i64,
     unk: i64,
+    /// One more than the largest id.
+    size: i64,
 }
 
 /// Piece → id: a map built at run time, or a table sorted at build time
@@ -87,12 +89,23 @@ impl WordPiece {
             ids.get(name)
                 .ok_or_else(|| format!("vocabulary has no {name} token"))
         };
+        let size = match &ids {
+            Table::Map(map) => map.values().copied().max(),
+            Table::Sorted(table) => table.iter().map(|(_, id)| *id).max(),
+        }
+        .map_or(0, |id| id + 1);
         Ok(Self {
             cls: special("[CLS]")?,
             sep: special("[SEP]")?,
             unk: special("[UNK]")?,
             ids,
+            size,
         })
+    }
+
+    /// How many ids the vocabulary has (ids are `0..size`).
+    pub fn vocab_size(&self) -> i64 {
+        self.size
     }
 
     /// Tokenises `text` into at most `max_tokens` ids (`[CLS]` and `[SEP]`

@@ -71,6 +71,16 @@ pub struct Embeddings {
     pub tokens: u64,
 }
 
+/// One input to embed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbedInput {
+    /// Text, tokenised with the model's vocabulary.
+    Text(String),
+    /// Ids of the model's own vocabulary, taken as they are (special
+    /// tokens are the caller's).
+    Tokens(Vec<i64>),
+}
+
 /// The model's tokenizer and the inputs it feeds.
 pub struct Embedder {
     config: EmbeddingConfig,
@@ -139,19 +149,43 @@ impl Embedder {
         })
     }
 
+    /// Why `ids` cannot be embedded as they are, if they cannot: they
+    /// must be ids of the model's own vocabulary, at most `max_tokens`.
+    pub(super) fn check_tokens(&self, ids: &[i64]) -> Result<(), String> {
+        let size = self.tokenizer.vocab_size();
+        if ids.is_empty() || ids.len() > self.config.max_tokens {
+            return Err(format!(
+                "send 1 to {} token ids per input, not {}",
+                self.config.max_tokens,
+                ids.len()
+            ));
+        }
+        match ids.iter().find(|&&id| !(0..size).contains(&id)) {
+            Some(id) => Err(format!(
+                "token id {id} is not in the model's vocabulary (ids 0 to {})",
+                size - 1
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The `[embedding]` settings.
     pub fn config(&self) -> &EmbeddingConfig {
         &self.config
     }
 
-    /// Tokenises `texts` and groups them, shortest first, into calls of at
-    /// most `rows` texts each (so padding stays small).
-    pub(super) fn chunks(&self, texts: &[String], rows: usize, tokens: usize) -> Vec<Chunk> {
-        let encoded: Vec<Vec<i64>> = texts
+    /// Tokenises `inputs` (token ids are taken as they are) and groups
+    /// them, shortest first, into calls of at most `rows` inputs each (so
+    /// padding stays small).
+    pub(super) fn chunks(&self, inputs: &[EmbedInput], rows: usize, tokens: usize) -> Vec<Chunk> {
+        let encoded: Vec<Vec<i64>> = inputs
             .iter()
-            .map(|text| self.tokenizer.encode(text, self.config.max_tokens).ids)
+            .map(|input| match input {
+                EmbedInput::Text(text) => self.tokenizer.encode(text, self.config.max_tokens).ids,
+                EmbedInput::Tokens(ids) => ids.clone(),
+            })
             .collect();
-        let mut order: Vec<usize> = (0..texts.len()).collect();
+        let mut order: Vec<usize> = (0..inputs.len()).collect();
         order.sort_by_key(|&i| encoded[i].len());
         // Shortest first, so each chunk's width is its last text's length.
         let mut chunks = Vec::new();

@@ -36,7 +36,7 @@ use workers::Workers;
 
 pub use batcher::{BatchConfig, Batcher, Pad, SliceBack};
 pub use config::{DevicePreference, LoadPolicy, LoraConfig, ModelConfig, ModelFormat};
-pub use embedding::{Embedder, EmbeddingConfig, Embeddings, MAX_TEXTS, Pooling};
+pub use embedding::{EmbedInput, Embedder, EmbeddingConfig, Embeddings, MAX_TEXTS, Pooling};
 pub use engines::EngineOptions;
 pub use error::{BUSY_PREFIX, ErrorCode, NnError};
 pub use graph::{Graph, TensorSpec};
@@ -870,15 +870,26 @@ impl ModelPool {
         texts: &[String],
         tenant: Arc<str>,
     ) -> (Result<Embeddings, NnError>, Duration) {
+        let inputs: Vec<EmbedInput> = texts.iter().cloned().map(EmbedInput::Text).collect();
+        self.embed_inputs(name, &inputs, tenant).await
+    }
+
+    /// [`Self::embed`] of texts or token ids.
+    pub async fn embed_inputs(
+        &self,
+        name: &str,
+        inputs: &[EmbedInput],
+        tenant: Arc<str>,
+    ) -> (Result<Embeddings, NnError>, Duration) {
         let mut spent = Duration::ZERO;
-        let result = self.embed_charging(name, texts, tenant, &mut spent).await;
+        let result = self.embed_charging(name, inputs, tenant, &mut spent).await;
         (result, spent)
     }
 
     async fn embed_charging(
         &self,
         name: &str,
-        texts: &[String],
+        texts: &[EmbedInput],
         tenant: Arc<str>,
         spent: &mut Duration,
     ) -> Result<Embeddings, NnError> {
@@ -903,6 +914,13 @@ impl ModelPool {
                 format!("{name:?} has no tokenizer"),
             )
         })?;
+        for (index, input) in texts.iter().enumerate() {
+            if let EmbedInput::Tokens(ids) = input {
+                embedder
+                    .check_tokens(ids)
+                    .map_err(|why| NnError::invalid(format!("input {index}: {why}")))?;
+            }
+        }
         let rows = model
             .config
             .batching

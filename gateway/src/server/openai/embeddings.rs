@@ -1,6 +1,6 @@
 //! `POST /v1/embeddings`: texts in, vectors out (floats or base64).
 
-use gigafactory_runtime::models::ErrorCode;
+use gigafactory_runtime::models::{EmbedInput, ErrorCode};
 use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -37,7 +37,7 @@ impl Gateway {
                 ));
             }
         };
-        let texts = texts_of(asked.input)?;
+        let inputs = inputs_of(asked.input)?;
         let key = self
             .model_key(&tenant, &quota, &asked.model)
             .ok_or_else(|| model_not_found(&asked.model))?;
@@ -50,7 +50,7 @@ impl Gateway {
         let embedding = self
             .runtime
             .models()
-            .embed(&key, &texts, tenant.as_str().into());
+            .embed_inputs(&key, &inputs, tenant.as_str().into());
         let Ok((result, spent)) = tokio::time::timeout(timeout, embedding).await else {
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -138,47 +138,40 @@ struct EmbeddingRequest {
     user: Option<String>,
 }
 
-/// `input`: a string or a list of strings (token-id arrays are refused:
-/// the host tokenises with the model's own vocabulary).
-fn texts_of(input: Value) -> Result<Vec<String>, ApiError> {
-    let refuse = |why: &str| ApiError::bad_request("invalid_request", format!("input: {why}"));
+/// `input`: a string, a list of strings, a list of token ids, or a list
+/// of lists of token ids (ids of the model's own vocabulary, as vLLM
+/// takes them; checked by the pool).
+fn inputs_of(input: Value) -> Result<Vec<EmbedInput>, ApiError> {
+    let refuse = |why: &str| {
+        ApiError::bad_request("invalid_request", format!("input: {why}")).param("input")
+    };
+    let expected = "expected a string, a list of strings, or token ids (a list of integers, or a list of such lists)";
+    let ids = |items: Vec<Value>| -> Result<Vec<i64>, ApiError> {
+        items
+            .into_iter()
+            .map(|item| item.as_i64().ok_or_else(|| refuse(expected)))
+            .collect()
+    };
     match input {
-        Value::String(text) => Ok(vec![text]),
-        Value::Array(items) if items.is_empty() => Err(refuse("send at least one text")),
+        Value::String(text) => Ok(vec![EmbedInput::Text(text)]),
+        Value::Array(items) if items.is_empty() => Err(refuse("send at least one input")),
+        Value::Array(items) if items[0].is_number() => Ok(vec![EmbedInput::Tokens(ids(items)?)]),
         Value::Array(items) => items
             .into_iter()
             .map(|item| match item {
-                Value::String(text) => Ok(text),
-                Value::Number(_) | Value::Array(_) => Err(refuse(
-                    "token ids are not supported; send text (the model's vocabulary is applied here)",
-                )),
-                _ => Err(refuse("expected a string or a list of strings")),
+                Value::String(text) => Ok(EmbedInput::Text(text)),
+                Value::Array(tokens) => Ok(EmbedInput::Tokens(ids(tokens)?)),
+                _ => Err(refuse(expected)),
             })
             .collect(),
-        _ => Err(refuse("expected a string or a list of strings")),
+        _ => Err(refuse(expected)),
     }
 }
 
 /// The vector as base64 of its little-endian f32 bytes, as OpenAI's
 /// `encoding_format: "base64"` (which the official clients ask for).
 fn base64_of_floats(vector: &[f32]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    use base64::Engine as _;
     let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for group in bytes.chunks(3) {
-        let b = [
-            group[0],
-            *group.get(1).unwrap_or(&0),
-            *group.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
-            if i <= group.len() {
-                out.push(ALPHABET[(n >> shift & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
