@@ -337,7 +337,9 @@ mod tests {
         let graph =
             super::super::engines::tract::TractGraph::from_path(&dir.join("model.onnx")).unwrap();
         let embedder = Embedder::new(config.embedding.unwrap(), &dir, &*graph).unwrap();
-        let texts: Vec<String> = (0..40).map(|n| "word ".repeat(n % 13 + 1)).collect();
+        let texts: Vec<EmbedInput> = (0..40)
+            .map(|n| EmbedInput::Text("word ".repeat(n % 13 + 1)))
+            .collect();
         let chunks = embedder.chunks(&texts, 8, 48);
         let mut seen: Vec<usize> = chunks.iter().flat_map(|c| c.indices.clone()).collect();
         seen.sort();
