@@ -12,6 +12,8 @@
 //!   against the same function through a node without it.
 //! - `bench models`: how long each shipped model takes to load on demand,
 //!   and a resident model's latency while another loads beside it.
+//! - `bench openai`: tokens/s and time to first token through
+//!   `/v1/chat/completions` against llama.cpp's `llama-server`.
 
 mod chat;
 mod cluster;
@@ -20,6 +22,7 @@ mod hello;
 mod load;
 mod lora;
 mod models;
+mod openai;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -37,6 +40,7 @@ pub use hello::HelloArgs;
 pub use load::{Load, Stats};
 pub use lora::LoraArgs;
 pub use models::ModelsArgs;
+pub use openai::OpenaiArgs;
 
 use crate::cli::Client;
 
@@ -56,6 +60,8 @@ pub enum BenchCommand {
     Models(ModelsArgs),
     /// Four LoRA adapters on one base vs four copies of the base.
     Lora(LoraArgs),
+    /// `/v1/chat/completions` tokens/s and time to first token vs llama.cpp's `llama-server`.
+    Openai(OpenaiArgs),
 }
 
 /// Runs a benchmark and prints its Markdown table.
@@ -67,6 +73,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Cluster(args) => cluster::run(args).await,
         BenchCommand::Models(args) => models::run(args).await,
         BenchCommand::Lora(args) => lora::run(args).await,
+        BenchCommand::Openai(args) => openai::run(args).await,
     }
 }
 

@@ -313,10 +313,20 @@ impl Scheduler<'_> {
     }
 
     /// One decode of the sequences of one adapter: a token of every
-    /// generating sequence, then prompt chunks while the batch has room.
+    /// generating sequence, and prompt chunks in the room the batch has
+    /// left. The batch lists sequences by id: llama.cpp splits a batch
+    /// over per-sequence KV streams into micro-batches of sequences with
+    /// consecutive ids, so ids in order (and slots taken lowest first)
+    /// keep one step one computation.
     fn step_group(&mut self, context: &mut LlamaContext<'_>, group: Option<usize>) {
         self.batch.clear();
-        let mut room = self.setup.batch_tokens as usize;
+        self.active.sort_unstable_by_key(|sequence| sequence.id);
+        let decoding = self
+            .active
+            .iter()
+            .filter(|s| s.adapter == group && s.last.is_some())
+            .count();
+        let mut room = (self.setup.batch_tokens as usize).saturating_sub(decoding);
         for sequence in &mut self.active {
             sequence.row = None;
             if sequence.adapter != group {
@@ -331,12 +341,10 @@ impl Scheduler<'_> {
                 {
                     sequence.row = Some(row);
                     sequence.position += 1;
-                    room -= 1;
                 }
+                continue;
             }
-        }
-        for sequence in &mut self.active {
-            if sequence.adapter != group || sequence.last.is_some() || room == 0 {
+            if room == 0 {
                 continue;
             }
             let end = (sequence.fed + room).min(sequence.prompt.len());
@@ -446,6 +454,8 @@ impl Scheduler<'_> {
             tracing::error!(tenant = %sequence.tenant, "freeing a sequence's KV cache: {e}");
         }
         self.free.push(sequence.id);
+        // Lowest first (popped from the end), so the ids in use stay consecutive.
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
         sequence.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
