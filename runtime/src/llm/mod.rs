@@ -168,6 +168,12 @@ pub struct Request {
     pub budget: Option<Arc<dyn ComputeBudget>>,
 }
 
+/// Lexer work one constrained token may take (llguidance's fuel: about
+/// 14 000 a millisecond, so about 7 ms).
+const STEP_LEXER_FUEL: u64 = 100_000;
+/// Lexer states one constraint may build (1–2 kB each).
+const MAX_LEXER_STATES: usize = 20_000;
+
 /// The most alternatives a token's log-probability may list.
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 
@@ -727,6 +733,13 @@ impl TextModel {
                 let mut factory =
                     ParserFactory::new_simple(&vocabulary).map_err(|e| e.to_string())?;
                 factory.quiet();
+                // A grammar is the caller's: bound what it may cost the
+                // scheduler thread each step (every tenant's tokens wait
+                // for it) and the memory its lexer may take.
+                let limits = factory.limits_mut();
+                limits.step_lexer_fuel = STEP_LEXER_FUEL;
+                limits.max_lexer_states = MAX_LEXER_STATES;
+                limits.verbose_errors = false;
                 Ok(Arc::new(factory))
             })
             .as_ref()
