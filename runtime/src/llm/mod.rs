@@ -247,6 +247,9 @@ pub enum FinishReason {
 pub struct Usage {
     /// Tokens of the prompt (after the chat template).
     pub prompt_tokens: u32,
+    /// Of those, the tokens whose KV cache a previous generation with the
+    /// same start left in the slot (not computed again).
+    pub cached_tokens: u32,
     /// Tokens generated.
     pub completion_tokens: u32,
     /// Why it ended.
@@ -1053,6 +1056,39 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn a_prompt_that_starts_the_same_reuses_the_cached_prefix() {
+        let Some(model) = own_model() else { return };
+        let first = model
+            .generate(tenant("a"), request(Prompt::Text(PROMPT.into()), 64))
+            .unwrap();
+        let (text, usage) = collect(first).await;
+        assert_eq!((text.as_str(), usage.cached_tokens), (ANSWER, 0));
+        // The same prompt again: all of it but its last token is reused,
+        // and the answer is the same.
+        let again = model
+            .generate(tenant("b"), request(Prompt::Text(PROMPT.into()), 64))
+            .unwrap();
+        let (text, reused) = collect(again).await;
+        assert_eq!(text, ANSWER);
+        assert_eq!(reused.cached_tokens, usage.prompt_tokens - 1);
+        // A prompt that shares only its start reuses that start.
+        let other = PROMPT.replace("France", "Italy");
+        let shared = model.tokenize(&Prompt::Text(other.clone())).unwrap();
+        let original = model.tokenize(&Prompt::Text(PROMPT.into())).unwrap();
+        let common = shared
+            .iter()
+            .zip(&original)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let italy = model
+            .generate(tenant("a"), request(Prompt::Text(other), 64))
+            .unwrap();
+        let (text, usage) = collect(italy).await;
+        assert_eq!(usage.cached_tokens as usize, common);
+        assert!(text.contains("Rome"), "{text}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn concurrent_generations_equal_each_one_alone() {
         let Some(model) = own_model() else { return };
         let questions = [
@@ -1087,6 +1123,16 @@ mod tests {
             results.push(collect(generation).await);
         }
         for ((question, alone), together) in questions.iter().zip(&alone).zip(&results) {
+            // Equal whether alone or batched, and whether the prompt's
+            // start was computed now or found in the slot's cache.
+            let (alone, together) = (
+                (&alone.0, alone.1.completion_tokens, alone.1.finish_reason),
+                (
+                    &together.0,
+                    together.1.completion_tokens,
+                    together.1.finish_reason,
+                ),
+            );
             assert_eq!(alone, together, "{question}");
         }
         assert_eq!(model.stats().active.load(Ordering::Relaxed), 0);

@@ -7,7 +7,10 @@
 //! decode together, one `llama_batch` per adapter in use each step, with
 //! that adapter applied to the context. Each sequence has its own KV
 //! stream of `context_tokens`, so its output is the same whether it runs
-//! alone or with others.
+//! alone or with others. A slot keeps its last prompt's KV cells when its
+//! sequence ends: a new generation takes the free slot whose cached
+//! prompt shares the longest prefix with its own (same adapter) and
+//! computes only the rest (`cached_tokens` in its usage).
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -83,6 +86,8 @@ struct Sequence {
     fed: usize,
     /// The next position in the sequence.
     position: i32,
+    /// Prompt tokens whose KV cells were found in the slot.
+    reused: usize,
     /// The last sampled token, fed at the next step.
     last: Option<LlamaToken>,
     /// This step's logits row in the batch, when it asked for one.
@@ -135,6 +140,7 @@ fn run(mut setup: Setup, jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(
         queue: VecDeque::new(),
         active: Vec::new(),
         free: (0..setup.max_sequences as i32).rev().collect(),
+        cached: vec![(Vec::new(), None); setup.max_sequences as usize],
     }
     .serve(&mut context, &jobs);
 }
@@ -149,6 +155,9 @@ struct Scheduler<'a> {
     queue: VecDeque<(Arc<str>, VecDeque<Job>)>,
     active: Vec<Sequence>,
     free: Vec<i32>,
+    /// Per slot: the prompt tokens its KV stream still holds (from
+    /// position 0) and the adapter they were computed with.
+    cached: Vec<(Vec<LlamaToken>, Option<usize>)>,
 }
 
 impl Scheduler<'_> {
@@ -164,7 +173,7 @@ impl Scheduler<'_> {
                 self.push(job);
             }
             self.drop_cancelled(context);
-            self.admit();
+            self.admit(context);
             if self.active.is_empty() {
                 continue;
             }
@@ -212,7 +221,7 @@ impl Scheduler<'_> {
     /// Fills free slots from the queue, one tenant at a time, skipping
     /// tenants that hold their share of the slots. Every request fits a
     /// slot's KV stream (`generate` checked it).
-    fn admit(&mut self) {
+    fn admit(&mut self, context: &mut LlamaContext<'_>) {
         let mut skipped = 0;
         while !self.free.is_empty() && skipped < self.queue.len() {
             let Some((tenant, mut jobs)) = self.queue.pop_front() else {
@@ -234,15 +243,16 @@ impl Scheduler<'_> {
             stats.queued.fetch_sub(1, Ordering::Relaxed);
             stats.active.fetch_add(1, Ordering::Relaxed);
             stats.started.fetch_add(1, Ordering::Relaxed);
-            let id = self.free.pop().expect("checked");
+            let (id, reused) = self.take_slot(context, &job.tokens, job.adapter);
             self.active.push(Sequence {
                 id,
                 tenant,
                 sampler: sampler(&job.request, &self.setup.model, &job.tokens, job.grammar),
                 text: TextStream::new(job.request.stop.clone()),
                 prompt: job.tokens,
-                fed: 0,
-                position: 0,
+                fed: reused,
+                position: reused as i32,
+                reused,
                 last: None,
                 row: None,
                 generated: 0,
@@ -430,6 +440,7 @@ impl Scheduler<'_> {
             };
             let usage = Usage {
                 prompt_tokens: sequence.prompt.len() as u32,
+                cached_tokens: sequence.reused as u32,
                 completion_tokens: sequence.generated,
                 finish_reason: reason,
             };
@@ -443,15 +454,73 @@ impl Scheduler<'_> {
         }
     }
 
-    /// Frees a sequence's KV cells and slot.
+    /// The free slot for a generation of `prompt` with `adapter`: the
+    /// one whose cached prompt shares the longest prefix with it (the
+    /// lowest id among equals), its other cells freed; and how many
+    /// prompt tokens it already holds (never the last one, whose logits
+    /// are needed).
+    fn take_slot(
+        &mut self,
+        context: &mut LlamaContext<'_>,
+        prompt: &[LlamaToken],
+        adapter: Option<usize>,
+    ) -> (i32, usize) {
+        let shared = |id: i32| {
+            let (tokens, computed_with) = &self.cached[id as usize];
+            if *computed_with != adapter {
+                return 0;
+            }
+            let common = tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count();
+            common.min(prompt.len().saturating_sub(1))
+        };
+        let (at, reused) = self
+            .free
+            .iter()
+            .enumerate()
+            .map(|(at, &id)| (at, shared(id)))
+            // `free` is highest id first: the last of the longest wins.
+            .max_by_key(|&(at, reused)| (reused, at))
+            .expect("a free slot");
+        let id = self.free.remove(at);
+        let slot = &mut self.cached[id as usize];
+        slot.0.clear();
+        let from = u32::try_from(reused).unwrap_or(u32::MAX);
+        match context.clear_kv_cache_seq(Some(id as u32), Some(from), None) {
+            Ok(true) => (id, reused),
+            // Cells this model cannot free in part: computed again.
+            outcome => {
+                if let Err(e) = outcome {
+                    tracing::error!("freeing a slot's KV cache: {e}");
+                }
+                let _ = context.clear_kv_cache_seq(Some(id as u32), None, None);
+                (id, 0)
+            }
+        }
+    }
+
+    /// Frees a sequence's slot and the KV cells past its prompt, which
+    /// stay for the next generation that starts the same way.
     fn release(&mut self, context: &mut LlamaContext<'_>, sequence: Sequence) {
         sequence.stats.charge_tenant(
             &sequence.tenant,
             sequence.fed as u64,
             u64::from(sequence.generated),
         );
-        if let Err(e) = context.clear_kv_cache_seq(Some(sequence.id as u32), None, None) {
-            tracing::error!(tenant = %sequence.tenant, "freeing a sequence's KV cache: {e}");
+        let kept = u32::try_from(sequence.fed).unwrap_or(u32::MAX);
+        let slot = &mut self.cached[sequence.id as usize];
+        match context.clear_kv_cache_seq(Some(sequence.id as u32), Some(kept), None) {
+            Ok(true) => *slot = (sequence.prompt[..sequence.fed].to_vec(), sequence.adapter),
+            outcome => {
+                if let Err(e) = outcome {
+                    tracing::error!(tenant = %sequence.tenant, "freeing a sequence's KV cache: {e}");
+                }
+                let _ = context.clear_kv_cache_seq(Some(sequence.id as u32), None, None);
+                *slot = (Vec::new(), None);
+            }
         }
         self.free.push(sequence.id);
         // Lowest first (popped from the end), so the ids in use stay consecutive.

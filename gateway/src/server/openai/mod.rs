@@ -387,6 +387,8 @@ impl Answer {
 #[derive(Debug, Default)]
 pub(super) struct Usage {
     prompt: u32,
+    /// Prompt tokens whose KV cache was reused.
+    cached: u32,
     completion: u32,
 }
 
@@ -395,6 +397,7 @@ impl Usage {
     pub(super) fn add(&mut self, usage: &llm::Usage, prompt: bool) {
         if prompt {
             self.prompt += usage.prompt_tokens;
+            self.cached += usage.cached_tokens;
         }
         self.completion += usage.completion_tokens;
     }
@@ -404,6 +407,7 @@ impl Usage {
             "prompt_tokens": self.prompt,
             "completion_tokens": self.completion,
             "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
         })
     }
 }
