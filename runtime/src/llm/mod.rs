@@ -1066,11 +1066,16 @@ mod tests {
         // The same prompt again: all of it but its last token is reused,
         // and the answer is the same.
         let again = model
-            .generate(tenant("b"), request(Prompt::Text(PROMPT.into()), 64))
+            .generate(tenant("a"), request(Prompt::Text(PROMPT.into()), 64))
             .unwrap();
         let (text, reused) = collect(again).await;
         assert_eq!(text, ANSWER);
         assert_eq!(reused.cached_tokens, usage.prompt_tokens - 1);
+        // Never another tenant's: its first token would come sooner.
+        let other = model
+            .generate(tenant("b"), request(Prompt::Text(PROMPT.into()), 64))
+            .unwrap();
+        assert_eq!(collect(other).await.1.cached_tokens, 0);
         // A prompt that shares only its start reuses that start.
         let other = PROMPT.replace("France", "Italy");
         let shared = model.tokenize(&Prompt::Text(other.clone())).unwrap();
@@ -1080,8 +1085,9 @@ mod tests {
             .zip(&original)
             .take_while(|(a, b)| a == b)
             .count();
+        // (b's answer took the slot, lowest first, and left its prompt there.)
         let italy = model
-            .generate(tenant("a"), request(Prompt::Text(other), 64))
+            .generate(tenant("b"), request(Prompt::Text(other), 64))
             .unwrap();
         let (text, usage) = collect(italy).await;
         assert_eq!(usage.cached_tokens as usize, common);

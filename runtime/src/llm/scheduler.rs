@@ -8,9 +8,9 @@
 //! that adapter applied to the context. Each sequence has its own KV
 //! stream of `context_tokens`, so its output is the same whether it runs
 //! alone or with others. A slot keeps its last prompt's KV cells when its
-//! sequence ends: a new generation takes the free slot whose cached
-//! prompt shares the longest prefix with its own (same adapter) and
-//! computes only the rest (`cached_tokens` in its usage).
+//! sequence ends: a new generation of the same tenant takes the free slot
+//! whose cached prompt shares the longest prefix with its own (same
+//! adapter) and computes only the rest (`cached_tokens` in its usage).
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -140,7 +140,7 @@ fn run(mut setup: Setup, jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(
         queue: VecDeque::new(),
         active: Vec::new(),
         free: (0..setup.max_sequences as i32).rev().collect(),
-        cached: vec![(Vec::new(), None); setup.max_sequences as usize],
+        cached: vec![Cached::default(); setup.max_sequences as usize],
     }
     .serve(&mut context, &jobs);
 }
@@ -155,9 +155,19 @@ struct Scheduler<'a> {
     queue: VecDeque<(Arc<str>, VecDeque<Job>)>,
     active: Vec<Sequence>,
     free: Vec<i32>,
-    /// Per slot: the prompt tokens its KV stream still holds (from
-    /// position 0) and the adapter they were computed with.
-    cached: Vec<(Vec<LlamaToken>, Option<usize>)>,
+    /// Per slot: the prompt its KV stream still holds.
+    cached: Vec<Cached>,
+}
+
+/// The prompt tokens a free slot's KV stream still holds (from position
+/// 0), the adapter they were computed with, and the tenant whose they
+/// were: only that tenant reuses them, as a faster first token would tell
+/// another what someone else asked.
+#[derive(Clone, Default)]
+struct Cached {
+    tokens: Vec<LlamaToken>,
+    adapter: Option<usize>,
+    tenant: Option<Arc<str>>,
 }
 
 impl Scheduler<'_> {
@@ -243,7 +253,7 @@ impl Scheduler<'_> {
             stats.queued.fetch_sub(1, Ordering::Relaxed);
             stats.active.fetch_add(1, Ordering::Relaxed);
             stats.started.fetch_add(1, Ordering::Relaxed);
-            let (id, reused) = self.take_slot(context, &job.tokens, job.adapter);
+            let (id, reused) = self.take_slot(context, &tenant, &job.tokens, job.adapter);
             self.active.push(Sequence {
                 id,
                 tenant,
@@ -462,15 +472,17 @@ impl Scheduler<'_> {
     fn take_slot(
         &mut self,
         context: &mut LlamaContext<'_>,
+        tenant: &Arc<str>,
         prompt: &[LlamaToken],
         adapter: Option<usize>,
     ) -> (i32, usize) {
         let shared = |id: i32| {
-            let (tokens, computed_with) = &self.cached[id as usize];
-            if *computed_with != adapter {
+            let cached = &self.cached[id as usize];
+            if cached.adapter != adapter || cached.tenant.as_ref() != Some(tenant) {
                 return 0;
             }
-            let common = tokens
+            let common = cached
+                .tokens
                 .iter()
                 .zip(prompt)
                 .take_while(|(a, b)| a == b)
@@ -486,8 +498,7 @@ impl Scheduler<'_> {
             .max_by_key(|&(at, reused)| (reused, at))
             .expect("a free slot");
         let id = self.free.remove(at);
-        let slot = &mut self.cached[id as usize];
-        slot.0.clear();
+        self.cached[id as usize] = Cached::default();
         let from = u32::try_from(reused).unwrap_or(u32::MAX);
         match context.clear_kv_cache_seq(Some(id as u32), Some(from), None) {
             Ok(true) => (id, reused),
@@ -513,13 +524,19 @@ impl Scheduler<'_> {
         let kept = u32::try_from(sequence.fed).unwrap_or(u32::MAX);
         let slot = &mut self.cached[sequence.id as usize];
         match context.clear_kv_cache_seq(Some(sequence.id as u32), Some(kept), None) {
-            Ok(true) => *slot = (sequence.prompt[..sequence.fed].to_vec(), sequence.adapter),
+            Ok(true) => {
+                *slot = Cached {
+                    tokens: sequence.prompt[..sequence.fed].to_vec(),
+                    adapter: sequence.adapter,
+                    tenant: Some(sequence.tenant.clone()),
+                };
+            }
             outcome => {
                 if let Err(e) = outcome {
                     tracing::error!(tenant = %sequence.tenant, "freeing a sequence's KV cache: {e}");
                 }
                 let _ = context.clear_kv_cache_seq(Some(sequence.id as u32), None, None);
-                *slot = (Vec::new(), None);
+                *slot = Cached::default();
             }
         }
         self.free.push(sequence.id);
