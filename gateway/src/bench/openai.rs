@@ -36,7 +36,7 @@ pub struct OpenaiArgs {
     /// Concurrent clients, one measurement each.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32])]
     pub clients: Vec<usize>,
-    /// Seconds per measurement and side.
+    /// Seconds per measurement and side (after a warm-up as long).
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
     /// Tenants the clients are spread over (round-robin), as on a shared
@@ -137,9 +137,10 @@ pub(super) async fn run(args: OpenaiArgs) -> Result<()> {
         keys: vec!["none".into()],
     };
 
-    // Warm-ups: Gigafactory loads the model on first use.
-    ours.answer(args.max_tokens, None, 0).await?;
-    peer.answer(args.max_tokens, None, 0).await?;
+    // Gigafactory loads the model on first use.
+    let never = Instant::now() + Duration::from_secs(600);
+    ours.answer(args.max_tokens, None, 0, never).await?;
+    peer.answer(args.max_tokens, None, 0, never).await?;
 
     let mut rows = Vec::new();
     for &clients in &args.clients {
@@ -202,7 +203,7 @@ pub(super) async fn run(args: OpenaiArgs) -> Result<()> {
         );
     }
     println!(
-        "\n({} tokens per answer, greedy, streamed; {} s per measurement; clients over {} tenants on gigafactory; {threads} threads, {} slots on both)",
+        "\n({} tokens per answer on average, greedy, streamed; {} s per measurement after {1} s of warm-up; clients over {} tenants on gigafactory; {threads} threads, {} slots on both)",
         args.max_tokens, args.seconds, args.tenants, generation.max_sequences
     );
     Ok(())
@@ -224,26 +225,43 @@ fn latency(samples: &[Duration]) -> String {
 }
 
 impl Side {
-    /// `clients` clients, each asking one streamed answer after another
-    /// for `args.seconds`.
+    /// `clients` clients, each asking one streamed answer after another;
+    /// measured over `args.seconds` after a warm-up as long, so the
+    /// figures are the steady state and not the first wave of cold
+    /// prompts. Answer lengths vary around `args.max_tokens` (from a
+    /// half to one and a half times, in a sequence fixed per client, the
+    /// same on both sides), so the clients do not all finish, and ask
+    /// again, in the same step. Tokens count when they arrive within the
+    /// window; streams still open at its end are dropped.
     async fn closed_loop(
         &self,
         clients: usize,
         args: &OpenaiArgs,
         schema: Option<&serde_json::Value>,
     ) -> Result<Measured> {
-        let end = Instant::now() + Duration::from_secs(args.seconds);
-        let started = Instant::now();
+        let measure = Duration::from_secs(args.seconds);
+        let from = Instant::now() + measure;
+        let window = from..from + measure;
         let tasks: Vec<_> = (0..clients)
             .map(|client| {
-                let (side, schema, max_tokens) = (self.clone(), schema.cloned(), args.max_tokens);
+                let (side, schema, window) = (self.clone(), schema.cloned(), window.clone());
+                let mut lengths = Lengths::new(client, args.max_tokens);
                 tokio::spawn(async move {
                     let (mut tokens, mut first, mut failed) = (0u64, Vec::new(), 0);
-                    while Instant::now() < end {
-                        match side.answer(max_tokens, schema.as_ref(), client).await {
-                            Ok((count, ttft)) => {
-                                tokens += u64::from(count);
-                                first.extend(ttft);
+                    while Instant::now() < window.end {
+                        let asked = Instant::now();
+                        let length = lengths.next();
+                        match side
+                            .answer(length, schema.as_ref(), client, window.end)
+                            .await
+                        {
+                            Ok(answer) => {
+                                tokens +=
+                                    answer.tokens.iter().filter(|t| window.contains(t)).count()
+                                        as u64;
+                                if window.contains(&asked) {
+                                    first.extend(answer.first);
+                                }
                             }
                             Err(_) => failed += 1,
                         }
@@ -264,25 +282,25 @@ impl Side {
             measured.first_token.extend(first);
             measured.failed += failed;
         }
-        measured.tokens_per_second = tokens as f64 / started.elapsed().as_secs_f64();
+        measured.tokens_per_second = tokens as f64 / measure.as_secs_f64();
         Ok(measured)
     }
 
-    /// One streamed answer: its completion tokens and the time to its
-    /// first piece of text.
+    /// One streamed answer of at most `max_tokens`, read until it ends
+    /// or `until` (or its first token, if it was asked before `until`).
     async fn answer(
         &self,
         max_tokens: u32,
         schema: Option<&serde_json::Value>,
         client: usize,
-    ) -> Result<(u32, Option<Duration>)> {
+        until: Instant,
+    ) -> Result<Answer> {
         let mut body = serde_json::json!({
             "model": MODEL,
             "messages": [{"role": "user", "content": QUESTION}],
             "max_tokens": max_tokens,
             "temperature": 0,
             "stream": true,
-            "stream_options": {"include_usage": true},
         });
         if let Some(schema) = schema {
             body["response_format"] = serde_json::json!({"type": "json_schema",
@@ -304,26 +322,72 @@ impl Side {
             bail!("answered {}", response.status());
         }
         let mut body = response.into_body();
-        let (mut first, mut text, mut chunks) = (None, String::new(), 0u32);
-        while let Some(frame) = body.frame().await {
-            let Ok(data) = frame?.into_data() else {
+        let mut answer = Answer {
+            first: None,
+            tokens: Vec::new(),
+        };
+        // Both servers send one chunk per generated token.
+        loop {
+            // A request asked in time is followed to its first token, however
+            // long it queues, so that its wait is measured.
+            let until = match answer.first {
+                Some(_) => until,
+                None if started < until => until + QUEUE_WAIT,
+                None => until,
+            };
+            let frame = match tokio::time::timeout_at(until.into(), body.frame()).await {
+                Ok(Some(frame)) => frame?,
+                Ok(None) | Err(_) => break,
+            };
+            let Ok(data) = frame.into_data() else {
                 continue;
             };
             let piece = String::from_utf8_lossy(&data);
-            if first.is_none()
-                && piece.contains("\"content\":\"")
-                && !piece.contains("\"content\":\"\"")
-            {
-                first = Some(started.elapsed());
+            let arrived = Instant::now();
+            for event in piece.split("data: ") {
+                if event.contains("\"content\":\"") && !event.contains("\"content\":\"\"") {
+                    answer.first.get_or_insert(arrived - started);
+                    answer.tokens.push(arrived);
+                }
             }
-            chunks += piece.matches("\"content\":\"").count() as u32;
-            text.push_str(&piece);
         }
-        let usage = text
-            .split("data: ")
-            .filter_map(|event| serde_json::from_str::<serde_json::Value>(event.trim()).ok())
-            .filter_map(|event| event["usage"]["completion_tokens"].as_u64())
-            .last();
-        Ok((usage.map_or(chunks, |n| n as u32), first))
+        Ok(answer)
+    }
+}
+
+/// How long past the window a request asked within it is followed to its
+/// first token.
+const QUEUE_WAIT: Duration = Duration::from_secs(300);
+
+/// One streamed answer: when its first text came, after the request,
+/// and when each token arrived.
+struct Answer {
+    first: Option<Duration>,
+    tokens: Vec<Instant>,
+}
+
+/// A client's answer lengths: uniform in [max/2, 3·max/2], from a
+/// generator seeded by the client's number.
+struct Lengths {
+    state: u64,
+    max_tokens: u32,
+}
+
+impl Lengths {
+    fn new(client: usize, max_tokens: u32) -> Self {
+        Lengths {
+            state: 0x9E37_79B9_7F4A_7C15 ^ client as u64,
+            max_tokens,
+        }
+    }
+
+    fn next(&mut self) -> u32 {
+        // xorshift64*
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        let draw = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
+        let low = (self.max_tokens / 2).max(1);
+        low + (draw % u64::from(self.max_tokens + 1)) as u32
     }
 }
