@@ -709,7 +709,10 @@ async fn one_nodes_models_serve_the_cluster_in_shared_batches() {
 
     let chat = serde_json::json!({
         "model": TEXT_MODEL,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ],
         "temperature": 0,
         "max_tokens": 16,
     })

@@ -163,7 +163,10 @@ async fn text_models_go_to_a_gpu_only_in_an_llm_cuda_build() {
     assert_eq!(model["device"], "cuda:0", "{model}");
     let chat = serde_json::json!({
         "model": TEXT_MODEL,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ],
         "temperature": 0,
     });
     let reply = server

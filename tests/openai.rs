@@ -338,11 +338,6 @@ async fn malformed_requests_are_refused_before_generating() {
         ),
         (
             "chat/completions",
-            chat(serde_json::json!({"logit_bias": {"1": 5}})),
-            "logit_bias",
-        ),
-        (
-            "chat/completions",
             chat(serde_json::json!({"tools": {}})),
             "tools",
         ),
@@ -440,6 +435,26 @@ async fn malformed_requests_are_refused_before_generating() {
             serde_json::json!({"model": MODEL, "prompt": "a", "echo": true, "logprobs": 1}),
             "echo",
         ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"logit_bias": {"the": 5}})),
+            "logit_bias",
+        ),
+        (
+            "chat/completions",
+            chat(serde_json::json!({"logit_bias": {"2": 101}})),
+            "logit_bias",
+        ),
+        (
+            "completions",
+            serde_json::json!({"model": MODEL, "prompt": "a", "logit_bias": [1, 2]}),
+            "logit_bias",
+        ),
+        (
+            "completions",
+            serde_json::json!({"model": MODEL, "prompt": "a", "logit_bias": {"99999999": 1}}),
+            "logit_bias",
+        ),
     ];
     assert!(cases.len() >= 30);
     let client = server.client(Some(&key));
@@ -502,6 +517,59 @@ async fn malformed_requests_are_refused_before_generating() {
     assert_error(&reply, 400, "invalid_request");
     let after = server.model(MODEL).await["generation"]["started"].clone();
     assert_eq!(before, after, "nothing was generated");
+}
+
+#[tokio::test]
+async fn logit_bias_forces_and_bans_the_models_tokens() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    // Token 2 is SmolLM2's <|im_end|>, its end of turn.
+    let ask = |bias: serde_json::Value| {
+        let server = &server;
+        let key = &key;
+        async move {
+            let body = serde_json::json!({
+                "model": MODEL,
+                "messages": [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": "What is the capital of France?"},
+                ],
+                "temperature": 0,
+                "max_tokens": 12,
+                "logit_bias": bias,
+            });
+            let reply = server
+                .post(
+                    key,
+                    "/v1/chat/completions",
+                    "application/json",
+                    body.to_string(),
+                )
+                .await;
+            assert_eq!(reply.status, 200, "{}", text(&reply));
+            let reply = support::json(&reply);
+            (
+                reply["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                reply["choices"][0]["finish_reason"].clone(),
+            )
+        }
+    };
+    let (free, finish) = ask(serde_json::json!({})).await;
+    assert_eq!(free, "The capital of France is Paris.");
+    assert_eq!(finish, "stop");
+    let (forced, finish) = ask(serde_json::json!({"2": 100})).await;
+    assert_eq!(forced, "", "the end of turn comes first");
+    assert_eq!(finish, "stop");
+    let (banned, finish) = ask(serde_json::json!({"2": -100})).await;
+    assert!(
+        banned.starts_with(&free) && banned.len() > free.len(),
+        "{banned:?}"
+    );
+    assert_eq!(finish, "length", "no end of turn");
 }
 
 #[tokio::test]
@@ -581,8 +649,10 @@ async fn generated_tokens_count_against_the_tenant_quota() {
     let server = Server::start(data.path());
     let key = server.tenant("acme").await;
     server.deploy(&key, "chat", support::wasm("chat")).await;
-    let question =
-        serde_json::json!([{"role": "user", "content": "What is the capital of France?"}]);
+    let question = serde_json::json!([
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]);
     let openai = || async {
         let chat = serde_json::json!({"model": MODEL, "messages": question, "temperature": 0});
         server
@@ -654,7 +724,10 @@ async fn frequency_and_presence_penalties_steer_and_are_checked() {
     let chat = |extra: serde_json::Value| {
         let mut chat = serde_json::json!({
             "model": MODEL,
-            "messages": [{"role": "user", "content": "Write the word cat ten times."}],
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Write the word cat ten times."},
+            ],
             "temperature": 0,
             "max_tokens": 24,
         });

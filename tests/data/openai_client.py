@@ -12,7 +12,10 @@ import openai
 
 base_url, api_key, model = sys.argv[1:4]
 client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
-question = [{"role": "user", "content": "What is the capital of France?"}]
+question = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 report = {}
 
 whole = client.chat.completions.create(

@@ -212,7 +212,7 @@ jsonschema.validate(novel, SCHEMA)
 report["structured"] = {"valid": True, "finish_reason": structured.choices[0].finish_reason}
 as_object = client.chat.completions.create(
     model=model,
-    messages=[{"role": "user", "content": "Give me a JSON object about a cat."}],
+    messages=[{"role": "user", "content": "Give me a JSON object with a cat's name and age."}],
     response_format={"type": "json_object"},
     temperature=0,
     max_tokens=120,
@@ -222,7 +222,10 @@ report["json_object"] = isinstance(json.loads(as_object.choices[0].message.conte
 # Log-probabilities and several choices.
 scored = client.chat.completions.create(
     model=model,
-    messages=[{"role": "user", "content": "What is the capital of France?"}],
+    messages=[
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
     temperature=0,
     max_tokens=8,
     logprobs=True,

@@ -5,6 +5,7 @@
 //! (continuous batching); sequences join and leave between steps.
 
 mod scheduler;
+mod template;
 mod text;
 
 use std::collections::BTreeMap;
@@ -14,8 +15,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::{LlamaModelParams, LlamaSplitMode};
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llguidance::api::TopLevelGrammar;
@@ -24,6 +25,32 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::ComputeBudget;
+use template::ChatTemplate;
+
+/// ChatML, llama.cpp's choice for a model that carries no template.
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// The model's chat template (`tokenizer.chat_template`), or ChatML when
+/// it carries none; a template that does not compile leaves chat prompts
+/// refused with the reason (raw prompts still work).
+fn chat_template(name: &str, model: &LlamaModel) -> Result<ChatTemplate, String> {
+    let vocab = model.vocab();
+    let text = |token: LlamaToken| {
+        if token.0 < 0 || token.0 >= vocab.n_tokens() {
+            return String::new();
+        }
+        vocab
+            .text(token)
+            .map(|text| text.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let (bos, eos) = (text(vocab.bos()), text(vocab.eos()));
+    let source = model.meta_val_str("tokenizer.chat_template");
+    let source = source.as_deref().unwrap_or(CHATML);
+    ChatTemplate::new(source, bos, eos).inspect_err(|e| {
+        tracing::warn!(model = %name, "{e}: chat prompts are refused, raw prompts work");
+    })
+}
 
 /// `[generation]` in a text model's `model.toml`.
 ///
@@ -159,6 +186,10 @@ pub struct Request {
     /// Subtracted from a token's logit if it occurred in the window at all
     /// (OpenAI's `presence_penalty`, -2 to 2; 0: off).
     pub presence_penalty: f32,
+    /// Added to these tokens' logits before sampling (OpenAI's
+    /// `logit_bias`: the model's own token ids, -100 to 100; -100 bans a
+    /// token, 100 all but forces it). At most [`MAX_LOGIT_BIASES`].
+    pub logit_bias: Vec<(i32, f32)>,
     /// What the text must match, enforced token by token.
     pub constraint: Option<Constraint>,
     /// Report each generated token's log-probability and this many
@@ -173,6 +204,9 @@ pub struct Request {
 const STEP_LEXER_FUEL: u64 = 100_000;
 /// Lexer states one constraint may build (1–2 kB each).
 const MAX_LEXER_STATES: usize = 20_000;
+
+/// The most tokens one request may bias (OpenAI's limit).
+pub const MAX_LOGIT_BIASES: usize = 300;
 
 /// The most alternatives a token's log-probability may list.
 pub const MAX_TOP_LOGPROBS: u32 = 20;
@@ -225,6 +259,7 @@ impl Default for Request {
             repeat_last_n: 64,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            logit_bias: Vec::new(),
             constraint: None,
             logprobs: None,
             budget: None,
@@ -417,7 +452,8 @@ pub struct TextModel {
     adapter_bytes: u64,
     /// `cpu`, or `cuda:N` where its layers and KV cache live.
     device: String,
-    template: Option<LlamaChatTemplate>,
+    /// Renders chat prompts: the model's own template, else ChatML.
+    template: Arc<Result<ChatTemplate, String>>,
     /// Compiles output constraints against the model's vocabulary; built
     /// on the first constrained request (it walks the whole vocabulary)
     /// and shared with the model's adapters.
@@ -583,7 +619,7 @@ impl TextModel {
             index.insert(adapter.key.clone(), outcome);
         }
         let model = Arc::new(model);
-        let template = model.chat_template(None).ok();
+        let template = Arc::new(chat_template(name, &model));
         let threads = match config.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()) as i32,
             n => n as i32,
@@ -708,19 +744,16 @@ impl TextModel {
         let text = match prompt {
             Prompt::Text(text) => text.clone(),
             Prompt::Chat(messages) => {
-                let template = self.template.as_ref().ok_or_else(|| {
-                    GenerateError::Invalid("this model has no chat template; send a prompt".into())
+                let template = self.template.as_ref().as_ref().map_err(|e| {
+                    GenerateError::Invalid(format!("{e}; send a prompt instead of messages"))
                 })?;
-                let messages = messages
-                    .iter()
-                    .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| GenerateError::Invalid(format!("a chat message: {e}")))?;
-                self.model
-                    .apply_chat_template(template, &messages, true)
-                    .map_err(|e| {
-                        GenerateError::Invalid(format!("applying the chat template: {e}"))
-                    })?
+                let text = template.render(messages).map_err(|e| {
+                    GenerateError::Invalid(format!("the model's chat template: {e}"))
+                })?;
+                let vocab = self.model.vocab();
+                // Templates that write the BOS token themselves get no second one.
+                let bos = vocab.should_add_bos() && !template.starts_with_bos(&text);
+                return Ok(vocab.tokenize(text.as_bytes(), bos, true));
             }
         };
         let vocab = self.model.vocab();
@@ -778,6 +811,18 @@ impl TextModel {
         request: Request,
     ) -> Result<Generation, GenerateError> {
         check(&request)?;
+        let vocabulary = self.model.n_vocab();
+        if let Some((token, _)) = request
+            .logit_bias
+            .iter()
+            .find(|(token, _)| !(0..vocabulary).contains(token))
+        {
+            return Err(GenerateError::Invalid(format!(
+                "logit_bias: token {} is not in the model's vocabulary (ids 0 to {})",
+                token,
+                vocabulary - 1
+            )));
+        }
         let grammar = request
             .constraint
             .as_ref()
@@ -960,6 +1005,16 @@ fn check(request: &Request) -> Result<(), GenerateError> {
             return invalid(format!("{name} must be between -2 and 2, got {value}"));
         }
     }
+    if request.logit_bias.len() > MAX_LOGIT_BIASES
+        || request
+            .logit_bias
+            .iter()
+            .any(|(_, bias)| !(-100.0..=100.0).contains(bias))
+    {
+        return invalid(format!(
+            "logit_bias: at most {MAX_LOGIT_BIASES} tokens, each biased by -100 to 100"
+        ));
+    }
     if let Some(top) = request.logprobs
         && top > MAX_TOP_LOGPROBS
     {
@@ -1036,14 +1091,27 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn greedy_generation_answers_the_reference_prompt() {
         let Some(model) = model() else { return };
-        let chat = Prompt::Chat(vec![(
-            "user".into(),
-            "What is the capital of France?".into(),
-        )]);
+        let question = || {
+            (
+                "user".to_string(),
+                "What is the capital of France?".to_string(),
+            )
+        };
+        let system = "You are a helpful assistant.";
+        let chat = Prompt::Chat(vec![("system".into(), system.into()), question()]);
+        let rendered = format!("<|im_start|>system\n{system}<|im_end|>\n{PROMPT}");
         assert_eq!(
             model.tokenize(&chat).unwrap(),
-            model.tokenize(&Prompt::Text(PROMPT.into())).unwrap(),
+            model.tokenize(&Prompt::Text(rendered)).unwrap(),
             "the chat template renders the reference prompt"
+        );
+        // Without a system message, the template's own default.
+        let default = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
+        assert_eq!(
+            model.tokenize(&Prompt::Chat(vec![question()])).unwrap(),
+            model
+                .tokenize(&Prompt::Text(format!("{default}{PROMPT}")))
+                .unwrap(),
         );
         let generation = model.generate(tenant("a"), request(chat, 64)).unwrap();
         let (text, usage) = collect(generation).await;

@@ -23,6 +23,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::vocab::LlamaVocab;
 use tokio::sync::mpsc as tokio_mpsc;
 
@@ -547,7 +548,7 @@ impl Scheduler<'_> {
 }
 
 /// The request's sampler chain: penalties (having seen the `prompt`),
-/// the output constraint, then greedy at temperature 0 or top-k, top-p,
+/// logit biases, the output constraint, then greedy at temperature 0 or top-k, top-p,
 /// temperature and a seeded draw.
 fn sampler(
     request: &Request,
@@ -569,6 +570,14 @@ fn sampler(
             request.presence_penalty,
         );
         chain.push(penalties.with_tokens(prompt));
+    }
+    if !request.logit_bias.is_empty() {
+        let biases: Vec<LlamaLogitBias> = request
+            .logit_bias
+            .iter()
+            .map(|&(token, bias)| LlamaLogitBias::new(LlamaToken(token), bias))
+            .collect();
+        chain.push(LlamaSampler::logit_bias(model.n_vocab(), &biases));
     }
     chain.extend(grammar);
     if request.temperature <= 0.0 {

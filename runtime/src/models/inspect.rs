@@ -328,7 +328,7 @@ fn gguf(path: &Path, hints: &Hints) -> Result<String, String> {
         if header.chat_template {
             "chat template inside"
         } else {
-            "no chat template (chat prompts use a plain fallback)"
+            "no chat template (chat prompts use ChatML)"
         }
     );
     let description = header

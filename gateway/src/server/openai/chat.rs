@@ -63,11 +63,6 @@ impl Chat {
                 "only allowed when logprobs is true",
             ));
         }
-        if let Some(Value::Object(biases)) = fields.take("logit_bias")
-            && !biases.is_empty()
-        {
-            return Err(invalid("logit_bias", "not supported"));
-        }
         let tools = Tools::read(&mut fields)?;
         let format = tools::response_format(&mut fields)?;
         if tools.is_some() && format.is_some() {

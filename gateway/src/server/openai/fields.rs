@@ -5,6 +5,7 @@
 
 use std::ops::RangeInclusive;
 
+use gigafactory_runtime::llm;
 use serde_json::{Map, Value};
 
 use crate::server::ApiError;
@@ -226,6 +227,50 @@ pub(super) struct Sampling {
     pub n: u32,
     pub stream: bool,
     pub include_usage: bool,
+    /// Token id (the model's own vocabulary) and the bias added to its logit.
+    pub logit_bias: Vec<(i32, f32)>,
+}
+
+/// `logit_bias`: `{"token id": bias}`, ids of the model's own vocabulary
+/// (as vLLM and llama.cpp's server take them), biases from -100 to 100.
+fn logit_bias(fields: &mut Fields) -> Result<Vec<(i32, f32)>, ApiError> {
+    let biases = match fields.take("logit_bias") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(biases)) => biases,
+        Some(other) => {
+            return Err(invalid(
+                "logit_bias",
+                format!(
+                    "expected an object of token ids to biases, not {}",
+                    kind_of(&other)
+                ),
+            ));
+        }
+    };
+    if biases.len() > llm::MAX_LOGIT_BIASES {
+        return Err(invalid(
+            "logit_bias",
+            format!("at most {} tokens", llm::MAX_LOGIT_BIASES),
+        ));
+    }
+    biases
+        .into_iter()
+        .map(|(token, bias)| {
+            let id = token.parse::<i32>().ok().filter(|id| *id >= 0).ok_or_else(|| {
+                invalid(
+                    "logit_bias",
+                    format!("{token:?} is not a token id: keys are the model's token ids, such as \"1234\""),
+                )
+            })?;
+            match bias.as_f64() {
+                Some(bias) if (-100.0..=100.0).contains(&bias) => Ok((id, bias as f32)),
+                _ => Err(invalid(
+                    "logit_bias",
+                    format!("the bias of token {id} must be a number from -100 to 100"),
+                )),
+            }
+        })
+        .collect()
 }
 
 /// The most choices one request may ask for.
@@ -268,6 +313,7 @@ impl Sampling {
             n: fields.integer("n", 1..=MAX_CHOICES)?.unwrap_or(1) as u32,
             stream,
             include_usage,
+            logit_bias: logit_bias(fields)?,
         })
     }
 

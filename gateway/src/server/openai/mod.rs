@@ -438,6 +438,7 @@ impl fields::Sampling {
             repeat_last_n: OPENAI_PENALTY_WINDOW,
             frequency_penalty: self.frequency_penalty,
             presence_penalty: self.presence_penalty,
+            logit_bias: self.logit_bias.clone(),
             ..llm::Request::default()
         }
     }
