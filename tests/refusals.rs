@@ -45,16 +45,27 @@ async fn bad_deploys_are_refused_and_change_nothing() {
         400,
         "invalid_wasm",
     );
-    let core_module = b"\0asm\x01\0\0\0".to_vec();
-    assert_error(
-        &put(&server, &key, "hello", core_module).await,
-        400,
-        "not_a_component",
+    // Core modules run as WAGI commands: one with no `_start`, or that
+    // imports anything but WASI preview 1, is refused saying so.
+    let library = b"\0asm\x01\0\0\0".to_vec();
+    let refused = put(&server, &key, "hello", library).await;
+    assert_error(&refused, 400, "missing_handler");
+    assert!(text(&refused).contains("_start"), "{}", text(&refused));
+    // (module (import "wasi_ephemeral_nn" "load" (func)) (func (export "_start")))
+    let foreign = b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x02\x1a\x01\x11wasi_ephemeral_nn\x04load\0\0\x03\x02\x01\0\x07\x0a\x01\x06_start\0\x01\x0a\x04\x01\x02\0\x0b".to_vec();
+    let refused = put(&server, &key, "hello", foreign).await;
+    assert_error(&refused, 400, "unsupported_import");
+    assert!(
+        text(&refused).contains("a core module importing wasi_ephemeral_nn::load"),
+        "{}",
+        text(&refused)
     );
-    assert_error(
-        &put(&server, &key, "hello", wasm("deploy_no_handler")).await,
-        400,
-        "missing_handler",
+    let refused = put(&server, &key, "hello", wasm("deploy_no_handler")).await;
+    assert_error(&refused, 400, "missing_handler");
+    assert!(
+        text(&refused).contains("neither wasi:http/incoming-handler"),
+        "{}",
+        text(&refused)
     );
     let bad_import = put(&server, &key, "hello", wasm("deploy_bad_import")).await;
     assert_error(&bad_import, 400, "unsupported_import");

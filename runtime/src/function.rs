@@ -1,14 +1,25 @@
 //! Functions: compiled once at deploy, persisted as a precompiled artifact,
-//! instantiated fresh for every request.
+//! instantiated fresh for every request. Three kinds run: components
+//! exporting `wasi:http/incoming-handler` (the request streamed through),
+//! components exporting `wasi:cli/run` and core modules exporting
+//! `_start` over `wasi_snapshot_preview1` (commands, spoken to in CGI as
+//! WAGI does: `cgi.rs`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
 use tokio::sync::oneshot;
 use wasmtime::component::Component;
-use wasmtime::{PoolConcurrencyLimitError, Store, Trap, UpdateDeadline};
+use wasmtime::{
+    Engine, InstancePre, Module, PoolConcurrencyLimitError, Precompiled, Store, Trap,
+    UpdateDeadline,
+};
+use wasmtime_wasi::I32Exit;
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -16,14 +27,44 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::Runtime;
 use crate::capabilities::Capabilities;
-use crate::host::HostState;
+use crate::cgi;
+use crate::host::{HostState, ModuleState, Stdio};
 use crate::logs::{LogLimits, LogSink, RequestLog, bounded};
 
-/// A function ready to serve: its component pre-linked against the host.
+/// A function ready to serve: its code pre-linked against the host.
 #[derive(Clone)]
 pub struct Function {
-    pre: ProxyPre<HostState>,
+    entry: Entry,
     runtime: Runtime,
+}
+
+#[derive(Clone)]
+enum Entry {
+    Http(ProxyPre<HostState>),
+    Command(CommandPre<HostState>),
+    Module(InstancePre<ModuleState>),
+}
+
+/// What a function is, found in its binary at deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FunctionKind {
+    /// A component exporting `wasi:http/incoming-handler`.
+    Http,
+    /// A component exporting `wasi:cli/run`, served as CGI.
+    Command,
+    /// A core module with `_start` over `wasi_snapshot_preview1`, served as CGI (WAGI).
+    Module,
+}
+
+impl FunctionKind {
+    /// Its name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FunctionKind::Http => "http",
+            FunctionKind::Command => "command",
+            FunctionKind::Module => "wagi",
+        }
+    }
 }
 
 /// Why a deploy was refused.
@@ -32,19 +73,14 @@ pub enum CompileError {
     /// The bytes are not WebAssembly at all.
     #[error("not a WebAssembly binary (no \\0asm header)")]
     NotWasm,
-    /// A core module where a component is needed.
-    #[error(
-        "this is a core WebAssembly module, not a component: build the function with `cargo build --target wasm32-wasip2`"
-    )]
-    CoreModule,
-    /// Malformed or invalid component.
-    #[error("invalid component: {0}")]
+    /// Malformed or invalid component or module.
+    #[error("invalid WebAssembly: {0}")]
     Invalid(String),
-    /// The component imports an interface the platform does not provide.
-    #[error("the component imports something the platform does not provide: {0}")]
+    /// It imports something the platform does not provide.
+    #[error("{0}")]
     UnsupportedImport(String),
-    /// The component does not export `wasi:http/incoming-handler`.
-    #[error("the component does not export wasi:http/incoming-handler@0.2.x: {0}")]
+    /// It exports nothing the platform can call.
+    #[error("{0}")]
     MissingHandler(String),
 }
 
@@ -63,9 +99,17 @@ pub enum InvokeError {
     /// The function returned without setting a response.
     #[error("the function returned without sending a response")]
     NoResponse,
-    /// The function answered with a wasi:http error code.
+    /// The function answered with a wasi:http error code, or a command
+    /// wrote something that is not a CGI response.
     #[error("the function failed with {0}")]
     Guest(String),
+    /// A command exited with a status other than 0.
+    #[error("the function exited with status {0} (its stderr is in the function's log)")]
+    Exited(i32),
+    /// The request body could not be read to the end (for a command,
+    /// which reads it before it starts).
+    #[error("reading the request body failed: {0}")]
+    Body(String),
     /// The function failed after a model refused its `compute` because the
     /// model's queue was full; try again shortly.
     #[error(
@@ -102,57 +146,107 @@ pub struct Invocation {
     pub memory_bytes: usize,
     /// Env, files, models and hosts it may use.
     pub capabilities: Capabilities,
+    /// The public path that chose the function (`/fn/acme/hello`): a
+    /// command's `SCRIPT_NAME`; the request's path is what follows it.
+    pub route: String,
 }
 
 impl Runtime {
     /// Validates a component and compiles it to an artifact for [`Runtime::load`].
     /// CPU-heavy: call it off the async workers.
     pub fn compile(&self, wasm: &[u8]) -> Result<Vec<u8>, CompileError> {
-        check_header(wasm)?;
-        let component = Component::new(&self.inner.engine, wasm)
-            .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
-        self.prepare(&component)?;
+        let invalid = |e: wasmtime::Error| CompileError::Invalid(format!("{e:#}"));
+        let engine = &self.inner.engine;
+        let artifact = if is_core_module(wasm)? {
+            let module = Module::new(engine, wasm).map_err(invalid)?;
+            self.prepare_module(&module)?;
+            module.serialize()
+        } else {
+            let component = Component::new(engine, wasm).map_err(invalid)?;
+            self.prepare(&component)?;
+            component.serialize()
+        };
         self.inner.counters.compiled();
-        component
-            .serialize()
-            .map_err(|e| CompileError::Invalid(format!("serialising: {e:#}")))
+        artifact.map_err(|e| CompileError::Invalid(format!("serialising: {e:#}")))
     }
 
     /// Loads an artifact made by [`Runtime::compile`] with this engine.
     pub fn load(&self, artifact: &[u8]) -> anyhow::Result<Function> {
+        let engine = &self.inner.engine;
         // SAFETY: artifacts are produced by `compile` on an engine with the
         // same fingerprint and kept in the platform's own store; tenants
         // never supply precompiled bytes.
         #[allow(unsafe_code)]
-        let component = unsafe { Component::deserialize(&self.inner.engine, artifact) }
-            .map_err(anyhow::Error::from)?;
-        let pre = self.prepare(&component).map_err(anyhow::Error::from)?;
+        let entry = match Engine::detect_precompiled(artifact) {
+            Some(Precompiled::Module) => {
+                let module = unsafe { Module::deserialize(engine, artifact) }?;
+                Entry::Module(self.prepare_module(&module)?)
+            }
+            _ => {
+                let component = unsafe { Component::deserialize(engine, artifact) }?;
+                self.prepare(&component)?
+            }
+        };
         self.inner.counters.loaded();
         Ok(Function {
-            pre,
+            entry,
             runtime: self.clone(),
         })
     }
 
-    fn prepare(&self, component: &Component) -> Result<ProxyPre<HostState>, CompileError> {
-        let instance_pre = self
-            .inner
-            .linker
-            .instantiate_pre(component)
-            .map_err(|e| CompileError::UnsupportedImport(format!("{e:#}")))?;
-        ProxyPre::new(instance_pre).map_err(|e| CompileError::MissingHandler(format!("{e:#}")))
+    /// A component's entry point: an HTTP handler, else a command.
+    fn prepare(&self, component: &Component) -> Result<Entry, CompileError> {
+        let instance_pre = self.inner.linker.instantiate_pre(component).map_err(|e| {
+            CompileError::UnsupportedImport(format!(
+                "the component imports something the platform does not provide: {e:#}"
+            ))
+        })?;
+        if let Ok(proxy) = ProxyPre::new(instance_pre.clone()) {
+            return Ok(Entry::Http(proxy));
+        }
+        CommandPre::new(instance_pre)
+            .map(Entry::Command)
+            .map_err(|_| {
+                CompileError::MissingHandler(
+                    "the component exports neither wasi:http/incoming-handler@0.2.x (an HTTP handler) nor wasi:cli/run@0.2.x (a command, served as CGI)".into(),
+                )
+            })
+    }
+
+    /// A core module runs as a WAGI command: `_start` over WASI preview 1.
+    fn prepare_module(&self, module: &Module) -> Result<InstancePre<ModuleState>, CompileError> {
+        if let Some(import) = module
+            .imports()
+            .find(|i| i.module() != crate::host::PREVIEW1)
+        {
+            return Err(CompileError::UnsupportedImport(format!(
+                "a core module importing {}::{}: core modules may import {} (run as WAGI commands); build for wasm32-wasip2 for the component interfaces (wasi:http, wasi:nn, gigafactory:ai)",
+                import.module(),
+                import.name(),
+                crate::host::PREVIEW1,
+            )));
+        }
+        if !matches!(
+            module.get_export("_start"),
+            Some(wasmtime::ExternType::Func(_))
+        ) {
+            return Err(CompileError::MissingHandler(
+                "a core module without a `_start` function (a library or reactor): core modules run as WAGI commands, from `_start`".into(),
+            ));
+        }
+        self.inner
+            .module_linker
+            .instantiate_pre(module)
+            .map_err(|e| CompileError::UnsupportedImport(format!("{e:#}")))
     }
 }
 
-fn check_header(wasm: &[u8]) -> Result<(), CompileError> {
+/// Whether `wasm` is a core module (layer 0, version 1) rather than a component.
+fn is_core_module(wasm: &[u8]) -> Result<bool, CompileError> {
     if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
         return Err(CompileError::NotWasm);
     }
-    // Layer 0 with version 1 is a core module; components use layer 1.
-    if wasm[4..8] == [1, 0, 0, 0] {
-        return Err(CompileError::CoreModule);
-    }
-    Ok(())
+    Ok(wasm[4..8] == [1, 0, 0, 0])
 }
 
 /// Longest trap reason or guest error the client is told.
@@ -175,11 +269,37 @@ impl TrapDetails {
 }
 
 impl Function {
+    /// What it is.
+    pub fn kind(&self) -> FunctionKind {
+        match self.entry {
+            Entry::Http(_) => FunctionKind::Http,
+            Entry::Command(_) => FunctionKind::Command,
+            Entry::Module(_) => FunctionKind::Module,
+        }
+    }
+
     /// Runs one HTTP request in a fresh instance. The response's body may
     /// still be streaming from the guest when this returns; the instance
-    /// lives until it is done or the deadline passes.
+    /// lives until it is done or the deadline passes. A command reads the
+    /// whole body first and answers when it exits.
     pub async fn handle<B>(
         &self,
+        request: hyper::Request<B>,
+        invocation: Invocation,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, InvokeError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error> + std::fmt::Display,
+    {
+        match &self.entry {
+            Entry::Http(pre) => self.serve_http(pre.clone(), request, invocation).await,
+            Entry::Command(_) | Entry::Module(_) => self.run_command(request, invocation).await,
+        }
+    }
+
+    async fn serve_http<B>(
+        &self,
+        pre: ProxyPre<HostState>,
         request: hyper::Request<B>,
         invocation: Invocation,
     ) -> Result<hyper::Response<HyperOutgoingBody>, InvokeError>
@@ -200,14 +320,7 @@ impl Function {
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|state| &mut state.memory);
         let deadline = Instant::now() + invocation.timeout;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Yield(1)
-            })
-        });
+        arm(&mut store, deadline);
         let host_error = |e: wasmtime::Error| InvokeError::Host(format!("{e:#}"));
         let (sender, receiver) = oneshot::channel();
         let request = store
@@ -220,7 +333,6 @@ impl Function {
             .http()
             .new_response_outparam(sender)
             .map_err(host_error)?;
-        let pre = self.pre.clone();
         let task = tokio::spawn(async move {
             let run = async {
                 let proxy = pre.instantiate_async(&mut store).await?;
@@ -249,6 +361,125 @@ impl Function {
             },
         };
         Err(error)
+    }
+}
+
+/// Interrupts the store's guest at `deadline`, and makes it yield to the
+/// other tasks on its worker every epoch tick until then.
+fn arm<T>(store: &mut Store<T>, deadline: Instant) {
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        Ok(if Instant::now() >= deadline {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::Yield(1)
+        })
+    });
+}
+
+impl Function {
+    /// A command: the body on stdin, the request in its environment and
+    /// arguments, its stdout (at most its memory limit) the CGI response.
+    async fn run_command<B>(
+        &self,
+        request: hyper::Request<B>,
+        invocation: Invocation,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, InvokeError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let inner = &self.runtime.inner;
+        let (parts, body) = request.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| InvokeError::Body(e.to_string()))?
+            .to_bytes();
+        let start = cgi::start(&parts, &invocation.route, body.len());
+        let log = RequestLog::new(invocation.log.clone(), invocation.log_limits);
+        let memory_bytes = invocation.memory_bytes.min(inner.limits.max_memory_bytes);
+        let stdout = MemoryOutputPipe::new(memory_bytes);
+        let stdio = Stdio {
+            stdin: body,
+            stdout: stdout.clone(),
+            args: start.args,
+            env: start.env,
+        };
+        let deadline = Instant::now() + invocation.timeout;
+        let host_error = |e: anyhow::Error| InvokeError::Host(format!("{e:#}"));
+        let ending = match &self.entry {
+            Entry::Command(pre) => {
+                let state = HostState::command(
+                    &log,
+                    inner.models.clone(),
+                    memory_bytes,
+                    &invocation.capabilities,
+                    stdio,
+                )
+                .map_err(host_error)?;
+                let mut store = Store::new(&inner.engine, state);
+                store.limiter(|state| &mut state.memory);
+                arm(&mut store, deadline);
+                let pre = pre.clone();
+                let run = async {
+                    let command = pre.instantiate_async(&mut store).await?;
+                    match command.wasi_cli_run().call_run(&mut store).await? {
+                        Ok(()) => Ok(()),
+                        Err(()) => Err(wasmtime::Error::from(I32Exit(1))),
+                    }
+                };
+                let outcome = tokio::time::timeout_at(deadline.into(), run).await;
+                Ending {
+                    outcome,
+                    memory_refused: store.data().memory_refused(),
+                    model_busy: store.data().model_busy(),
+                }
+            }
+            Entry::Module(pre) => {
+                let state = ModuleState::new(&log, memory_bytes, &invocation.capabilities, stdio)
+                    .map_err(host_error)?;
+                let mut store = Store::new(&inner.engine, state);
+                store.limiter(|state| &mut state.memory);
+                arm(&mut store, deadline);
+                let run = async {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                    start.call_async(&mut store, ()).await
+                };
+                let outcome = tokio::time::timeout_at(deadline.into(), run).await;
+                Ending {
+                    outcome,
+                    memory_refused: store.data().memory.refused,
+                    model_busy: false,
+                }
+            }
+            Entry::Http(_) => unreachable!("HTTP handlers are served by serve_http"),
+        };
+        drop(log);
+        match ending.outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => match error.downcast_ref::<I32Exit>() {
+                Some(I32Exit(0)) => {}
+                Some(I32Exit(status)) => return Err(InvokeError::Exited(*status)),
+                None => {
+                    return Err(Ending {
+                        outcome: Ok(Err(error)),
+                        ..ending
+                    }
+                    .classify(invocation.timeout, memory_bytes));
+                }
+            },
+            Err(_elapsed) => return Err(InvokeError::Deadline(invocation.timeout)),
+        }
+        let response = cgi::response(stdout.contents()).map_err(|why| {
+            InvokeError::Guest(format!("output that is not a CGI response: {why}"))
+        })?;
+        Ok(response.map(|body| {
+            Full::new(body)
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        }))
     }
 }
 

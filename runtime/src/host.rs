@@ -5,9 +5,12 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::ai::AiView;
@@ -27,6 +30,53 @@ pub struct HostState {
     pub(crate) memory: MemoryLimiter,
 }
 
+/// The module core modules may import: WASI preview 1.
+pub(crate) const PREVIEW1: &str = "wasi_snapshot_preview1";
+
+/// A command's standard streams, arguments and CGI environment.
+pub(crate) struct Stdio {
+    pub stdin: Bytes,
+    pub stdout: MemoryOutputPipe,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+/// WASI as every function gets it: output to its log, its manifest's env,
+/// its files read-only (at `/`, and as the working directory so relative
+/// paths work), no sockets.
+fn wasi(log: &Arc<RequestLog>, capabilities: &Capabilities) -> anyhow::Result<WasiCtxBuilder> {
+    let mut wasi = WasiCtx::builder();
+    wasi.stdout(log.stream(LogStream::Stdout))
+        .stderr(log.stream(LogStream::Stderr))
+        .envs(&capabilities.env)
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    if let Some(dir) = &capabilities.files {
+        for guest in ["/", "."] {
+            wasi.preopened_dir(dir, guest, FsPerms::ReadOnly)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("opening the function's files {}", dir.display()))?;
+        }
+    }
+    Ok(wasi)
+}
+
+/// A command's WASI: the body on stdin, stdout captured, stderr to the
+/// log, the CGI variables after the manifest's env.
+fn command_wasi(
+    log: &Arc<RequestLog>,
+    capabilities: &Capabilities,
+    stdio: Stdio,
+) -> anyhow::Result<WasiCtxBuilder> {
+    let mut wasi = wasi(log, capabilities)?;
+    wasi.stdin(MemoryInputPipe::new(stdio.stdin))
+        .stdout(stdio.stdout)
+        .args(&stdio.args)
+        .envs(&stdio.env);
+    Ok(wasi)
+}
+
 impl HostState {
     pub(crate) fn new(
         log: &Arc<RequestLog>,
@@ -34,19 +84,29 @@ impl HostState {
         memory_bytes: usize,
         capabilities: &Capabilities,
     ) -> anyhow::Result<Self> {
-        let mut wasi = WasiCtx::builder();
-        wasi.stdout(log.stream(LogStream::Stdout))
-            .stderr(log.stream(LogStream::Stderr))
-            .envs(&capabilities.env)
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false);
-        if let Some(dir) = &capabilities.files {
-            wasi.preopened_dir(dir, "/", FsPerms::ReadOnly)
-                .map_err(anyhow::Error::from)
-                .with_context(|| format!("opening the function's files {}", dir.display()))?;
-        }
-        Ok(Self {
+        let wasi = wasi(log, capabilities)?;
+        Ok(Self::with(wasi, pool, memory_bytes, capabilities))
+    }
+
+    /// For a command component.
+    pub(crate) fn command(
+        log: &Arc<RequestLog>,
+        pool: Arc<ModelPool>,
+        memory_bytes: usize,
+        capabilities: &Capabilities,
+        stdio: Stdio,
+    ) -> anyhow::Result<Self> {
+        let wasi = command_wasi(log, capabilities, stdio)?;
+        Ok(Self::with(wasi, pool, memory_bytes, capabilities))
+    }
+
+    fn with(
+        mut wasi: WasiCtxBuilder,
+        pool: Arc<ModelPool>,
+        memory_bytes: usize,
+        capabilities: &Capabilities,
+    ) -> Self {
+        Self {
             table: ResourceTable::new(),
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
@@ -56,7 +116,7 @@ impl HostState {
                 limit: memory_bytes,
                 refused: false,
             },
-        })
+        }
     }
 
     /// Whether the instance hit its memory limit: in its linear memory, or
@@ -99,6 +159,33 @@ impl WasiHttpView for HostState {
             table: &mut self.table,
             hooks: &mut self.hooks,
         }
+    }
+}
+
+/// Per-request store data of a core module (WASI preview 1).
+pub struct ModuleState {
+    wasi: WasiP1Ctx,
+    pub(crate) memory: MemoryLimiter,
+}
+
+impl ModuleState {
+    pub(crate) fn new(
+        log: &Arc<RequestLog>,
+        memory_bytes: usize,
+        capabilities: &Capabilities,
+        stdio: Stdio,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            wasi: command_wasi(log, capabilities, stdio)?.build_p1(),
+            memory: MemoryLimiter {
+                limit: memory_bytes,
+                refused: false,
+            },
+        })
+    }
+
+    pub(crate) fn wasi(&mut self) -> &mut WasiP1Ctx {
+        &mut self.wasi
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod ai;
 mod capabilities;
+mod cgi;
 pub mod devices;
 mod engine;
 mod function;
@@ -30,8 +31,8 @@ use wasmtime::component::Linker;
 
 pub use capabilities::{Capabilities, ComputeBudget, ModelAccess, OutboundAccess};
 pub use engine::{EPOCH_TICK, SandboxLimits};
-pub use function::{CompileError, Function, Invocation, InvokeError};
-pub use host::HostState;
+pub use function::{CompileError, Function, FunctionKind, Invocation, InvokeError};
+pub use host::{HostState, ModuleState};
 pub use models::{EngineOptions, ModelPool, PoolOptions};
 pub use wasmtime_wasi_http::Error as HttpError;
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -45,6 +46,8 @@ pub struct Runtime {
 struct Inner {
     engine: Engine,
     linker: Linker<HostState>,
+    /// For core modules: WASI preview 1.
+    module_linker: wasmtime::Linker<ModuleState>,
     models: Arc<ModelPool>,
     limits: SandboxLimits,
     fingerprint: String,
@@ -88,11 +91,14 @@ impl Runtime {
         nn::add_to_linker(&mut linker, HostState::nn)?;
         ai::add_to_linker(&mut linker, HostState::ai)?;
         spin::add_to_linker(&mut linker, HostState::spin)?;
+        let mut module_linker = wasmtime::Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, ModuleState::wasi)?;
         let fingerprint = fingerprint(&engine);
         Ok(Self {
             inner: Arc::new(Inner {
                 engine,
                 linker,
+                module_linker,
                 models,
                 limits,
                 fingerprint,

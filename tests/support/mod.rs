@@ -47,20 +47,35 @@ pub fn wasm(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
+/// The guest `name` built as a core module (wasm32-wasip1), as programs
+/// for WAGI and other preview 1 hosts are.
+pub fn core_module(name: &str) -> Vec<u8> {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let manifest = root().join("tests/guests/Cargo.toml");
+    BUILT.get_or_init(|| build(&manifest, "wasm32-wasip1", &["--package", "cgi_echo"]));
+    let path = root().join(format!(
+        "tests/guests/target/wasm32-wasip1/release/{name}.wasm"
+    ));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
 fn build_guests(manifest: &Path) {
+    build(manifest, "wasm32-wasip2", &[]);
+}
+
+fn build(manifest: &Path, target: &str, extra: &[&str]) {
     let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--manifest-path",
-        ])
+        .args(["build", "--quiet", "--release", "--target", target])
+        .args(extra)
+        .arg("--manifest-path")
         .arg(manifest)
         .status()
         .expect("running cargo");
-    assert!(status.success(), "building {} failed", manifest.display());
+    assert!(
+        status.success(),
+        "building {} for {target} failed (rustup target add {target})",
+        manifest.display()
+    );
 }
 
 /// A running `gigafactory serve`, killed when dropped.

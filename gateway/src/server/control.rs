@@ -237,7 +237,11 @@ impl Gateway {
     async fn get_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
         let tenant = self.require_tenant(request).await?;
         let function = self.find_function(&tenant, name).await?;
-        Ok(json(StatusCode::OK, function_json(&function)))
+        let mut body = function_json(&function);
+        // Found in the binary: an HTTP handler, a command, a WAGI module.
+        let kind = self.runnable(function.active_version()).await?.kind();
+        body["kind"] = kind.as_str().into();
+        Ok(json(StatusCode::OK, body))
     }
 
     async fn delete_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {

@@ -182,7 +182,6 @@ impl Gateway {
 fn compile_error(error: CompileError) -> ApiError {
     let code = match &error {
         CompileError::NotWasm | CompileError::Invalid(_) => "invalid_wasm",
-        CompileError::CoreModule => "not_a_component",
         CompileError::UnsupportedImport(_) => "unsupported_import",
         CompileError::MissingHandler(_) => "missing_handler",
     };

@@ -114,6 +114,7 @@ impl Gateway {
             timeout: limits.timeout,
             memory_bytes: limits.memory_bytes,
             capabilities,
+            route: format!("/fn/{tenant}/{name}"),
         };
         let exceeded = Arc::new(AtomicBool::new(false));
         let (parts, body) = request.into_parts();
@@ -333,6 +334,8 @@ fn invoke_error(error: &InvokeError) -> ApiError {
         InvokeError::OutOfMemory(..) => (StatusCode::INTERNAL_SERVER_ERROR, "out_of_memory"),
         InvokeError::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
         InvokeError::Guest(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_error"),
+        InvokeError::Exited(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_exited"),
+        InvokeError::Body(_) => (StatusCode::BAD_REQUEST, "bad_request_body"),
         InvokeError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         InvokeError::ModelBusy(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_busy"),
         InvokeError::Host(detail) => {

@@ -1,0 +1,139 @@
+//! Programs written for other Wasm hosts, served unchanged: a `wasi:cli`
+//! command component and a WAGI core module (wasm32-wasip1), both spoken to
+//! in CGI — the request in their environment, arguments and stdin, their
+//! stdout the response.
+
+mod support;
+
+use bytes::Bytes;
+use hyper::Method;
+use support::{Server, assert_error, core_module, json, text, wasm};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn command_components_and_wagi_modules_answer_in_cgi() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let manifest = "timeout_ms = 2000\n[env]\nGREETING = \"hi\"\n[files]\n\"/fixture/data.txt\" = \"data.txt\"\n";
+    let files = vec![("data.txt".to_string(), b"from the bundle".to_vec())];
+    // wasi:cli 0.2's `exit` says only success or failure (1); preview 1's
+    // `proc_exit` carries the status.
+    for (name, binary, kind, status) in [
+        ("command", wasm("cgi_echo"), "command", 1),
+        ("wagi", core_module("cgi_echo"), "wagi", 3),
+    ] {
+        let bundle =
+            gigafactory_gateway::bundle::Bundle::pack(&binary, Some(manifest), &files).unwrap();
+        let deployed = server.deploy_bundle(&key, name, bundle).await;
+        assert_eq!(deployed.status, 201, "{}", text(&deployed));
+        let client = server.client(Some(&key));
+        let described = client
+            .api(Method::GET, &format!("/v1/functions/{name}"), None)
+            .await
+            .unwrap();
+        assert_eq!(described["kind"], kind, "{described}");
+
+        let route = format!("/fn/acme/{name}");
+        let echoed = client
+            .send(
+                Method::POST,
+                &format!("{route}/echo?top=3&label=a%20b"),
+                Some(("text/csv", Bytes::from_static(b"a,b\n1,2"))),
+                &[("x-greeting".into(), "hello".into())],
+            )
+            .await
+            .unwrap();
+        assert_eq!(echoed.status, 200, "{name}: {}", text(&echoed));
+        assert_eq!(echoed.headers["content-type"], "text/plain");
+        let expected = format!(
+            "REQUEST_METHOD=POST\nPATH_INFO=/echo\nQUERY_STRING=top=3&label=a%20b\n\
+             CONTENT_TYPE=text/csv\nCONTENT_LENGTH=7\nSCRIPT_NAME={route}\n\
+             X_MATCHED_ROUTE={route}/...\nHTTP_X_GREETING=hello\nGREETING=hi\n\
+             args={route}/echo|top=3|label=a b\nbody=a,b\n1,2"
+        );
+        assert_eq!(text(&echoed), expected, "{name}");
+
+        let created = client
+            .send(Method::GET, &format!("{route}/created"), None, &[])
+            .await
+            .unwrap();
+        assert_eq!(created.status, 201, "{name}: {}", text(&created));
+        assert_eq!(created.headers["content-type"], "application/json");
+        assert_eq!(created.headers["x-kind"], "cgi");
+        assert_eq!(json(&created)["made"], true);
+
+        let moved = client
+            .send(Method::GET, &format!("{route}/moved"), None, &[])
+            .await
+            .unwrap();
+        assert_eq!(moved.status, 302, "{name}");
+        assert_eq!(moved.headers["location"], "https://example.com/elsewhere");
+
+        let plain = server.get_text(&key, &format!("{route}/plain")).await;
+        assert_eq!(plain, "no header block here, just text");
+
+        let file = client
+            .send(Method::GET, &format!("{route}/file"), None, &[])
+            .await
+            .unwrap();
+        let log = || async {
+            client
+                .api(Method::GET, &format!("/v1/functions/{name}/logs"), None)
+                .await
+                .unwrap()["lines"]
+                .to_string()
+        };
+        assert_eq!(
+            text(&file),
+            "from the bundle",
+            "{name}: relative paths reach the bundle: {}",
+            log().await
+        );
+
+        let failed = client
+            .send(Method::GET, &format!("{route}/fail"), None, &[])
+            .await
+            .unwrap();
+        assert_error(&failed, 500, "function_exited");
+        let exited = format!("exited with status {status}");
+        assert!(text(&failed).contains(&exited), "{}", text(&failed));
+        let trapped = client
+            .send(Method::GET, &format!("{route}/trap"), None, &[])
+            .await
+            .unwrap();
+        assert_error(&trapped, 500, "function_trapped");
+        let spun = client
+            .send(Method::GET, &format!("{route}/spin"), None, &[])
+            .await
+            .unwrap();
+        assert_error(&spun, 504, "deadline_exceeded");
+
+        let logs = client
+            .api(Method::GET, &format!("/v1/functions/{name}/logs"), None)
+            .await
+            .unwrap();
+        let lines = logs["lines"].to_string();
+        assert!(
+            lines.contains("cgi_echo: failing on purpose"),
+            "{name}: stderr in the log: {lines}"
+        );
+        assert!(lines.contains(&exited), "{name}: {lines}");
+        assert!(
+            lines.contains("index out of bounds"),
+            "{name}: the panic: {lines}"
+        );
+    }
+    // Counted like any function.
+    let metrics = server.metrics().await;
+    for outcome in [
+        "ok",
+        "function_exited",
+        "function_trapped",
+        "deadline_exceeded",
+    ] {
+        let line = format!(
+            "gigafactory_function_requests_total{{tenant=\"acme\",function=\"wagi\",outcome=\"{outcome}\"}}"
+        );
+        assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+    }
+}
