@@ -63,6 +63,7 @@ fn chat_template(name: &str, model: &LlamaModel) -> Result<ChatTemplate, String>
 /// max_queue = 64         # waiting generations; past it, refused at once
 /// max_sequences_per_tenant = 6  # slots one tenant may hold (default: three quarters)
 /// default_max_tokens = 256      # an answer's length when the caller sets none
+/// prompt_cache = "tenant"       # or "shared": whose cached prompts a generation may reuse
 /// ```
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -97,6 +98,23 @@ pub struct GenerationConfig {
     /// models can run on for as long as they are let.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u32,
+    /// Whose cached prompt a generation may start from.
+    #[serde(default)]
+    pub prompt_cache: PromptCache,
+}
+
+/// Whose prompt a slot's KV cache may serve again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptCache {
+    /// Only the tenant that left it: another tenant's faster first token
+    /// would tell it that someone sent the same start of a prompt.
+    #[default]
+    Tenant,
+    /// Any tenant's, for installs whose tenants trust each other: every
+    /// generation that starts like a cached prompt (a common system
+    /// prompt) skips that part, whoever sent it.
+    Shared,
 }
 
 impl GenerationConfig {
@@ -121,6 +139,7 @@ impl Default for GenerationConfig {
             max_queue_per_tenant: None,
             max_sequences_per_tenant: None,
             default_max_tokens: default_max_tokens(),
+            prompt_cache: PromptCache::default(),
         }
     }
 }
@@ -639,6 +658,7 @@ impl TextModel {
                 batch_tokens: config.batch_tokens,
                 max_sequences: config.max_sequences,
                 sequences_per_tenant: config.sequences_per_tenant(),
+                prompt_cache: config.prompt_cache,
                 threads,
                 waiting: waiting.clone(),
                 stats: stats.clone(),
@@ -1050,6 +1070,10 @@ mod tests {
 
     /// A model of its own, for tests that count its sequences.
     fn own_model() -> Option<Arc<TextModel>> {
+        model_with(PromptCache::Tenant)
+    }
+
+    fn model_with(prompt_cache: PromptCache) -> Option<Arc<TextModel>> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../models/smollm2-135m-instruct/model.gguf");
         if !path.is_file() {
@@ -1059,6 +1083,7 @@ mod tests {
         let config = GenerationConfig {
             max_sequences: 8,
             context_tokens: 1024,
+            prompt_cache,
             ..GenerationConfig::default()
         };
         Some(TextModel::load("smollm2", &path, config, "cpu", &[]).unwrap())
@@ -1160,6 +1185,23 @@ mod tests {
         let (text, usage) = collect(italy).await;
         assert_eq!(usage.cached_tokens as usize, common);
         assert!(text.contains("Rome"), "{text}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_shared_prompt_cache_serves_every_tenant() {
+        let Some(model) = model_with(PromptCache::Shared) else {
+            return;
+        };
+        let ask = |who: &str| {
+            model
+                .generate(tenant(who), request(Prompt::Text(PROMPT.into()), 64))
+                .unwrap()
+        };
+        let (_, first) = collect(ask("a")).await;
+        assert_eq!(first.cached_tokens, 0);
+        let (text, other) = collect(ask("b")).await;
+        assert_eq!(text, ANSWER);
+        assert_eq!(other.cached_tokens, first.prompt_tokens - 1);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -8,9 +8,10 @@
 //! that adapter applied to the context. Each sequence has its own KV
 //! stream of `context_tokens`, so its output is the same whether it runs
 //! alone or with others. A slot keeps its last prompt's KV cells when its
-//! sequence ends: a new generation of the same tenant takes the free slot
-//! whose cached prompt shares the longest prefix with its own (same
-//! adapter) and computes only the rest (`cached_tokens` in its usage).
+//! sequence ends: a new generation of the same tenant (of any tenant, with
+//! `prompt_cache = "shared"`) takes the free slot whose cached prompt
+//! shares the longest prefix with its own (same adapter) and computes only
+//! the rest (`cached_tokens` in its usage).
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -28,7 +29,7 @@ use llama_cpp_2::vocab::LlamaVocab;
 use tokio::sync::mpsc as tokio_mpsc;
 
 use super::text::{Step, TextStream};
-use super::{Candidate, Event, FinishReason, Request, TextStats, TokenLogprob, Usage};
+use super::{Candidate, Event, FinishReason, PromptCache, Request, TextStats, TokenLogprob, Usage};
 use crate::ComputeBudget;
 use crate::queue::Waiting;
 
@@ -55,6 +56,8 @@ pub struct Setup {
     pub max_sequences: u32,
     /// Slots one tenant may hold at once.
     pub sequences_per_tenant: u32,
+    /// Whose cached prompts a generation may start from.
+    pub prompt_cache: PromptCache,
     pub threads: i32,
     pub waiting: Arc<Waiting>,
     /// The base model's counters (decode steps; its generations' are in each job).
@@ -479,7 +482,9 @@ impl Scheduler<'_> {
     ) -> (i32, usize) {
         let shared = |id: i32| {
             let cached = &self.cached[id as usize];
-            if cached.adapter != adapter || cached.tenant.as_ref() != Some(tenant) {
+            let theirs = cached.tenant.as_ref() != Some(tenant)
+                && self.setup.prompt_cache == PromptCache::Tenant;
+            if cached.adapter != adapter || theirs {
                 return 0;
             }
             let common = cached
