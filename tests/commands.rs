@@ -137,3 +137,34 @@ async fn command_components_and_wagi_modules_answer_in_cgi() {
         assert!(metrics.contains(&line), "no {line} in\n{metrics}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn core_modules_use_witx_wasi_nn_over_the_shared_pool() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    server.deploy(&key, "witx", core_module("nn_witx")).await;
+    let answer = server.get_text(&key, "/fn/acme/witx").await;
+    // errno 0 for every call, y = x + x, then: the buffer too small
+    // (too_large 7), no output 9 (invalid_argument 1), token-by-token on a
+    // tensor graph (unsupported_operation 6), an unknown model (not_found
+    // 8), an unknown tensor type (1), an OpenVINO graph (invalid_encoding
+    // 2), a finalized context and an unloaded graph (1).
+    assert_eq!(
+        answer,
+        "load 0\ninit 0\nset 0,0,0,0,0,0\ncompute 0\ny_fp32 0 2.5,-6\n\
+         y_i64 0 -14,2199023255552\nerrors small=7 missing=1 single=6 unknown=8 \
+         type=1 encoding=2 finalized=0 after=1 unloaded=0 twice=1\n"
+    );
+    // A repository model by name runs on the shared pool, as a
+    // component's call does: [1, 3, 384] f32 back, counted by the model.
+    let calls = || async {
+        server.model("all-minilm-l6-v2").await["stats"]["calls"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = calls().await;
+    let answer = server.get_text(&key, "/fn/acme/witx?minilm").await;
+    assert_eq!(answer, "minilm 0 0 0,0,0 0 0 4608\n");
+    assert_eq!(calls().await, before + 1);
+}

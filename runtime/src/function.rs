@@ -28,7 +28,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use crate::Runtime;
 use crate::capabilities::Capabilities;
 use crate::cgi;
-use crate::host::{HostState, ModuleState, Stdio};
+use crate::host::{HostState, MemoryLimiter, ModuleState, Stdio};
 use crate::logs::{LogLimits, LogSink, RequestLog, bounded};
 
 /// A function ready to serve: its code pre-linked against the host.
@@ -215,15 +215,14 @@ impl Runtime {
 
     /// A core module runs as a WAGI command: `_start` over WASI preview 1.
     fn prepare_module(&self, module: &Module) -> Result<InstancePre<ModuleState>, CompileError> {
-        if let Some(import) = module
-            .imports()
-            .find(|i| i.module() != crate::host::PREVIEW1)
-        {
+        let known = [crate::host::PREVIEW1, crate::nn::WITX_MODULE];
+        if let Some(import) = module.imports().find(|i| !known.contains(&i.module())) {
             return Err(CompileError::UnsupportedImport(format!(
-                "a core module importing {}::{}: core modules may import {} (run as WAGI commands); build for wasm32-wasip2 for the component interfaces (wasi:http, wasi:nn, gigafactory:ai)",
+                "a core module importing {}::{}: core modules may import {} and {} (witx wasi-nn, with WasmEdge's additions), and run as WAGI commands; build for wasm32-wasip2 for the component interfaces (wasi:http, wasi:nn, gigafactory:ai)",
                 import.module(),
                 import.name(),
-                crate::host::PREVIEW1,
+                known[0],
+                known[1],
             )));
         }
         if !matches!(
@@ -317,10 +316,8 @@ impl Function {
             &invocation.capabilities,
         )
         .map_err(|e| InvokeError::Host(format!("{e:#}")))?;
-        let mut store = Store::new(&inner.engine, state);
-        store.limiter(|state| &mut state.memory);
         let deadline = Instant::now() + invocation.timeout;
-        arm(&mut store, deadline);
+        let mut store = sandbox(&inner.engine, state, deadline);
         let host_error = |e: wasmtime::Error| InvokeError::Host(format!("{e:#}"));
         let (sender, receiver) = oneshot::channel();
         let request = store
@@ -364,9 +361,12 @@ impl Function {
     }
 }
 
-/// Interrupts the store's guest at `deadline`, and makes it yield to the
-/// other tasks on its worker every epoch tick until then.
-fn arm<T>(store: &mut Store<T>, deadline: Instant) {
+/// A request's store: its memory limited, its guest interrupted at
+/// `deadline` and yielding to the other tasks on its worker every epoch
+/// tick until then.
+fn sandbox<T: InstanceState>(engine: &Engine, state: T, deadline: Instant) -> Store<T> {
+    let mut store = Store::new(engine, state);
+    store.limiter(|state| state.limiter());
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
         Ok(if Instant::now() >= deadline {
@@ -375,6 +375,17 @@ fn arm<T>(store: &mut Store<T>, deadline: Instant) {
             UpdateDeadline::Yield(1)
         })
     });
+    store
+}
+
+/// What the sandbox asks of a store's data.
+pub(crate) trait InstanceState: Send + 'static {
+    /// Its linear-memory limiter.
+    fn limiter(&mut self) -> &mut MemoryLimiter;
+    /// Whether it hit its memory limit (linear memory or host-held tensors).
+    fn memory_refused(&self) -> bool;
+    /// Whether a model refused its `compute` as busy.
+    fn model_busy(&self) -> bool;
 }
 
 impl Function {
@@ -418,9 +429,7 @@ impl Function {
                     stdio,
                 )
                 .map_err(host_error)?;
-                let mut store = Store::new(&inner.engine, state);
-                store.limiter(|state| &mut state.memory);
-                arm(&mut store, deadline);
+                let mut store = sandbox(&inner.engine, state, deadline);
                 let pre = pre.clone();
                 let run = async {
                     let command = pre.instantiate_async(&mut store).await?;
@@ -430,29 +439,25 @@ impl Function {
                     }
                 };
                 let outcome = tokio::time::timeout_at(deadline.into(), run).await;
-                Ending {
-                    outcome,
-                    memory_refused: store.data().memory_refused(),
-                    model_busy: store.data().model_busy(),
-                }
+                Ending::of(outcome, store.data())
             }
             Entry::Module(pre) => {
-                let state = ModuleState::new(&log, memory_bytes, &invocation.capabilities, stdio)
-                    .map_err(host_error)?;
-                let mut store = Store::new(&inner.engine, state);
-                store.limiter(|state| &mut state.memory);
-                arm(&mut store, deadline);
+                let state = ModuleState::new(
+                    &log,
+                    inner.models.clone(),
+                    memory_bytes,
+                    &invocation.capabilities,
+                    stdio,
+                )
+                .map_err(host_error)?;
+                let mut store = sandbox(&inner.engine, state, deadline);
                 let run = async {
                     let instance = pre.instantiate_async(&mut store).await?;
                     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                     start.call_async(&mut store, ()).await
                 };
                 let outcome = tokio::time::timeout_at(deadline.into(), run).await;
-                Ending {
-                    outcome,
-                    memory_refused: store.data().memory.refused,
-                    model_busy: false,
-                }
+                Ending::of(outcome, store.data())
             }
             Entry::Http(_) => unreachable!("HTTP handlers are served by serve_http"),
         };
@@ -491,6 +496,17 @@ struct Ending {
 }
 
 impl Ending {
+    fn of(
+        outcome: Result<wasmtime::Result<()>, tokio::time::error::Elapsed>,
+        state: &impl InstanceState,
+    ) -> Self {
+        Ending {
+            outcome,
+            memory_refused: state.memory_refused(),
+            model_busy: state.model_busy(),
+        }
+    }
+
     /// Why the guest ended without sending a response: a trap or a missing
     /// response after a model refused it as busy is that model's doing.
     fn classify(self, timeout: Duration, memory_bytes: usize) -> InvokeError {

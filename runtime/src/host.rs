@@ -15,9 +15,10 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 
 use crate::ai::AiView;
 use crate::capabilities::{Capabilities, OutboundAccess};
+use crate::function::InstanceState;
 use crate::logs::{LogStream, RequestLog};
 use crate::models::ModelPool;
-use crate::nn::{NnCtx, NnView};
+use crate::nn::{NnCtx, NnView, WitxNn};
 use crate::spin::SpinView;
 
 /// Per-request store data.
@@ -119,17 +120,6 @@ impl HostState {
         }
     }
 
-    /// Whether the instance hit its memory limit: in its linear memory, or
-    /// in the tensor data the host holds for it.
-    pub(crate) fn memory_refused(&self) -> bool {
-        self.memory.refused || self.nn.was_over_memory()
-    }
-
-    /// Whether a model refused this instance's `compute` as busy.
-    pub(crate) fn model_busy(&self) -> bool {
-        self.nn.was_refused_busy()
-    }
-
     pub(crate) fn nn(&mut self) -> NnView<'_> {
         NnView::new(&self.nn, &mut self.table)
     }
@@ -162,21 +152,25 @@ impl WasiHttpView for HostState {
     }
 }
 
-/// Per-request store data of a core module (WASI preview 1).
+/// Per-request store data of a core module: WASI preview 1 and witx
+/// wasi-nn.
 pub struct ModuleState {
     wasi: WasiP1Ctx,
+    pub(crate) nn: WitxNn,
     pub(crate) memory: MemoryLimiter,
 }
 
 impl ModuleState {
     pub(crate) fn new(
         log: &Arc<RequestLog>,
+        pool: Arc<ModelPool>,
         memory_bytes: usize,
         capabilities: &Capabilities,
         stdio: Stdio,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             wasi: command_wasi(log, capabilities, stdio)?.build_p1(),
+            nn: WitxNn::new(NnCtx::new(pool, capabilities.clone(), memory_bytes)),
             memory: MemoryLimiter {
                 limit: memory_bytes,
                 refused: false,
@@ -188,6 +182,29 @@ impl ModuleState {
         &mut self.wasi
     }
 }
+
+/// Both kinds of store data answer for their memory and models the same
+/// way: linear memory and host-held tensors count against the limit.
+macro_rules! instance_state {
+    ($state:ty) => {
+        impl InstanceState for $state {
+            fn limiter(&mut self) -> &mut MemoryLimiter {
+                &mut self.memory
+            }
+
+            fn memory_refused(&self) -> bool {
+                self.memory.refused || self.nn.was_over_memory()
+            }
+
+            fn model_busy(&self) -> bool {
+                self.nn.was_refused_busy()
+            }
+        }
+    };
+}
+
+instance_state!(HostState);
+instance_state!(ModuleState);
 
 /// Caps linear memory and remembers whether it refused a growth, so a
 /// trap that follows can be reported as running out of memory.

@@ -32,8 +32,14 @@ pub fn binary() -> PathBuf {
 pub fn wasm(name: &str) -> Vec<u8> {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        build_guests(&root().join("examples/Cargo.toml"));
-        build_guests(&root().join("tests/guests/Cargo.toml"));
+        build(&root().join("examples/Cargo.toml"), "wasm32-wasip2", &[]);
+        // nn_witx imports witx wasi-nn, which no component can.
+        let guests = ["--workspace", "--exclude", "nn_witx"];
+        build(
+            &root().join("tests/guests/Cargo.toml"),
+            "wasm32-wasip2",
+            &guests,
+        );
     });
     let file = |dir: &str| {
         root()
@@ -52,15 +58,12 @@ pub fn wasm(name: &str) -> Vec<u8> {
 pub fn core_module(name: &str) -> Vec<u8> {
     static BUILT: OnceLock<()> = OnceLock::new();
     let manifest = root().join("tests/guests/Cargo.toml");
-    BUILT.get_or_init(|| build(&manifest, "wasm32-wasip1", &["--package", "cgi_echo"]));
+    let packages = ["--package", "cgi_echo", "--package", "nn_witx"];
+    BUILT.get_or_init(|| build(&manifest, "wasm32-wasip1", &packages));
     let path = root().join(format!(
         "tests/guests/target/wasm32-wasip1/release/{name}.wasm"
     ));
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
-fn build_guests(manifest: &Path) {
-    build(manifest, "wasm32-wasip2", &[]);
 }
 
 fn build(manifest: &Path, target: &str, extra: &[&str]) {

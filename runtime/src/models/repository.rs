@@ -40,6 +40,15 @@ impl PoolGraph {
         &self.graph
     }
 
+    /// Its inputs' names, in order (witx wasi-nn sets inputs by index).
+    pub fn input_names(&self) -> Vec<String> {
+        self.graph
+            .inputs()
+            .iter()
+            .map(|spec| spec.name.clone())
+            .collect()
+    }
+
     /// A function's own graph: no batching, counters or limits.
     pub(super) fn own(graph: Arc<dyn Graph>) -> Self {
         Self {

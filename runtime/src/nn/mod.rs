@@ -32,6 +32,9 @@ mod generated {
 
 use generated::wasi::nn::{errors, graph, inference, tensor};
 
+mod witx;
+pub(crate) use witx::{MODULE as WITX_MODULE, WitxNn, add_to_linker as add_witx_to_linker};
+
 /// Longer model names are not looked up (nor quoted back).
 const MAX_MODEL_NAME: usize = 256;
 
@@ -118,6 +121,35 @@ impl NnCtx {
     /// queue was full: the gateway answers 503 if the guest then fails.
     pub fn was_refused_busy(&self) -> bool {
         self.busy.load(Ordering::Relaxed)
+    }
+
+    /// Runs `graph` on `named` inputs for this instance's tenant, within
+    /// its compute budget, charging what the run took (failed runs cost
+    /// the workers too); a model too busy to queue it is remembered.
+    async fn compute(
+        &self,
+        graph: PoolGraph,
+        named: Vec<(String, HostTensor)>,
+    ) -> Result<Vec<(String, HostTensor)>, NnError> {
+        if let Some(budget) = &self.capabilities.compute {
+            budget
+                .check()
+                .map_err(|why| NnError::new(ErrorCode::RuntimeError, why))?;
+        }
+        let (result, spent) = self
+            .pool
+            .compute(graph, named, self.capabilities.tenant.clone())
+            .await;
+        tracing::debug!(ms = spent.as_secs_f64() * 1e3, "compute");
+        if let Some(budget) = &self.capabilities.compute {
+            budget.charge(spent);
+        }
+        if let Err(error) = &result
+            && error.is_busy()
+        {
+            self.busy.store(true, Ordering::Relaxed);
+        }
+        result
     }
 }
 
@@ -273,22 +305,7 @@ impl NnView<'_> {
         graph: PoolGraph,
         named: Vec<(String, HostTensor)>,
     ) -> NnResult<Vec<inference::NamedTensor>> {
-        if let Some(budget) = &self.ctx.capabilities.compute
-            && let Err(why) = budget.check()
-        {
-            return self.fail(NnError::new(ErrorCode::RuntimeError, why));
-        }
-        let (result, spent) = self
-            .ctx
-            .pool
-            .compute(graph, named, self.ctx.capabilities.tenant.clone())
-            .await;
-        tracing::debug!(ms = spent.as_secs_f64() * 1e3, "compute");
-        // Failed runs cost the workers too: the tenant pays for them.
-        if let Some(budget) = &self.ctx.capabilities.compute {
-            budget.charge(spent);
-        }
-        match result {
+        match self.ctx.compute(graph, named).await {
             Ok(outputs) => {
                 let mut named = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {
