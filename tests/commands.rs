@@ -168,3 +168,34 @@ async fn core_modules_use_witx_wasi_nn_over_the_shared_pool() {
     assert_eq!(answer, "minilm 0 0 0,0,0 0 0 4608\n");
     assert_eq!(calls().await, before + 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wasmedge_llm_programs_generate_through_the_shared_scheduler() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let manifest = "[model_aliases]\ndefault = \"smollm2-135m-instruct\"\n";
+    let bundle =
+        gigafactory_gateway::bundle::Bundle::pack(&core_module("nn_witx"), Some(manifest), &[])
+            .unwrap();
+    let deployed = server.deploy_bundle(&key, "llm", bundle).await;
+    assert_eq!(deployed.status, 201, "{}", text(&deployed));
+    let answer = server.get_text(&key, "/fn/acme/llm?ggml").await;
+    // Greedy: the reference answer whole, then the same token by token
+    // (7 pieces, then end_of_sequence 100); an unknown name is not_found
+    // (8), a config that is not JSON and a third input invalid (1).
+    let usage =
+        "{\"input_tokens\":16,\"output_tokens\":7,\"llama_build_number\":0,\"llama_commit\":\"\"}";
+    assert_eq!(
+        answer,
+        format!(
+            "whole 0 0 0 0 0 The capital of France is Paris.\nusage 0 {usage}\n\
+             stream 100 7 The capital of France is Paris. 0\nstream usage {usage}\n\
+             errors unknown=8 config=1 input=1\n"
+        )
+    );
+    // Both generations ran on the model's scheduler, counted for the tenant.
+    let metrics = server.metrics().await;
+    let line = "gigafactory_text_tenant_generated_tokens_total{model=\"smollm2-135m-instruct\",tenant=\"acme\"} 14";
+    assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+}

@@ -15,6 +15,9 @@
 //!
 //! [files]                          # read-only files: guest path = path in the bundle
 //! "/data/vocab.txt" = "assets/vocab.txt"
+//!
+//! [model_aliases]                  # other names load-by-name knows models by
+//! default = "smollm2-135m-instruct"
 //! ```
 
 use std::collections::BTreeMap;
@@ -52,6 +55,10 @@ pub struct Manifest {
     /// Read-only files: absolute guest path → path in the bundle. Example: `[files] "/vocab.txt" = "vocab.txt"`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub files: BTreeMap<String, String>,
+    /// Other names wasi-nn `load_by_name` knows repository models by, as
+    /// WasmEdge's `--nn-preload` names them. Example: `[model_aliases] default = "smollm2-135m-instruct"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_aliases: BTreeMap<String, String>,
 }
 
 /// What the platform allows a manifest to ask for.
@@ -111,6 +118,19 @@ impl Manifest {
             if !models.contains(model) {
                 return Err(format!(
                     "models: no model {model:?} (available: {models:?})"
+                ));
+            }
+        }
+        if self.model_aliases.len() > MAX_ENV {
+            return Err(format!("model_aliases: at most {MAX_ENV} aliases"));
+        }
+        for (alias, model) in &self.model_aliases {
+            if alias.is_empty() || alias.len() > 256 {
+                return Err(format!("model_aliases: invalid alias {alias:?}"));
+            }
+            if !models.contains(model) {
+                return Err(format!(
+                    "model_aliases: {alias} names no model {model:?} (available: {models:?})"
                 ));
             }
         }
@@ -242,6 +262,8 @@ mod tests {
             GREETING = "hi"
             [files]
             "/data/a.txt" = "a.txt"
+            [model_aliases]
+            default = "m"
         "#;
         check(text).unwrap();
     }
@@ -255,6 +277,10 @@ mod tests {
             ),
             ("timeout_ms = 0", "timeout_ms must be at least 1"),
             ("models = [\"x\"]", "no model \"x\""),
+            (
+                "[model_aliases]\ndefault = \"x\"",
+                "model_aliases: default names no model \"x\"",
+            ),
             (
                 "allowed_hosts = [\"http://x\"]",
                 "is not `host` or `host:port`",

@@ -1,7 +1,7 @@
 //! What one invocation may use beyond computing: environment, read-only
 //! files, models, outbound hosts. Everything defaults to nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,12 +17,22 @@ pub struct Capabilities {
     pub files: Option<PathBuf>,
     /// Which repository models `load-by-name` may open.
     pub models: ModelAccess,
+    /// Other names `load-by-name` knows repository models by (as
+    /// WasmEdge's `--nn-preload` names them, e.g. `default`).
+    pub model_aliases: Arc<BTreeMap<String, String>>,
     /// Which hosts outbound `wasi:http` requests may reach.
     pub outbound: OutboundAccess,
     /// Who pays for model compute, and whether there is budget left.
     pub compute: Option<Arc<dyn ComputeBudget>>,
     /// Bytes the tenant's own `load`ed graphs may keep cached (0: none may load).
     pub graph_memory: u64,
+}
+
+impl Capabilities {
+    /// The repository model `name` stands for: an alias's target, or itself.
+    pub fn model_name<'a>(&'a self, name: &'a str) -> &'a str {
+        self.model_aliases.get(name).map_or(name, String::as_str)
+    }
 }
 
 /// A budget of model work — compute time and generated tokens — usually

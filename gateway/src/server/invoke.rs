@@ -199,6 +199,7 @@ impl Gateway {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             files: self.function_files(version).await?,
+            model_aliases: Arc::new(manifest.model_aliases.clone()),
             models: ModelAccess {
                 visible: Some(visible),
                 allowed: manifest.models.as_deref().map(set),

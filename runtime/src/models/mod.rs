@@ -31,7 +31,8 @@ use crate::capabilities::ModelAccess;
 use crate::devices::Devices;
 use crate::llm::TextModel;
 use engines::{Data, Engines, Loaded, Source};
-use repository::{Outcome, RepositoryModel, Resident};
+pub(crate) use repository::Resident;
+use repository::{Outcome, RepositoryModel};
 use workers::Workers;
 
 pub use batcher::{BatchConfig, Batcher, Pad, SliceBack};
@@ -500,7 +501,7 @@ impl ModelPool {
 
     /// The model for a call: resident, or loaded now (on first use, or
     /// again after an unload) while other callers of it wait.
-    async fn resident(&self, name: &str) -> Result<Resident, NnError> {
+    pub(crate) async fn resident(&self, name: &str) -> Result<Resident, NnError> {
         let model = self
             .model(name)
             .ok_or_else(|| NnError::new(ErrorCode::NotFound, format!("no model named {name:?}")))?;

@@ -65,7 +65,7 @@ impl PoolGraph {
 /// A loaded repository model: a tensor graph (wasi-nn) or a text model
 /// (gigafactory:ai `generate`).
 #[derive(Clone)]
-pub(super) enum Resident {
+pub(crate) enum Resident {
     Graph(PoolGraph),
     Text(Arc<TextModel>),
 }

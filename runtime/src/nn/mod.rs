@@ -242,10 +242,11 @@ impl graph::Host for NnView<'_> {
             return self.fail(error);
         }
         let capabilities = &self.ctx.capabilities;
+        let name = capabilities.model_name(&name);
         let key = match self
             .ctx
             .pool
-            .find(&capabilities.tenant, &capabilities.models, &name)
+            .find(&capabilities.tenant, &capabilities.models, name)
         {
             Ok(key) => key,
             Err(error) => return self.fail(error),

@@ -6,6 +6,10 @@
 //! model pool, permissions, memory accounting and budgets as the WIT
 //! interface (`NnCtx`). Host calls are async: a module waiting for a
 //! model holds no tokio worker. Errors are witx `nn_errno` numbers.
+//!
+//! A repository text model loaded by name speaks WasmEdge's GGML ABI
+//! (`ggml.rs`): the prompt as input 0, options as JSON, the text and its
+//! usage as outputs 0 and 1, or token by token with `compute_single`.
 
 use std::future::Future;
 
@@ -13,7 +17,10 @@ use wasmtime::{Caller, Extern, Linker};
 
 use super::{MAX_MODEL_NAME, NnCtx};
 use crate::host::ModuleState;
-use crate::models::{ElementType, ErrorCode, HostTensor, NnError, PoolGraph};
+use crate::models::{ElementType, ErrorCode, HostTensor, NnError, PoolGraph, Resident};
+
+mod ggml;
+use ggml::{Text, TextGraph};
 
 /// The witx module name.
 pub(crate) const MODULE: &str = "wasi_ephemeral_nn";
@@ -33,6 +40,10 @@ enum Errno {
     UnsupportedOperation = 6,
     TooLarge = 7,
     NotFound = 8,
+    /// WasmEdge: a token-by-token generation ended.
+    EndOfSequence = 100,
+    /// WasmEdge: the prompt and the tokens asked for exceed the context.
+    PromptTooLong = 102,
 }
 
 impl From<&NnError> for Errno {
@@ -60,11 +71,24 @@ type Outcome = wasmtime::Result<Result<(), Errno>>;
 /// One instance's witx wasi-nn state: its handles over the shared pool.
 pub struct WitxNn {
     ctx: NnCtx,
-    graphs: Handles<PoolGraph>,
-    contexts: Handles<Execution>,
+    graphs: Handles<Graph>,
+    contexts: Handles<Context>,
 }
 
-/// An execution context: its graph, the inputs set so far, and the
+/// A loaded graph: tensors in and out, or a text model.
+#[derive(Clone)]
+enum Graph {
+    Tensor(PoolGraph),
+    Text(TextGraph),
+}
+
+/// An execution context of either kind.
+enum Context {
+    Tensor(Execution),
+    Text(Text),
+}
+
+/// A tensor execution context: its graph, the inputs set so far, and the
 /// outputs of its last `compute`.
 struct Execution {
     graph: PoolGraph,
@@ -126,7 +150,10 @@ impl WitxNn {
     }
 
     /// Lets go of an execution context and the tensor bytes it holds.
-    fn finalize(&mut self, execution: Execution) {
+    fn finalize(&mut self, context: Context) {
+        let Context::Tensor(execution) = context else {
+            return;
+        };
         let held: usize = execution
             .inputs
             .iter()
@@ -135,6 +162,14 @@ impl WitxNn {
             .map(|t| t.data.len())
             .sum();
         self.ctx.release(held);
+    }
+
+    /// The tensor execution context `handle`.
+    fn tensor(&mut self, handle: i32) -> Result<&mut Execution, Errno> {
+        match self.contexts.get(handle)? {
+            Context::Tensor(execution) => Ok(execution),
+            Context::Text(_) => Err(Errno::InvalidArgument),
+        }
     }
 }
 
@@ -190,6 +225,37 @@ pub(crate) fn add_to_linker(linker: &mut Linker<ModuleState>) -> wasmtime::Resul
     linker.func_wrap_async(MODULE, "compute", |caller, (context,): (i32,)| {
         call(caller, move |caller| Box::new(compute(caller, context)))
     })?;
+    linker.func_wrap_async(MODULE, "compute_single", |caller, (context,): (i32,)| {
+        call(caller, move |caller| {
+            Box::new(ggml::compute_single(caller, context))
+        })
+    })?;
+    linker.func_wrap(
+        MODULE,
+        "get_output_single",
+        |mut caller: Caller<'_, ModuleState>,
+         context: i32,
+         index: i32,
+         buffer: i32,
+         size: i32,
+         written: i32| {
+            errno(ggml::get_output_single(
+                &mut caller,
+                context,
+                index,
+                buffer,
+                size,
+                written,
+            ))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fini_single",
+        |mut caller: Caller<'_, ModuleState>, context: i32| {
+            errno(ggml::fini_single(&mut caller, context))
+        },
+    )?;
     linker.func_wrap(
         MODULE,
         "get_output",
@@ -223,27 +289,6 @@ pub(crate) fn add_to_linker(linker: &mut Linker<ModuleState>) -> wasmtime::Resul
             let nn = &mut caller.data_mut().nn;
             errno(Ok(nn.contexts.remove(context).map(|e| nn.finalize(e))))
         },
-    )?;
-    // Token-by-token generation is for text (GGML) graphs; tensor graphs
-    // compute whole.
-    for name in ["compute_single", "fini_single"] {
-        linker.func_wrap(
-            MODULE,
-            name,
-            |mut caller: Caller<'_, ModuleState>, context: i32| {
-                errno(single_unsupported(&mut caller, context))
-            },
-        )?;
-    }
-    linker.func_wrap(
-        MODULE,
-        "get_output_single",
-        |mut caller: Caller<'_, ModuleState>,
-         context: i32,
-         _index: i32,
-         _buffer: i32,
-         _size: i32,
-         _written: i32| { errno(single_unsupported(&mut caller, context)) },
     )?;
     Ok(())
 }
@@ -364,7 +409,7 @@ async fn load(
         Ok(graph) => graph,
         Err(error) => return Ok(Err(Errno::from(&error))),
     };
-    let handle = guest!(caller.data_mut().nn.graphs.insert(graph));
+    let handle = guest!(caller.data_mut().nn.graphs.insert(Graph::Tensor(graph)));
     write(&mut caller, out, &handle.to_le_bytes())
 }
 
@@ -382,22 +427,25 @@ async fn load_by_name(
     let Ok(name) = String::from_utf8(name) else {
         return Ok(Err(Errno::InvalidArgument));
     };
-    if let Some((config, config_length)) = config {
-        // A tensor graph takes no options; the config must still be JSON.
-        let config = guest!(read(&mut caller, config, config_length)?);
-        if !config.is_empty() && serde_json::from_slice::<serde_json::Value>(&config).is_err() {
-            return Ok(Err(Errno::InvalidArgument));
+    // Options as JSON (WasmEdge's GGML keys); a tensor graph takes none.
+    let options = match config {
+        Some((config, config_length)) => {
+            let config = guest!(read(&mut caller, config, config_length)?);
+            guest!(ggml::Options::parse(&config))
         }
-    }
+        None => ggml::Options::default(),
+    };
     let nn = &caller.data().nn.ctx;
     let pool = nn.pool().clone();
     let capabilities = nn.capabilities();
+    let name = capabilities.model_name(&name).to_string();
     let key = match pool.find(&capabilities.tenant, &capabilities.models, &name) {
         Ok(key) => key,
         Err(error) => return Ok(Err(Errno::from(&error))),
     };
-    let graph = match pool.get(&key).await {
-        Ok(graph) => graph,
+    let graph = match pool.resident(&key).await {
+        Ok(Resident::Graph(graph)) => Graph::Tensor(graph),
+        Ok(Resident::Text(_)) => Graph::Text(TextGraph::new(name, options)),
         Err(error) => return Ok(Err(Errno::from(&error))),
     };
     let handle = guest!(caller.data_mut().nn.graphs.insert(graph));
@@ -406,14 +454,15 @@ async fn load_by_name(
 
 fn init_execution_context(caller: &mut Caller<'_, ModuleState>, graph: i32, out: i32) -> Outcome {
     let nn = &mut caller.data_mut().nn;
-    let graph = guest!(nn.graphs.get(graph)).clone();
-    let inputs = vec![None; graph.input_names().len()];
-    let execution = Execution {
-        graph,
-        inputs,
-        outputs: Vec::new(),
+    let context = match guest!(nn.graphs.get(graph)).clone() {
+        Graph::Tensor(graph) => Context::Tensor(Execution {
+            inputs: vec![None; graph.input_names().len()],
+            graph,
+            outputs: Vec::new(),
+        }),
+        Graph::Text(graph) => Context::Text(Text::new(graph)),
     };
-    let handle = guest!(nn.contexts.insert(execution));
+    let handle = guest!(nn.contexts.insert(context));
     write(caller, out, &handle.to_le_bytes())
 }
 
@@ -429,6 +478,14 @@ fn set_input(
     let word = |at: usize| u32::from_le_bytes(record[at..at + 4].try_into().expect("4 bytes"));
     let (dims_at, dims_count, ty, data_at, data_length) =
         (word(0), word(4), record[8], word(12), word(16));
+    if let Ok(Context::Text(_)) = caller.data_mut().nn.contexts.get(context) {
+        // The prompt (input 0) or options (input 1), as the tensor's bytes.
+        let data = guest!(read(caller, data_at as i32, data_length as i32)?);
+        let Ok(Context::Text(text)) = caller.data_mut().nn.contexts.get(context) else {
+            unreachable!("checked above");
+        };
+        return Ok(text.set_input(index, data));
+    }
     let Some(ty) = element_type(ty) else {
         return Ok(Err(Errno::InvalidArgument));
     };
@@ -452,7 +509,7 @@ fn set_input(
     };
     let nn = &mut caller.data_mut().nn;
     let tensor = HostTensor { dims, ty, data };
-    let execution = match nn.contexts.get(context) {
+    let execution = match nn.tensor(context) {
         Ok(execution) => execution,
         Err(errno) => {
             nn.ctx.release(tensor.data.len());
@@ -474,8 +531,11 @@ fn set_input(
 }
 
 async fn compute(mut caller: Caller<'_, ModuleState>, context: i32) -> Outcome {
+    if let Ok(Context::Text(_)) = caller.data_mut().nn.contexts.get(context) {
+        return ggml::compute(caller, context).await;
+    }
     let nn = &mut caller.data_mut().nn;
-    let execution = guest!(nn.contexts.get(context));
+    let execution = guest!(nn.tensor(context));
     let names = execution.graph.input_names();
     let mut named = Vec::with_capacity(names.len());
     for (index, (name, slot)) in names.into_iter().zip(&execution.inputs).enumerate() {
@@ -499,7 +559,7 @@ async fn compute(mut caller: Caller<'_, ModuleState>, context: i32) -> Outcome {
         nn.ctx.hold(tensor.data.len())?;
         tensors.push(tensor);
     }
-    let execution = guest!(nn.contexts.get(context));
+    let execution = guest!(nn.tensor(context));
     let previous = std::mem::replace(&mut execution.outputs, tensors);
     let released: usize = previous.iter().map(|t| t.data.len()).sum();
     nn.ctx.release(released);
@@ -514,24 +574,33 @@ fn get_output(
     size: i32,
     written: i32,
 ) -> Outcome {
-    let execution = guest!(caller.data_mut().nn.contexts.get(context));
-    let Some(tensor) = usize::try_from(index)
-        .ok()
-        .and_then(|i| execution.outputs.get(i))
-    else {
+    let data = match guest!(caller.data_mut().nn.contexts.get(context)) {
+        Context::Tensor(execution) => usize::try_from(index)
+            .ok()
+            .and_then(|i| execution.outputs.get(i))
+            .map(|tensor| tensor.data.clone()),
+        Context::Text(text) => text.output(index),
+    };
+    let Some(data) = data else {
         return Ok(Err(Errno::InvalidArgument));
     };
-    if tensor.data.len() > size as u32 as usize {
-        return Ok(Err(Errno::TooLarge));
-    }
-    let data = tensor.data.clone();
-    guest!(write(caller, buffer, &data)?);
-    write(caller, written, &(data.len() as u32).to_le_bytes())
+    give(caller, &data, buffer, size, written)
 }
 
-fn single_unsupported(caller: &mut Caller<'_, ModuleState>, context: i32) -> Outcome {
-    guest!(caller.data_mut().nn.contexts.get(context));
-    Ok(Err(Errno::UnsupportedOperation))
+/// Copies an output into the guest's buffer of `size` bytes and writes
+/// its length; a buffer too small is `too_large`.
+fn give(
+    caller: &mut Caller<'_, ModuleState>,
+    data: &[u8],
+    buffer: i32,
+    size: i32,
+    written: i32,
+) -> Outcome {
+    if data.len() > size as u32 as usize {
+        return Ok(Err(Errno::TooLarge));
+    }
+    guest!(write(caller, buffer, data)?);
+    write(caller, written, &(data.len() as u32).to_le_bytes())
 }
 
 /// witx `tensor_type`: f16, f32, f64, u8, i32, i64.

@@ -36,7 +36,22 @@ unsafe extern "C" {
     fn set_input(context: u32, index: u32, tensor: *const Tensor) -> u32;
     fn compute(context: u32) -> u32;
     fn get_output(context: u32, index: u32, out: *mut u8, max: u32, written: *mut u32) -> u32;
+    fn load_by_name_with_config(
+        name: *const u8,
+        len: u32,
+        config: *const u8,
+        config_len: u32,
+        graph: *mut u32,
+    ) -> u32;
     fn compute_single(context: u32) -> u32;
+    fn get_output_single(
+        context: u32,
+        index: u32,
+        out: *mut u8,
+        max: u32,
+        written: *mut u32,
+    ) -> u32;
+    fn fini_single(context: u32) -> u32;
     fn finalize_execution_context(context: u32) -> u32;
     fn unload(graph: u32) -> u32;
 }
@@ -107,10 +122,77 @@ fn minilm() -> String {
     )
 }
 
+/// WasmEdge's GGML ABI, as its LLM programs use it: the model the
+/// manifest calls `default`, options as JSON, the prompt as input 0; the
+/// whole answer and its usage, then the same answer token by token.
+fn ggml() -> String {
+    let mut out = String::from("Content-Type: text/plain\n\n");
+    let name = b"default";
+    let config = br#"{"n-predict": 16, "temp": 0, "repeat-penalty": 1.0, "ctx-size": 1024}"#;
+    let (mut graph, mut context) = (0, 0);
+    let loaded = unsafe {
+        load_by_name_with_config(
+            name.as_ptr(),
+            name.len() as u32,
+            config.as_ptr(),
+            config.len() as u32,
+            &mut graph,
+        )
+    };
+    let init = unsafe { init_execution_context(graph, &mut context) };
+    let prompt =
+        b"<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let set = input(context, 0, U8, prompt);
+    let computed = unsafe { compute(context) };
+    let mut buffer = vec![0u8; 4096];
+    let mut written = 0;
+    let text = unsafe { get_output(context, 0, buffer.as_mut_ptr(), 4096, &mut written) };
+    let whole = String::from_utf8_lossy(&buffer[..written as usize]).into_owned();
+    let usage = unsafe { get_output(context, 1, buffer.as_mut_ptr(), 4096, &mut written) };
+    let usage_json = String::from_utf8_lossy(&buffer[..written as usize]).into_owned();
+    writeln!(out, "whole {loaded} {init} {set} {computed} {text} {whole}").unwrap();
+    writeln!(out, "usage {usage} {usage_json}").unwrap();
+    let mut pieces = Vec::new();
+    let end = loop {
+        let status = unsafe { compute_single(context) };
+        if status != 0 {
+            break status;
+        }
+        unsafe { get_output_single(context, 0, buffer.as_mut_ptr(), 4096, &mut written) };
+        pieces.push(String::from_utf8_lossy(&buffer[..written as usize]).into_owned());
+    };
+    unsafe { get_output_single(context, 1, buffer.as_mut_ptr(), 4096, &mut written) };
+    let streamed_usage = String::from_utf8_lossy(&buffer[..written as usize]).into_owned();
+    let fini = unsafe { fini_single(context) };
+    writeln!(
+        out,
+        "stream {end} {} {} {fini}",
+        pieces.len(),
+        pieces.concat()
+    )
+    .unwrap();
+    writeln!(out, "stream usage {streamed_usage}").unwrap();
+    let nope = b"nope";
+    let bad = b"{not json";
+    let mut other = 0;
+    let unknown = unsafe { load_by_name(nope.as_ptr(), nope.len() as u32, &mut other) };
+    let bad_config = unsafe {
+        load_by_name_with_config(name.as_ptr(), 7, bad.as_ptr(), bad.len() as u32, &mut other)
+    };
+    let third_input = input(context, 2, U8, b"x");
+    writeln!(
+        out,
+        "errors unknown={unknown} config={bad_config} input={third_input}"
+    )
+    .unwrap();
+    out
+}
+
 fn main() {
-    if std::env::var("QUERY_STRING").as_deref() == Ok("minilm") {
-        print!("{}", minilm());
-        return;
+    match std::env::var("QUERY_STRING").as_deref() {
+        Ok("minilm") => return print!("{}", minilm()),
+        Ok("ggml") => return print!("{}", ggml()),
+        _ => {}
     }
     let mut out = String::from("Content-Type: text/plain\n\n");
     let builder = Builder {
