@@ -10,7 +10,7 @@ use std::hash::{BuildHasher, RandomState};
 use wasmtime::component::{HasData, Linker};
 
 use crate::ai::{self, Failure};
-use crate::llm::{self, Event, GenerateError};
+use crate::llm::{self, GenerateError};
 use crate::models::{ErrorCode, NnError};
 use crate::nn::NnCtx;
 
@@ -84,31 +84,21 @@ impl spin::Host for SpinView<'_> {
             // The budget (the tenant's) is set by start_generation.
             ..llm::Request::default()
         };
-        let mut generation = match ai::start_generation(self.ctx, &model, request).await {
+        let generation = match ai::start_generation(self.ctx, &model, request).await {
             Ok(generation) => generation,
             Err(failure) => return Ok(Err(error_of(failure))),
         };
-        let mut text = String::new();
-        loop {
-            match generation.next().await {
-                Some(Event::Text(piece)) => text.push_str(&piece),
-                // Not asked for.
-                Some(Event::Token(_)) => {}
-                Some(Event::Done(usage)) => {
-                    return Ok(Ok(spin::InferencingResult {
-                        text,
-                        usage: spin::InferencingUsage {
-                            prompt_token_count: usage.prompt_tokens,
-                            generated_token_count: usage.completion_tokens,
-                        },
-                    }));
-                }
-                Some(Event::Failed(why)) => return Ok(Err(spin::Error::RuntimeError(why))),
-                None => {
-                    return Ok(Err(spin::Error::RuntimeError("the model stopped".into())));
-                }
-            }
-        }
+        Ok(generation
+            .collect()
+            .await
+            .map(|(text, usage)| spin::InferencingResult {
+                text,
+                usage: spin::InferencingUsage {
+                    prompt_token_count: usage.prompt_tokens,
+                    generated_token_count: usage.completion_tokens,
+                },
+            })
+            .map_err(spin::Error::RuntimeError))
     }
 
     async fn generate_embeddings(

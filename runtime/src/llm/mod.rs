@@ -372,6 +372,21 @@ impl Generation {
     pub fn prompt_tokens(&self) -> u32 {
         self.prompt_tokens
     }
+
+    /// The whole text and its usage, once the generation ends; or why it
+    /// failed.
+    pub async fn collect(mut self) -> Result<(String, Usage), String> {
+        let mut text = String::new();
+        loop {
+            match self.next().await {
+                Some(Event::Text(piece)) => text.push_str(&piece),
+                Some(Event::Token(_)) => {}
+                Some(Event::Done(usage)) => return Ok((text, usage)),
+                Some(Event::Failed(why)) => return Err(why),
+                None => return Err("the model stopped".into()),
+            }
+        }
+    }
 }
 
 /// Counters for `/v1/models` and `/metrics`.
@@ -1097,16 +1112,11 @@ mod tests {
         }
     }
 
-    async fn collect(mut generation: Generation) -> (String, Usage) {
-        let mut text = String::new();
-        loop {
-            match generation.next().await.expect("an event before the end") {
-                Event::Text(chunk) => text.push_str(&chunk),
-                Event::Done(usage) => return (text, usage),
-                Event::Failed(why) => panic!("generation failed: {why}"),
-                Event::Token(_) => {}
-            }
-        }
+    async fn collect(generation: Generation) -> (String, Usage) {
+        generation
+            .collect()
+            .await
+            .unwrap_or_else(|why| panic!("generation failed: {why}"))
     }
 
     fn tenant(name: &str) -> Arc<str> {

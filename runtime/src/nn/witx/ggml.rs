@@ -202,22 +202,16 @@ async fn start(caller: &mut Caller<'_, ModuleState>, context: i32) -> Result<Gen
 
 /// The whole answer.
 pub(super) async fn compute(mut caller: Caller<'_, ModuleState>, context: i32) -> Outcome {
-    let mut generation = match start(&mut caller, context).await {
+    let generation = match start(&mut caller, context).await {
         Ok(generation) => generation,
         Err(errno) => return Ok(Err(errno)),
     };
-    let mut answer = String::new();
-    let usage = loop {
-        match generation.next().await {
-            Some(Event::Text(piece)) => answer.push_str(&piece),
-            Some(Event::Token(_)) => {}
-            Some(Event::Done(usage)) => break usage,
-            Some(Event::Failed(_)) | None => return Ok(Err(Errno::RuntimeError)),
-        }
+    let Ok(answer) = generation.collect().await else {
+        return Ok(Err(Errno::RuntimeError));
     };
     match text(&mut caller, context) {
         Ok(text) => {
-            text.answer = Some((answer, usage));
+            text.answer = Some(answer);
             Ok(Ok(()))
         }
         Err(errno) => Ok(Err(errno)),
