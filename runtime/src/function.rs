@@ -314,6 +314,7 @@ impl Function {
             inner.models.clone(),
             memory_bytes,
             &invocation.capabilities,
+            None,
         )
         .map_err(|e| InvokeError::Host(format!("{e:#}")))?;
         let deadline = Instant::now() + invocation.timeout;
@@ -421,12 +422,12 @@ impl Function {
         let host_error = |e: anyhow::Error| InvokeError::Host(format!("{e:#}"));
         let ending = match &self.entry {
             Entry::Command(pre) => {
-                let state = HostState::command(
+                let state = HostState::new(
                     &log,
                     inner.models.clone(),
                     memory_bytes,
                     &invocation.capabilities,
-                    stdio,
+                    Some(stdio),
                 )
                 .map_err(host_error)?;
                 let mut store = sandbox(&inner.engine, state, deadline);

@@ -79,45 +79,27 @@ fn command_wasi(
 }
 
 impl HostState {
+    /// A component's store data; a command's (`stdio`) reads its stdin from
+    /// the request and writes its stdout to be parsed as CGI.
     pub(crate) fn new(
         log: &Arc<RequestLog>,
         pool: Arc<ModelPool>,
         memory_bytes: usize,
         capabilities: &Capabilities,
+        stdio: Option<Stdio>,
     ) -> anyhow::Result<Self> {
-        let wasi = wasi(log, capabilities)?;
-        Ok(Self::with(wasi, pool, memory_bytes, capabilities))
-    }
-
-    /// For a command component.
-    pub(crate) fn command(
-        log: &Arc<RequestLog>,
-        pool: Arc<ModelPool>,
-        memory_bytes: usize,
-        capabilities: &Capabilities,
-        stdio: Stdio,
-    ) -> anyhow::Result<Self> {
-        let wasi = command_wasi(log, capabilities, stdio)?;
-        Ok(Self::with(wasi, pool, memory_bytes, capabilities))
-    }
-
-    fn with(
-        mut wasi: WasiCtxBuilder,
-        pool: Arc<ModelPool>,
-        memory_bytes: usize,
-        capabilities: &Capabilities,
-    ) -> Self {
-        Self {
+        let mut wasi = match stdio {
+            Some(stdio) => command_wasi(log, capabilities, stdio)?,
+            None => wasi(log, capabilities)?,
+        };
+        Ok(Self {
             table: ResourceTable::new(),
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             hooks: OutboundPolicy(capabilities.outbound.clone()),
             nn: NnCtx::new(pool, capabilities.clone(), memory_bytes),
-            memory: MemoryLimiter {
-                limit: memory_bytes,
-                refused: false,
-            },
-        }
+            memory: MemoryLimiter::new(memory_bytes),
+        })
     }
 
     pub(crate) fn nn(&mut self) -> NnView<'_> {
@@ -171,10 +153,7 @@ impl ModuleState {
         Ok(Self {
             wasi: command_wasi(log, capabilities, stdio)?.build_p1(),
             nn: WitxNn::new(NnCtx::new(pool, capabilities.clone(), memory_bytes)),
-            memory: MemoryLimiter {
-                limit: memory_bytes,
-                refused: false,
-            },
+            memory: MemoryLimiter::new(memory_bytes),
         })
     }
 
@@ -211,6 +190,15 @@ instance_state!(ModuleState);
 pub(crate) struct MemoryLimiter {
     limit: usize,
     pub(crate) refused: bool,
+}
+
+impl MemoryLimiter {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            refused: false,
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {

@@ -232,49 +232,31 @@ pub(crate) fn add_to_linker(linker: &mut Linker<ModuleState>) -> wasmtime::Resul
     })?;
     linker.func_wrap(
         MODULE,
-        "get_output_single",
-        |mut caller: Caller<'_, ModuleState>,
-         context: i32,
-         index: i32,
-         buffer: i32,
-         size: i32,
-         written: i32| {
-            errno(ggml::get_output_single(
-                &mut caller,
-                context,
-                index,
-                buffer,
-                size,
-                written,
-            ))
-        },
-    )?;
-    linker.func_wrap(
-        MODULE,
         "fini_single",
         |mut caller: Caller<'_, ModuleState>, context: i32| {
             errno(ggml::fini_single(&mut caller, context))
         },
     )?;
-    linker.func_wrap(
-        MODULE,
-        "get_output",
-        |mut caller: Caller<'_, ModuleState>,
-         context: i32,
-         index: i32,
-         buffer: i32,
-         size: i32,
-         written: i32| {
-            errno(get_output(
-                &mut caller,
-                context,
-                index,
-                buffer,
-                size,
-                written,
-            ))
-        },
-    )?;
+    // (context, index, buffer, its size, where to write the length)
+    type Output = fn(&mut Caller<'_, ModuleState>, i32, i32, i32, i32, i32) -> Outcome;
+    let outputs: [(&str, Output); 2] = [
+        ("get_output", get_output),
+        ("get_output_single", ggml::get_output_single),
+    ];
+    for (name, output) in outputs {
+        linker.func_wrap(
+            MODULE,
+            name,
+            move |mut caller: Caller<'_, ModuleState>,
+                  context: i32,
+                  index: i32,
+                  buffer: i32,
+                  size: i32,
+                  written: i32| {
+                errno(output(&mut caller, context, index, buffer, size, written))
+            },
+        )?;
+    }
     linker.func_wrap(
         MODULE,
         "unload",
