@@ -14,7 +14,7 @@ async fn command_components_and_wagi_modules_answer_in_cgi() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path());
     let key = server.tenant("acme").await;
-    let manifest = "timeout_ms = 2000\n[env]\nGREETING = \"hi\"\n[files]\n\"/fixture/data.txt\" = \"data.txt\"\n";
+    let manifest = "timeout_ms = 2000\nmemory_mib = 16\n[env]\nGREETING = \"hi\"\n[files]\n\"/fixture/data.txt\" = \"data.txt\"\n";
     let files = vec![("data.txt".to_string(), b"from the bundle".to_vec())];
     // wasi:cli 0.2's `exit` says only success or failure (1); preview 1's
     // `proc_exit` carries the status.
@@ -102,6 +102,13 @@ async fn command_components_and_wagi_modules_answer_in_cgi() {
             .await
             .unwrap();
         assert_error(&trapped, 500, "function_trapped");
+        // Stdout is held up to the memory limit (16 MiB here), no further:
+        // the write past it fails, and this program panics.
+        let flooded = client
+            .send(Method::GET, &format!("{route}/flood"), None, &[])
+            .await
+            .unwrap();
+        assert_error(&flooded, 500, "function_trapped");
         let spun = client
             .send(Method::GET, &format!("{route}/spin"), None, &[])
             .await

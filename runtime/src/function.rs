@@ -478,7 +478,14 @@ impl Function {
             },
             Err(_elapsed) => return Err(InvokeError::Deadline(invocation.timeout)),
         }
-        let response = cgi::response(stdout.contents()).map_err(|why| {
+        // The store is gone: the output is ours alone, taken without a copy.
+        let Some(output) = stdout.try_into_inner() else {
+            return Err(InvokeError::Host(
+                "the command's output is still held after its store ended".into(),
+            ));
+        };
+        let output = output.freeze();
+        let response = cgi::response(output).map_err(|why| {
             InvokeError::Guest(format!("output that is not a CGI response: {why}"))
         })?;
         Ok(response.map(|body| {

@@ -31,6 +31,12 @@ fn main() {
             let index = std::env::args().count() + 10;
             let _ = values[index];
         }
+        "/flood" => {
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..24 {
+                out.write_all(&chunk).unwrap();
+            }
+        }
         "/spin" => loop {
             std::hint::black_box(0u64);
         },
