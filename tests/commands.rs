@@ -146,6 +146,29 @@ async fn command_components_and_wagi_modules_answer_in_cgi() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn modules_of_older_toolchains_run_on_wasi_preview_0() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    let module = wat::parse_str(
+        r#"(module
+            (import "wasi_unstable" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 16) "Content-Type: text/plain\n\nfrom preview 0")
+            (func (export "_start")
+                (i32.store (i32.const 0) (i32.const 16))
+                (i32.store (i32.const 4) (i32.const 40))
+                (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#,
+    )
+    .unwrap();
+    server.deploy(&key, "old", module).await;
+    assert_eq!(
+        server.get_text(&key, "/fn/acme/old").await,
+        "from preview 0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn core_modules_use_witx_wasi_nn_over_the_shared_pool() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path());

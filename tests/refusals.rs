@@ -47,13 +47,14 @@ async fn bad_deploys_are_refused_and_change_nothing() {
     );
     // Core modules run as WAGI commands: one with no `_start`, or that
     // imports anything but WASI preview 1, is refused saying so.
-    let library = b"\0asm\x01\0\0\0".to_vec();
+    let library = wat::parse_str("(module (func (export \"add\")))").unwrap();
     let refused = put(&server, &key, "hello", library).await;
     assert_error(&refused, 400, "missing_handler");
     assert!(text(&refused).contains("_start"), "{}", text(&refused));
-    // (module (import "env" "abort" (func)) (func (export "_start"))), as
-    // AssemblyScript writes for its own host.
-    let foreign = b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x02\x0d\x01\x03env\x05abort\0\0\x03\x02\x01\0\x07\x0a\x01\x06_start\0\x01\x0a\x04\x01\x02\0\x0b".to_vec();
+    // As AssemblyScript writes for its own host.
+    let foreign =
+        wat::parse_str(r#"(module (import "env" "abort" (func)) (func (export "_start")))"#)
+            .unwrap();
     let refused = put(&server, &key, "hello", foreign).await;
     assert_error(&refused, 400, "unsupported_import");
     assert!(
@@ -65,6 +66,19 @@ async fn bad_deploys_are_refused_and_change_nothing() {
     assert_error(&refused, 400, "missing_handler");
     assert!(
         text(&refused).contains("neither wasi:http/incoming-handler"),
+        "{}",
+        text(&refused)
+    );
+    // A WASI 0.3 component is named as one.
+    let p3 = wat::parse_str(
+        r#"(component (import "wasi:http/types@0.3.0-rc-2025-09-16" (instance (export "f" (func)))))"#,
+    )
+    .unwrap();
+    let refused = put(&server, &key, "hello", p3).await;
+    assert_error(&refused, 400, "unsupported_import");
+    assert!(
+        text(&refused)
+            .contains("a WASI 0.3 component (it uses wasi:http/types@0.3.0-rc-2025-09-16)"),
         "{}",
         text(&refused)
     );

@@ -196,6 +196,17 @@ impl Runtime {
 
     /// A component's entry point: an HTTP handler, else a command.
     fn prepare(&self, component: &Component) -> Result<Entry, CompileError> {
+        let engine = &self.inner.engine;
+        let kind = component.component_type();
+        let names = kind.imports(engine).chain(kind.exports(engine));
+        if let Some((name, _)) = names
+            .into_iter()
+            .find(|(name, _)| name.starts_with("wasi:") && name.contains("@0.3"))
+        {
+            return Err(CompileError::UnsupportedImport(format!(
+                "a WASI 0.3 component (it uses {name}), which this platform does not serve yet: build it for WASI 0.2 (wasm32-wasip2, wasi:http@0.2.x)"
+            )));
+        }
         let instance_pre = self.inner.linker.instantiate_pre(component).map_err(|e| {
             CompileError::UnsupportedImport(format!(
                 "the component imports something the platform does not provide: {e:#}"
@@ -207,22 +218,32 @@ impl Runtime {
         CommandPre::new(instance_pre)
             .map(Entry::Command)
             .map_err(|_| {
-                CompileError::MissingHandler(
-                    "the component exports neither wasi:http/incoming-handler@0.2.x (an HTTP handler) nor wasi:cli/run@0.2.x (a command, served as CGI)".into(),
-                )
+                let exports: Vec<String> = component
+                    .component_type()
+                    .exports(&self.inner.engine)
+                    .map(|(name, _)| name.to_string())
+                    .collect();
+                CompileError::MissingHandler(format!(
+                    "the component exports neither wasi:http/incoming-handler@0.2.x (an HTTP handler) nor wasi:cli/run@0.2.x (a command, served as CGI); it exports {exports:?}"
+                ))
             })
     }
 
     /// A core module runs as a WAGI command: `_start` over WASI preview 1.
     fn prepare_module(&self, module: &Module) -> Result<InstancePre<ModuleState>, CompileError> {
-        let known = [crate::host::PREVIEW1, crate::nn::WITX_MODULE];
+        let known = [
+            crate::host::PREVIEW1,
+            crate::host::PREVIEW0,
+            crate::nn::WITX_MODULE,
+        ];
         if let Some(import) = module.imports().find(|i| !known.contains(&i.module())) {
             return Err(CompileError::UnsupportedImport(format!(
-                "a core module importing {}::{}: core modules may import {} and {} (witx wasi-nn, with WasmEdge's additions), and run as WAGI commands; build for wasm32-wasip2 for the component interfaces (wasi:http, wasi:nn, gigafactory:ai)",
+                "a core module importing {}::{}: core modules may import {}, {} and {} (witx wasi-nn, with WasmEdge's additions), and run as WAGI commands; build for wasm32-wasip2 for the component interfaces (wasi:http, wasi:nn, gigafactory:ai)",
                 import.module(),
                 import.name(),
                 known[0],
                 known[1],
+                known[2],
             )));
         }
         if !matches!(

@@ -31,8 +31,10 @@ pub struct HostState {
     pub(crate) memory: MemoryLimiter,
 }
 
-/// The module core modules may import: WASI preview 1.
+/// The WASI modules core modules may import: preview 1, and preview 0
+/// (`wasi_unstable`, what older toolchains emit).
 pub(crate) const PREVIEW1: &str = "wasi_snapshot_preview1";
+pub(crate) const PREVIEW0: &str = "wasi_unstable";
 
 /// A command's standard streams, arguments and CGI environment.
 pub(crate) struct Stdio {

@@ -93,6 +93,7 @@ impl Runtime {
         spin::add_to_linker(&mut linker, HostState::spin)?;
         let mut module_linker = wasmtime::Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, ModuleState::wasi)?;
+        wasmtime_wasi::p0::add_to_linker_async(&mut module_linker, ModuleState::wasi)?;
         nn::add_witx_to_linker(&mut module_linker)?;
         let fingerprint = fingerprint(&engine);
         Ok(Self {
