@@ -151,16 +151,16 @@ impl WitxNn {
 
     /// Lets go of an execution context and the tensor bytes it holds.
     fn finalize(&mut self, context: Context) {
-        let Context::Tensor(execution) = context else {
-            return;
+        let held: usize = match context {
+            Context::Tensor(execution) => execution
+                .inputs
+                .iter()
+                .flatten()
+                .chain(&execution.outputs)
+                .map(|t| t.data.len())
+                .sum(),
+            Context::Text(text) => text.held(),
         };
-        let held: usize = execution
-            .inputs
-            .iter()
-            .flatten()
-            .chain(&execution.outputs)
-            .map(|t| t.data.len())
-            .sum();
         self.ctx.release(held);
     }
 
@@ -461,12 +461,17 @@ fn set_input(
     let (dims_at, dims_count, ty, data_at, data_length) =
         (word(0), word(4), record[8], word(12), word(16));
     if let Ok(Context::Text(_)) = caller.data_mut().nn.contexts.get(context) {
-        // The prompt (input 0) or options (input 1), as the tensor's bytes.
+        // The prompt (input 0) or options (input 1), as the tensor's bytes,
+        // held on the host (and counted) until replaced or finalized.
         let data = guest!(read(caller, data_at as i32, data_length as i32)?);
-        let Ok(Context::Text(text)) = caller.data_mut().nn.contexts.get(context) else {
+        let nn = &mut caller.data_mut().nn;
+        nn.ctx.hold(data.len())?;
+        let Ok(Context::Text(text)) = nn.contexts.get(context) else {
             unreachable!("checked above");
         };
-        return Ok(text.set_input(index, data));
+        let (outcome, released) = text.set_input(index, data);
+        nn.ctx.release(released);
+        return Ok(outcome);
     }
     let Some(ty) = element_type(ty) else {
         return Ok(Err(Errno::InvalidArgument));

@@ -109,6 +109,8 @@ pub(crate) struct Text {
     graph: TextGraph,
     prompt: Option<String>,
     options: Options,
+    /// Bytes of inputs 0 and 1 held on the host.
+    held: [usize; 2],
     /// The last whole answer (output 0) and its usage (output 1).
     answer: Option<(String, Usage)>,
     /// A token-by-token generation and its latest piece of text.
@@ -124,6 +126,7 @@ impl Text {
             graph,
             prompt: None,
             options: Options::default(),
+            held: [0; 2],
             answer: None,
             single: None,
             piece: String::new(),
@@ -131,17 +134,30 @@ impl Text {
         }
     }
 
-    /// Input 0: the prompt (UTF-8); input 1: options (JSON).
-    pub(super) fn set_input(&mut self, index: i32, data: Vec<u8>) -> Result<(), Errno> {
-        match index {
-            0 => {
-                let prompt = String::from_utf8(data).map_err(|_| Errno::InvalidArgument)?;
-                self.prompt = Some(prompt);
+    /// Input 0: the prompt (UTF-8); input 1: options (JSON). Also says
+    /// how many bytes the host no longer holds: the input replaced, or
+    /// this one if refused.
+    pub(super) fn set_input(&mut self, index: i32, data: Vec<u8>) -> (Result<(), Errno>, usize) {
+        let length = data.len();
+        let set = match index {
+            0 => String::from_utf8(data)
+                .map(|prompt| self.prompt = Some(prompt))
+                .map_err(|_| Errno::InvalidArgument),
+            1 => Options::parse(&data).map(|options| self.options = options),
+            _ => Err(Errno::InvalidArgument),
+        };
+        match set {
+            Ok(()) => {
+                let slot = &mut self.held[index as usize];
+                (Ok(()), std::mem::replace(slot, length))
             }
-            1 => self.options = Options::parse(&data)?,
-            _ => return Err(Errno::InvalidArgument),
+            Err(errno) => (Err(errno), length),
         }
-        Ok(())
+    }
+
+    /// Bytes of its inputs the host holds.
+    pub(super) fn held(&self) -> usize {
+        self.held.iter().sum()
     }
 
     /// Output 0: the answer's text; output 1: its usage as WasmEdge writes it.
@@ -315,6 +331,21 @@ pub(super) fn fini_single(caller: &mut Caller<'_, ModuleState>, context: i32) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inputs_held_on_the_host_are_counted_until_replaced() {
+        let mut text = Text::new(TextGraph::new("m".into(), Options::default()));
+        assert_eq!(text.set_input(0, b"hello".to_vec()), (Ok(()), 0));
+        assert_eq!(text.set_input(0, b"hi".to_vec()), (Ok(()), 5));
+        assert_eq!(text.set_input(1, b"{}".to_vec()), (Ok(()), 0));
+        let refused = (Err(Errno::InvalidArgument), 4);
+        assert_eq!(text.set_input(1, b"nope".to_vec()), refused);
+        assert_eq!(
+            text.set_input(2, b"x".to_vec()),
+            (Err(Errno::InvalidArgument), 1)
+        );
+        assert_eq!(text.held(), 4);
+    }
 
     #[test]
     fn wasmedge_options_shape_the_request() {
