@@ -48,6 +48,8 @@ enum Errno {
 
 impl From<&NnError> for Errno {
     fn from(error: &NnError) -> Self {
+        // witx has no room for the message: it goes to the debug log.
+        tracing::debug!("wasi-nn (witx) error for guest: {error}");
         if error.is_busy() {
             return Errno::Busy;
         }
@@ -535,8 +537,13 @@ async fn compute(mut caller: Caller<'_, ModuleState>, context: i32) -> Outcome {
         }
     }
     let graph = execution.graph.clone();
+    // The inputs stay set for the next `compute`: the copies the pool
+    // runs on count against the memory limit while it does.
+    let copied: usize = named.iter().map(|(_, t)| t.data.len()).sum();
+    nn.ctx.hold(copied)?;
     let outcome = nn.ctx.compute(graph, named).await;
     let nn = &mut caller.data_mut().nn;
+    nn.ctx.release(copied);
     let outputs = match outcome {
         Ok(outputs) => outputs,
         Err(error) => return Ok(Err(Errno::from(&error))),
