@@ -197,6 +197,50 @@ async fn core_modules_use_witx_wasi_nn_over_the_shared_pool() {
     let answer = server.get_text(&key, "/fn/acme/witx?minilm").await;
     assert_eq!(answer, "minilm 0 0 0,0,0 0 0 4608\n");
     assert_eq!(calls().await, before + 1);
+
+    // A program written with the `wasi-nn` crate's witx bindings, unchanged:
+    // its embedding of "hello world" ([CLS] hello world [SEP]) equals the
+    // one the `embed` example computes through the WIT interface.
+    let manifest = "[files]\n\"/fixture/tiny.onnx\" = \"tiny.onnx\"\n";
+    let tiny = std::fs::read(support::root().join("tests/data/tiny.onnx")).unwrap();
+    let bundle = gigafactory_gateway::bundle::Bundle::pack(
+        &core_module("witx_embed"),
+        Some(manifest),
+        &[("tiny.onnx".to_string(), tiny)],
+    )
+    .unwrap();
+    let deployed = server.deploy_bundle(&key, "crate", bundle).await;
+    assert_eq!(deployed.status, 201, "{}", text(&deployed));
+    server.deploy(&key, "embed", wasm("embed")).await;
+    let post = |path: &'static str, body: &'static str| {
+        let client = server.client(Some(&key));
+        async move {
+            let reply = client
+                .send(
+                    Method::POST,
+                    path,
+                    Some(("text/plain", Bytes::from(body))),
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(reply.status, 200, "{path}: {}", text(&reply));
+            json(&reply)
+        }
+    };
+    let witx = support::floats(&post("/fn/acme/crate", "101 7592 2088 102").await);
+    let wit = support::floats(&post("/fn/acme/embed", "hello world").await["embedding"]);
+    assert_eq!(witx.len(), 384);
+    let difference = support::largest_difference(&witx, &wit);
+    assert!(
+        difference < 1e-5,
+        "the witx and WIT embeddings differ by {difference}"
+    );
+    // Its bundle's file, loaded with `build_from_files` (witx `load`).
+    assert_eq!(
+        server.get_text(&key, "/fn/acme/crate?file").await,
+        "y 8 2.5,-6"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -228,4 +272,67 @@ async fn wasmedge_llm_programs_generate_through_the_shared_scheduler() {
     let metrics = server.metrics().await;
     let line = "gigafactory_text_tenant_generated_tokens_total{model=\"smollm2-135m-instruct\",tenant=\"acme\"} 14";
     assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+
+    // A chat program written with the `wasmedge-wasi-nn` crate, unchanged:
+    // its greedy answer, whole and streamed token by token, is the one the
+    // `chat` example gets through `gigafactory:ai`.
+    let bundle = gigafactory_gateway::bundle::Bundle::pack(
+        &core_module("wasmedge_chat"),
+        Some(manifest),
+        &[],
+    )
+    .unwrap();
+    let deployed = server.deploy_bundle(&key, "llamaedge", bundle).await;
+    assert_eq!(deployed.status, 201, "{}", text(&deployed));
+    let question = "What is the capital of France?";
+    let reply = server
+        .client(Some(&key))
+        .send(
+            Method::POST,
+            "/fn/acme/llamaedge",
+            Some(("text/plain", Bytes::from(question))),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    let printed = text(&reply);
+    let field = |name: &str| {
+        printed
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name:?} in {printed}"))
+            .to_string()
+    };
+    server.deploy(&key, "chat", wasm("chat")).await;
+    let chat = serde_json::json!({
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": question},
+        ],
+        "temperature": 0,
+    });
+    let reply = server
+        .client(Some(&key))
+        .send(
+            Method::POST,
+            "/fn/acme/chat",
+            Some(("application/json", Bytes::from(chat.to_string()))),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    let reference: String = text(&reply)
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+        .filter_map(|data| data["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(reference, "The capital of France is Paris.");
+    assert_eq!(field("whole: "), reference);
+    assert_eq!(field("stream: "), reference);
+    assert_eq!(field("pieces: "), "7");
+    let usage: serde_json::Value = serde_json::from_str(&field("usage: ")).unwrap();
+    assert_eq!(usage["output_tokens"], 7, "{usage}");
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::Method;
-use support::{Server, assert_error, text, wasm};
+use support::{Server, assert_error, core_module, text, wasm};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -75,10 +75,17 @@ async fn setup() -> (tempfile::TempDir, Server, String, String) {
     let server = Server::start(data.path());
     let attacker = server.tenant("attacker").await;
     let victim = server.tenant("victim").await;
-    let bundle =
-        gigafactory_gateway::bundle::Bundle::pack(&wasm("hostile"), Some(MANIFEST), &[]).unwrap();
-    let deployed = server.deploy_bundle(&attacker, "evil", bundle).await;
-    assert!(deployed.status.is_success(), "{}", text(&deployed));
+    // The same attacks from a wasi:http handler, a command component and a
+    // WAGI core module.
+    for (name, wasm) in [
+        ("evil", wasm("hostile")),
+        ("evil-command", wasm("hostile_command")),
+        ("evil-wagi", core_module("hostile_command")),
+    ] {
+        let bundle = gigafactory_gateway::bundle::Bundle::pack(&wasm, Some(MANIFEST), &[]).unwrap();
+        let deployed = server.deploy_bundle(&attacker, name, bundle).await;
+        assert!(deployed.status.is_success(), "{}", text(&deployed));
+    }
     server.deploy(&victim, "hello", wasm("hello")).await;
     (data, server, attacker, victim)
 }
@@ -86,15 +93,32 @@ async fn setup() -> (tempfile::TempDir, Server, String, String) {
 #[tokio::test]
 async fn hostile_functions_harm_only_themselves() {
     let (_data, server, attacker, victim) = setup().await;
-    let evil = server.client(Some(&attacker));
-    let call = |path: &'static str| {
-        let evil = server.client(Some(&attacker));
-        async move {
-            evil.send(Method::GET, &format!("/fn/attacker/evil{path}"), None, &[])
-                .await
-        }
-    };
     let rss_before = server.rss_bytes();
+    for function in ["evil", "evil-command", "evil-wagi"] {
+        eprintln!("{function}:");
+        attack(&server, &attacker, &victim, function).await;
+    }
+    let rss_after = server.rss_bytes();
+    eprintln!(
+        "gateway RSS: {} MiB before the attacks, {} MiB after",
+        rss_before >> 20,
+        rss_after >> 20
+    );
+    assert!(
+        rss_after < rss_before + (200 << 20),
+        "the gateway grew from {rss_before} to {rss_after} bytes"
+    );
+}
+
+/// Every attack of the hostile suite by `function`, each contained.
+async fn attack(server: &Server, attacker: &str, victim: &str, function: &str) {
+    let command = function != "evil";
+    let evil = server.client(Some(attacker));
+    let call = |path: &str| {
+        let evil = server.client(Some(attacker));
+        let url = format!("/fn/attacker/{function}{path}");
+        async move { evil.send(Method::GET, &url, None, &[]).await }
+    };
 
     let reply = during(&server, &victim, "an infinite loop", call("/loop"))
         .await
@@ -136,6 +160,8 @@ async fn hostile_functions_harm_only_themselves() {
     )
     .await
     {
+        // A command's output is its response only once it exits.
+        Ok(reply) if command => assert_error(&reply, 500, "function_trapped"),
         Err(_) => {}
         Ok(reply) => assert!(reply.body.len() <= "partial".len(), "{}", text(&reply)),
     }
@@ -155,17 +181,12 @@ async fn hostile_functions_harm_only_themselves() {
         ),
     }
 
-    let reply = during(
-        &server,
-        &victim,
-        "128 MiB to stdout and stderr",
-        call("/spam?mb=64"),
-    )
-    .await
-    .unwrap();
+    let reply = during(&server, &victim, "128 MiB of output", call("/spam?mb=64"))
+        .await
+        .unwrap();
     assert_eq!(text(&reply), "spammed");
     let logs = evil
-        .api(Method::GET, "/v1/functions/evil/logs", None)
+        .api(Method::GET, &format!("/v1/functions/{function}/logs"), None)
         .await
         .unwrap();
     let lines = logs["lines"].as_array().unwrap();
@@ -186,19 +207,10 @@ async fn hostile_functions_harm_only_themselves() {
     .await;
     assert_eq!(flood.iter().filter(|&&s| s == 504).count(), 4, "{flood:?}");
     assert_eq!(flood.iter().filter(|&&s| s == 429).count(), 60, "{flood:?}");
-
-    let rss_after = server.rss_bytes();
-    eprintln!(
-        "gateway RSS: {} MiB before the attacks, {} MiB after",
-        rss_before >> 20,
-        rss_after >> 20
-    );
-    assert!(
-        rss_after < rss_before + (200 << 20),
-        "the gateway grew from {rss_before} to {rss_after} bytes"
-    );
     assert_eq!(
-        server.get_text(&attacker, "/fn/attacker/evil/").await,
+        server
+            .get_text(attacker, &format!("/fn/attacker/{function}/"))
+            .await,
         "fine"
     );
 }
@@ -231,17 +243,20 @@ async fn slow_body(server: &Server, key: &str, path: &str) -> String {
 #[tokio::test]
 async fn a_request_body_that_never_ends_meets_the_deadline() {
     let (_data, server, attacker, victim) = setup().await;
-    let path = "/fn/attacker/evil/read-forever";
-    let started = Instant::now();
-    let status = during(
-        &server,
-        &victim,
-        "a body that never ends",
-        slow_body(&server, &attacker, path),
-    )
-    .await;
-    assert_eq!(status, "HTTP/1.1 504 Gateway Timeout");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    // A handler reads it as it comes; a command gets it on stdin once whole.
+    for function in ["evil", "evil-command"] {
+        let path = format!("/fn/attacker/{function}/read-forever");
+        let started = Instant::now();
+        let status = during(
+            &server,
+            &victim,
+            "a body that never ends",
+            slow_body(&server, &attacker, &path),
+        )
+        .await;
+        assert_eq!(status, "HTTP/1.1 504 Gateway Timeout", "{function}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
 }
 
 async fn raw(server: &Server, request: &[u8]) -> String {

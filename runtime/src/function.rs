@@ -423,10 +423,13 @@ impl Function {
         B::Error: std::fmt::Display,
     {
         let inner = &self.runtime.inner;
+        // The deadline counts from the request, as a handler's does: a body
+        // that never ends meets it here.
+        let deadline = Instant::now() + invocation.timeout;
         let (parts, body) = request.into_parts();
-        let body = body
-            .collect()
+        let body = tokio::time::timeout_at(deadline.into(), body.collect())
             .await
+            .map_err(|_elapsed| InvokeError::Deadline(invocation.timeout))?
             .map_err(|e| InvokeError::Body(e.to_string()))?
             .to_bytes();
         let start = cgi::start(&parts, &invocation.route, body.len());
@@ -439,7 +442,6 @@ impl Function {
             args: start.args,
             env: start.env,
         };
-        let deadline = Instant::now() + invocation.timeout;
         let host_error = |e: anyhow::Error| InvokeError::Host(format!("{e:#}"));
         let ending = match &self.entry {
             Entry::Command(pre) => {

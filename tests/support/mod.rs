@@ -33,8 +33,11 @@ pub fn wasm(name: &str) -> Vec<u8> {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         build(&root().join("examples/Cargo.toml"), "wasm32-wasip2", &[]);
-        // nn_witx imports witx wasi-nn, which no component can.
-        let guests = ["--workspace", "--exclude", "nn_witx"];
+        // Programs importing witx wasi-nn cannot be components.
+        let mut guests = vec!["--workspace"];
+        for name in CORE_MODULES_ONLY {
+            guests.extend(["--exclude", name]);
+        }
         build(
             &root().join("tests/guests/Cargo.toml"),
             "wasm32-wasip2",
@@ -53,12 +56,19 @@ pub fn wasm(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
+/// Guests that import witx wasi-nn (as programs for wasmtime's and
+/// WasmEdge's preview 1 wasi-nn do), built as core modules only.
+const CORE_MODULES_ONLY: [&str; 3] = ["nn_witx", "witx_embed", "wasmedge_chat"];
+
 /// The guest `name` built as a core module (wasm32-wasip1), as programs
 /// for WAGI and other preview 1 hosts are.
 pub fn core_module(name: &str) -> Vec<u8> {
     static BUILT: OnceLock<()> = OnceLock::new();
     let manifest = root().join("tests/guests/Cargo.toml");
-    let packages = ["--package", "cgi_echo", "--package", "nn_witx"];
+    let mut packages = vec!["--package", "cgi_echo", "--package", "hostile_command"];
+    for name in CORE_MODULES_ONLY {
+        packages.extend(["--package", name]);
+    }
     BUILT.get_or_init(|| build(&manifest, "wasm32-wasip1", &packages));
     let path = root().join(format!(
         "tests/guests/target/wasm32-wasip1/release/{name}.wasm"

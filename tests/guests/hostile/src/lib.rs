@@ -11,7 +11,8 @@
 //! - `/read-forever`: reads the request body until it ends, then answers its size
 //! - anything else: `fine`
 
-use std::hint::black_box;
+mod attacks;
+
 use std::io::{Read, Write};
 
 use wasip2::exports::http::incoming_handler::Guest;
@@ -38,32 +39,15 @@ fn answer(response_out: ResponseOutparam, text: &str) {
     OutgoingBody::finish(body, None).expect("finish");
 }
 
-#[allow(unconditional_recursion)]
-fn recurse(depth: u64) -> u64 {
-    let frame = black_box([depth; 64]);
-    recurse(depth + 1) + frame[3]
-}
-
 impl Guest for Hostile {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
         let full_path = request.path_with_query().unwrap_or_default();
         let (path, query) = full_path.split_once('?').unwrap_or((&full_path, ""));
         match path {
-            "/loop" => {
-                let mut n = 0u64;
-                loop {
-                    n = black_box(n.wrapping_add(1));
-                }
-            }
-            "/grow-forever" => {
-                let mut hoard: Vec<Vec<u8>> = Vec::new();
-                loop {
-                    hoard.push(vec![1u8; 1 << 20]);
-                    black_box(&hoard);
-                }
-            }
+            "/loop" => attacks::spin(),
+            "/grow-forever" => attacks::grow_forever(),
             "/recurse" => {
-                black_box(recurse(0));
+                std::hint::black_box(attacks::recurse(0));
             }
             "/trap-before" => panic!("trapping before the response"),
             "/trap-after" => {
