@@ -1,7 +1,8 @@
 //! Programs written for other Wasm hosts, served unchanged: a `wasi:cli`
 //! command component and a WAGI core module (wasm32-wasip1), both spoken to
 //! in CGI — the request in their environment, arguments and stdin, their
-//! stdout the response.
+//! stdout the response; witx wasi-nn and WasmEdge's GGML programs; WASI 0.3
+//! HTTP handlers.
 
 mod support;
 
@@ -335,4 +336,135 @@ async fn wasmedge_llm_programs_generate_through_the_shared_scheduler() {
     assert_eq!(field("pieces: "), "7");
     let usage: serde_json::Value = serde_json::from_str(&field("usage: ")).unwrap();
     assert_eq!(usage["output_tokens"], 7, "{usage}");
+}
+
+/// Sends a chunked request body in two parts, the second only once the
+/// echo of the first has come back; returns what came back in all.
+async fn echo_while_sending(server: &Server, key: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.address())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+         transfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nfirst\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let wait = std::time::Duration::from_secs(10);
+    while !String::from_utf8_lossy(&received).contains("first") {
+        let n = tokio::time::timeout(wait, stream.read(&mut buffer))
+            .await
+            .expect("the first part echoed before the request ended")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed early: {}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buffer[..n]);
+    }
+    stream.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await.unwrap();
+    tokio::time::timeout(wait, stream.read_to_end(&mut received))
+        .await
+        .expect("the response ends")
+        .unwrap();
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wasi_0_3_handlers_stream_and_use_the_host_interfaces() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let key = server.tenant("acme").await;
+    server.deploy(&key, "p3", wasm("http_p3")).await;
+    let client = server.client(Some(&key));
+    let described = client
+        .api(Method::GET, "/v1/functions/p3", None)
+        .await
+        .unwrap();
+    assert_eq!(described["kind"], "http-0.3", "{described}");
+
+    assert_eq!(
+        server.get_text(&key, "/fn/acme/p3/hi?x=1").await,
+        "Hello from Gigafactory over WASI 0.3! You asked for /hi?x=1\n"
+    );
+    assert_eq!(
+        server.get_text(&key, "/fn/acme/p3/count?n=5").await,
+        "0\n1\n2\n3\n4\n"
+    );
+    // 3 MiB through and back.
+    let body: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    let echoed = client
+        .send(
+            Method::POST,
+            "/fn/acme/p3/echo",
+            Some(("application/octet-stream", Bytes::from(body.clone()))),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(echoed.status, 200, "{}", text(&echoed));
+    assert!(echoed.body == body, "{} bytes came back", echoed.body.len());
+    // Both ways at once: the first part comes back before the second is sent.
+    let exchange = echo_while_sending(&server, &key, "/fn/acme/p3/echo").await;
+    assert!(exchange.starts_with("HTTP/1.1 200"), "{exchange}");
+    let decoded: String = exchange
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap()
+        .split("\r\n")
+        .skip(1)
+        .step_by(2)
+        .collect();
+    assert_eq!(decoded, "firstsecond", "{exchange}");
+
+    // wasi:nn and gigafactory:ai, as a 0.2 handler has them.
+    assert_eq!(server.get_text(&key, "/fn/acme/p3/nn").await, "y 2.5,-6");
+    server.deploy(&key, "embed02", wasm("ai_embed")).await;
+    let reply = client
+        .send(
+            Method::POST,
+            "/fn/acme/embed02",
+            Some(("text/plain", Bytes::from("hello world"))),
+            &[],
+        )
+        .await
+        .unwrap();
+    let reference = support::floats(&json(&reply)["vectors"][0]);
+    let reply = client
+        .send(Method::GET, "/fn/acme/p3/ai", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    let vector = support::floats(&json(&reply));
+    assert_eq!(vector.len(), 384);
+    assert!(support::largest_difference(&vector, &reference) < 1e-6);
+
+    let trapped = client
+        .send(Method::GET, "/fn/acme/p3/trap", None, &[])
+        .await
+        .unwrap();
+    assert_error(&trapped, 500, "function_trapped");
+
+    // Still writing at its deadline: the body is cut off with an error, so
+    // the client cannot take it for a whole one.
+    let bundle = gigafactory_gateway::bundle::Bundle::pack(
+        &wasm("http_p3"),
+        Some("timeout_ms = 500\n"),
+        &[],
+    )
+    .unwrap();
+    let deployed = server.deploy_bundle(&key, "p3-short", bundle).await;
+    assert_eq!(deployed.status, 201, "{}", text(&deployed));
+    let cut = client
+        .send(
+            Method::GET,
+            "/fn/acme/p3-short/count?n=4000000000",
+            None,
+            &[],
+        )
+        .await;
+    assert!(cut.is_err(), "a cut-off body arrived as a whole one");
 }

@@ -65,11 +65,14 @@ async fn bad_deploys_are_refused_and_change_nothing() {
     let refused = put(&server, &key, "hello", wasm("deploy_no_handler")).await;
     assert_error(&refused, 400, "missing_handler");
     assert!(
-        text(&refused).contains("neither wasi:http/incoming-handler"),
+        text(&refused).contains(
+            "none of wasi:http/handler@0.3.x, wasi:http/incoming-handler@0.2.x (HTTP handlers)"
+        ),
         "{}",
         text(&refused)
     );
-    // A WASI 0.3 component is named as one.
+    // WASI 0.3.0 handlers are served; one built for a release candidate of
+    // it is named as one.
     let p3 = wat::parse_str(
         r#"(component (import "wasi:http/types@0.3.0-rc-2025-09-16" (instance (export "f" (func)))))"#,
     )
@@ -78,7 +81,7 @@ async fn bad_deploys_are_refused_and_change_nothing() {
     assert_error(&refused, 400, "unsupported_import");
     assert!(
         text(&refused)
-            .contains("a WASI 0.3 component (it uses wasi:http/types@0.3.0-rc-2025-09-16)"),
+            .contains("a WASI 0.3 release candidate (it uses wasi:http/types@0.3.0-rc-2025-09-16)"),
         "{}",
         text(&refused)
     );

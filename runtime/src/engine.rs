@@ -36,6 +36,8 @@ impl Default for SandboxLimits {
 pub fn build(limits: &SandboxLimits) -> Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
+    // WASI 0.3 handlers: async exports, streams and futures.
+    config.wasm_component_model_async(true);
     config.epoch_interruption(true);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(limits)));
     let engine = Engine::new(&config)?;
@@ -52,6 +54,9 @@ fn pooling(limits: &SandboxLimits) -> PoolingAllocationConfig {
         .total_core_instances(instances * 4)
         .total_memories(instances * 2)
         .total_tables(instances * 4)
+        // A store's fiber, and a WASI 0.3 instance's for each task blocked
+        // in a host call.
+        .total_stacks(instances * 2)
         .max_memory_size(limits.max_memory_bytes);
     pool
 }

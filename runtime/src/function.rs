@@ -1,16 +1,19 @@
 //! Functions: compiled once at deploy, persisted as a precompiled artifact,
-//! instantiated fresh for every request. Three kinds run: components
-//! exporting `wasi:http/incoming-handler` (the request streamed through),
-//! components exporting `wasi:cli/run` and core modules exporting
-//! `_start` over `wasi_snapshot_preview1` (commands, spoken to in CGI as
-//! WAGI does: `cgi.rs`).
+//! instantiated fresh for every request. Four kinds run: components
+//! exporting `wasi:http/incoming-handler@0.2` or `wasi:http/handler@0.3`
+//! (the request and response streamed through), components exporting
+//! `wasi:cli/run` and core modules exporting `_start` over
+//! `wasi_snapshot_preview1` (commands, spoken to in CGI as WAGI does:
+//! `cgi.rs`).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Body;
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 use wasmtime::component::Component;
 use wasmtime::{
@@ -24,6 +27,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::Runtime;
 use crate::capabilities::Capabilities;
@@ -41,6 +45,7 @@ pub struct Function {
 #[derive(Clone)]
 enum Entry {
     Http(ProxyPre<HostState>),
+    Http3(ServicePre<HostState>),
     Command(CommandPre<HostState>),
     Module(InstancePre<ModuleState>),
 }
@@ -48,8 +53,10 @@ enum Entry {
 /// What a function is, found in its binary at deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FunctionKind {
-    /// A component exporting `wasi:http/incoming-handler`.
+    /// A component exporting `wasi:http/incoming-handler@0.2`.
     Http,
+    /// A component exporting `wasi:http/handler@0.3`.
+    Http3,
     /// A component exporting `wasi:cli/run`, served as CGI.
     Command,
     /// A core module with `_start` over `wasi_snapshot_preview1`, served as CGI (WAGI).
@@ -61,6 +68,7 @@ impl FunctionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             FunctionKind::Http => "http",
+            FunctionKind::Http3 => "http-0.3",
             FunctionKind::Command => "command",
             FunctionKind::Module => "wagi",
         }
@@ -194,24 +202,28 @@ impl Runtime {
         })
     }
 
-    /// A component's entry point: an HTTP handler, else a command.
+    /// A component's entry point: an HTTP handler (WASI 0.3, else 0.2),
+    /// else a command.
     fn prepare(&self, component: &Component) -> Result<Entry, CompileError> {
         let engine = &self.inner.engine;
-        let kind = component.component_type();
-        let names = kind.imports(engine).chain(kind.exports(engine));
-        if let Some((name, _)) = names
-            .into_iter()
-            .find(|(name, _)| name.starts_with("wasi:") && name.contains("@0.3"))
-        {
-            return Err(CompileError::UnsupportedImport(format!(
-                "a WASI 0.3 component (it uses {name}), which this platform does not serve yet: build it for WASI 0.2 (wasm32-wasip2, wasi:http@0.2.x)"
-            )));
-        }
         let instance_pre = self.inner.linker.instantiate_pre(component).map_err(|e| {
-            CompileError::UnsupportedImport(format!(
-                "the component imports something the platform does not provide: {e:#}"
-            ))
+            let kind = component.component_type();
+            let candidate = kind
+                .imports(engine)
+                .chain(kind.exports(engine))
+                .find(|(name, _)| name.starts_with("wasi:") && name.contains("@0.3.0-rc"));
+            CompileError::UnsupportedImport(match candidate {
+                Some((name, _)) => format!(
+                    "a component built for a WASI 0.3 release candidate (it uses {name}): WASI 0.3.0 and later 0.3.x (e.g. the wasip3 crate 0.7 or newer) and WASI 0.2 are served"
+                ),
+                None => format!(
+                    "the component imports something the platform does not provide: {e:#}"
+                ),
+            })
         })?;
+        if let Ok(service) = ServicePre::new(instance_pre.clone()) {
+            return Ok(Entry::Http3(service));
+        }
         if let Ok(proxy) = ProxyPre::new(instance_pre.clone()) {
             return Ok(Entry::Http(proxy));
         }
@@ -220,11 +232,11 @@ impl Runtime {
             .map_err(|_| {
                 let exports: Vec<String> = component
                     .component_type()
-                    .exports(&self.inner.engine)
+                    .exports(engine)
                     .map(|(name, _)| name.to_string())
                     .collect();
                 CompileError::MissingHandler(format!(
-                    "the component exports neither wasi:http/incoming-handler@0.2.x (an HTTP handler) nor wasi:cli/run@0.2.x (a command, served as CGI); it exports {exports:?}"
+                    "the component exports none of wasi:http/handler@0.3.x, wasi:http/incoming-handler@0.2.x (HTTP handlers) and wasi:cli/run@0.2.x (a command, served as CGI); it exports {exports:?}"
                 ))
             })
     }
@@ -293,6 +305,7 @@ impl Function {
     pub fn kind(&self) -> FunctionKind {
         match self.entry {
             Entry::Http(_) => FunctionKind::Http,
+            Entry::Http3(_) => FunctionKind::Http3,
             Entry::Command(_) => FunctionKind::Command,
             Entry::Module(_) => FunctionKind::Module,
         }
@@ -313,6 +326,7 @@ impl Function {
     {
         match &self.entry {
             Entry::Http(pre) => self.serve_http(pre.clone(), request, invocation).await,
+            Entry::Http3(pre) => self.serve_http3(pre.clone(), request, invocation).await,
             Entry::Command(_) | Entry::Module(_) => self.run_command(request, invocation).await,
         }
     }
@@ -327,19 +341,12 @@ impl Function {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let inner = &self.runtime.inner;
-        let log = RequestLog::new(invocation.log.clone(), invocation.log_limits);
-        let memory_bytes = invocation.memory_bytes.min(inner.limits.max_memory_bytes);
-        let state = HostState::new(
-            &log,
-            inner.models.clone(),
+        let RequestStore {
+            mut store,
+            log,
             memory_bytes,
-            &invocation.capabilities,
-            None,
-        )
-        .map_err(|e| InvokeError::Host(format!("{e:#}")))?;
-        let deadline = Instant::now() + invocation.timeout;
-        let mut store = sandbox(&inner.engine, state, deadline);
+            deadline,
+        } = self.request_store(&invocation)?;
         let host_error = |e: wasmtime::Error| InvokeError::Host(format!("{e:#}"));
         let (sender, receiver) = oneshot::channel();
         let request = store
@@ -361,25 +368,191 @@ impl Function {
                     .await
             };
             let outcome = tokio::time::timeout_at(deadline.into(), run).await;
-            let memory_refused = store.data().memory_refused();
-            let model_busy = store.data().model_busy();
+            let ending = Ending::of(outcome, store.data());
             drop(store);
             drop(log);
-            Ending {
-                outcome,
-                memory_refused,
-                model_busy,
-            }
+            ending
         });
-        let error = match receiver.await {
-            Ok(Ok(response)) => return Ok(response),
-            Ok(Err(code)) => InvokeError::Guest(bounded(format!("{code:?}"), MAX_REASON_BYTES)),
-            Err(_) => match task.await {
-                Ok(ending) => ending.classify(invocation.timeout, memory_bytes),
-                Err(join) => InvokeError::Host(format!("the request task failed: {join}")),
-            },
+        response_or_why(receiver, task, &invocation, memory_bytes).await
+    }
+
+    /// A fresh store for one HTTP request, interrupted at its deadline.
+    fn request_store(&self, invocation: &Invocation) -> Result<RequestStore, InvokeError> {
+        let inner = &self.runtime.inner;
+        let log = RequestLog::new(invocation.log.clone(), invocation.log_limits);
+        let memory_bytes = invocation.memory_bytes.min(inner.limits.max_memory_bytes);
+        let state = HostState::new(
+            &log,
+            inner.models.clone(),
+            memory_bytes,
+            &invocation.capabilities,
+            None,
+        )
+        .map_err(|e| InvokeError::Host(format!("{e:#}")))?;
+        let deadline = Instant::now() + invocation.timeout;
+        Ok(RequestStore {
+            store: sandbox(&inner.engine, state, deadline),
+            log,
+            memory_bytes,
+            deadline,
+        })
+    }
+}
+
+/// A handler's store and what its request task keeps until it ends.
+struct RequestStore {
+    store: Store<HostState>,
+    log: Arc<RequestLog>,
+    memory_bytes: usize,
+    deadline: Instant,
+}
+
+/// The response a handler set, else why it set none: its error code, or
+/// how its instance ended.
+async fn response_or_why<C: std::fmt::Debug>(
+    receiver: oneshot::Receiver<Result<hyper::Response<HyperOutgoingBody>, C>>,
+    task: tokio::task::JoinHandle<Ending>,
+    invocation: &Invocation,
+    memory_bytes: usize,
+) -> Result<hyper::Response<HyperOutgoingBody>, InvokeError> {
+    let error = match receiver.await {
+        Ok(Ok(response)) => return Ok(response),
+        Ok(Err(code)) => InvokeError::Guest(bounded(format!("{code:?}"), MAX_REASON_BYTES)),
+        Err(_) => match task.await {
+            Ok(ending) => ending.classify(invocation.timeout, memory_bytes),
+            Err(join) => InvokeError::Host(format!("the request task failed: {join}")),
+        },
+    };
+    Err(error)
+}
+
+impl Function {
+    /// Runs one request through a WASI 0.3 handler. Its body streams while
+    /// the store's event loop runs, so the task owning the store runs it
+    /// until the guest's last task ends (or the deadline), also after the
+    /// response head has gone back.
+    async fn serve_http3<B>(
+        &self,
+        pre: ServicePre<HostState>,
+        request: hyper::Request<B>,
+        invocation: Invocation,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, InvokeError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let RequestStore {
+            mut store,
+            log,
+            memory_bytes,
+            deadline,
+        } = self.request_store(&invocation)?;
+        let request = with_authority(request)?;
+        let (request, request_io) =
+            wasmtime_wasi_http::p3::Request::from_http(store.data_mut().http().hooks, request);
+        let (sender, receiver) = oneshot::channel();
+        let (finished, finished_receiver) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let run = async {
+                let service = pre.instantiate_async(&mut store).await?;
+                store
+                    .run_concurrent(async move |accessor| {
+                        let response = match service.handle(accessor, request).await? {
+                            Ok(response) => {
+                                Ok(accessor.with(|store| response.into_http(store, request_io))?)
+                            }
+                            Err(code) => Err(code),
+                        };
+                        let _ = sender.send(response);
+                        std::future::poll_fn(|cx| accessor.poll_no_interesting_tasks(cx)).await;
+                        wasmtime::Result::<()>::Ok(())
+                    })
+                    .await?
+            };
+            let outcome = tokio::time::timeout_at(deadline.into(), run).await;
+            let _ = finished.send(matches!(outcome, Ok(Ok(()))));
+            let ending = Ending::of(outcome, store.data());
+            drop(store);
+            drop(log);
+            ending
+        });
+        let response = response_or_why(receiver, task, &invocation, memory_bytes).await?;
+        Ok(response.map(|body| {
+            UntilFinished {
+                body,
+                finished: Some(finished_receiver),
+            }
+            .boxed_unsync()
+        }))
+    }
+}
+
+/// The request with an absolute URI: a WASI 0.3 guest reads the authority
+/// from the URI only (the `Host` header is forbidden to it), where 0.2's
+/// incoming request took it from `Host`.
+fn with_authority<B>(mut request: hyper::Request<B>) -> Result<hyper::Request<B>, InvokeError> {
+    if request.uri().authority().is_some() {
+        return Ok(request);
+    }
+    let host = request
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or("localhost")
+        .to_owned();
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |path| path.as_str())
+        .to_owned();
+    *request.uri_mut() = hyper::Uri::builder()
+        .scheme("http")
+        .authority(host)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| InvokeError::Host(format!("the request's URI: {e}")))?;
+    Ok(request)
+}
+
+/// A WASI 0.3 handler's response body, which ends in an error rather than
+/// cleanly when its instance did not finish (a trap or the deadline while
+/// writing it): a cut-off chunked body must not look complete.
+struct UntilFinished {
+    body: HyperOutgoingBody,
+    /// Whether the instance finished cleanly, once it has ended.
+    finished: Option<oneshot::Receiver<bool>>,
+}
+
+impl Body for UntilFinished {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(frame) = ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+            return Poll::Ready(Some(frame));
+        }
+        let Some(finished) = this.finished.as_mut() else {
+            return Poll::Ready(None);
         };
-        Err(error)
+        let clean = ready!(Pin::new(finished).poll(cx)).unwrap_or(false);
+        this.finished = None;
+        Poll::Ready((!clean).then(|| {
+            Err(wasmtime_wasi_http::Error::InternalError(Some(
+                "the function ended before it finished its response".into(),
+            )))
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -483,7 +656,9 @@ impl Function {
                 let outcome = tokio::time::timeout_at(deadline.into(), run).await;
                 Ending::of(outcome, store.data())
             }
-            Entry::Http(_) => unreachable!("HTTP handlers are served by serve_http"),
+            Entry::Http(_) | Entry::Http3(_) => {
+                unreachable!("HTTP handlers are served by serve_http and serve_http3")
+            }
         };
         drop(log);
         match ending.outcome {

@@ -88,6 +88,9 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        // WASI 0.3 next to 0.2: a 0.3 handler built by Rust's std imports both.
+        wasmtime_wasi::p3::add_to_linker(&mut linker)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
         nn::add_to_linker(&mut linker, HostState::nn)?;
         ai::add_to_linker(&mut linker, HostState::ai)?;
         spin::add_to_linker(&mut linker, HostState::spin)?;
