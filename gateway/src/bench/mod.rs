@@ -4,6 +4,8 @@
 //!
 //! - `bench hello`: requests/s of a plain component through gigafactory and
 //!   through `wasmtime serve`.
+//! - `bench kinds`: the same hello as a wasi:http 0.2 handler, a WASI 0.3
+//!   handler, a command and a WAGI module.
 //! - `bench embed`: the `embed` function with 1, 8 and 64 clients, batching
 //!   on and off, against onnxruntime running the same model in-process.
 //! - `bench chat`: generated tokens/s of the `chat` function against the
@@ -19,6 +21,7 @@ mod chat;
 mod cluster;
 mod embed;
 mod hello;
+mod kinds;
 mod load;
 mod lora;
 mod models;
@@ -37,6 +40,7 @@ pub use chat::ChatArgs;
 pub use cluster::ClusterArgs;
 pub use embed::EmbedArgs;
 pub use hello::HelloArgs;
+pub use kinds::KindsArgs;
 pub use load::{Load, Stats};
 pub use lora::LoraArgs;
 pub use models::ModelsArgs;
@@ -49,6 +53,9 @@ use crate::cli::Client;
 pub enum BenchCommand {
     /// Requests/s of a component: gigafactory vs `wasmtime serve`.
     Hello(HelloArgs),
+    /// The same hello as each kind of function: wasi:http 0.2 and 0.3
+    /// handlers, a command and a WAGI module.
+    Kinds(KindsArgs),
     /// The embed function (1/8/64 clients, batching on and off) vs onnxruntime.
     Embed(EmbedArgs),
     /// The chat function's tokens/s vs the text engine called directly.
@@ -68,6 +75,7 @@ pub enum BenchCommand {
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Hello(args) => hello::run(args).await,
+        BenchCommand::Kinds(args) => kinds::run(args).await,
         BenchCommand::Embed(args) => embed::run(args).await,
         BenchCommand::Chat(args) => chat::run(args).await,
         BenchCommand::Cluster(args) => cluster::run(args).await,
