@@ -120,20 +120,20 @@ async fn attack(server: &Server, attacker: &str, victim: &str, function: &str) {
         async move { evil.send(Method::GET, &url, None, &[]).await }
     };
 
-    let reply = during(&server, &victim, "an infinite loop", call("/loop"))
+    let reply = during(server, victim, "an infinite loop", call("/loop"))
         .await
         .unwrap();
     assert_error(&reply, 504, "deadline_exceeded");
     let reply = during(
-        &server,
-        &victim,
+        server,
+        victim,
         "memory.grow until refused",
         call("/grow-forever"),
     )
     .await
     .unwrap();
     assert_error(&reply, 500, "out_of_memory");
-    let reply = during(&server, &victim, "unbounded recursion", call("/recurse"))
+    let reply = during(server, victim, "unbounded recursion", call("/recurse"))
         .await
         .unwrap();
     // Rust keeps its stack in linear memory: overflowing it is an out-of-bounds trap.
@@ -144,8 +144,8 @@ async fn attack(server: &Server, attacker: &str, victim: &str, function: &str) {
         text(&reply)
     );
     let reply = during(
-        &server,
-        &victim,
+        server,
+        victim,
         "a trap before responding",
         call("/trap-before"),
     )
@@ -153,8 +153,8 @@ async fn attack(server: &Server, attacker: &str, victim: &str, function: &str) {
     .unwrap();
     assert_error(&reply, 500, "function_trapped");
     match during(
-        &server,
-        &victim,
+        server,
+        victim,
         "a trap after responding",
         call("/trap-after"),
     )
@@ -165,14 +165,7 @@ async fn attack(server: &Server, attacker: &str, victim: &str, function: &str) {
         Err(_) => {}
         Ok(reply) => assert!(reply.body.len() <= "partial".len(), "{}", text(&reply)),
     }
-    match during(
-        &server,
-        &victim,
-        "an endless response body",
-        call("/endless"),
-    )
-    .await
-    {
+    match during(server, victim, "an endless response body", call("/endless")).await {
         Err(_) => {}
         Ok(reply) => assert!(
             reply.body.len() <= 1 << 20,
@@ -181,7 +174,7 @@ async fn attack(server: &Server, attacker: &str, victim: &str, function: &str) {
         ),
     }
 
-    let reply = during(&server, &victim, "128 MiB of output", call("/spam?mb=64"))
+    let reply = during(server, victim, "128 MiB of output", call("/spam?mb=64"))
         .await
         .unwrap();
     assert_eq!(text(&reply), "spammed");
@@ -196,7 +189,7 @@ async fn attack(server: &Server, attacker: &str, victim: &str, function: &str) {
         "the cut is marked"
     );
 
-    let flood = during(&server, &victim, "64 concurrent infinite loops", async {
+    let flood = during(server, victim, "64 concurrent infinite loops", async {
         let calls: Vec<_> = (0..64).map(|_| tokio::spawn(call("/loop"))).collect();
         let mut statuses = Vec::new();
         for call in calls {
