@@ -206,6 +206,9 @@ async fn guest_controlled_text_is_cut_before_it_is_kept() {
     assert!(grown < 256 << 20, "the gateway grew by {} MiB", grown >> 20);
 }
 
+/// A chat request that runs to `max_tokens`: the end of turn (SmolLM2's
+/// token 2, `<|im_end|>`) and of text (0) are banned, so a sampled answer
+/// cannot end early.
 fn chat_body(prompt: &str, max_tokens: u32, stream: bool) -> Bytes {
     Bytes::from(
         serde_json::json!({
@@ -213,6 +216,7 @@ fn chat_body(prompt: &str, max_tokens: u32, stream: bool) -> Bytes {
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens,
             "stream": stream,
+            "logit_bias": {"0": -100, "2": -100},
         })
         .to_string(),
     )

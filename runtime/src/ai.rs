@@ -1,14 +1,14 @@
 //! The host side of `gigafactory:ai` (wit/gigafactory-ai): text generation
 //! with the repository's text models and sentence embeddings with its
-//! embedding models. Model permissions are wasi-nn's:
-//! models the tenant may not see do not exist, models outside the
-//! manifest are denied.
+//! embedding models, through the instance's [`AiService`] (wasi-nn's
+//! permissions: models the tenant may not see do not exist, models
+//! outside the manifest are denied).
 
-use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+use wasmtime::component::{HasData, Linker, Resource};
 
-use crate::llm::{self, Event, GenerateError, Generation};
-use crate::models::{Embeddings, ErrorCode, NnError};
-use crate::nn::NnCtx;
+use crate::llm::{self, Event, Generation};
+use crate::nn::ModelView;
+use crate::service::AiError;
 
 mod generated {
     wasmtime::component::bindgen!({
@@ -34,30 +34,16 @@ pub struct GenerationStream {
     done: bool,
 }
 
-/// The view the bindings are implemented on: the instance's model grants
-/// (shared with wasi-nn) and its resource table.
-pub struct AiView<'a> {
-    ctx: &'a NnCtx,
-    table: &'a mut ResourceTable,
-}
-
-impl<'a> AiView<'a> {
-    /// A view over an instance's model context and resource table.
-    pub fn new(ctx: &'a NnCtx, table: &'a mut ResourceTable) -> Self {
-        Self { ctx, table }
-    }
-}
-
 struct Ai;
 
 impl HasData for Ai {
-    type Data<'a> = AiView<'a>;
+    type Data<'a> = ModelView<'a>;
 }
 
 /// Adds `gigafactory:ai` to `linker`; `view` finds the instance's context.
 pub fn add_to_linker<T: Send + 'static>(
     linker: &mut Linker<T>,
-    view: fn(&mut T) -> AiView<'_>,
+    view: fn(&mut T) -> ModelView<'_>,
 ) -> wasmtime::Result<()> {
     types::add_to_linker::<_, Ai>(linker, view)?;
     generation::add_to_linker::<_, Ai>(linker, view)?;
@@ -67,9 +53,9 @@ pub fn add_to_linker<T: Send + 'static>(
 
 type AiResult<T> = wasmtime::Result<Result<T, types::Error>>;
 
-impl types::Host for AiView<'_> {}
+impl types::Host for ModelView<'_> {}
 
-impl generation::Host for AiView<'_> {
+impl generation::Host for ModelView<'_> {
     async fn generate(
         &mut self,
         model: String,
@@ -89,107 +75,38 @@ impl generation::Host for AiView<'_> {
             top_k: options.top_k,
             seed: options.seed,
             stop: options.stop,
-            // No penalties; the budget (the tenant's) is set by start_generation.
+            // No penalties; the budget (the tenant's) is set by the service.
             ..llm::Request::default()
         };
-        match start_generation(self.ctx, &model, request).await {
+        match self.service().generate(&model, request).await {
             Ok(generation) => Ok(Ok(self.table.push(GenerationStream {
                 generation,
                 done: false,
             })?)),
-            Err(failure) => Ok(Err(error_of(failure))),
+            Err(error) => Ok(Err(error.into())),
         }
     }
 }
 
-/// Why a text call failed, before each interface words it.
-pub(crate) enum Failure {
-    /// The tenant may not see the model, or there is none: it does not exist.
-    NotFound(String),
-    /// The function's manifest does not name the model.
-    Denied(String),
-    /// The tenant's budget (tokens or compute) is used up for now.
-    Quota(String),
-    /// The model pool refused or failed.
-    Pool(NnError),
-    /// The text engine refused the request.
-    Generate(GenerateError),
-}
-
-/// Whether the instance of `ctx` may use the repository model `model`:
-/// models the tenant may not see do not exist, models outside the
-/// manifest are denied (as for wasi-nn `load-by-name`).
-fn permit(ctx: &NnCtx, model: &str) -> Result<String, Failure> {
-    let capabilities = ctx.capabilities();
-    ctx.pool()
-        .find(&capabilities.tenant, &capabilities.models, model)
-        .map_err(|error| match error.code {
-            ErrorCode::Security => Failure::Denied(error.message),
-            _ => Failure::NotFound(error.message),
-        })
-}
-
-/// Starts `request` for the instance of `ctx` on the text model `model`
-/// (loaded on first use), once permissions and the tenant's token budget
-/// allow; the budget then pays for each token as it is generated.
-pub(crate) async fn start_generation(
-    ctx: &NnCtx,
-    model: &str,
-    mut request: llm::Request,
-) -> Result<Generation, Failure> {
-    let model = permit(ctx, model)?;
-    let capabilities = ctx.capabilities();
-    if let Some(budget) = &capabilities.compute {
-        budget.check_tokens().map_err(Failure::Quota)?;
-    }
-    let text_model = ctx.pool().text(&model).await.map_err(Failure::Pool)?;
-    request.budget = capabilities.compute.clone();
-    text_model
-        .start(capabilities.tenant.clone(), request)
-        .await
-        .map_err(Failure::Generate)
-}
-
-/// Embeds `texts` for the instance of `ctx` with the embedding model
-/// `model`, once permissions and the tenant's compute budget allow; the
-/// compute is charged to the budget.
-pub(crate) async fn embed(
-    ctx: &NnCtx,
-    model: &str,
-    texts: &[String],
-) -> Result<Embeddings, Failure> {
-    let model = permit(ctx, model)?;
-    let capabilities = ctx.capabilities();
-    if let Some(budget) = &capabilities.compute {
-        budget.check().map_err(Failure::Quota)?;
-    }
-    let (result, spent) = ctx
-        .pool()
-        .embed(&model, texts, capabilities.tenant.clone())
-        .await;
-    if let Some(budget) = &capabilities.compute {
-        budget.charge(spent);
-    }
-    result.map_err(Failure::Pool)
-}
-
-impl embeddings::Host for AiView<'_> {
+impl embeddings::Host for ModelView<'_> {
     async fn embed(
         &mut self,
         model: String,
         texts: Vec<String>,
     ) -> AiResult<embeddings::Embeddings> {
-        Ok(embed(self.ctx, &model, &texts)
+        Ok(self
+            .service()
+            .embed_texts(&model, &texts)
             .await
             .map(|embeddings| embeddings::Embeddings {
                 vectors: embeddings.vectors,
                 prompt_tokens: u32::try_from(embeddings.tokens).unwrap_or(u32::MAX),
             })
-            .map_err(error_of))
+            .map_err(types::Error::from))
     }
 }
 
-impl generation::HostGenerationStream for AiView<'_> {
+impl generation::HostGenerationStream for ModelView<'_> {
     async fn next(
         &mut self,
         stream: Resource<GenerationStream>,
@@ -236,34 +153,21 @@ impl generation::HostGenerationStream for AiView<'_> {
     }
 }
 
-fn error_of(failure: Failure) -> types::Error {
-    match failure {
-        Failure::NotFound(why) => types::Error::NotFound(why),
-        Failure::Denied(why) => types::Error::Denied(why),
-        Failure::Quota(why) => types::Error::Quota(why),
-        Failure::Pool(error) => from_pool(error),
-        Failure::Generate(error) => from_generate(error),
-    }
-}
-
-fn from_generate(error: GenerateError) -> types::Error {
-    match error {
-        GenerateError::Invalid(why) => types::Error::Invalid(why),
-        GenerateError::TooLarge(why) => types::Error::TooLarge(why),
-        GenerateError::Busy(_) => types::Error::Busy(error.to_string()),
-        GenerateError::Stopped(_) => types::Error::Failed(error.to_string()),
-    }
-}
-
-fn from_pool(error: NnError) -> types::Error {
-    if error.is_busy() {
-        return types::Error::Busy(error.message);
-    }
-    match error.code {
-        ErrorCode::NotFound => types::Error::NotFound(error.message),
-        ErrorCode::UnsupportedOperation | ErrorCode::InvalidArgument => {
-            types::Error::Invalid(error.message)
+/// How `gigafactory:ai` words a refusal.
+impl From<AiError> for types::Error {
+    fn from(error: AiError) -> Self {
+        match error {
+            AiError::NotFound(why) => types::Error::NotFound(why),
+            AiError::Denied(why) => types::Error::Denied(why),
+            AiError::Invalid(why) | AiError::Unsupported(why) | AiError::Encoding(why) => {
+                types::Error::Invalid(why)
+            }
+            AiError::TooLarge(why) => types::Error::TooLarge(why),
+            AiError::Busy(why) => types::Error::Busy(why),
+            AiError::Quota(why) => types::Error::Quota(why),
+            AiError::Timeout(why) | AiError::Unavailable(why) | AiError::Failed(why) => {
+                types::Error::Failed(why)
+            }
         }
-        _ => types::Error::Failed(error.message),
     }
 }

@@ -13,13 +13,11 @@ use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use crate::ai::AiView;
 use crate::capabilities::{Capabilities, OutboundAccess};
 use crate::function::InstanceState;
 use crate::logs::{LogStream, RequestLog};
 use crate::models::ModelPool;
-use crate::nn::{NnCtx, NnView, WitxNn};
-use crate::spin::SpinView;
+use crate::nn::{ModelView, NnCtx, WitxNn};
 
 /// Per-request store data.
 pub struct HostState {
@@ -104,16 +102,9 @@ impl HostState {
         })
     }
 
-    pub(crate) fn nn(&mut self) -> NnView<'_> {
-        NnView::new(&self.nn, &mut self.table)
-    }
-
-    pub(crate) fn ai(&mut self) -> AiView<'_> {
-        AiView::new(&self.nn, &mut self.table)
-    }
-
-    pub(crate) fn spin(&mut self) -> SpinView<'_> {
-        SpinView::new(&self.nn)
+    /// The view every host interface over the models is implemented on.
+    pub(crate) fn models(&mut self) -> ModelView<'_> {
+        ModelView::new(&self.nn, &mut self.table)
     }
 }
 

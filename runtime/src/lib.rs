@@ -18,6 +18,7 @@ pub mod logs;
 pub mod models;
 pub mod nn;
 mod queue;
+mod service;
 mod spin;
 pub mod stats;
 
@@ -34,6 +35,7 @@ pub use engine::{EPOCH_TICK, SandboxLimits};
 pub use function::{CompileError, Function, FunctionKind, Invocation, InvokeError};
 pub use host::{HostState, ModuleState};
 pub use models::{EngineOptions, ModelPool, PoolOptions};
+pub use service::{AiError, AiService};
 pub use wasmtime_wasi_http::Error as HttpError;
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
@@ -91,9 +93,9 @@ impl Runtime {
         // WASI 0.3 next to 0.2: a 0.3 handler built by Rust's std imports both.
         wasmtime_wasi::p3::add_to_linker(&mut linker)?;
         wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
-        nn::add_to_linker(&mut linker, HostState::nn)?;
-        ai::add_to_linker(&mut linker, HostState::ai)?;
-        spin::add_to_linker(&mut linker, HostState::spin)?;
+        nn::add_to_linker(&mut linker, HostState::models)?;
+        ai::add_to_linker(&mut linker, HostState::models)?;
+        spin::add_to_linker(&mut linker, HostState::models)?;
         let mut module_linker = wasmtime::Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, ModuleState::wasi)?;
         wasmtime_wasi::p0::add_to_linker_async(&mut module_linker, ModuleState::wasi)?;
@@ -121,6 +123,12 @@ impl Runtime {
     /// The shared model pool.
     pub fn models(&self) -> &ModelPool {
         &self.inner.models
+    }
+
+    /// The models as `capabilities` may use them: the way every model
+    /// call goes, from a function or from the gateway's own API.
+    pub fn ai(&self, capabilities: Capabilities) -> AiService {
+        AiService::new(self.inner.models.clone(), capabilities)
     }
 
     /// The sandbox limits every function runs under.

@@ -9,10 +9,9 @@ use std::hash::{BuildHasher, RandomState};
 
 use wasmtime::component::{HasData, Linker};
 
-use crate::ai::{self, Failure};
-use crate::llm::{self, GenerateError};
-use crate::models::{ErrorCode, NnError};
-use crate::nn::NnCtx;
+use crate::llm;
+use crate::nn::ModelView;
+use crate::service::AiError;
 
 mod generated {
     wasmtime::component::bindgen!({
@@ -24,28 +23,16 @@ mod generated {
 
 use generated::fermyon::spin::llm as spin;
 
-/// The view the bindings are implemented on: the instance's model grants.
-pub struct SpinView<'a> {
-    ctx: &'a NnCtx,
-}
-
-impl<'a> SpinView<'a> {
-    /// A view over an instance's model context.
-    pub fn new(ctx: &'a NnCtx) -> Self {
-        Self { ctx }
-    }
-}
-
 struct Spin;
 
 impl HasData for Spin {
-    type Data<'a> = SpinView<'a>;
+    type Data<'a> = ModelView<'a>;
 }
 
 /// Adds `fermyon:spin/llm` to `linker`; `view` finds the instance's context.
 pub fn add_to_linker<T: Send + 'static>(
     linker: &mut Linker<T>,
-    view: fn(&mut T) -> SpinView<'_>,
+    view: fn(&mut T) -> ModelView<'_>,
 ) -> wasmtime::Result<()> {
     spin::add_to_linker::<_, Spin>(linker, view)
 }
@@ -62,7 +49,7 @@ const DEFAULTS: spin::InferencingParams = spin::InferencingParams {
     top_p: 0.9,
 };
 
-impl spin::Host for SpinView<'_> {
+impl spin::Host for ModelView<'_> {
     async fn infer(
         &mut self,
         model: String,
@@ -81,24 +68,24 @@ impl spin::Host for SpinView<'_> {
             stop: vec![],
             repeat_penalty: params.repeat_penalty,
             repeat_last_n: params.repeat_penalty_last_n_token_count,
-            // The budget (the tenant's) is set by start_generation.
+            // The budget (the tenant's) is set by the service.
             ..llm::Request::default()
         };
-        let generation = match ai::start_generation(self.ctx, &model, request).await {
+        let generation = match self.service().generate(&model, request).await {
             Ok(generation) => generation,
-            Err(failure) => return Ok(Err(error_of(failure))),
+            Err(error) => return Ok(Err(error.into())),
         };
         Ok(generation
             .collect()
             .await
-            .map(|(text, usage)| spin::InferencingResult {
-                text,
+            .map(|answer| spin::InferencingResult {
+                text: answer.text,
                 usage: spin::InferencingUsage {
-                    prompt_token_count: usage.prompt_tokens,
-                    generated_token_count: usage.completion_tokens,
+                    prompt_token_count: answer.usage.prompt_tokens,
+                    generated_token_count: answer.usage.completion_tokens,
                 },
             })
-            .map_err(spin::Error::RuntimeError))
+            .map_err(spin::Error::from))
     }
 
     async fn generate_embeddings(
@@ -106,7 +93,9 @@ impl spin::Host for SpinView<'_> {
         model: String,
         text: Vec<String>,
     ) -> SpinResult<spin::EmbeddingsResult> {
-        Ok(ai::embed(self.ctx, &model, &text)
+        Ok(self
+            .service()
+            .embed_texts(&model, &text)
             .await
             .map(|embeddings| spin::EmbeddingsResult {
                 embeddings: embeddings.vectors,
@@ -114,38 +103,27 @@ impl spin::Host for SpinView<'_> {
                     prompt_token_count: u32::try_from(embeddings.tokens).unwrap_or(u32::MAX),
                 },
             })
-            .map_err(error_of))
+            .map_err(spin::Error::from))
     }
 }
 
-fn error_of(failure: Failure) -> spin::Error {
-    match failure {
-        Failure::NotFound(_) | Failure::Denied(_) => spin::Error::ModelNotSupported,
-        Failure::Quota(why) => spin::Error::RuntimeError(why),
-        Failure::Pool(error) => from_pool(error),
-        Failure::Generate(error) => from_generate(error),
-    }
-}
-
-fn from_generate(error: GenerateError) -> spin::Error {
-    match error {
-        GenerateError::Invalid(why) | GenerateError::TooLarge(why) => {
-            spin::Error::InvalidInput(why)
+/// How Spin's `llm` words a refusal: coarser than the others, so a busy
+/// model or a used-up quota is a `runtime-error` saying so.
+impl From<AiError> for spin::Error {
+    fn from(error: AiError) -> Self {
+        match error {
+            // No such model, or not one that does this.
+            AiError::NotFound(_) | AiError::Denied(_) | AiError::Unsupported(_) => {
+                spin::Error::ModelNotSupported
+            }
+            AiError::Invalid(why) | AiError::TooLarge(why) | AiError::Encoding(why) => {
+                spin::Error::InvalidInput(why)
+            }
+            AiError::Busy(why)
+            | AiError::Quota(why)
+            | AiError::Timeout(why)
+            | AiError::Unavailable(why)
+            | AiError::Failed(why) => spin::Error::RuntimeError(why),
         }
-        GenerateError::Busy(_) | GenerateError::Stopped(_) => {
-            spin::Error::RuntimeError(error.to_string())
-        }
-    }
-}
-
-fn from_pool(error: NnError) -> spin::Error {
-    if error.is_busy() {
-        return spin::Error::RuntimeError(error.message);
-    }
-    match error.code {
-        // No such model, or not one that does this.
-        ErrorCode::NotFound | ErrorCode::UnsupportedOperation => spin::Error::ModelNotSupported,
-        ErrorCode::InvalidArgument => spin::Error::InvalidInput(error.message),
-        _ => spin::Error::RuntimeError(error.message),
     }
 }

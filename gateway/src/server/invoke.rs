@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use gigafactory_runtime::logs::LogLimits;
-use gigafactory_runtime::{Capabilities, Invocation, InvokeError, ModelAccess, OutboundAccess};
+use gigafactory_runtime::{
+    AiService, Capabilities, ComputeBudget, Invocation, InvokeError, ModelAccess, OutboundAccess,
+};
 use http_body_util::BodyExt;
 use hyper::StatusCode;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderValue};
@@ -215,11 +217,26 @@ impl Gateway {
     /// The catalog key of the model `tenant` calls `name` (its private
     /// model of that name, else an operator's model it may see), if any.
     pub(super) fn model_key(&self, tenant: &str, quota: &Quota, name: &str) -> Option<String> {
-        let access = gigafactory_runtime::ModelAccess {
-            visible: Some(self.visible_models(quota)),
-            allowed: None,
-        };
-        self.runtime.models().find(tenant, &access, name).ok()
+        self.ai(tenant, quota, None).resolve(name).ok()
+    }
+
+    /// The models as `tenant` may use them from the gateway's own API (all
+    /// it may see; no manifest), paid from `budget`.
+    pub(super) fn ai(
+        &self,
+        tenant: &str,
+        quota: &Quota,
+        budget: Option<Arc<dyn ComputeBudget>>,
+    ) -> AiService {
+        self.runtime.ai(Capabilities {
+            tenant: Arc::from(tenant),
+            models: ModelAccess {
+                visible: Some(self.visible_models(quota)),
+                allowed: None,
+            },
+            compute: budget,
+            ..Capabilities::default()
+        })
     }
 
     /// The models a tenant may use: its quota's list, else the public ones.

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::ComputeBudget;
+use crate::service::AiError;
 use template::ChatTemplate;
 
 /// ChatML, llama.cpp's choice for a model that carries no template.
@@ -373,20 +374,37 @@ impl Generation {
         self.prompt_tokens
     }
 
-    /// The whole text and its usage, once the generation ends; or why it
-    /// failed.
-    pub async fn collect(mut self) -> Result<(String, Usage), String> {
+    /// The whole answer, once the generation ends; or why it failed.
+    pub async fn collect(mut self) -> Result<Answer, AiError> {
         let mut text = String::new();
+        let mut tokens = Vec::new();
         loop {
             match self.next().await {
                 Some(Event::Text(piece)) => text.push_str(&piece),
-                Some(Event::Token(_)) => {}
-                Some(Event::Done(usage)) => return Ok((text, usage)),
-                Some(Event::Failed(why)) => return Err(why),
-                None => return Err("the model stopped".into()),
+                Some(Event::Token(token)) => tokens.push(token),
+                Some(Event::Done(usage)) => {
+                    return Ok(Answer {
+                        text,
+                        tokens,
+                        usage,
+                    });
+                }
+                Some(Event::Failed(why)) => return Err(AiError::Failed(why)),
+                None => return Err(AiError::Unavailable("the model stopped".into())),
             }
         }
     }
+}
+
+/// A whole generation.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Its text.
+    pub text: String,
+    /// Its tokens' log-probabilities, when the request asked for them.
+    pub tokens: Vec<TokenLogprob>,
+    /// Its token counts and why it ended.
+    pub usage: Usage,
 }
 
 /// Counters for `/v1/models` and `/metrics`.
@@ -1113,10 +1131,11 @@ mod tests {
     }
 
     async fn collect(generation: Generation) -> (String, Usage) {
-        generation
+        let answer = generation
             .collect()
             .await
-            .unwrap_or_else(|why| panic!("generation failed: {why}"))
+            .unwrap_or_else(|why| panic!("generation failed: {why}"));
+        (answer.text, answer.usage)
     }
 
     fn tenant(name: &str) -> Arc<str> {

@@ -22,6 +22,11 @@ pub enum ErrorCode {
     NotFound,
     /// The caller may not do this.
     Security,
+    /// The model is too busy to take the call now (its queue is full): a
+    /// host-side code, which WIT wasi-nn guests see as `runtime-error`
+    /// with a message starting with [`BUSY_PREFIX`], and witx guests as
+    /// `busy`.
+    Busy,
     /// Anything else.
     Unknown,
 }
@@ -56,19 +61,20 @@ impl NnError {
         Self::new(ErrorCode::InvalidArgument, message)
     }
 
-    /// A `runtime-error` saying the model is too busy to take the call now.
-    /// The message starts with [`BUSY_PREFIX`], which is how guests (the
-    /// SDK's `Error::is_busy`) and the gateway tell it from a failure.
+    /// The model is too busy to take the call now. The message starts with
+    /// [`BUSY_PREFIX`], which is how WIT wasi-nn guests (the SDK's
+    /// `Error::is_busy`), whose error codes have no `busy`, tell it from a
+    /// failure.
     pub fn busy(why: impl fmt::Display) -> Self {
         Self::new(
-            ErrorCode::RuntimeError,
+            ErrorCode::Busy,
             format!("{BUSY_PREFIX}{why}; retry shortly"),
         )
     }
 
     /// Whether this is a [`Self::busy`] refusal.
     pub fn is_busy(&self) -> bool {
-        self.code == ErrorCode::RuntimeError && self.message.starts_with(BUSY_PREFIX)
+        self.code == ErrorCode::Busy
     }
 
     /// An `unsupported-operation` error.

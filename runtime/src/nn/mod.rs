@@ -10,6 +10,7 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::capabilities::Capabilities;
 use crate::models::{ElementType, ErrorCode, HostTensor, ModelPool, NnError, PoolGraph};
+use crate::service::{AiError, AiService};
 
 mod generated {
     wasmtime::component::bindgen!({
@@ -35,9 +36,6 @@ use generated::wasi::nn::{errors, graph, inference, tensor};
 mod witx;
 pub(crate) use witx::{MODULE as WITX_MODULE, WitxNn, add_to_linker as add_witx_to_linker};
 
-/// Longer model names are not looked up (nor quoted back).
-const MAX_MODEL_NAME: usize = 256;
-
 /// A loaded graph, as a guest holds it.
 pub struct Graph(PoolGraph);
 
@@ -50,13 +48,10 @@ pub struct Tensor(HostTensor);
 /// A guest-visible error.
 pub struct Error(NnError);
 
-/// What one instance needs for wasi-nn: the shared model pool and which
-/// of its models the instance may load.
+/// What one instance needs for its models: its way to the shared pool
+/// (every host interface's), and the tensor data the host holds for it.
 pub struct NnCtx {
-    pool: Arc<ModelPool>,
-    capabilities: Capabilities,
-    /// Whether a `compute` was refused because its model was busy.
-    busy: AtomicBool,
+    service: AiService,
     /// Bytes of tensor data the host holds for this instance (tensors it
     /// made, inputs being computed, outputs not yet dropped).
     held: AtomicUsize,
@@ -73,9 +68,7 @@ impl NnCtx {
     /// the tensors the host holds for it may take at most `memory_bytes`.
     pub fn new(pool: Arc<ModelPool>, capabilities: Capabilities, memory_bytes: usize) -> Self {
         Self {
-            pool,
-            capabilities,
-            busy: AtomicBool::new(false),
+            service: AiService::new(pool, capabilities),
             held: AtomicUsize::new(0),
             held_limit: memory_bytes,
             over_limit: AtomicBool::new(false),
@@ -107,69 +100,65 @@ impl NnCtx {
         self.held.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    /// The shared model pool.
-    pub(crate) fn pool(&self) -> &Arc<ModelPool> {
-        &self.pool
+    /// The instance's way to the models.
+    pub(crate) fn service(&self) -> &AiService {
+        &self.service
     }
 
-    /// What the instance may use.
-    pub(crate) fn capabilities(&self) -> &Capabilities {
-        &self.capabilities
-    }
-
-    /// Whether this instance was refused a `compute` because a model's
+    /// Whether this instance was refused a model call because a model's
     /// queue was full: the gateway answers 503 if the guest then fails.
     pub fn was_refused_busy(&self) -> bool {
-        self.busy.load(Ordering::Relaxed)
-    }
-
-    /// Runs `graph` on `named` inputs for this instance's tenant, within
-    /// its compute budget, charging what the run took (failed runs cost
-    /// the workers too); a model too busy to queue it is remembered.
-    async fn compute(
-        &self,
-        graph: PoolGraph,
-        named: Vec<(String, HostTensor)>,
-    ) -> Result<Vec<(String, HostTensor)>, NnError> {
-        if let Some(budget) = &self.capabilities.compute {
-            budget
-                .check()
-                .map_err(|why| NnError::new(ErrorCode::RuntimeError, why))?;
-        }
-        let (result, spent) = self
-            .pool
-            .compute(graph, named, self.capabilities.tenant.clone())
-            .await;
-        tracing::debug!(ms = spent.as_secs_f64() * 1e3, "compute");
-        if let Some(budget) = &self.capabilities.compute {
-            budget.charge(spent);
-        }
-        if let Err(error) = &result
-            && error.is_busy()
-        {
-            self.busy.store(true, Ordering::Relaxed);
-        }
-        result
+        self.service.was_refused_busy()
     }
 }
 
-/// The view the bindings are implemented on.
-pub struct NnView<'a> {
-    ctx: &'a NnCtx,
-    table: &'a mut ResourceTable,
+/// How WIT wasi-nn words a refusal: its error codes, the message kept (a
+/// busy one says so: WIT wasi-nn has no code for it).
+impl From<AiError> for NnError {
+    fn from(error: AiError) -> Self {
+        let code = match &error {
+            AiError::NotFound(_) => ErrorCode::NotFound,
+            AiError::Denied(_) => ErrorCode::Security,
+            AiError::Invalid(_) => ErrorCode::InvalidArgument,
+            AiError::Unsupported(_) => ErrorCode::UnsupportedOperation,
+            AiError::Encoding(_) => ErrorCode::InvalidEncoding,
+            AiError::TooLarge(_) => ErrorCode::TooLarge,
+            AiError::Busy(_) => ErrorCode::Busy,
+            AiError::Timeout(_) => ErrorCode::Timeout,
+            AiError::Quota(_) | AiError::Unavailable(_) | AiError::Failed(_) => {
+                ErrorCode::RuntimeError
+            }
+        };
+        NnError::new(code, error.message())
+    }
 }
 
-impl<'a> NnView<'a> {
+/// What every host interface over the models (wasi-nn here,
+/// `gigafactory:ai`, Spin's `llm`) is implemented on: the instance's model
+/// context and its resource table. A new one is its own module plus one
+/// `add_to_linker(&mut linker, HostState::models)` line.
+pub struct ModelView<'a> {
+    pub(crate) ctx: &'a NnCtx,
+    pub(crate) table: &'a mut ResourceTable,
+}
+
+impl<'a> ModelView<'a> {
     /// A view over an instance's context and resource table.
     pub fn new(ctx: &'a NnCtx, table: &'a mut ResourceTable) -> Self {
         Self { ctx, table }
     }
 
-    fn fail<T>(&mut self, error: NnError) -> wasmtime::Result<Result<T, Resource<Error>>> {
+    /// The instance's way to the models.
+    pub(crate) fn service(&self) -> &AiService {
+        self.ctx.service()
+    }
+
+    fn fail<T>(
+        &mut self,
+        error: impl Into<NnError>,
+    ) -> wasmtime::Result<Result<T, Resource<Error>>> {
+        let error = error.into();
         tracing::debug!("wasi-nn error for guest: {error}");
-        if error.is_busy() {
-            self.ctx.busy.store(true, Ordering::Relaxed);
-        }
         Ok(Err(self.table.push(Error(error))?))
     }
 }
@@ -177,13 +166,13 @@ impl<'a> NnView<'a> {
 struct Nn;
 
 impl HasData for Nn {
-    type Data<'a> = NnView<'a>;
+    type Data<'a> = ModelView<'a>;
 }
 
 /// Adds wasi-nn to `linker`; `view` finds the instance's context.
 pub fn add_to_linker<T: Send + 'static>(
     linker: &mut Linker<T>,
-    view: fn(&mut T) -> NnView<'_>,
+    view: fn(&mut T) -> ModelView<'_>,
 ) -> wasmtime::Result<()> {
     graph::add_to_linker::<_, Nn>(linker, view)?;
     tensor::add_to_linker::<_, Nn>(linker, view)?;
@@ -194,7 +183,7 @@ pub fn add_to_linker<T: Send + 'static>(
 
 type NnResult<T> = wasmtime::Result<Result<T, Resource<Error>>>;
 
-impl graph::Host for NnView<'_> {
+impl graph::Host for ModelView<'_> {
     async fn load(
         &mut self,
         builders: Vec<graph::GraphBuilder>,
@@ -221,44 +210,21 @@ impl graph::Host for NnView<'_> {
             )));
         }
         let bytes = builders.pop().expect("one builder");
-        let capabilities = &self.ctx.capabilities;
-        let loaded = self
-            .ctx
-            .pool
-            .load_bytes(bytes, &capabilities.tenant, capabilities.graph_memory)
-            .await;
-        match loaded {
+        match self.ctx.service.load_bytes(bytes).await {
             Ok(graph) => Ok(Ok(self.table.push(Graph(graph))?)),
             Err(error) => self.fail(error),
         }
     }
 
     async fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
-        if name.len() > MAX_MODEL_NAME {
-            let error = NnError::new(
-                ErrorCode::NotFound,
-                format!("no model has a {}-byte name", name.len()),
-            );
-            return self.fail(error);
-        }
-        let capabilities = &self.ctx.capabilities;
-        let name = capabilities.model_name(&name);
-        let key = match self
-            .ctx
-            .pool
-            .find(&capabilities.tenant, &capabilities.models, name)
-        {
-            Ok(key) => key,
-            Err(error) => return self.fail(error),
-        };
-        match self.ctx.pool.get(&key).await {
+        match self.ctx.service.graph(&name).await {
             Ok(graph) => Ok(Ok(self.table.push(Graph(graph))?)),
             Err(error) => self.fail(error),
         }
     }
 }
 
-impl graph::HostGraph for NnView<'_> {
+impl graph::HostGraph for ModelView<'_> {
     fn init_execution_context(
         &mut self,
         graph: Resource<Graph>,
@@ -273,9 +239,9 @@ impl graph::HostGraph for NnView<'_> {
     }
 }
 
-impl inference::Host for NnView<'_> {}
+impl inference::Host for ModelView<'_> {}
 
-impl inference::HostGraphExecutionContext for NnView<'_> {
+impl inference::HostGraphExecutionContext for ModelView<'_> {
     async fn compute(
         &mut self,
         context: Resource<ExecutionContext>,
@@ -300,13 +266,13 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
     }
 }
 
-impl NnView<'_> {
+impl ModelView<'_> {
     async fn compute_named(
         &mut self,
         graph: PoolGraph,
         named: Vec<(String, HostTensor)>,
     ) -> NnResult<Vec<inference::NamedTensor>> {
-        match self.ctx.compute(graph, named).await {
+        match self.ctx.service.compute(graph, named).await {
             Ok(outputs) => {
                 let mut named = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {
@@ -320,9 +286,9 @@ impl NnView<'_> {
     }
 }
 
-impl tensor::Host for NnView<'_> {}
+impl tensor::Host for ModelView<'_> {}
 
-impl tensor::HostTensor for NnView<'_> {
+impl tensor::HostTensor for ModelView<'_> {
     fn new(
         &mut self,
         dimensions: tensor::TensorDimensions,
@@ -358,9 +324,9 @@ impl tensor::HostTensor for NnView<'_> {
     }
 }
 
-impl errors::Host for NnView<'_> {}
+impl errors::Host for ModelView<'_> {}
 
-impl errors::HostError for NnView<'_> {
+impl errors::HostError for ModelView<'_> {
     fn code(&mut self, error: Resource<Error>) -> wasmtime::Result<errors::ErrorCode> {
         Ok(error_code(self.table.get(&error)?.0.code))
     }
@@ -407,7 +373,8 @@ fn error_code(code: ErrorCode) -> errors::ErrorCode {
         ErrorCode::InvalidArgument => E::InvalidArgument,
         ErrorCode::InvalidEncoding => E::InvalidEncoding,
         ErrorCode::Timeout => E::Timeout,
-        ErrorCode::RuntimeError => E::RuntimeError,
+        // The message says busy: WIT wasi-nn has no code for it.
+        ErrorCode::RuntimeError | ErrorCode::Busy => E::RuntimeError,
         ErrorCode::UnsupportedOperation => E::UnsupportedOperation,
         ErrorCode::TooLarge => E::TooLarge,
         ErrorCode::NotFound => E::NotFound,

@@ -15,9 +15,10 @@ use std::future::Future;
 
 use wasmtime::{Caller, Extern, Linker};
 
-use super::{MAX_MODEL_NAME, NnCtx};
+use super::NnCtx;
 use crate::host::ModuleState;
-use crate::models::{ElementType, ErrorCode, HostTensor, NnError, PoolGraph, Resident};
+use crate::models::{ElementType, HostTensor, PoolGraph, Resident};
+use crate::service::{AiError, MAX_MODEL_NAME};
 
 mod ggml;
 use ggml::{Text, TextGraph};
@@ -46,23 +47,23 @@ enum Errno {
     PromptTooLong = 102,
 }
 
-impl From<&NnError> for Errno {
-    fn from(error: &NnError) -> Self {
+/// How witx wasi-nn numbers a refusal.
+impl From<&AiError> for Errno {
+    fn from(error: &AiError) -> Self {
         // witx has no room for the message: it goes to the debug log.
         tracing::debug!("wasi-nn (witx) error for guest: {error}");
-        if error.is_busy() {
-            return Errno::Busy;
-        }
-        match error.code {
-            ErrorCode::InvalidArgument => Errno::InvalidArgument,
-            ErrorCode::InvalidEncoding => Errno::InvalidEncoding,
-            ErrorCode::Timeout | ErrorCode::RuntimeError | ErrorCode::Unknown => {
+        match error {
+            // A model the function may not use is one it cannot find.
+            AiError::NotFound(_) | AiError::Denied(_) => Errno::NotFound,
+            AiError::Invalid(_) => Errno::InvalidArgument,
+            AiError::Encoding(_) => Errno::InvalidEncoding,
+            AiError::Unsupported(_) => Errno::UnsupportedOperation,
+            AiError::TooLarge(_) => Errno::TooLarge,
+            // Both pass: retry later.
+            AiError::Busy(_) | AiError::Quota(_) => Errno::Busy,
+            AiError::Timeout(_) | AiError::Unavailable(_) | AiError::Failed(_) => {
                 Errno::RuntimeError
             }
-            ErrorCode::UnsupportedOperation => Errno::UnsupportedOperation,
-            ErrorCode::TooLarge => Errno::TooLarge,
-            // A model the function may not use is one it cannot find.
-            ErrorCode::NotFound | ErrorCode::Security => Errno::NotFound,
         }
     }
 }
@@ -383,13 +384,7 @@ async fn load(
     let pointer = guest!(read_u32(&mut caller, builders)?);
     let length = guest!(read_u32(&mut caller, builders.wrapping_add(4))?);
     let bytes = guest!(read(&mut caller, pointer as i32, length as i32)?);
-    let nn = &caller.data().nn.ctx;
-    let (pool, tenant, budget) = (
-        nn.pool().clone(),
-        nn.capabilities().tenant.clone(),
-        nn.capabilities().graph_memory,
-    );
-    let graph = match pool.load_bytes(bytes, &tenant, budget).await {
+    let graph = match caller.data().nn.ctx.service().load_bytes(bytes).await {
         Ok(graph) => graph,
         Err(error) => return Ok(Err(Errno::from(&error))),
     };
@@ -419,17 +414,9 @@ async fn load_by_name(
         }
         None => ggml::Options::default(),
     };
-    let nn = &caller.data().nn.ctx;
-    let pool = nn.pool().clone();
-    let capabilities = nn.capabilities();
-    let name = capabilities.model_name(&name).to_string();
-    let key = match pool.find(&capabilities.tenant, &capabilities.models, &name) {
-        Ok(key) => key,
-        Err(error) => return Ok(Err(Errno::from(&error))),
-    };
-    let graph = match pool.resident(&key).await {
-        Ok(Resident::Graph(graph)) => Graph::Tensor(graph),
-        Ok(Resident::Text(_)) => Graph::Text(TextGraph::new(name, options)),
+    let graph = match caller.data().nn.ctx.service().resident(&name).await {
+        Ok((_, Resident::Graph(graph))) => Graph::Tensor(graph),
+        Ok((name, Resident::Text(_))) => Graph::Text(TextGraph::new(name, options)),
         Err(error) => return Ok(Err(Errno::from(&error))),
     };
     let handle = guest!(caller.data_mut().nn.graphs.insert(graph));
@@ -541,7 +528,7 @@ async fn compute(mut caller: Caller<'_, ModuleState>, context: i32) -> Outcome {
     // runs on count against the memory limit while it does.
     let copied: usize = named.iter().map(|(_, t)| t.data.len()).sum();
     nn.ctx.hold(copied)?;
-    let outcome = nn.ctx.compute(graph, named).await;
+    let outcome = nn.ctx.service().compute(graph, named).await;
     let nn = &mut caller.data_mut().nn;
     nn.ctx.release(copied);
     let outputs = match outcome {
@@ -613,6 +600,7 @@ fn element_type(tag: u8) -> Option<ElementType> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::{ErrorCode, NnError};
 
     #[test]
     fn handles_reuse_freed_slots_and_refuse_unknown_ones() {
@@ -628,15 +616,11 @@ mod tests {
 
     #[test]
     fn pool_errors_keep_their_witx_numbers() {
-        assert_eq!(Errno::from(&NnError::busy("full")) as i32, 4);
-        assert_eq!(
-            Errno::from(&NnError::new(ErrorCode::NotFound, "x")) as i32,
-            8
-        );
-        assert_eq!(
-            Errno::from(&NnError::new(ErrorCode::Security, "x")) as i32,
-            8
-        );
-        assert_eq!(Errno::from(&NnError::unsupported("x")) as i32, 6);
+        let witx = |error: NnError| Errno::from(&AiError::from(error)) as i32;
+        assert_eq!(witx(NnError::busy("full")), 4);
+        assert_eq!(witx(NnError::new(ErrorCode::NotFound, "x")), 8);
+        assert_eq!(witx(NnError::new(ErrorCode::Security, "x")), 8);
+        assert_eq!(witx(NnError::unsupported("x")), 6);
+        assert_eq!(Errno::from(&AiError::Quota("x".into())) as i32, 4);
     }
 }

@@ -186,7 +186,9 @@ impl Gateway {
         let chat = Chat::read(&body)?;
         let quota = self.tenant_record(&tenant).await?.quota;
         self.admission.may_generate(&tenant, &quota)?;
-        let model = self.text_model(&tenant, &quota, &chat.model).await?;
+        let model = self
+            .text_model(&tenant, &quota, &admitted, &chat.model)
+            .await?;
         let mut messages = chat.messages;
         let mut constraint = chat.format.map(Constraint::JsonSchema);
         if let Some(tools) = &chat.tools {
@@ -202,15 +204,16 @@ impl Gateway {
         let sampling = chat.sampling;
         let generate = llm::Request {
             prompt: llm::Prompt::Chat(messages),
-            max_tokens: chat.max_tokens.unwrap_or(model.config().default_max_tokens),
+            max_tokens: chat
+                .max_tokens
+                .unwrap_or(model.1.config().default_max_tokens),
             fit_context: chat.max_tokens.is_none(),
             constraint,
             logprobs: chat.logprobs,
-            budget: admitted.budget.clone(),
             ..sampling.request()
         };
         let answers = self
-            .start_answers(&model, &tenant, generate, &sampling)
+            .start_answers(&model, &chat.model, generate, &sampling)
             .await?;
         let head = Head::new("chatcmpl", chat.model);
         let reader = ChatReader {
@@ -223,7 +226,7 @@ impl Gateway {
             return Ok(self.stream(answers, reader, sampling.include_usage, admitted.permit));
         }
         let _permit = admitted.permit;
-        let answers = self.collect(answers).await?;
+        let answers = self.collect(answers, &head.model).await?;
         let mut usage = super::Usage::default();
         let choices: Vec<Value> = answers
             .into_iter()

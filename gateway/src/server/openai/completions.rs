@@ -113,7 +113,9 @@ impl Gateway {
         let asked = Completion::read(&body)?;
         let quota = self.tenant_record(&tenant).await?.quota;
         self.admission.may_generate(&tenant, &quota)?;
-        let model = self.text_model(&tenant, &quota, &asked.model).await?;
+        let model = self
+            .text_model(&tenant, &quota, &admitted, &asked.model)
+            .await?;
         let sampling = &asked.sampling;
         let mut answers = Vec::new();
         for prompt in &asked.prompts {
@@ -121,11 +123,10 @@ impl Gateway {
                 prompt: llm::Prompt::Text(prompt.clone()),
                 max_tokens: asked.max_tokens,
                 logprobs: asked.logprobs,
-                budget: admitted.budget.clone(),
                 ..sampling.request()
             };
             answers.extend(
-                self.start_answers(&model, &tenant, generate, sampling)
+                self.start_answers(&model, &asked.model, generate, sampling)
                     .await?,
             );
         }
@@ -149,7 +150,7 @@ impl Gateway {
             return Ok(self.stream(answers, reader, sampling.include_usage, admitted.permit));
         }
         let _permit = admitted.permit;
-        let answers = self.collect(answers).await?;
+        let answers = self.collect(answers, &head.model).await?;
         let mut usage = super::Usage::default();
         let choices: Vec<Value> = answers
             .into_iter()

@@ -1,11 +1,11 @@
 //! `POST /v1/embeddings`: texts in, vectors out (floats or base64).
 
-use gigafactory_runtime::models::{EmbedInput, ErrorCode};
+use gigafactory_runtime::models::EmbedInput;
 use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::model_not_found;
+use super::openai_error;
 use crate::server::cluster::Outgoing;
 use crate::server::routes::{Request, json};
 use crate::server::{ApiError, Gateway, Response};
@@ -38,20 +38,18 @@ impl Gateway {
             }
         };
         let inputs = inputs_of(asked.input)?;
-        let key = self
-            .model_key(&tenant, &quota, &asked.model)
-            .ok_or_else(|| model_not_found(&asked.model))?;
+        let ai = self.ai(&tenant, &quota, admitted.budget.clone());
+        let key = ai
+            .resolve(&asked.model)
+            .map_err(openai_error(&asked.model))?;
         if let (Some(dimensions), Some(width)) = (asked.dimensions, self.embedding_width(&key))
             && dimensions as usize != width
         {
             return Err(wrong_dimensions(&asked.model, width));
         }
         let timeout = self.config.limits.timeout;
-        let embedding = self
-            .runtime
-            .models()
-            .embed_inputs(&key, &inputs, tenant.as_str().into());
-        let Ok((result, spent)) = tokio::time::timeout(timeout, embedding).await else {
+        let embedding = ai.embed(&asked.model, &inputs);
+        let Ok(result) = tokio::time::timeout(timeout, embedding).await else {
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "deadline_exceeded",
@@ -61,22 +59,7 @@ impl Gateway {
                 ),
             ));
         };
-        if let Some(budget) = &admitted.budget {
-            budget.charge(spent);
-        }
-        let embeddings = result.map_err(|e| {
-            if e.is_busy() {
-                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_busy", e.message)
-                    .retry_after(1);
-            }
-            match e.code {
-                ErrorCode::NotFound => model_not_found(&asked.model),
-                ErrorCode::UnsupportedOperation | ErrorCode::InvalidArgument => {
-                    ApiError::bad_request("invalid_request", e.message)
-                }
-                _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", e.message),
-            }
-        })?;
+        let embeddings = result.map_err(openai_error(&asked.model))?;
         let width = embeddings.vectors.first().map_or(0, Vec::len);
         if let Some(dimensions) = asked.dimensions
             && dimensions as usize != width

@@ -20,8 +20,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use gigafactory_runtime::llm::{self, Event, GenerateError, Generation, TextModel, TokenLogprob};
-use gigafactory_runtime::models::ErrorCode;
+use gigafactory_runtime::llm::{self, Answer, Event, Generation, TextModel, TokenLogprob};
+use gigafactory_runtime::{AiError, AiService};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, StatusCode};
@@ -169,38 +169,25 @@ impl Gateway {
         Ok(Admit::Here(tenant, body, admitted))
     }
 
-    /// The text model `name` as `tenant` may call it, loaded.
+    /// The text model `name` as `tenant` may call it, loaded, and the
+    /// tenant's way to it (paid from `admitted`'s budget).
     async fn text_model(
         &self,
         tenant: &str,
         quota: &Quota,
+        admitted: &Admitted,
         name: &str,
-    ) -> Result<Arc<TextModel>, ApiError> {
-        let key = self
-            .model_key(tenant, quota, name)
-            .ok_or_else(|| model_not_found(name))?;
-        self.runtime
-            .models()
-            .text(&key)
-            .await
-            .map_err(|e| match e.code {
-                ErrorCode::NotFound => model_not_found(name),
-                ErrorCode::UnsupportedOperation => {
-                    ApiError::bad_request("invalid_request", e.message).param("model")
-                }
-                _ => ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "model_unavailable",
-                    e.message,
-                ),
-            })
+    ) -> Result<(AiService, Arc<TextModel>), ApiError> {
+        let ai = self.ai(tenant, quota, admitted.budget.clone());
+        let model = ai.text_model(name).await.map_err(openai_error(name))?;
+        Ok((ai, model))
     }
 
     /// Starts the `n` answers of one request, each with its own seed.
     async fn start_answers(
         &self,
-        model: &Arc<TextModel>,
-        tenant: &str,
+        (ai, model): &(AiService, Arc<TextModel>),
+        name: &str,
         request: llm::Request,
         sampling: &fields::Sampling,
     ) -> Result<Vec<Generation>, ApiError> {
@@ -210,19 +197,21 @@ impl Gateway {
                 seed: sampling.seed_of(index),
                 ..request.clone()
             };
-            let generation = model
-                .start(tenant.into(), request)
-                .await
-                .map_err(generate_error)?;
+            let generation = ai.start(model, request).await.map_err(openai_error(name))?;
             answers.push(generation);
         }
         Ok(answers)
     }
 
-    /// Waits for every answer, within the generation deadline.
-    async fn collect(&self, answers: Vec<Generation>) -> Result<Vec<Answer>, ApiError> {
+    /// Waits for every answer to the request for `name`, within the
+    /// generation deadline.
+    async fn collect(&self, answers: Vec<Generation>, name: &str) -> Result<Vec<Answer>, ApiError> {
         let limit = self.config.generation_timeout;
-        let all = futures_util::future::try_join_all(answers.into_iter().map(Answer::collect));
+        let all = futures_util::future::try_join_all(
+            answers
+                .into_iter()
+                .map(|answer| async { answer.collect().await.map_err(openai_error(name)) }),
+        );
         tokio::time::timeout(limit, all)
             .await
             .unwrap_or_else(|_| Err(generation_deadline(limit)))
@@ -341,48 +330,6 @@ pub(super) trait Reader: Send + 'static {
     }
 }
 
-/// One whole answer.
-pub(super) struct Answer {
-    pub text: String,
-    /// Its tokens' log-probabilities, when asked for.
-    pub tokens: Vec<TokenLogprob>,
-    pub usage: llm::Usage,
-}
-
-impl Answer {
-    async fn collect(mut generation: Generation) -> Result<Self, ApiError> {
-        let mut text = String::new();
-        let mut tokens = Vec::new();
-        loop {
-            match generation.next().await {
-                Some(Event::Text(piece)) => text.push_str(&piece),
-                Some(Event::Token(token)) => tokens.push(token),
-                Some(Event::Done(usage)) => {
-                    return Ok(Self {
-                        text,
-                        tokens,
-                        usage,
-                    });
-                }
-                Some(Event::Failed(why)) => {
-                    return Err(ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "model_error",
-                        why,
-                    ));
-                }
-                None => {
-                    return Err(ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "model_unavailable",
-                        "the model stopped",
-                    ));
-                }
-            }
-        }
-    }
-}
-
 /// Token counts of a request's answers.
 #[derive(Debug, Default)]
 pub(super) struct Usage {
@@ -474,21 +421,29 @@ pub(super) fn model_not_found(model: &str) -> ApiError {
     .param("model")
 }
 
-fn generate_error(error: GenerateError) -> ApiError {
-    match error {
-        GenerateError::Invalid(why) => ApiError::bad_request("invalid_request", why),
-        GenerateError::TooLarge(why) => ApiError::bad_request("context_length_exceeded", why),
-        GenerateError::Busy(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "model_busy",
-            error.to_string(),
-        )
-        .retry_after(1),
-        GenerateError::Stopped(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "model_unavailable",
-            error.to_string(),
-        ),
+/// How the OpenAI API words a refusal of a call on `model`.
+pub(super) fn openai_error(model: &str) -> impl Fn(AiError) -> ApiError + '_ {
+    move |error| match error {
+        AiError::NotFound(_) => model_not_found(model),
+        AiError::Denied(why) => ApiError::new(StatusCode::FORBIDDEN, "model_denied", why),
+        AiError::Invalid(why) | AiError::Encoding(why) => {
+            ApiError::bad_request("invalid_request", why)
+        }
+        AiError::Unsupported(why) => ApiError::bad_request("invalid_request", why).param("model"),
+        AiError::TooLarge(why) => ApiError::bad_request("context_length_exceeded", why),
+        AiError::Busy(why) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_busy", why).retry_after(1)
+        }
+        AiError::Quota(why) => ApiError::too_many_requests(why, 1),
+        AiError::Timeout(why) => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", why)
+        }
+        AiError::Unavailable(why) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", why)
+        }
+        AiError::Failed(why) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", why)
+        }
     }
 }
 

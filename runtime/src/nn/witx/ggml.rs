@@ -16,9 +16,9 @@ use serde_json::{Map, Value};
 use wasmtime::Caller;
 
 use super::{Context, Errno, Outcome, give};
-use crate::ai::{Failure, start_generation};
 use crate::host::ModuleState;
-use crate::llm::{self, Event, FinishReason, GenerateError, Generation, Prompt, Usage};
+use crate::llm::{self, Event, FinishReason, Generation, Prompt, Usage};
+use crate::service::AiError;
 
 /// Most tokens a generation runs to when the options set no `n-predict`
 /// (or -1, WasmEdge's "until the context is full"): lowered to what the
@@ -203,16 +203,14 @@ async fn start(caller: &mut Caller<'_, ModuleState>, context: i32) -> Result<Gen
         let text = text(caller, context)?;
         (text.graph.model.clone(), text.request()?)
     };
-    start_generation(&caller.data().nn.ctx, &model, request)
+    let service = caller.data().nn.ctx.service();
+    service
+        .generate(&model, request)
         .await
-        .map_err(|failure| match failure {
-            Failure::NotFound(_) | Failure::Denied(_) => Errno::NotFound,
-            Failure::Quota(_) => Errno::Busy,
-            Failure::Pool(error) => Errno::from(&error),
-            Failure::Generate(GenerateError::TooLarge(_)) => Errno::PromptTooLong,
-            Failure::Generate(GenerateError::Invalid(_)) => Errno::InvalidArgument,
-            Failure::Generate(GenerateError::Busy(_)) => Errno::Busy,
-            Failure::Generate(GenerateError::Stopped(_)) => Errno::RuntimeError,
+        .map_err(|error| match error {
+            // WasmEdge's own number for a prompt the context cannot hold.
+            AiError::TooLarge(_) => Errno::PromptTooLong,
+            error => Errno::from(&error),
         })
 }
 
@@ -222,12 +220,13 @@ pub(super) async fn compute(mut caller: Caller<'_, ModuleState>, context: i32) -
         Ok(generation) => generation,
         Err(errno) => return Ok(Err(errno)),
     };
-    let Ok(answer) = generation.collect().await else {
-        return Ok(Err(Errno::RuntimeError));
+    let answer = match generation.collect().await {
+        Ok(answer) => answer,
+        Err(error) => return Ok(Err(Errno::from(&error))),
     };
     match text(&mut caller, context) {
         Ok(text) => {
-            text.answer = Some(answer);
+            text.answer = Some((answer.text, answer.usage));
             Ok(Ok(()))
         }
         Err(errno) => Ok(Err(errno)),
