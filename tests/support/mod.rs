@@ -182,8 +182,10 @@ impl Server {
         let lines = output.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Text or JSON log: the URL runs to a space or a quote.
                 if let Some(address) = line.split("listening on ").nth(1) {
-                    let _ = address_tx.send(address.trim().to_string());
+                    let url = address.split([' ', '"']).next().unwrap_or_default();
+                    let _ = address_tx.send(url.to_string());
                 }
                 lines.lock().unwrap().push(line);
             }

@@ -1,18 +1,20 @@
-//! A small client for the gateway's HTTP API.
+//! The client for the gateway's HTTP API (reqwest on rustls), shared by
+//! the CLI, the benchmarks and the tests.
+
+use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{HeaderMap, Method, StatusCode};
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use futures_util::StreamExt as _;
+use reqwest::header::HeaderMap;
+use reqwest::{Certificate, Method, StatusCode};
 
 /// Talks to one gateway with one token.
+#[derive(Clone)]
 pub struct Client {
     base: String,
     token: Option<String>,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: reqwest::Client,
 }
 
 /// A whole response.
@@ -26,15 +28,68 @@ pub struct Reply {
 }
 
 impl Client {
-    /// A client for the gateway at `url` (http only).
+    /// A client for the gateway at `url` (`http://` or `https://`, the
+    /// server's certificate checked against the system's roots).
     pub fn new(url: &str, token: Option<String>) -> Result<Self> {
-        if !url.starts_with("http://") {
-            bail!("the gateway URL must start with http:// (got {url:?})");
+        Self::with_ca(url, token, None)
+    }
+
+    /// As [`Client::new`], also trusting the PEM certificates in `ca`
+    /// (a private CA, or a self-signed server certificate).
+    pub fn with_ca(url: &str, token: Option<String>, ca: Option<&Path>) -> Result<Self> {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("the gateway URL must start with http:// or https:// (got {url:?})");
+        }
+        // One process-wide TLS provider: ring, which rustls builds with here.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("gigafactory/", env!("CARGO_PKG_VERSION")))
+            .no_proxy();
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("reading the CA file {}", ca.display()))?;
+            let certificates = Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("{}: not PEM certificates", ca.display()))?;
+            if certificates.is_empty() {
+                bail!("{}: holds no PEM certificate", ca.display());
+            }
+            builder = builder.tls_certs_merge(certificates);
         }
         Ok(Self {
             base: url.trim_end_matches('/').to_string(),
             token,
-            http: HyperClient::builder(TokioExecutor::new()).build_http(),
+            http: builder.build().context("setting up the HTTP client")?,
+        })
+    }
+
+    /// Sends a request; the response's head, its body still to read.
+    pub async fn open(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Bytes)>,
+        headers: &[(String, String)],
+    ) -> Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method.clone(), &url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        if let Some((content_type, bytes)) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(bytes);
+        }
+        request.send().await.map_err(|error| {
+            let hint = if error.is_connect() {
+                ": is `gigafactory serve` running there?"
+            } else {
+                ""
+            };
+            anyhow::Error::new(error).context(format!("{method} {url}{hint}"))
         })
     }
 
@@ -46,37 +101,15 @@ impl Client {
         body: Option<(&str, Bytes)>,
         headers: &[(String, String)],
     ) -> Result<Reply> {
-        let url = format!("{}{path}", self.base);
-        let mut builder = hyper::Request::builder().method(method.clone()).uri(&url);
-        if let Some(token) = &self.token {
-            builder = builder.header("authorization", format!("Bearer {token}"));
-        }
-        for (name, value) in headers {
-            builder = builder.header(name.as_str(), value.as_str());
-        }
-        let body = match body {
-            Some((content_type, bytes)) => {
-                builder = builder.header("content-type", content_type);
-                bytes
-            }
-            None => Bytes::new(),
-        };
-        let request = builder
-            .body(Full::new(body))
-            .context("building the request")?;
-        let response =
-            self.http.request(request).await.with_context(|| {
-                format!("{method} {url}: is `gigafactory serve` running there?")
-            })?;
-        let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
+        let response = self.open(method.clone(), path, body, headers).await?;
+        let (status, headers) = (response.status(), response.headers().clone());
+        let body = response
+            .bytes()
             .await
-            .with_context(|| format!("reading the response of {method} {url}"))?
-            .to_bytes();
+            .with_context(|| format!("reading the response of {method} {path}"))?;
         Ok(Reply {
-            status: parts.status,
-            headers: parts.headers,
+            status,
+            headers,
             body,
         })
     }
@@ -84,35 +117,19 @@ impl Client {
     /// GETs `path` and hands each line of the streamed body to `line`
     /// as it arrives, until the server ends the response.
     pub async fn follow_lines(&self, path: &str, mut line: impl FnMut(&str)) -> Result<()> {
-        let url = format!("{}{path}", self.base);
-        let mut builder = hyper::Request::get(&url);
-        if let Some(token) = &self.token {
-            builder = builder.header("authorization", format!("Bearer {token}"));
-        }
-        let request = builder
-            .body(Full::new(Bytes::new()))
-            .context("building the request")?;
-        let response = self
-            .http
-            .request(request)
-            .await
-            .with_context(|| format!("GET {url}: is `gigafactory serve` running there?"))?;
-        let (parts, mut body) = response.into_parts();
-        if !parts.status.is_success() {
-            let body = body.collect().await?.to_bytes();
+        let response = self.open(Method::GET, path, None, &[]).await?;
+        if !response.status().is_success() {
             let reply = Reply {
-                status: parts.status,
-                headers: parts.headers,
-                body,
+                status: response.status(),
+                headers: response.headers().clone(),
+                body: response.bytes().await.unwrap_or_default(),
             };
             bail!("GET {path}: {}", describe_error(&reply));
         }
+        let mut chunks = response.bytes_stream();
         let mut pending = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let Ok(data) = frame.context("reading the stream")?.into_data() else {
-                continue;
-            };
-            pending.extend_from_slice(&data);
+        while let Some(chunk) = chunks.next().await {
+            pending.extend_from_slice(&chunk.context("reading the stream")?);
             while let Some(end) = pending.iter().position(|&b| b == b'\n') {
                 let text: Vec<u8> = pending.drain(..=end).collect();
                 line(String::from_utf8_lossy(&text).trim_end());

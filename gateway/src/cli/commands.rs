@@ -10,7 +10,8 @@ use hyper::Method;
 use serde_json::Value;
 
 use super::{
-    Cli, Client, Command, FunctionsCommand, ModelsCommand, NodesCommand, ServeArgs, TenantCommand,
+    Cli, Client, Command, FunctionsCommand, LogFormat, ModelsCommand, NodesCommand, ServeArgs,
+    TenantCommand,
 };
 use crate::bundle::{Bundle, MANIFEST_ENTRY};
 use crate::manifest::Manifest;
@@ -44,7 +45,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    init_tracing();
+    init_tracing(args.log_format);
     log_panics_briefly();
     let mut config = GatewayConfig::new(args.data);
     config.store = Some(args.store);
@@ -95,14 +96,26 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
 }
 
-fn init_tracing() {
+/// The log on stderr: text (colours only on a terminal) or JSON lines.
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("GIGAFACTORY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn,ort=warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// Panics go to the log as one line each, at most [`PANICS_PER_MINUTE`]

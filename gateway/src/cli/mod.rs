@@ -209,6 +209,19 @@ pub struct ServeArgs {
     /// On SIGTERM, how long requests in flight may take to finish, in seconds.
     #[arg(long, default_value_t = 30)]
     pub drain_secs: u64,
+    /// The log's format: `text` for people, `json` (one object a line) for
+    /// log collectors.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "GIGAFACTORY_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// How `serve` writes its log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people (coloured on a terminal only).
+    Text,
+    /// One JSON object a line: time, level, target, fields, spans.
+    Json,
 }
 
 fn parse_node_name(text: &str) -> Result<String, String> {

@@ -9,10 +9,13 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use gigafactory_runtime::{HttpError, HyperOutgoingBody};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::BoxError;
+
+/// A request body as the router hands it on.
+type Incoming = super::Body;
 
 /// The request body as the function reads it: past `limit` bytes the
 /// function sees an error and `exceeded` is set (the client gets 413).
@@ -62,7 +65,7 @@ impl Body for LimitedRequest {
     ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
         let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
-            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            Some(Err(e)) => return Poll::Ready(Some(Err(http_error(e)))),
             None => return Poll::Ready(None),
         };
         if !self.budget.spend(&frame) {
@@ -78,6 +81,14 @@ impl Body for LimitedRequest {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A failure reading the client's body, as the function sees it.
+fn http_error(error: axum::Error) -> HttpError {
+    match error.into_inner().downcast::<hyper::Error>() {
+        Ok(hyper) => HttpError::Hyper(*hyper),
+        Err(other) => HttpError::InternalError(Some(other.to_string())),
     }
 }
 

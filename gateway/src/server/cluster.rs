@@ -308,12 +308,12 @@ impl Gateway {
                 Ok(response) => {
                     self.metrics.forwarded(&name, "ok");
                     return Ok(response.map(|body| {
-                        body.map_err(|e| Box::new(e) as BoxError)
-                            .map_frame(move |frame| {
+                        super::Body::new(body.map_err(|e| Box::new(e) as BoxError).map_frame(
+                            move |frame| {
                                 let _held = (&sending, &held);
                                 frame
-                            })
-                            .boxed_unsync()
+                            },
+                        ))
                     }));
                 }
                 Err(error) if error.is_connect() => {

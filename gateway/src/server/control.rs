@@ -2,7 +2,8 @@
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::{Method, StatusCode};
+use hyper::HeaderMap;
+use hyper::StatusCode;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -24,58 +25,8 @@ struct CreateTenant {
 }
 
 impl Gateway {
-    pub(super) async fn control(
-        &self,
-        request: Request,
-        segments: &[&str],
-        method: &Method,
-    ) -> Result<Response, ApiError> {
-        match (segments, method) {
-            (["whoami"], &Method::GET) => self.whoami(&request).await,
-            (["tenants"], &Method::GET) => self.list_tenants(&request).await,
-            (["tenants"], &Method::POST) => self.create_tenant(request).await,
-            (["tenants", tenant], &Method::GET) => self.get_tenant(&request, tenant).await,
-            (["tenants", tenant], &Method::DELETE) => self.delete_tenant(&request, tenant).await,
-            (["tenants", tenant, "quota"], &Method::PUT) => self.set_quota(request, tenant).await,
-            (["tenants", tenant, "keys"], &Method::POST) => self.create_key(&request, tenant).await,
-            (["tenants", tenant, "keys"], &Method::GET) => self.list_keys(&request, tenant).await,
-            (["tenants", tenant, "keys", id], &Method::DELETE) => {
-                self.revoke_key(&request, tenant, id).await
-            }
-            (["functions"], &Method::GET) => self.list_functions(&request).await,
-            (["functions", name], &Method::PUT) => self.deploy(request, name).await,
-            (["functions", name], &Method::GET) => self.get_function(&request, name).await,
-            (["functions", name], &Method::DELETE) => self.delete_function(&request, name).await,
-            (["functions", name, "logs"], &Method::GET) => self.function_logs(&request, name).await,
-            (["models"], &Method::GET) => self.list_models(&request).await,
-            (["models"], &Method::POST)
-            | (["models", _], _)
-            | (["model-files", _] | ["model-files", _, "parts", _], _)
-            | (["repository", "rescan"], _) => self.models_api(request, segments, method).await,
-            (["devices"], &Method::GET) => self.list_devices(&request).await,
-            (["nodes"], &Method::GET) => self.list_nodes(&request).await,
-            (
-                ["whoami" | "tenants" | "functions" | "models" | "devices" | "nodes"]
-                | ["tenants", _]
-                | ["tenants", _, "quota" | "keys"]
-                | ["tenants", _, "keys", _]
-                | ["functions", _]
-                | ["functions", _, "logs"],
-                _,
-            ) => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed on /v1/{}", segments.join("/")),
-            )),
-            _ => Err(ApiError::not_found(format!(
-                "no API route /v1/{}",
-                segments.join("/")
-            ))),
-        }
-    }
-
-    async fn whoami(&self, request: &Request) -> Result<Response, ApiError> {
-        let body = match self.authenticate(request).await? {
+    pub(super) async fn whoami(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
+        let body = match self.authenticate(headers).await? {
             Principal::Admin => serde_json::json!({"role": "admin"}),
             Principal::Tenant(tenant) => {
                 let record = self.tenant_record(&tenant).await?;
@@ -96,14 +47,22 @@ impl Gateway {
             .ok_or_else(|| ApiError::not_found(format!("no tenant {tenant:?}")))
     }
 
-    async fn get_tenant(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
-        self.require_admin(request).await?;
+    pub(super) async fn get_tenant(
+        &self,
+        headers: &HeaderMap,
+        tenant: &str,
+    ) -> Result<Response, ApiError> {
+        self.require_admin(headers).await?;
         let record = self.tenant_record(tenant).await?;
         Ok(json(StatusCode::OK, tenant_json(&record)))
     }
 
-    async fn set_quota(&self, request: Request, tenant: &str) -> Result<Response, ApiError> {
-        self.require_admin(&request).await?;
+    pub(super) async fn set_quota(
+        &self,
+        request: Request,
+        tenant: &str,
+    ) -> Result<Response, ApiError> {
+        self.require_admin(request.headers()).await?;
         check_name("tenant", tenant)?;
         let quota: Quota = self.read_json(request).await?;
         quota
@@ -114,8 +73,12 @@ impl Gateway {
         Ok(json(StatusCode::OK, tenant_json(&record)))
     }
 
-    async fn list_keys(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
-        self.require_admin(request).await?;
+    pub(super) async fn list_keys(
+        &self,
+        headers: &HeaderMap,
+        tenant: &str,
+    ) -> Result<Response, ApiError> {
+        self.require_admin(headers).await?;
         self.tenant_record(tenant).await?;
         let keys: Vec<_> = self
             .store
@@ -127,13 +90,13 @@ impl Gateway {
         Ok(json(StatusCode::OK, serde_json::json!({ "keys": keys })))
     }
 
-    async fn revoke_key(
+    pub(super) async fn revoke_key(
         &self,
-        request: &Request,
+        headers: &HeaderMap,
         tenant: &str,
         id: &str,
     ) -> Result<Response, ApiError> {
-        self.require_admin(request).await?;
+        self.require_admin(headers).await?;
         check_name("tenant", tenant)?;
         self.store.revoke_key(tenant, id).await?;
         tracing::info!(%tenant, %id, "API key revoked");
@@ -156,8 +119,8 @@ impl Gateway {
         names
     }
 
-    async fn list_tenants(&self, request: &Request) -> Result<Response, ApiError> {
-        self.require_admin(request).await?;
+    pub(super) async fn list_tenants(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
+        self.require_admin(headers).await?;
         let tenants: Vec<_> = self
             .store
             .tenants()
@@ -171,8 +134,8 @@ impl Gateway {
         ))
     }
 
-    async fn create_tenant(&self, request: Request) -> Result<Response, ApiError> {
-        self.require_admin(&request).await?;
+    pub(super) async fn create_tenant(&self, request: Request) -> Result<Response, ApiError> {
+        self.require_admin(request.headers()).await?;
         let body: CreateTenant = self.read_json(request).await?;
         check_name("tenant", &body.name)?;
         let tenant = self.store.create_tenant(&body.name).await?;
@@ -180,8 +143,12 @@ impl Gateway {
         Ok(json(StatusCode::CREATED, tenant_json(&tenant)))
     }
 
-    async fn delete_tenant(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
-        self.require_admin(request).await?;
+    pub(super) async fn delete_tenant(
+        &self,
+        headers: &HeaderMap,
+        tenant: &str,
+    ) -> Result<Response, ApiError> {
+        self.require_admin(headers).await?;
         check_name("tenant", tenant)?;
         let functions = self.store.delete_tenant(tenant).await?;
         for function in &functions {
@@ -198,8 +165,12 @@ impl Gateway {
         Ok(no_content())
     }
 
-    async fn create_key(&self, request: &Request, tenant: &str) -> Result<Response, ApiError> {
-        self.require_admin(request).await?;
+    pub(super) async fn create_key(
+        &self,
+        headers: &HeaderMap,
+        tenant: &str,
+    ) -> Result<Response, ApiError> {
+        self.require_admin(headers).await?;
         check_name("tenant", tenant)?;
         let key = auth::generate(auth::KEY_PREFIX)?;
         let record = self
@@ -219,8 +190,8 @@ impl Gateway {
         ))
     }
 
-    async fn list_functions(&self, request: &Request) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(request).await?;
+    pub(super) async fn list_functions(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(headers).await?;
         let functions: Vec<_> = self
             .store
             .functions(&tenant)
@@ -234,8 +205,12 @@ impl Gateway {
         ))
     }
 
-    async fn get_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(request).await?;
+    pub(super) async fn get_function(
+        &self,
+        headers: &HeaderMap,
+        name: &str,
+    ) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(headers).await?;
         let function = self.find_function(&tenant, name).await?;
         let mut body = function_json(&function);
         // Found in the binary: an HTTP handler, a command, a WAGI module.
@@ -244,8 +219,12 @@ impl Gateway {
         Ok(json(StatusCode::OK, body))
     }
 
-    async fn delete_function(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(request).await?;
+    pub(super) async fn delete_function(
+        &self,
+        headers: &HeaderMap,
+        name: &str,
+    ) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(headers).await?;
         let function = self.find_function(&tenant, name).await?;
         self.store.delete_function(&tenant, name).await?;
         self.forget_function(&tenant, name, &function.versions);
@@ -253,15 +232,16 @@ impl Gateway {
         Ok(no_content())
     }
 
-    async fn function_logs(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(request).await?;
+    pub(super) async fn function_logs(
+        &self,
+        headers: &HeaderMap,
+        name: &str,
+        follow: bool,
+    ) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(headers).await?;
         self.find_function(&tenant, name).await?;
         let log = self.logs.of(&tenant, name);
-        let query = request.uri().query().unwrap_or("");
-        if query
-            .split('&')
-            .any(|pair| pair == "follow=true" || pair == "follow=1")
-        {
+        if follow {
             return Ok(super::follow::follow(&log));
         }
         let lines = log.tail(usize::MAX);
@@ -269,9 +249,9 @@ impl Gateway {
     }
 
     /// Every model for the admin; a tenant sees only the models it may use.
-    async fn list_models(&self, request: &Request) -> Result<Response, ApiError> {
+    pub(super) async fn list_models(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
         let mut models = self.runtime.models().list();
-        let tenant = match self.authenticate(request).await? {
+        let tenant = match self.authenticate(headers).await? {
             Principal::Tenant(tenant) => Some(tenant),
             Principal::Admin => None,
         };
@@ -292,8 +272,8 @@ impl Gateway {
     }
 
     /// The machine's devices, their memory and what models take of it.
-    async fn list_devices(&self, request: &Request) -> Result<Response, ApiError> {
-        self.authenticate(request).await?;
+    pub(super) async fn list_devices(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
+        self.authenticate(headers).await?;
         Ok(json(
             StatusCode::OK,
             serde_json::to_value(self.runtime.models().devices().list())
@@ -303,8 +283,8 @@ impl Gateway {
 
     /// `PUT /v1/functions/{name}`: the component itself (`application/wasm`)
     /// or a bundle (`application/x-tar`: `function.wasm`, `gigafactory.toml`, files).
-    async fn deploy(&self, request: Request, name: &str) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(&request).await?;
+    pub(super) async fn deploy(&self, request: Request, name: &str) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request.headers()).await?;
         check_name("function", name)?;
         let is_bundle = request
             .headers()
@@ -527,7 +507,7 @@ fn body_stalled(idle: std::time::Duration, whole: std::time::Duration) -> ApiErr
 /// Reads and drops what a client is still sending of a refused body, up
 /// to [`DRAIN_BYTES`] or for [`DRAIN_TIME`], so that it gets to read the
 /// refusal rather than a connection reset while it writes.
-pub(super) async fn drain(body: &mut hyper::body::Incoming) {
+pub(super) async fn drain(body: &mut super::Body) {
     let discard = async {
         let mut left = DRAIN_BYTES;
         while let Some(Ok(frame)) = body.frame().await {

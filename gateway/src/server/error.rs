@@ -1,6 +1,7 @@
 //! API errors: `{"error": {"message", "type", "param", "code"}}` (the
 //! shape OpenAI's clients parse) with the right status.
 
+use axum::response::IntoResponse;
 use hyper::StatusCode;
 
 use super::{Response, full};
@@ -106,9 +107,11 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         self.code
     }
+}
 
+impl IntoResponse for ApiError {
     /// The JSON response.
-    pub fn into_response(self) -> Response {
+    fn into_response(self) -> Response {
         let kind = match self.status.as_u16() {
             401 => "authentication_error",
             403 => "permission_error",

@@ -1,15 +1,13 @@
 //! `GET /v1/functions/{name}/logs?follow=true`: the recent lines, then
 //! every new one as it is written, as NDJSON, until the client leaves.
 
-use std::pin::Pin;
+use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame};
 use tokio::sync::{broadcast, mpsc};
 
-use super::{BoxError, Response};
+use super::{Body, Response};
 use crate::logs::{FunctionLog, LogLine};
 
 /// A streaming NDJSON response following `log`.
@@ -35,9 +33,13 @@ pub fn follow(log: &Arc<FunctionLog>) -> Response {
             }
         }
     });
+    let lines = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let line = receiver.recv().await?;
+        Some((Ok::<_, Infallible>(line), receiver))
+    });
     hyper::Response::builder()
         .header("content-type", "application/x-ndjson")
-        .body(http_body_util::BodyExt::boxed_unsync(Lines(receiver)))
+        .body(Body::from_stream(lines))
         .expect("a valid response")
 }
 
@@ -45,21 +47,4 @@ fn ndjson(line: &LogLine) -> Bytes {
     let mut text = serde_json::to_string(line).unwrap_or_default();
     text.push('\n');
     Bytes::from(text)
-}
-
-/// A body fed by a channel.
-struct Lines(mpsc::Receiver<Bytes>);
-
-impl Body for Lines {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
-    }
 }

@@ -11,7 +11,6 @@ use gigafactory_runtime::logs::LogLimits;
 use gigafactory_runtime::{
     AiService, Capabilities, ComputeBudget, Invocation, InvokeError, ModelAccess, OutboundAccess,
 };
-use http_body_util::BodyExt;
 use hyper::StatusCode;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderValue};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -40,7 +39,7 @@ impl Gateway {
     ) -> Result<Response, ApiError> {
         check_name("tenant", tenant)?;
         check_name("function", name)?;
-        let caller = self.require_tenant(&request).await?;
+        let caller = self.require_tenant(request.headers()).await?;
         if caller != tenant {
             return Err(ApiError::forbidden(format!(
                 "this key belongs to another tenant and cannot invoke /fn/{tenant}/{name}"
@@ -133,7 +132,7 @@ impl Gateway {
                     .headers
                     .insert(VERSION_HEADER, HeaderValue::from(version.number));
                 let body = LimitedResponse::new(body, limits.response_bytes, permits);
-                Ok(hyper::Response::from_parts(parts, body.boxed_unsync()))
+                Ok(hyper::Response::from_parts(parts, super::Body::new(body)))
             }
             Err(error) => {
                 let refusal = invoke_error(&error);

@@ -20,6 +20,10 @@ pub struct Metrics {
     outcomes: Mutex<BTreeMap<(String, String, &'static str), u64>>,
     latency: Mutex<BTreeMap<(String, String), Arc<Histogram>>>,
     forwarded: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Requests by route template, method and status.
+    http: Mutex<BTreeMap<(String, &'static str, u16), u64>>,
+    /// Time to the response head by route template.
+    http_latency: Mutex<BTreeMap<String, Arc<Histogram>>>,
 }
 
 impl Metrics {
@@ -51,6 +55,32 @@ impl Metrics {
     pub fn forwarded(&self, node: &str, outcome: &'static str) {
         let mut forwarded = self.forwarded.lock().unwrap_or_else(|e| e.into_inner());
         *forwarded.entry((node.to_string(), outcome)).or_default() += 1;
+    }
+
+    /// Counts a request to any route (its template, so the series stay
+    /// few) with its status and the time to its response head.
+    pub fn http_request(&self, route: &str, method: &hyper::Method, status: u16, took: Duration) {
+        let method = match *method {
+            hyper::Method::GET => "GET",
+            hyper::Method::HEAD => "HEAD",
+            hyper::Method::POST => "POST",
+            hyper::Method::PUT => "PUT",
+            hyper::Method::DELETE => "DELETE",
+            hyper::Method::PATCH => "PATCH",
+            hyper::Method::OPTIONS => "OPTIONS",
+            _ => "other",
+        };
+        let mut http = self.http.lock().unwrap_or_else(|e| e.into_inner());
+        *http.entry((route.to_string(), method, status)).or_default() += 1;
+        drop(http);
+        let histogram = self
+            .http_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(route.to_string())
+            .or_insert_with(|| Arc::new(Histogram::new(LATENCY_BUCKETS)))
+            .clone();
+        histogram.observe_duration(took);
     }
 
     /// Forgets a deleted function's counters (all of a tenant's with `None`).
@@ -137,6 +167,36 @@ impl Metrics {
             );
         }
         drop(forwarded);
+        header(
+            &mut text,
+            "gigafactory_http_requests_total",
+            "counter",
+            "HTTP requests by route template, method and status.",
+        );
+        let http = self.http.lock().unwrap_or_else(|e| e.into_inner());
+        for ((route, method, status), count) in http.iter() {
+            // Route templates are the gateway's own (`/v1/tenants/{tenant}`).
+            let _ = writeln!(
+                text,
+                "gigafactory_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {count}"
+            );
+        }
+        drop(http);
+        header(
+            &mut text,
+            "gigafactory_http_request_duration_seconds",
+            "histogram",
+            "Time from a request's arrival to its response head, by route template.",
+        );
+        let latency = self.http_latency.lock().unwrap_or_else(|e| e.into_inner());
+        for (route, histogram) in latency.iter() {
+            histogram.render(
+                &mut text,
+                "gigafactory_http_request_duration_seconds",
+                &format!("route=\"{route}\""),
+            );
+        }
+        drop(latency);
         models.render_metrics(&mut text);
         text
     }

@@ -1,6 +1,9 @@
-//! The HTTP server: one hyper service for the control plane (`/v1/…`), the
-//! data plane (`/fn/{tenant}/{function}/…`), health and metrics.
+//! The HTTP server: one axum router for the control plane (`/v1/…`), the
+//! data plane (`/fn/{tenant}/{function}/…`), the OpenAI-compatible API,
+//! health and metrics, served on hyper connections the gateway accepts
+//! and watches itself (caps, idle timeouts, drain).
 
+mod access;
 mod admission;
 mod bodies;
 mod cluster;
@@ -19,7 +22,6 @@ mod openai;
 mod routes;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,8 +30,6 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use gigafactory_runtime::{ModelPool, PoolOptions, Runtime, SandboxLimits};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -38,6 +38,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::auth::{self, TokenHash};
 use crate::logs::FunctionLogs;
@@ -51,10 +52,10 @@ pub use nodes::NodeConfig;
 
 /// Error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Body of every response.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+/// Body of every request and response.
+pub type Body = axum::body::Body;
 /// Every response.
-pub type Response = hyper::Response<Body>;
+pub type Response = axum::response::Response;
 
 /// CORS for `origins` (`*`: any), or none. Browser apps send the API key
 /// as a bearer token, so no credentials (cookies) are allowed; the
@@ -85,9 +86,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 
 /// A whole body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Body::from(bytes.into())
 }
 
 /// How the gateway is set up.
@@ -263,6 +262,7 @@ impl Gateway {
         tracing::info!("gigafactory listening on http://{}", listener.local_addr()?);
         let heartbeats = tokio::spawn(self.clone().heartbeats(node.clone()));
         let builder = self.http_builder();
+        let app = self.app();
         let cap = connections::connection_cap(self.config.max_connections);
         let connections = Arc::new(Connections::new(cap, self.config.idle_timeout));
         tracing::info!(connections = cap, "accepting connections");
@@ -298,7 +298,7 @@ impl Gateway {
                 activity: Activity::new(),
             };
             self.clone()
-                .spawn_connection(&builder, &graceful, &connections, connection);
+                .spawn_connection(&builder, &app, &graceful, &connections, connection);
         }
         self.draining.store(true, Ordering::Relaxed);
         heartbeats.abort();
@@ -340,10 +340,23 @@ impl Gateway {
         builder
     }
 
+    /// The routes behind request ids and CORS.
+    fn app(self: &Arc<Self>) -> access::App {
+        let cors = cors_layer(&self.config.cors_origins);
+        tower::util::BoxCloneSyncService::new(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(access::RequestIds))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .option_layer(cors)
+                .service(self.router()),
+        )
+    }
+
     /// Serves one connection on its own task until it ends or idles out.
     fn spawn_connection(
         self: Arc<Self>,
         builder: &auto::Builder<TokioExecutor>,
+        app: &access::App,
         graceful: &GracefulShutdown,
         connections: &Arc<Connections>,
         connection: Connection,
@@ -354,32 +367,19 @@ impl Gateway {
             opened,
             activity,
         } = connection;
-        let cors = cors_layer(&self.config.cors_origins);
         let service = {
-            let activity = activity.clone();
+            let (activity, app) = (activity.clone(), app.clone());
             tower::service_fn(move |request: hyper::Request<Incoming>| {
-                let (gateway, in_flight) = (self.clone(), activity.request());
-                let counted = InFlight::new(&self.in_flight);
-                async move {
-                    let response = gateway.route(request).await;
-                    // The body holds its request in flight until it ends or is
-                    // dropped: a quiet stream (`logs --follow`) is not idle.
-                    let tracked = response.map(|body| {
-                        let hold = move |frame| {
-                            let _held = (&in_flight, &counted);
-                            frame
-                        };
-                        body.map_frame(hold).boxed_unsync()
-                    });
-                    Ok::<_, Infallible>(tracked)
-                }
+                // The body holds its request in flight until it ends or is
+                // dropped: a quiet stream (`logs --follow`) is not idle.
+                let holds = (activity.request(), InFlight::new(&self.in_flight));
+                let answered = self
+                    .clone()
+                    .answer(app.clone(), request.map(Body::new), holds);
+                async move { Ok::<_, std::convert::Infallible>(answered.await) }
             })
         };
-        let service = TowerToHyperService::new(tower::util::BoxCloneService::new(
-            tower::ServiceBuilder::new()
-                .option_layer(cors)
-                .service(service),
-        ));
+        let service = TowerToHyperService::new(service);
         let io = TokioIo::new(Watched::new(stream, activity.clone()));
         let served = graceful.watch(builder.serve_connection(io, service).into_owned());
         let connections = connections.clone();

@@ -14,7 +14,8 @@
 
 use std::collections::BTreeMap;
 
-use hyper::{Method, StatusCode};
+use hyper::HeaderMap;
+use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
@@ -82,41 +83,20 @@ struct BeginUpload {
 }
 
 impl Gateway {
-    pub(super) async fn models_api(
-        &self,
-        request: Request,
-        segments: &[&str],
-        method: &Method,
-    ) -> Result<Response, ApiError> {
-        match (segments, method) {
-            (["models"], &Method::POST) => self.put_model(request, None).await,
-            (["models", name], &Method::GET) => self.show_model(&request, name).await,
-            (["models", name], &Method::PUT) => self.put_model(request, Some(name)).await,
-            (["models", name], &Method::DELETE) => self.remove_model(&request, name).await,
-            (["model-files", sha256], &Method::PUT) => self.begin_upload(request, sha256).await,
-            (["model-files", sha256], &Method::GET) => self.upload_state(&request, sha256).await,
-            (["model-files", sha256, "parts", index], &Method::PUT) => {
-                self.upload_part(request, sha256, index).await
-            }
-            (["repository", "rescan"], &Method::POST) => self.rescan(&request).await,
-            _ => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed on /v1/{}", segments.join("/")),
-            )),
-        }
-    }
-
     /// Whose models the request manages: the operator's (`None`) or its tenant's.
-    async fn model_owner(&self, request: &Request) -> Result<Option<String>, ApiError> {
-        Ok(match self.authenticate(request).await? {
+    async fn model_owner(&self, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+        Ok(match self.authenticate(headers).await? {
             Principal::Admin => None,
             Principal::Tenant(tenant) => Some(tenant),
         })
     }
 
-    async fn begin_upload(&self, request: Request, sha256: &str) -> Result<Response, ApiError> {
-        let owner = self.model_owner(&request).await?;
+    pub(super) async fn begin_upload(
+        &self,
+        request: Request,
+        sha256: &str,
+    ) -> Result<Response, ApiError> {
+        let owner = self.model_owner(request.headers()).await?;
         check_sha256(sha256)?;
         let body: BeginUpload = self.read_json(request).await?;
         if body.size > MAX_MODEL_FILE_BYTES {
@@ -144,8 +124,12 @@ impl Gateway {
         Ok(json(StatusCode::OK, blob_json(&blob)))
     }
 
-    async fn upload_state(&self, request: &Request, sha256: &str) -> Result<Response, ApiError> {
-        let owner = self.model_owner(request).await?;
+    pub(super) async fn upload_state(
+        &self,
+        headers: &HeaderMap,
+        sha256: &str,
+    ) -> Result<Response, ApiError> {
+        let owner = self.model_owner(headers).await?;
         check_sha256(sha256)?;
         let blob = self
             .store
@@ -155,13 +139,13 @@ impl Gateway {
         Ok(json(StatusCode::OK, blob_json(&blob)))
     }
 
-    async fn upload_part(
+    pub(super) async fn upload_part(
         &self,
         request: Request,
         sha256: &str,
         index: &str,
     ) -> Result<Response, ApiError> {
-        let owner = self.model_owner(&request).await?;
+        let owner = self.model_owner(request.headers()).await?;
         check_sha256(sha256)?;
         let index: u32 = index.parse().map_err(|_| {
             ApiError::bad_request("invalid_part", format!("part {index:?} is not a number"))
@@ -197,8 +181,12 @@ impl Gateway {
 
     /// `POST /v1/models` (`name` in the body) adds a model; `PUT
     /// /v1/models/{name}` stores a new version of one.
-    async fn put_model(&self, request: Request, name: Option<&str>) -> Result<Response, ApiError> {
-        let owner = self.model_owner(&request).await?;
+    pub(super) async fn put_model(
+        &self,
+        request: Request,
+        name: Option<&str>,
+    ) -> Result<Response, ApiError> {
+        let owner = self.model_owner(request.headers()).await?;
         let replace = name.is_some();
         let mut body: ModelRequest = self.read_json(request).await?;
         if let Some(path) = body.path.take() {
@@ -578,8 +566,12 @@ impl Gateway {
         .map_err(|e| ApiError::bad_request("invalid_model", e))
     }
 
-    async fn show_model(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
-        let owner = self.model_owner(request).await?;
+    pub(super) async fn show_model(
+        &self,
+        headers: &HeaderMap,
+        name: &str,
+    ) -> Result<Response, ApiError> {
+        let owner = self.model_owner(headers).await?;
         check_model_name(name)?;
         // Also in OpenAI's shape (`id`, `object`, `created`, `owned_by`),
         // for `models.retrieve` of clients given `http://host:port/v1`.
@@ -634,15 +626,14 @@ impl Gateway {
 
     /// `DELETE /v1/models/{name}`: refused while a function's manifest
     /// names the model, unless `?force=true`.
-    async fn remove_model(&self, request: &Request, name: &str) -> Result<Response, ApiError> {
-        let owner = self.model_owner(request).await?;
+    pub(super) async fn remove_model(
+        &self,
+        headers: &HeaderMap,
+        name: &str,
+        force: bool,
+    ) -> Result<Response, ApiError> {
+        let owner = self.model_owner(headers).await?;
         check_model_name(name)?;
-        let force = request
-            .uri()
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .any(|pair| pair == "force=true" || pair == "force=1");
         if !force {
             let users = self.functions_naming(owner.as_deref(), name).await?;
             if !users.is_empty() {
@@ -690,8 +681,8 @@ impl Gateway {
     }
 
     /// `POST /v1/repository/rescan` (admin): rereads the repository directory.
-    async fn rescan(&self, request: &Request) -> Result<Response, ApiError> {
-        self.require_admin(request).await?;
+    pub(super) async fn rescan(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
+        self.require_admin(headers).await?;
         let rescan = self.rescan_repository().await.ok_or_else(|| {
             ApiError::internal(anyhow::anyhow!("rereading the repository failed"))
         })?;

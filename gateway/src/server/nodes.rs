@@ -8,9 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use axum::response::IntoResponse as _;
+use hyper::HeaderMap;
 use hyper::StatusCode;
 
-use super::routes::{Request, json};
+use super::routes::json;
 use super::{ApiError, Gateway, Response};
 use crate::store::{Node, NodeStatus};
 
@@ -144,8 +146,8 @@ impl Gateway {
 
     /// `GET /v1/nodes` (admin): every node heard from lately, and whether
     /// it is alive.
-    pub(super) async fn list_nodes(&self, request: &Request) -> Result<Response, ApiError> {
-        self.require_admin(request).await?;
+    pub(super) async fn list_nodes(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
+        self.require_admin(headers).await?;
         let nodes = self.store.nodes().await?;
         let nodes: Vec<serde_json::Value> = nodes.iter().map(|n| self.node_json(n)).collect();
         Ok(json(StatusCode::OK, serde_json::json!({ "nodes": nodes })))

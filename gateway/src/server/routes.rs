@@ -1,98 +1,305 @@
-//! Request routing and authentication.
+//! The route table (axum): which handler answers which method and path,
+//! JSON 404/405 (with `Allow`) for the rest, and the authentication every
+//! handler starts with.
 
-use hyper::body::Incoming;
-use hyper::{Method, StatusCode};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::middleware::{self, Next};
+use axum::response::IntoResponse;
+use axum::routing::{any, get, post, put};
+use hyper::HeaderMap;
+use hyper::http::request::Parts;
+use hyper::{Method, StatusCode, Uri};
+use serde::de::DeserializeOwned;
 
 use super::{ApiError, Gateway, Response, full};
 use crate::auth::{self, Principal, TokenHash};
 
 /// A request as routed: the parts handlers read, and the body.
-pub type Request = hyper::Request<Incoming>;
+pub type Request = axum::extract::Request;
+
+/// The gateway, as handlers receive it.
+type Shared = State<Arc<Gateway>>;
+
+/// Path parameters (all names of things); one that does not decode is a
+/// JSON 400 `invalid_name`.
+pub(super) struct Params<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(params)) => Ok(Self(params)),
+            Err(rejection) => Err(ApiError::bad_request(
+                "invalid_name",
+                format!("invalid path: {}", rejection.body_text()),
+            )),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct FunctionPath {
+    tenant: String,
+    function: String,
+}
 
 impl Gateway {
-    /// Answers one request; every failure becomes a JSON error.
-    pub(super) async fn route(&self, request: Request) -> Response {
-        let method = request.method().clone();
-        let path = request.uri().path().to_string();
-        let response = self.dispatch(request).await;
-        let response = response.unwrap_or_else(ApiError::into_response);
-        tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
-        response
-    }
-
-    async fn dispatch(&self, request: Request) -> Result<Response, ApiError> {
-        let path = request.uri().path().to_string();
-        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let method = request.method().clone();
-        match (segments.as_slice(), &method) {
-            (["healthz"], &Method::GET) => {
-                Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"})))
-            }
-            (["readyz"], &Method::GET) => Ok(self.readiness()),
-            (["metrics"], &Method::GET) => self.metrics_text(&request).await,
-            (["fn", tenant, function, ..], _) => {
-                let rest = rest_of_path(&path, 3);
-                self.invoke(request, tenant, function, rest).await
-            }
-            // The OpenAI-compatible API at the base URL clients of other
-            // servers use (`http://host:port/v1`), besides `/openai/v1`;
-            // `/v1/models` answers in both shapes (control.rs).
-            (["v1", "chat", "completions"] | ["v1", "completions"] | ["v1", "embeddings"], _) => {
-                self.openai(request, &segments, &method).await
-            }
-            (["v1", "functions", _, "logs"], &Method::GET) => {
-                // `?follow=true` streams for as long as the client reads.
-                self.control(request, &segments[1..], &method).await
-            }
-            (["v1", ..], _) => {
-                let limit = self.config.control_timeout;
-                tokio::time::timeout(limit, self.control(request, &segments[1..], &method))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ApiError::new(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "deadline_exceeded",
-                            format!("the request did not finish within {} s", limit.as_secs()),
-                        ))
-                    })
-            }
-            (["openai", ..], _) => self.openai(request, &segments[1..], &method).await,
-            _ => Err(ApiError::not_found(format!("no route for {method} {path}"))),
+    /// Every route of the API.
+    pub(super) fn router(self: &Arc<Self>) -> Router {
+        // Control-plane calls end at the control timeout; log follows and
+        // generations have their own limits.
+        let control = Router::new()
+            .route(
+                "/v1/whoami",
+                get(|State(gw): Shared, headers: HeaderMap| async move { gw.whoami(&headers).await }),
+            )
+            .route(
+                "/v1/tenants",
+                get(|State(gw): Shared, headers: HeaderMap| async move {
+                    gw.list_tenants(&headers).await
+                })
+                .post(|State(gw): Shared, request: Request| async move {
+                    gw.create_tenant(request).await
+                }),
+            )
+            .route(
+                "/v1/tenants/{tenant}",
+                get(
+                    |State(gw): Shared, Params(tenant): Params<String>, headers: HeaderMap| async move {
+                        gw.get_tenant(&headers, &tenant).await
+                    },
+                )
+                .delete(
+                    |State(gw): Shared, Params(tenant): Params<String>, headers: HeaderMap| async move {
+                        gw.delete_tenant(&headers, &tenant).await
+                    },
+                ),
+            )
+            .route(
+                "/v1/tenants/{tenant}/quota",
+                put(
+                    |State(gw): Shared, Params(tenant): Params<String>, request: Request| async move {
+                        gw.set_quota(request, &tenant).await
+                    },
+                ),
+            )
+            .route(
+                "/v1/tenants/{tenant}/keys",
+                get(
+                    |State(gw): Shared, Params(tenant): Params<String>, headers: HeaderMap| async move {
+                        gw.list_keys(&headers, &tenant).await
+                    },
+                )
+                .post(
+                    |State(gw): Shared, Params(tenant): Params<String>, headers: HeaderMap| async move {
+                        gw.create_key(&headers, &tenant).await
+                    },
+                ),
+            )
+            .route(
+                "/v1/tenants/{tenant}/keys/{id}",
+                axum::routing::delete(
+                    |State(gw): Shared,
+                     Params((tenant, id)): Params<(String, String)>,
+                     headers: HeaderMap| async move {
+                        gw.revoke_key(&headers, &tenant, &id).await
+                    },
+                ),
+            )
+            .route(
+                "/v1/functions",
+                get(|State(gw): Shared, headers: HeaderMap| async move {
+                    gw.list_functions(&headers).await
+                }),
+            )
+            .route(
+                "/v1/functions/{name}",
+                put(
+                    |State(gw): Shared, Params(name): Params<String>, request: Request| async move {
+                        gw.deploy(request, &name).await
+                    },
+                )
+                .get(
+                    |State(gw): Shared, Params(name): Params<String>, headers: HeaderMap| async move {
+                        gw.get_function(&headers, &name).await
+                    },
+                )
+                .delete(
+                    |State(gw): Shared, Params(name): Params<String>, headers: HeaderMap| async move {
+                        gw.delete_function(&headers, &name).await
+                    },
+                ),
+            )
+            .route(
+                "/v1/models",
+                get(|State(gw): Shared, headers: HeaderMap| async move {
+                    gw.list_models(&headers).await
+                })
+                .post(|State(gw): Shared, request: Request| async move {
+                    gw.put_model(request, None).await
+                }),
+            )
+            .route(
+                "/v1/models/{name}",
+                get(
+                    |State(gw): Shared, Params(name): Params<String>, headers: HeaderMap| async move {
+                        gw.show_model(&headers, &name).await
+                    },
+                )
+                .put(
+                    |State(gw): Shared, Params(name): Params<String>, request: Request| async move {
+                        gw.put_model(request, Some(&name)).await
+                    },
+                )
+                .delete(
+                    |State(gw): Shared, Params(name): Params<String>,
+                     uri: Uri,
+                     headers: HeaderMap| async move {
+                        gw.remove_model(&headers, &name, flag(&uri, "force")).await
+                    },
+                ),
+            )
+            .route(
+                "/v1/model-files/{sha256}",
+                put(
+                    |State(gw): Shared, Params(sha256): Params<String>, request: Request| async move {
+                        gw.begin_upload(request, &sha256).await
+                    },
+                )
+                .get(
+                    |State(gw): Shared, Params(sha256): Params<String>, headers: HeaderMap| async move {
+                        gw.upload_state(&headers, &sha256).await
+                    },
+                ),
+            )
+            .route(
+                "/v1/model-files/{sha256}/parts/{index}",
+                put(
+                    |State(gw): Shared,
+                     Params((sha256, index)): Params<(String, String)>,
+                     request: Request| async move {
+                        gw.upload_part(request, &sha256, &index).await
+                    },
+                ),
+            )
+            .route(
+                "/v1/repository/rescan",
+                post(|State(gw): Shared, headers: HeaderMap| async move {
+                    gw.rescan(&headers).await
+                }),
+            )
+            .route(
+                "/v1/devices",
+                get(|State(gw): Shared, headers: HeaderMap| async move {
+                    gw.list_devices(&headers).await
+                }),
+            )
+            .route(
+                "/v1/nodes",
+                get(|State(gw): Shared, headers: HeaderMap| async move {
+                    gw.list_nodes(&headers).await
+                }),
+            )
+            .route_layer(middleware::from_fn_with_state(self.clone(), control_deadline));
+        // The OpenAI-compatible API at `/openai/v1` and at the base URL
+        // clients of other servers use (`http://host:port/v1`); `/v1/models`
+        // answers in both shapes (control.rs).
+        let openai = Router::new()
+            .route(
+                "/openai/v1/models",
+                get(|State(gw): Shared, headers: HeaderMap| async move {
+                    gw.openai_models(&headers).await
+                }),
+            )
+            .route(
+                "/openai/v1/models/{id}",
+                get(
+                    |State(gw): Shared, Params(id): Params<String>, headers: HeaderMap| async move {
+                        gw.openai_model(&headers, &id).await
+                    },
+                ),
+            );
+        let mut router = Router::new()
+            .route("/healthz", get(healthz))
+            .route(
+                "/readyz",
+                get(|State(gw): Shared| async move { gw.readiness() }),
+            )
+            .route(
+                "/metrics",
+                get(|State(gw): Shared, headers: HeaderMap| async move {
+                    gw.metrics_text(&headers).await
+                }),
+            )
+            .route("/fn/{tenant}/{function}", any(invoke))
+            .route("/fn/{tenant}/{function}/", any(invoke))
+            .route("/fn/{tenant}/{function}/{*rest}", any(invoke))
+            .route(
+                "/v1/functions/{name}/logs",
+                get(
+                    |State(gw): Shared,
+                     Params(name): Params<String>,
+                     uri: Uri,
+                     headers: HeaderMap| async move {
+                        gw.function_logs(&headers, &name, flag(&uri, "follow"))
+                            .await
+                    },
+                ),
+            )
+            .merge(control)
+            .merge(openai);
+        for prefix in ["/v1", "/openai/v1"] {
+            router = router
+                .route(
+                    &format!("{prefix}/chat/completions"),
+                    post(chat_completions),
+                )
+                .route(&format!("{prefix}/completions"), post(completions))
+                .route(&format!("{prefix}/embeddings"), post(embeddings));
         }
+        router
+            .fallback(no_route)
+            .method_not_allowed_fallback(method_not_allowed)
+            .route_layer(middleware::from_fn(super::access::matched_route))
+            .with_state(self.clone())
     }
 
     /// Who the request's bearer token belongs to.
-    pub(super) async fn authenticate(&self, request: &Request) -> Result<Principal, ApiError> {
-        let header = request
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                ApiError::unauthorized("missing `Authorization: Bearer <key>` header")
-            })?;
+    pub(super) async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
+        let header = headers.get(hyper::header::AUTHORIZATION).ok_or_else(|| {
+            ApiError::unauthorized("missing `Authorization: Bearer <key>` header")
+        })?;
         let token = header.to_str().ok().and_then(auth::bearer).ok_or_else(|| {
             ApiError::unauthorized("the Authorization header must be `Bearer <key>`")
         })?;
         let hash = TokenHash::of(token);
-        if hash.matches(&self.admin_token) {
-            return Ok(Principal::Admin);
-        }
-        match self.store.key(&hash).await? {
-            Some(key) => Ok(Principal::Tenant(key.tenant)),
-            None => Err(ApiError::unauthorized("unknown API key")),
-        }
+        let principal = if hash.matches(&self.admin_token) {
+            Principal::Admin
+        } else {
+            match self.store.key(&hash).await? {
+                Some(key) => Principal::Tenant(key.tenant),
+                None => return Err(ApiError::unauthorized("unknown API key")),
+            }
+        };
+        super::access::authenticated(&principal);
+        Ok(principal)
     }
 
     /// The operator only.
-    pub(super) async fn require_admin(&self, request: &Request) -> Result<(), ApiError> {
-        match self.authenticate(request).await? {
+    pub(super) async fn require_admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        match self.authenticate(headers).await? {
             Principal::Admin => Ok(()),
             Principal::Tenant(_) => Err(ApiError::forbidden("this needs the admin token")),
         }
     }
 
     /// A tenant key; returns the tenant.
-    pub(super) async fn require_tenant(&self, request: &Request) -> Result<String, ApiError> {
-        match self.authenticate(request).await? {
+    pub(super) async fn require_tenant(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        match self.authenticate(headers).await? {
             Principal::Tenant(tenant) => Ok(tenant),
             Principal::Admin => Err(ApiError::forbidden(
                 "the admin token is not a tenant key: create a key with `gigafactory tenant key <tenant>`",
@@ -100,17 +307,14 @@ impl Gateway {
         }
     }
 
-    async fn metrics_text(&self, request: &Request) -> Result<Response, ApiError> {
-        self.require_admin(request).await?;
+    async fn metrics_text(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
+        self.require_admin(headers).await?;
         let text = self.metrics.render(
             self.runtime.counters(),
             self.runtime.models(),
             self.functions.len(),
         );
-        Ok(hyper::Response::builder()
-            .header("content-type", "text/plain; version=0.0.4")
-            .body(full(text))
-            .expect("a valid response"))
+        Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
     }
 }
 
@@ -119,6 +323,67 @@ impl Gateway {
 fn rest_of_path(path: &str, skip: usize) -> String {
     let rest: Vec<&str> = path.trim_start_matches('/').splitn(skip + 1, '/').collect();
     format!("/{}", rest.get(skip).copied().unwrap_or(""))
+}
+
+async fn healthz() -> Response {
+    json(StatusCode::OK, serde_json::json!({"status": "ok"}))
+}
+
+/// `/fn/{tenant}/{function}/{*path}`: the function sees the path below its mount point.
+async fn invoke(
+    State(gw): Shared,
+    Params(path): Params<FunctionPath>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let rest = rest_of_path(request.uri().path(), 3);
+    gw.invoke(request, &path.tenant, &path.function, rest).await
+}
+
+async fn chat_completions(State(gw): Shared, request: Request) -> Result<Response, ApiError> {
+    gw.chat_completions(request).await
+}
+
+async fn completions(State(gw): Shared, request: Request) -> Result<Response, ApiError> {
+    gw.completions(request).await
+}
+
+async fn embeddings(State(gw): Shared, request: Request) -> Result<Response, ApiError> {
+    gw.embeddings(request).await
+}
+
+/// Ends a control-plane call at the control timeout.
+async fn control_deadline(State(gw): Shared, request: Request, next: Next) -> Response {
+    let limit = gw.config.control_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "deadline_exceeded",
+            format!("the request did not finish within {} s", limit.as_secs()),
+        )
+        .into_response(),
+    }
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+/// 405; axum adds the `Allow` header.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Whether the query sets `name` (`?name=true` or `?name=1`).
+fn flag(uri: &Uri, name: &str) -> bool {
+    uri.query().unwrap_or("").split('&').any(|pair| {
+        pair.split_once('=')
+            .is_some_and(|(key, value)| key == name && matches!(value, "true" | "1"))
+    })
 }
 
 /// A JSON response.

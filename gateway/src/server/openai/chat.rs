@@ -178,7 +178,10 @@ fn message_of(index: usize, message: Value) -> Result<(String, String), ApiError
 }
 
 impl Gateway {
-    pub(super) async fn chat_completions(&self, request: Request) -> Result<Response, ApiError> {
+    pub(in crate::server) async fn chat_completions(
+        &self,
+        request: Request,
+    ) -> Result<Response, ApiError> {
         let (tenant, body, admitted) = match self.openai_admit(request, MAX_BODY).await? {
             super::Admit::Here(tenant, body, admitted) => (tenant, body, admitted),
             super::Admit::Elsewhere(response) => return Ok(response),

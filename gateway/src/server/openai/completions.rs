@@ -105,7 +105,10 @@ impl Completion {
 }
 
 impl Gateway {
-    pub(super) async fn completions(&self, request: Request) -> Result<Response, ApiError> {
+    pub(in crate::server) async fn completions(
+        &self,
+        request: Request,
+    ) -> Result<Response, ApiError> {
         let (tenant, body, admitted) = match self.openai_admit(request, MAX_BODY).await? {
             Admit::Here(tenant, body, admitted) => (tenant, body, admitted),
             Admit::Elsewhere(response) => return Ok(response),

@@ -14,8 +14,11 @@ use crate::server::{ApiError, Gateway, Response};
 const MAX_EMBEDDINGS_BODY: usize = 8 << 20;
 
 impl Gateway {
-    pub(super) async fn embeddings(&self, request: Request) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(&request).await?;
+    pub(in crate::server) async fn embeddings(
+        &self,
+        request: Request,
+    ) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request.headers()).await?;
         let (forwarded, outgoing) = (self.peers.forwarded(&request)?, Outgoing::of(&request));
         let body = self.read_body(request, MAX_EMBEDDINGS_BODY).await?;
         let asked: EmbeddingRequest = serde_json::from_slice(&body).map_err(|e| {

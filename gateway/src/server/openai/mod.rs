@@ -15,64 +15,34 @@ mod embeddings;
 mod fields;
 mod tools;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::response::IntoResponse as _;
+use axum::response::sse::{Event as SseEvent, Sse};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use gigafactory_runtime::llm::{self, Answer, Event, Generation, TextModel, TokenLogprob};
 use gigafactory_runtime::{AiError, AiService};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
-use hyper::{Method, StatusCode};
+use hyper::HeaderMap;
+use hyper::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::admission::Admitted;
 use super::cluster::Outgoing;
 use super::routes::{Request, json};
-use super::{ApiError, BoxError, Gateway, Response};
+use super::{ApiError, Gateway, Response};
 use crate::quota::Quota;
 
 /// Tokens the frequency and presence penalties look back over.
 const OPENAI_PENALTY_WINDOW: u32 = 4096;
 
 impl Gateway {
-    /// `/openai/…`: `segments` are the path after `openai`.
-    pub(super) async fn openai(
-        &self,
-        request: Request,
-        segments: &[&str],
-        method: &Method,
-    ) -> Result<Response, ApiError> {
-        match (segments, method) {
-            (["v1", "models"], &Method::GET) => self.openai_models(&request).await,
-            (["v1", "models", id], &Method::GET) => self.openai_model(&request, id).await,
-            (["v1", "chat", "completions"], &Method::POST) => self.chat_completions(request).await,
-            (["v1", "completions"], &Method::POST) => self.completions(request).await,
-            (["v1", "embeddings"], &Method::POST) => self.embeddings(request).await,
-            (
-                ["v1", "models"]
-                | ["v1", "models", _]
-                | ["v1", "chat", "completions"]
-                | ["v1", "completions"]
-                | ["v1", "embeddings"],
-                _,
-            ) => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed here"),
-            )),
-            _ => Err(ApiError::not_found(format!(
-                "no OpenAI-compatible route /openai/{}",
-                segments.join("/")
-            ))),
-        }
-    }
-
     /// The models the tenant may use, in OpenAI's list shape.
-    async fn openai_models(&self, request: &Request) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(request).await?;
+    pub(super) async fn openai_models(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(headers).await?;
         let data = self.openai_entries(Some(&tenant)).await?;
         Ok(json(
             StatusCode::OK,
@@ -81,8 +51,12 @@ impl Gateway {
     }
 
     /// One model the tenant may use, in OpenAI's shape (`models.retrieve`).
-    async fn openai_model(&self, request: &Request, id: &str) -> Result<Response, ApiError> {
-        let tenant = self.require_tenant(request).await?;
+    pub(super) async fn openai_model(
+        &self,
+        headers: &HeaderMap,
+        id: &str,
+    ) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(headers).await?;
         let data = self.openai_entries(Some(&tenant)).await?;
         data.into_iter()
             .find(|entry| entry["id"] == id)
@@ -150,7 +124,7 @@ impl Gateway {
     /// tenant's request, and sends it on to the node holding its model
     /// when this one does not.
     async fn openai_admit(&self, request: Request, limit: usize) -> Result<Admit, ApiError> {
-        let tenant = self.require_tenant(&request).await?;
+        let tenant = self.require_tenant(request.headers()).await?;
         let (forwarded, outgoing) = (self.peers.forwarded(&request)?, Outgoing::of(&request));
         let body = self.read_body(request, limit).await?;
         let model = serde_json::from_slice::<Value>(&body)
@@ -229,12 +203,12 @@ impl Gateway {
         include_usage: bool,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Response {
-        let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(32);
+        let (sender, receiver) = tokio::sync::mpsc::channel::<SseEvent>(32);
         let deadline = tokio::time::Instant::now() + self.config.generation_timeout;
         let limit = self.config.generation_timeout;
         tokio::spawn(async move {
             let _permit = permit;
-            let send = |chunk: Value| sender.send(Bytes::from(format!("data: {chunk}\n\n")));
+            let send = |chunk: Value| sender.send(SseEvent::default().data(chunk.to_string()));
             let count = answers.len();
             let mut events = futures_util::stream::select_all(answers.into_iter().enumerate().map(
                 |(index, generation)| {
@@ -288,18 +262,13 @@ impl Gateway {
             if include_usage && send(reader.usage(usage.to_json())).await.is_err() {
                 return;
             }
-            let _ = sender.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            let _ = sender.send(SseEvent::default().data("[DONE]")).await;
         });
-        let frames = futures_util::stream::unfold(receiver, |mut receiver| async move {
-            let bytes = receiver.recv().await?;
-            Some((Ok::<_, BoxError>(Frame::data(bytes)), receiver))
+        let events = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            let event = receiver.recv().await?;
+            Some((Ok::<_, Infallible>(event), receiver))
         });
-        hyper::Response::builder()
-            .status(StatusCode::OK)
-            .header("content-type", "text/event-stream")
-            .header("cache-control", "no-cache")
-            .body(StreamBody::new(frames).boxed_unsync())
-            .expect("a valid response")
+        Sse::new(events).into_response()
     }
 }
 
