@@ -6,6 +6,8 @@ mod support;
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::StreamExt as _;
 use hyper::Method;
 use support::{Server, assert_error, text};
 
@@ -91,4 +93,122 @@ async fn routes_methods_request_ids_and_access_logs() {
     ] {
         assert!(metrics.contains(series), "{series} missing:\n{metrics}");
     }
+}
+
+/// The small text model's name.
+const TEXT_MODEL: &str = "smollm2-135m-instruct";
+
+/// A streamed chat completion that runs for long: end-of-text banned.
+fn long_chat() -> Bytes {
+    Bytes::from(
+        serde_json::json!({
+            "model": TEXT_MODEL,
+            "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "max_tokens": 1900,
+            "stream": true,
+            "logit_bias": {"0": -100, "2": -100},
+        })
+        .to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_without_losing_an_accepted_request() {
+    let models = tempfile::tempdir().unwrap();
+    let shipped = support::root().join("models").join(TEXT_MODEL);
+    std::os::unix::fs::symlink(
+        shipped.canonicalize().unwrap(),
+        models.path().join(TEXT_MODEL),
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_with_models(data.path(), models.path(), &["--drain-secs", "3"]);
+    let key = server.tenant("acme").await;
+    server
+        .deploy(&key, "probe", support::wasm("manifest_probe"))
+        .await;
+    let client = server.client(Some(&key));
+
+    // In flight at the signal: a log follow, a generation that would run
+    // for minutes, and requests that finish within the grace.
+    let follow = client
+        .open(
+            Method::GET,
+            "/v1/functions/probe/logs?follow=true",
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), 200);
+    let chat = client
+        .open(
+            Method::POST,
+            "/openai/v1/chat/completions",
+            Some(("application/json", long_chat())),
+            &[],
+        )
+        .await
+        .unwrap();
+    if chat.status() != 200 {
+        panic!("{}: {}", chat.status(), chat.text().await.unwrap());
+    }
+    let mut chat = chat.bytes_stream();
+    let first = chat.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    let slow: Vec<_> = (0..4)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let path = format!("/fn/acme/probe/sleep?ms={}", 1000 + 200 * i);
+                client.send(Method::GET, &path, None, &[]).await.unwrap()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signal = std::process::Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(signal.success());
+
+    // At once: not ready, and new requests are refused with a retry hint.
+    let mut refused = None;
+    for _ in 0..100 {
+        // (A pooled connection the server closes meanwhile is an error to retry.)
+        let ready = client.send(Method::GET, "/readyz", None, &[]).await;
+        if ready.is_ok_and(|ready| ready.status == 503)
+            && let Ok(again) = client.send(Method::GET, "/v1/functions", None, &[]).await
+        {
+            refused = Some(again);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = refused.expect("/readyz never answered 503");
+    assert_error(&refused, 503, "draining");
+    assert_eq!(refused.headers["retry-after"], "1");
+
+    // The follow ends cleanly; every accepted request is answered.
+    let lines = tokio::time::timeout(Duration::from_secs(5), follow.bytes())
+        .await
+        .expect("the follow did not end");
+    lines.expect("the follow ended in an error");
+    for request in slow {
+        let reply = request.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", text(&reply));
+    }
+
+    // The generation, still running at the end of the grace, ends with
+    // an error event rather than a cut chunk.
+    let mut rest = Vec::new();
+    while let Some(chunk) = chat.next().await {
+        rest.extend_from_slice(&chunk.expect("the stream was cut"));
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    let last = rest.trim_end().lines().last().unwrap().to_string();
+    let event: serde_json::Value =
+        serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(event["error"]["code"], "shutting_down", "{last}");
+    server.stop();
 }

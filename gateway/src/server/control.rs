@@ -242,7 +242,7 @@ impl Gateway {
         self.find_function(&tenant, name).await?;
         let log = self.logs.of(&tenant, name);
         if follow {
-            return Ok(super::follow::follow(&log));
+            return Ok(super::follow::follow(&log, self.drain.begun()));
         }
         let lines = log.tail(usize::MAX);
         Ok(json(StatusCode::OK, serde_json::json!({ "lines": lines })))

@@ -1,5 +1,6 @@
 //! `GET /v1/functions/{name}/logs?follow=true`: the recent lines, then
-//! every new one as it is written, as NDJSON, until the client leaves.
+//! every new one as it is written, as NDJSON, until the client leaves or
+//! the node drains (the stream then ends cleanly, after a whole line).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,8 +11,11 @@ use tokio::sync::{broadcast, mpsc};
 use super::{Body, Response};
 use crate::logs::{FunctionLog, LogLine};
 
-/// A streaming NDJSON response following `log`.
-pub fn follow(log: &Arc<FunctionLog>) -> Response {
+/// A streaming NDJSON response following `log` until `ended`.
+pub fn follow(
+    log: &Arc<FunctionLog>,
+    ended: impl Future<Output = ()> + Send + 'static,
+) -> Response {
     let (recent, mut feed) = log.follow();
     let (sender, receiver) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
@@ -20,8 +24,13 @@ pub fn follow(log: &Arc<FunctionLog>) -> Response {
                 return;
             }
         }
+        tokio::pin!(ended);
         loop {
-            let chunk = match feed.recv().await {
+            let next = tokio::select! {
+                next = feed.recv() => next,
+                () = &mut ended => return,
+            };
+            let chunk = match next {
                 Ok(line) => ndjson(&line),
                 Err(broadcast::error::RecvError::Lagged(skipped)) => Bytes::from(format!(
                     "{{\"stream\":\"platform\",\"line\":\"[{skipped} lines skipped]\"}}\n"

@@ -180,6 +180,8 @@ pub struct Gateway {
     admission: admission::Admission,
     /// Set when shutting down: the node takes no new work.
     draining: AtomicBool,
+    /// The phases of a shutdown, for streams that end cleanly.
+    drain: Drain,
     /// Requests being answered (until their response body ends).
     in_flight: Arc<AtomicUsize>,
     /// The other nodes of the cluster.
@@ -230,6 +232,7 @@ impl Gateway {
             concurrency: Mutex::default(),
             admission: admission::Admission::default(),
             draining: AtomicBool::new(false),
+            drain: Drain::default(),
             in_flight: Arc::default(),
             peers: cluster::Peers::new(config.cluster_secret.clone()),
             fleet,
@@ -300,7 +303,11 @@ impl Gateway {
             self.clone()
                 .spawn_connection(&builder, &app, &graceful, &connections, connection);
         }
+        // Draining: /readyz and new requests answer 503 at once, the other
+        // nodes hear of it, open connections close once their requests end.
         self.draining.store(true, Ordering::Relaxed);
+        self.drain.begun.send_replace(true);
+        let closing = tokio::spawn(graceful.shutdown());
         heartbeats.abort();
         if let Err(error) = self.heartbeat(&mut node).await {
             tracing::warn!("{error:#}");
@@ -311,12 +318,41 @@ impl Gateway {
             grace_secs = grace.as_secs(),
             "draining: waiting for requests in flight"
         );
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("gave up waiting for requests in flight");
+        // Clients that still reach the node (a balancer not yet told) get
+        // a 503 with Retry-After rather than a refused connection.
+        let late = GracefulShutdown::new();
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.settled() {
+            tokio::select! {
+                accepted = listener.accept() => if let Ok((stream, peer)) = accepted {
+                    let connection = Connection {
+                        stream,
+                        peer,
+                        opened: connections.opened(),
+                        activity: Activity::new(),
+                    };
+                    self.clone().spawn_connection(&builder, &app, &late, &connections, connection);
+                },
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                () = tokio::time::sleep_until(deadline) => break,
+            }
         }
+        if !self.settled() {
+            // Past the grace: streams end with a terminal event, not a cut.
+            tracing::warn!(
+                in_flight = self.in_flight.load(Ordering::Relaxed),
+                "the drain grace is over: ending the streams still open"
+            );
+            self.drain.grace_over.send_replace(true);
+            let ended = tokio::time::Instant::now() + STREAM_END_GRACE;
+            while !self.settled() && tokio::time::Instant::now() < ended {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !self.settled() {
+                tracing::warn!("gave up waiting for requests in flight");
+            }
+        }
+        closing.abort();
         if let Err(error) = self.store.leave(&node).await {
             tracing::warn!("leaving the cluster: {error:#}");
         }
@@ -394,6 +430,46 @@ impl Gateway {
                 }
             }
         });
+    }
+}
+
+impl Gateway {
+    /// Whether no request is in flight.
+    fn settled(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// How long streams get to write their terminal event after the grace.
+const STREAM_END_GRACE: Duration = Duration::from_secs(2);
+
+/// The phases of a shutdown, watched by the streams that must end cleanly.
+#[derive(Default)]
+pub(super) struct Drain {
+    /// Set on the shutdown signal: endless streams (`logs --follow`) end.
+    pub begun: tokio::sync::watch::Sender<bool>,
+    /// Set when the grace is over: generations end with an error event.
+    pub grace_over: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drain {
+    /// Resolves once the drain has begun.
+    pub fn begun(&self) -> impl Future<Output = ()> + Send + 'static {
+        Self::reached(&self.begun)
+    }
+
+    /// Resolves once the drain's grace is over.
+    pub fn grace_over(&self) -> impl Future<Output = ()> + Send + 'static {
+        Self::reached(&self.grace_over)
+    }
+
+    fn reached(
+        phase: &tokio::sync::watch::Sender<bool>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let mut watch = phase.subscribe();
+        async move {
+            let _ = watch.wait_for(|set| *set).await;
+        }
     }
 }
 

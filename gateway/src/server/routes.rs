@@ -265,6 +265,10 @@ impl Gateway {
             .fallback(no_route)
             .method_not_allowed_fallback(method_not_allowed)
             .route_layer(middleware::from_fn(super::access::matched_route))
+            .layer(middleware::from_fn_with_state(
+                self.clone(),
+                refuse_while_draining,
+            ))
             .with_state(self.clone())
     }
 
@@ -349,6 +353,29 @@ async fn completions(State(gw): Shared, request: Request) -> Result<Response, Ap
 
 async fn embeddings(State(gw): Shared, request: Request) -> Result<Response, ApiError> {
     gw.embeddings(request).await
+}
+
+/// While the node drains, new requests other than probes get 503 with
+/// Retry-After (and HTTP/1 connections close), so clients retry elsewhere.
+async fn refuse_while_draining(State(gw): Shared, request: Request, next: Next) -> Response {
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    if probe || !gw.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return next.run(request).await;
+    }
+    let mut refusal = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "draining",
+        "this node is shutting down and takes no new requests; retry shortly",
+    )
+    .retry_after(1)
+    .into_response();
+    if request.version() < hyper::Version::HTTP_2 {
+        refusal.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
+    refusal
 }
 
 /// Ends a control-plane call at the control timeout.

@@ -206,8 +206,10 @@ impl Gateway {
         let (sender, receiver) = tokio::sync::mpsc::channel::<SseEvent>(32);
         let deadline = tokio::time::Instant::now() + self.config.generation_timeout;
         let limit = self.config.generation_timeout;
+        let grace_over = self.drain.grace_over();
         tokio::spawn(async move {
             let _permit = permit;
+            tokio::pin!(grace_over);
             let send = |chunk: Value| sender.send(SseEvent::default().data(chunk.to_string()));
             let count = answers.len();
             let mut events = futures_util::stream::select_all(answers.into_iter().enumerate().map(
@@ -229,7 +231,15 @@ impl Gateway {
             let mut usage = Usage::default();
             let mut open = count;
             while open > 0 {
-                let chunks = match tokio::time::timeout_at(deadline, events.next()).await {
+                let next = tokio::select! {
+                    next = tokio::time::timeout_at(deadline, events.next()) => next,
+                    () = &mut grace_over => {
+                        let why = "the server is shutting down: the answer was cut at the end of its drain grace period; retry";
+                        let _ = send(stream_error("shutting_down", why)).await;
+                        return;
+                    }
+                };
+                let chunks = match next {
                     Err(_) => {
                         let error = generation_deadline(limit);
                         let _ = send(stream_error(error.code(), error.message())).await;
