@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
+use gigafactory_gateway::cli::Client;
 use hyper::Method;
 use support::{Server, assert_error, text};
 
@@ -211,4 +212,98 @@ async fn sigterm_drains_without_losing_an_accepted_request() {
         serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(event["error"]["code"], "shutting_down", "{last}");
     server.stop();
+}
+
+/// A self-signed certificate for 127.0.0.1 written to `dir`: (cert, key) paths.
+fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let issued =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, issued.cert.pem()).unwrap();
+    std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_with_the_cli_and_a_renewed_certificate() {
+    let data = tempfile::tempdir().unwrap();
+    let first = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(first.path());
+    let live = tempfile::tempdir().unwrap();
+    let (live_cert, live_key) = (live.path().join("cert.pem"), live.path().join("key.pem"));
+    std::fs::copy(&cert, &live_cert).unwrap();
+    std::fs::copy(&key, &live_key).unwrap();
+    let flags = [
+        "--tls-cert",
+        live_cert.to_str().unwrap(),
+        "--tls-key",
+        live_key.to_str().unwrap(),
+    ];
+    let server = Server::start_without_models_with(data.path(), &flags);
+    assert!(
+        server.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.url
+    );
+
+    // Trusted through --ca; refused without it.
+    let admin =
+        Client::with_ca(&server.url, Some(support::ADMIN_TOKEN.into()), Some(&cert)).unwrap();
+    let tenants = admin.api(Method::GET, "/v1/tenants", None).await.unwrap();
+    assert_eq!(tenants["tenants"], serde_json::json!([]), "{tenants}");
+    let untrusted = Client::new(&server.url, None).unwrap();
+    let refused = untrusted.send(Method::GET, "/healthz", None, &[]).await;
+    let error = format!(
+        "{:#}",
+        refused
+            .err()
+            .expect("an untrusted certificate was accepted")
+    );
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+
+    // The CLI over https.
+    let created = std::process::Command::new(support::binary())
+        .args(["tenant", "create", "acme", "--url", &server.url, "--ca"])
+        .arg(&cert)
+        .env("GIGAFACTORY_TOKEN", support::ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let listed = admin
+        .api(Method::GET, "/v1/tenants/acme", None)
+        .await
+        .unwrap();
+    assert_eq!(listed["name"], "acme", "{listed}");
+
+    // A renewed certificate takes effect on SIGHUP, without a restart.
+    let second = tempfile::tempdir().unwrap();
+    let (renewed, renewed_key) = certificate(second.path());
+    std::fs::copy(&renewed, &live_cert).unwrap();
+    std::fs::copy(&renewed_key, &live_key).unwrap();
+    let hangup = std::process::Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hangup.success());
+    let fresh = Client::with_ca(&server.url, None, Some(&renewed)).unwrap();
+    let mut answered = None;
+    for _ in 0..100 {
+        if let Ok(reply) = fresh.send(Method::GET, "/healthz", None, &[]).await {
+            answered = Some(reply.status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answered, Some(hyper::StatusCode::OK), "{}", server.output());
+    let stale = Client::with_ca(&server.url, None, Some(&cert)).unwrap();
+    assert!(
+        stale
+            .send(Method::GET, "/healthz", None, &[])
+            .await
+            .is_err()
+    );
 }

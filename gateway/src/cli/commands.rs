@@ -15,11 +15,11 @@ use super::{
 };
 use crate::bundle::{Bundle, MANIFEST_ENTRY};
 use crate::manifest::Manifest;
-use crate::server::{Gateway, GatewayConfig};
+use crate::server::{Gateway, GatewayConfig, TlsFiles};
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
-    let client = || Client::new(&cli.url, cli.token.clone());
+    let client = || Client::with_ca(&cli.url, cli.token.clone(), cli.ca.as_deref());
     match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Tenant(command) => tenant(&client()?, command, cli.json).await,
@@ -81,6 +81,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.node.heartbeat =
         (config.node.dead_after / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
     config.node.drain_grace = Duration::from_secs(args.drain_secs);
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(TlsFiles { cert, key });
+    }
     if let Some(threads) = args.inference_threads {
         config.pool.workers = threads.max(1);
         config.pool.engines.threads = threads.max(1);

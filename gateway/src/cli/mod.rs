@@ -27,6 +27,10 @@ pub struct Cli {
     /// An API key (tenant commands) or the admin token (tenant management).
     #[arg(long, global = true, env = "GIGAFACTORY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM certificates to trust for an https:// URL besides the system's
+    /// (a private CA, or the server's self-signed certificate).
+    #[arg(long, global = true, env = "GIGAFACTORY_CA")]
+    pub ca: Option<PathBuf>,
     /// Print the API's JSON instead of a summary.
     #[arg(long, global = true)]
     pub json: bool,
@@ -209,6 +213,12 @@ pub struct ServeArgs {
     /// On SIGTERM, how long requests in flight may take to finish, in seconds.
     #[arg(long, default_value_t = 30)]
     pub drain_secs: u64,
+    /// Serve HTTPS with this PEM certificate chain (reloaded on SIGHUP); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// The log's format: `text` for people, `json` (one object a line) for
     /// log collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "GIGAFACTORY_LOG_FORMAT")]

@@ -20,6 +20,7 @@ mod models;
 mod nodes;
 mod openai;
 mod routes;
+mod tls;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
+use futures_util::future::Either;
 use gigafactory_runtime::{ModelPool, PoolOptions, Runtime, SandboxLimits};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -49,6 +51,7 @@ use connections::{Activity, Connections, Watched};
 pub use error::ApiError;
 use functions::FunctionCache;
 pub use nodes::NodeConfig;
+pub use tls::TlsFiles;
 
 /// Error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -135,6 +138,8 @@ pub struct GatewayConfig {
     /// The secret nodes present to each other; without it, requests are
     /// never sent to other nodes.
     pub cluster_secret: Option<String>,
+    /// HTTPS with this certificate and key; none: plain HTTP.
+    pub tls: Option<TlsFiles>,
 }
 
 impl GatewayConfig {
@@ -161,6 +166,7 @@ impl GatewayConfig {
             allow_loopback_outbound: false,
             node: NodeConfig::default(),
             cluster_secret: None,
+            tls: None,
         }
     }
 }
@@ -258,14 +264,29 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
+        let tls = match &self.config.tls {
+            Some(files) => {
+                let tls = tls::Tls::load(files.clone()).context("loading the TLS certificate")?;
+                tls.reload_on_sighup()?;
+                Some(tls)
+            }
+            None => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut node = self.node_status(listener.local_addr()?)?;
         self.heartbeat(&mut node).await?;
         tracing::info!(node = %node.name, address = %node.address, "joined the cluster");
         // Announced once the node is registered: from here other nodes see it.
-        tracing::info!("gigafactory listening on http://{}", listener.local_addr()?);
+        tracing::info!(
+            "gigafactory listening on {scheme}://{}",
+            listener.local_addr()?
+        );
         let heartbeats = tokio::spawn(self.clone().heartbeats(node.clone()));
         let builder = self.http_builder();
-        let app = self.app();
+        let app = Front {
+            app: self.app(),
+            tls,
+        };
         let cap = connections::connection_cap(self.config.max_connections);
         let connections = Arc::new(Connections::new(cap, self.config.idle_timeout));
         tracing::info!(connections = cap, "accepting connections");
@@ -392,7 +413,7 @@ impl Gateway {
     fn spawn_connection(
         self: Arc<Self>,
         builder: &auto::Builder<TokioExecutor>,
-        app: &access::App,
+        front: &Front,
         graceful: &GracefulShutdown,
         connections: &Arc<Connections>,
         connection: Connection,
@@ -403,8 +424,12 @@ impl Gateway {
             opened,
             activity,
         } = connection;
+        let (acceptor, handshake_limit) = (
+            front.tls.as_ref().map(|tls| tls.acceptor()),
+            self.config.header_timeout,
+        );
         let service = {
-            let (activity, app) = (activity.clone(), app.clone());
+            let (activity, app) = (activity.clone(), front.app.clone());
             tower::service_fn(move |request: hyper::Request<Incoming>| {
                 // The body holds its request in flight until it ends or is
                 // dropped: a quiet stream (`logs --follow`) is not idle.
@@ -416,11 +441,38 @@ impl Gateway {
             })
         };
         let service = TowerToHyperService::new(service);
-        let io = TokioIo::new(Watched::new(stream, activity.clone()));
-        let served = graceful.watch(builder.serve_connection(io, service).into_owned());
+        let watched = Watched::new(stream, activity.clone());
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         let connections = connections.clone();
         tokio::spawn(async move {
             let _opened = opened;
+            let served = match acceptor {
+                None => Either::Left(
+                    watcher.watch(
+                        builder
+                            .serve_connection(TokioIo::new(watched), service)
+                            .into_owned(),
+                    ),
+                ),
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(handshake_limit, acceptor.accept(watched)).await
+                        {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                return tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            }
+                            Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                        };
+                    Either::Right(
+                        watcher.watch(
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .into_owned(),
+                        ),
+                    )
+                }
+            };
             tokio::select! {
                 ended = served => if let Err(e) = ended {
                     tracing::debug!(%peer, "connection ended: {e}");
@@ -471,6 +523,12 @@ impl Drain {
             let _ = watch.wait_for(|set| *set).await;
         }
     }
+}
+
+/// What connections are served with: the application, and TLS when on.
+struct Front {
+    app: access::App,
+    tls: Option<Arc<tls::Tls>>,
 }
 
 /// One request in flight, counted until dropped (with its response body).
