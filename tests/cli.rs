@@ -84,6 +84,97 @@ fn a_tour_of_the_cli() {
     ));
     let parsed: serde_json::Value = serde_json::from_str(&as_json).unwrap();
     assert_eq!(parsed["active_version"], 1);
+
+    // A second version, rolled back to the first; a missing one is refused.
+    let probe = data.path().join("probe.wasm");
+    std::fs::write(&probe, wasm("manifest_probe")).unwrap();
+    success(gigafactory(
+        &server,
+        key,
+        &["deploy", "hello", probe.to_str().unwrap()],
+    ));
+    let rolled = success(gigafactory(
+        &server,
+        key,
+        &["functions", "rollback", "hello", "1"],
+    ));
+    assert_eq!(rolled, "hello now runs version 1\n");
+    let missing = gigafactory(&server, key, &["functions", "rollback", "hello", "9"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("has no version 9"));
+
+    // invoke with a method, and the status line and headers.
+    let shown = success(gigafactory(
+        &server,
+        key,
+        &["invoke", "hello", "-i", "-X", "put", "--path", "/again"],
+    ));
+    assert!(shown.starts_with("HTTP/1.1 200 OK\n"), "{shown}");
+    assert!(
+        shown.contains("gigafactory-function-version: 1\n"),
+        "{shown}"
+    );
+    assert!(shown.ends_with("You asked for /again\n"), "{shown}");
+
+    // A reader that leaves early (`| head`) ends the CLI quietly.
+    success(gigafactory(
+        &server,
+        key,
+        &["deploy", "probe", probe.to_str().unwrap()],
+    ));
+    let piped = Command::new("sh")
+        .arg("-c")
+        .arg("\"$0\" invoke probe --path '/big?bytes=8000000' 2>\"$1\" | head -c 10 >/dev/null")
+        .arg(binary())
+        .arg(data.path().join("stderr"))
+        .env("GIGAFACTORY_URL", &server.url)
+        .env("GIGAFACTORY_TOKEN", key)
+        .status()
+        .unwrap();
+    assert!(piped.success());
+    let said = std::fs::read_to_string(data.path().join("stderr")).unwrap();
+    assert!(!said.contains("panicked"), "{said}");
+
+    // Who a token is; a tenant's keys, one revoked.
+    let me = success(gigafactory(&server, key, &["whoami"]));
+    assert!(me.starts_with("tenant demo\n"), "{me}");
+    let (second, _) = {
+        let made = success(gigafactory(
+            &server,
+            ADMIN_TOKEN,
+            &["--json", "keys", "create", "demo"],
+        ));
+        let made: serde_json::Value = serde_json::from_str(&made).unwrap();
+        (
+            made["key"].as_str().unwrap().to_string(),
+            made["id"].as_str().unwrap().to_string(),
+        )
+    };
+    let keys = success(gigafactory(
+        &server,
+        ADMIN_TOKEN,
+        &["--json", "keys", "list", "demo"],
+    ));
+    let keys: serde_json::Value = serde_json::from_str(&keys).unwrap();
+    let ids: Vec<&str> = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{keys}");
+    let id = ids
+        .iter()
+        .find(|id| second.contains(*id))
+        .expect("the new key's id is a part of it");
+    success(gigafactory(
+        &server,
+        ADMIN_TOKEN,
+        &["keys", "revoke", "demo", id],
+    ));
+    let refused = gigafactory(&server, &second, &["whoami"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown API key"));
 }
 
 #[test]
@@ -228,7 +319,11 @@ fn deploy_bundles_the_manifest_next_to_the_crate() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    assert!(stderr.contains("with gigafactory.toml"), "{stderr}");
+    let used = crate_dir.path().join("gigafactory.toml");
+    assert!(
+        stderr.contains(&format!("with {}", used.display())),
+        "{stderr}"
+    );
     assert_eq!(
         runtime.block_on(server.get_text(&key, "/fn/acme/probe/file")),
         "ok:hello from the crate"
@@ -236,6 +331,42 @@ fn deploy_bundles_the_manifest_next_to_the_crate() {
     assert_eq!(
         runtime.block_on(server.get_text(&key, "/fn/acme/probe/env")),
         "GREETING=from the manifest PATH=-"
+    );
+
+    // From elsewhere, a workspace's build: the member the wasm is named
+    // after has the manifest, and deploy says it used it.
+    let workspace = tempfile::tempdir().unwrap();
+    let member = workspace.path().join("probe-fn");
+    std::fs::create_dir(&member).unwrap();
+    std::fs::write(
+        member.join("Cargo.toml"),
+        "[package]\nname = \"probe-fn\"\nversion = \"0.1.0\"\n",
+    )
+    .unwrap();
+    let manifest = "[env]\nGREETING = \"from the member\"\n";
+    std::fs::write(member.join("gigafactory.toml"), manifest).unwrap();
+    let built = workspace.path().join("target/wasm32-wasip2/release");
+    std::fs::create_dir_all(&built).unwrap();
+    std::fs::write(built.join("probe_fn.wasm"), wasm("manifest_probe")).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let output = Command::new(binary())
+        .args(["deploy", "probe"])
+        .arg(built.join("probe_fn.wasm"))
+        .current_dir(elsewhere.path())
+        .env("GIGAFACTORY_URL", &server.url)
+        .env("GIGAFACTORY_TOKEN", &key)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let used = member.join("gigafactory.toml");
+    assert!(
+        stderr.contains(&format!("with {}", used.display())),
+        "{stderr}"
+    );
+    assert_eq!(
+        runtime.block_on(server.get_text(&key, "/fn/acme/probe/env")),
+        "GREETING=from the member PATH=-"
     );
 }
 
@@ -265,4 +396,66 @@ fn the_kubernetes_manifests_fit_the_binary() {
     );
     let summary: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap();
     assert_eq!(summary["workloads"], 2, "{summary}");
+}
+
+#[test]
+fn login_saves_profiles_the_commands_use() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_without_models(data.path());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let key = runtime.block_on(server.tenant("acme"));
+    let config = data.path().join("config/gigafactory.toml");
+    let cli = |args: &[&str]| {
+        Command::new(binary())
+            .args(args)
+            .env_remove("GIGAFACTORY_URL")
+            .env_remove("GIGAFACTORY_TOKEN")
+            .env("GIGAFACTORY_CONFIG", &config)
+            .output()
+            .unwrap()
+    };
+
+    // Nothing configured: says how to configure it.
+    let unset = cli(&["functions", "list"]);
+    assert!(!unset.status.success());
+    let said = String::from_utf8_lossy(&unset.stderr);
+    assert!(
+        said.contains("GIGAFACTORY_TOKEN") && said.contains("gigafactory login"),
+        "{said}"
+    );
+
+    // A token the gateway refuses is not saved.
+    let refused = cli(&[
+        "login",
+        "--url",
+        &server.url,
+        "--with-token",
+        "gf_not-a-key",
+    ]);
+    assert!(!refused.status.success());
+    assert!(!config.exists());
+
+    let saved = success(cli(&[
+        "login",
+        "--url",
+        &server.url,
+        "--with-token",
+        &key,
+        "--profile",
+        "dev",
+    ]));
+    assert!(saved.contains("as tenant acme: profile dev"), "{saved}");
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the config holds tokens");
+    // The first profile is the default; --profile names one.
+    assert!(success(cli(&["whoami"])).starts_with("tenant acme\n"));
+    assert!(success(cli(&["--profile", "dev", "whoami"])).starts_with("tenant acme\n"));
+    let unknown = cli(&["--profile", "prod", "whoami"]);
+    assert!(!unknown.status.success());
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        said.contains("no profile \"prod\"") && said.contains("dev"),
+        "{said}"
+    );
 }

@@ -584,6 +584,13 @@ async fn nodes_serve_through_a_database_restart_and_recover_without_one() {
         "{:?}",
         refused.headers
     );
+    // Not ready while its store is away (it still serves what it cached).
+    let ready = a
+        .admin()
+        .send(Method::GET, "/readyz", None, &[])
+        .await
+        .unwrap();
+    assert_error(&ready, 503, "store_unavailable");
 
     database.start_again();
     within(Duration::from_secs(20), "writes accepted again", || async {
@@ -600,6 +607,12 @@ async fn nodes_serve_through_a_database_restart_and_recover_without_one() {
         created.status == 201
     })
     .await;
+    let ready = a
+        .admin()
+        .send(Method::GET, "/readyz", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(ready.status, 200, "{}", text(&ready));
     running.store(false, std::sync::atomic::Ordering::Relaxed);
     for client in load {
         assert!(client.await.unwrap() > 0, "a client got no answer");

@@ -180,6 +180,33 @@ async fn versions_and_files_survive_a_restart(backend: Backend) {
     let file = server.get_text(&key, "/fn/acme/probe/file").await;
     assert_eq!(file, "ok:hello from the store", "{backend:?}");
 
+    // Rolled back to the first version (no file), then forward again; a
+    // version it does not have is refused and changes nothing.
+    let activate = |version: u32| {
+        let client = server.client(Some(&key));
+        async move {
+            let body = serde_json::json!({ "version": version }).to_string();
+            client
+                .send(
+                    Method::PUT,
+                    "/v1/functions/probe/active",
+                    Some(("application/json", body.into())),
+                    &[],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let back = activate(1).await;
+    assert_eq!(back.status, 200, "{}", text(&back));
+    assert_eq!(json(&back)["active_version"], 1);
+    let file = server.get_text(&key, "/fn/acme/probe/file").await;
+    assert!(file.starts_with("err:"), "version 1 has no file: {file}");
+    assert_error(&activate(7).await, 404, "not_found");
+    assert_eq!(json(&activate(2).await)["active_version"], 2);
+    let file = server.get_text(&key, "/fn/acme/probe/file").await;
+    assert_eq!(file, "ok:hello from the store", "{backend:?}");
+
     let deleted = server
         .client(Some(&key))
         .send(Method::DELETE, "/v1/functions/probe", None, &[])

@@ -34,7 +34,13 @@ async fn log_line(
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_methods_request_ids_and_access_logs() {
     let data = tempfile::tempdir().unwrap();
-    let server = Server::start_without_models_with(data.path(), &["--log-format", "json"]);
+    let flags = [
+        "--log-format",
+        "json",
+        "--metrics-token",
+        "prometheus-reads-this",
+    ];
+    let server = Server::start_without_models_with(data.path(), &flags);
     let key = server.tenant("acme").await;
     let client = server.client(Some(&key));
 
@@ -85,9 +91,24 @@ async fn routes_methods_request_ids_and_access_logs() {
     assert_eq!(refused["path"], "/v1/functions", "{refused}");
     assert!(!server.output().contains('\u{1b}'), "colours in a log file");
 
-    // Request metrics by route template, for every part of the API.
-    let metrics = server.metrics().await;
+    // Request metrics by route template, for every part of the API, the
+    // process's and the build's, for a token that reads nothing else.
+    let prometheus = server.client(Some("prometheus-reads-this"));
+    let scraped = prometheus
+        .send(Method::GET, "/metrics", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(scraped.status, 200, "{}", text(&scraped));
+    let metrics = text(&scraped);
+    let elsewhere = prometheus
+        .send(Method::GET, "/v1/tenants", None, &[])
+        .await
+        .unwrap();
+    assert_error(&elsewhere, 401, "unauthorized");
     for series in [
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "gigafactory_build_info{version=\"",
         "gigafactory_http_requests_total{route=\"/v1/functions\",method=\"GET\",status=\"200\"} 1",
         "gigafactory_http_requests_total{route=\"unmatched\",method=\"GET\",status=\"404\"} 1",
         "gigafactory_http_request_duration_seconds_count{route=\"/v1/functions\"}",

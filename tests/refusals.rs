@@ -98,12 +98,26 @@ async fn bad_deploys_are_refused_and_change_nothing() {
         "payload_too_large",
     );
     assert_error(
-        &put(&server, &key, "..", wasm("hello")).await,
+        &support::send_verbatim(
+            &server,
+            &key,
+            Method::PUT,
+            &format!("/v1/functions/{}", ".."),
+            Some(("application/wasm", Bytes::from(wasm("hello")))),
+        )
+        .await,
         400,
         "invalid_name",
     );
     assert_error(
-        &put(&server, &key, "%2e%2e", wasm("hello")).await,
+        &support::send_verbatim(
+            &server,
+            &key,
+            Method::PUT,
+            &format!("/v1/functions/{}", "%2e%2e"),
+            Some(("application/wasm", Bytes::from(wasm("hello")))),
+        )
+        .await,
         400,
         "invalid_name",
     );
@@ -348,10 +362,7 @@ async fn control_plane_refusals() {
         "not_found",
     );
     assert_error(
-        &client
-            .send(Method::GET, "/fn/acme/%2e%2e", None, &[])
-            .await
-            .unwrap(),
+        &support::send_verbatim(&server, &key, Method::GET, "/fn/acme/%2e%2e", None).await,
         400,
         "invalid_name",
     );

@@ -450,6 +450,24 @@ impl Drop for OwnConnection {
     }
 }
 
+/// An HTTP/1 connection of its own to `server`: its address, the sender
+/// and the task driving the connection.
+async fn own_connection(
+    server: &Server,
+) -> (
+    String,
+    hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let address = server.address().to_string();
+    let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    (address, sender, tokio::spawn(connection))
+}
+
 /// POSTs `body` (JSON) to `path` with `key` on a connection of its own and
 /// returns the response once its head arrived, its body unread, with the
 /// connection (dropping both is a client leaving mid-response).
@@ -459,13 +477,7 @@ pub async fn post_on_own_connection(
     path: &str,
     body: Bytes,
 ) -> (hyper::Response<hyper::body::Incoming>, OwnConnection) {
-    let address = server.address().to_string();
-    let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(connection);
+    let (address, mut sender, connection) = own_connection(server).await;
     let request = hyper::Request::post(path)
         .header("host", &address)
         .header("authorization", format!("Bearer {key}"))
@@ -478,6 +490,43 @@ pub async fn post_on_own_connection(
         connection,
     };
     (response, own)
+}
+
+/// Sends a request with its path exactly as written (a URL library would
+/// resolve `..` and `%2e%2e` before sending), on a connection of its own.
+pub async fn send_verbatim(
+    server: &Server,
+    key: &str,
+    method: Method,
+    path: &str,
+    body: Option<(&str, Bytes)>,
+) -> Reply {
+    use http_body_util::BodyExt as _;
+    let (address, mut sender, connection) = own_connection(server).await;
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", &address)
+        .header("authorization", format!("Bearer {key}"));
+    let body = match body {
+        Some((content_type, bytes)) => {
+            request = request.header("content-type", content_type);
+            bytes
+        }
+        None => Bytes::new(),
+    };
+    let response = sender
+        .send_request(request.body(http_body_util::Full::new(body)).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    connection.abort();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 /// How to start a server beyond its flags.

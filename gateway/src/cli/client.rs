@@ -44,6 +44,8 @@ impl Client {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("gigafactory/", env!("CARGO_PKG_VERSION")))
+            // A function's redirect is its answer, shown as it is.
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy();
         if let Some(ca) = ca {
             let pem = std::fs::read(ca)

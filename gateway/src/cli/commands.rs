@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use hyper::Method;
 use serde_json::Value;
 
+use super::profiles;
 use super::{
-    Cli, Client, Command, FunctionsCommand, LogFormat, ModelsCommand, NodesCommand, ServeArgs,
-    TenantCommand,
+    Cli, Client, Command, FunctionsCommand, InvokeArgs, KeysCommand, LogFormat, ModelsCommand,
+    NodesCommand, ServeArgs, TenantCommand,
 };
 use crate::bundle::{Bundle, MANIFEST_ENTRY};
 use crate::manifest::Manifest;
@@ -19,21 +21,37 @@ use crate::server::{Gateway, GatewayConfig, TlsFiles};
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
-    let client = || Client::with_ca(&cli.url, cli.token.clone(), cli.ca.as_deref());
+    if let Command::Login {
+        with_token,
+        default,
+    } = &cli.command
+    {
+        return login(&cli, with_token.clone(), *default).await;
+    }
+    let client = || {
+        let target = profiles::resolve(
+            cli.url.clone(),
+            cli.token.clone(),
+            cli.ca.clone(),
+            cli.profile.as_deref(),
+        )?;
+        if target.token.is_none() {
+            bail!("no token: set GIGAFACTORY_TOKEN (or --token), or run `gigafactory login`");
+        }
+        Client::with_ca(&target.url, target.token, target.ca.as_deref())
+    };
     match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Tenant(command) => tenant(&client()?, command, cli.json).await,
+        Command::Keys(command) => keys(&client()?, command, cli.json).await,
+        Command::Whoami => whoami(&client()?, cli.json).await,
+        Command::Login { .. } => unreachable!("handled above"),
         Command::Deploy {
             name,
             file,
             manifest,
         } => deploy(&client()?, &name, &file, manifest, cli.json).await,
-        Command::Invoke {
-            name,
-            data,
-            path,
-            headers,
-        } => invoke(&client()?, &name, data, &path, &headers).await,
+        Command::Invoke(args) => invoke(&client()?, args).await,
         Command::Functions(command) => functions(&client()?, command, cli.json).await,
         Command::Models(ModelsCommand::List) => models(&client()?, cli.json).await,
         Command::Models(ModelsCommand::Devices) => devices(&client()?, cli.json).await,
@@ -51,6 +69,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.store = Some(args.store);
     config.models_dir = args.models;
     config.admin_token = args.admin_token;
+    config.metrics_token = args.metrics_token;
     config.max_upload_bytes = args.max_upload_mib << 20;
     config.max_request_bytes = args.max_request_mib << 20;
     config.max_response_bytes = args.max_response_mib << 20;
@@ -195,7 +214,7 @@ async fn tenant(client: &Client, command: TenantCommand, as_json: bool) -> Resul
             client
                 .api(Method::DELETE, &format!("/v1/tenants/{name}"), None)
                 .await?;
-            println!("deleted tenant {name}");
+            outln!("deleted tenant {name}");
         }
         TenantCommand::Quota { name, set } => {
             let tenant = match set {
@@ -212,24 +231,28 @@ async fn tenant(client: &Client, command: TenantCommand, as_json: bool) -> Resul
                 }
             };
             let shown = serde_json::json!({"quota": tenant["quota"], "usage": tenant["usage"]});
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(if as_json { &tenant } else { &shown })?
             );
         }
-        TenantCommand::Key { name, quiet } => {
-            let key = client
-                .api(Method::POST, &format!("/v1/tenants/{name}/keys"), None)
-                .await?;
-            let secret = key["key"].as_str().unwrap_or_default();
-            if quiet {
-                println!("{secret}");
-            } else {
-                print_or(as_json, &key, || {
-                    format!("API key for {name} (shown only this once):\n{secret}")
-                });
-            }
-        }
+        TenantCommand::Key { name, quiet } => tenant_key(client, &name, quiet, as_json).await?,
+    }
+    Ok(())
+}
+
+/// Creates a key for `tenant` and prints it (it is shown only this once).
+async fn tenant_key(client: &Client, tenant: &str, quiet: bool, as_json: bool) -> Result<()> {
+    let key = client
+        .api(Method::POST, &format!("/v1/tenants/{tenant}/keys"), None)
+        .await?;
+    let secret = key["key"].as_str().unwrap_or_default();
+    if quiet {
+        outln!("{secret}");
+    } else {
+        print_or(as_json, &key, || {
+            format!("API key for {tenant} (shown only this once):\n{secret}")
+        });
     }
     Ok(())
 }
@@ -242,10 +265,7 @@ async fn deploy(
     as_json: bool,
 ) -> Result<()> {
     let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let manifest = manifest.or_else(|| {
-        let default = PathBuf::from(MANIFEST_ENTRY);
-        default.is_file().then_some(default)
-    });
+    let manifest = manifest.or_else(|| find_manifest(file));
     let (content_type, body) = match &manifest {
         Some(path) => ("application/x-tar", bundle(&wasm, path)?),
         None => ("application/wasm", wasm),
@@ -256,7 +276,11 @@ async fn deploy(
             path.display(),
             body.len() / 1024
         ),
-        None => eprintln!("deploying {name} ({} KiB) …", body.len() / 1024),
+        None => eprintln!(
+            "deploying {name} ({} KiB) without a manifest: no {MANIFEST_ENTRY} next to {} or its crate, nor here (--manifest names one) …",
+            body.len() / 1024,
+            file.display()
+        ),
     }
     let function = client
         .api(
@@ -274,6 +298,51 @@ async fn deploy(
         )
     });
     Ok(())
+}
+
+/// The manifest of the crate that built `wasm`: a `gigafactory.toml` in
+/// the wasm's directory or one above it (a crate's own `target/`), or in
+/// the workspace member whose package the wasm is named after (a
+/// workspace's `target/`); else `./gigafactory.toml`.
+fn find_manifest(wasm: &Path) -> Option<PathBuf> {
+    let wasm = std::path::absolute(wasm).ok()?;
+    let stem = wasm.file_stem()?.to_str()?.to_string();
+    for dir in wasm.ancestors().skip(1) {
+        let candidate = dir.join(MANIFEST_ENTRY);
+        if candidate.is_file() {
+            return Some(candidate);
+        }
+        if dir.file_name().is_some_and(|name| name == "target") {
+            let root = dir.parent()?;
+            let member = workspace_member(root, &stem).map(|member| member.join(MANIFEST_ENTRY));
+            let own = root.join(MANIFEST_ENTRY);
+            match member.filter(|manifest| manifest.is_file()) {
+                Some(manifest) => return Some(manifest),
+                None if own.is_file() => return Some(own),
+                None => break,
+            }
+        }
+    }
+    let here = PathBuf::from(MANIFEST_ENTRY);
+    here.is_file().then_some(here)
+}
+
+/// The directory under `root` (itself, or one level down) of the package
+/// whose library compiles to `stem` (`my-fn` or `my_fn` → `my_fn.wasm`).
+fn workspace_member(root: &Path, stem: &str) -> Option<PathBuf> {
+    let named = |dir: &Path| {
+        let text = std::fs::read_to_string(dir.join("Cargo.toml")).ok()?;
+        let cargo: toml::Table = text.parse().ok()?;
+        let package = cargo.get("package")?.get("name")?.as_str()?;
+        (package.replace('-', "_") == stem.replace('-', "_")).then(|| dir.to_path_buf())
+    };
+    named(root).or_else(|| {
+        std::fs::read_dir(root)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter(|entry| entry.path().is_dir())
+            .find_map(|entry| named(&entry.path()))
+    })
 }
 
 /// Packs the component, the manifest and the files it maps (paths
@@ -302,25 +371,20 @@ fn bundle(wasm: &[u8], manifest_path: &Path) -> Result<Vec<u8>> {
     Bundle::pack(wasm, Some(&text), &files).context("packing the bundle")
 }
 
-async fn invoke(
-    client: &Client,
-    name: &str,
-    data: Option<String>,
-    path: &str,
-    headers: &[String],
-) -> Result<()> {
+async fn invoke(client: &Client, args: InvokeArgs) -> Result<()> {
     let me = client.api(Method::GET, "/v1/whoami", None).await?;
     let Some(tenant) = me["tenant"].as_str() else {
         bail!("invoking needs a tenant API key (GIGAFACTORY_TOKEN), not the admin token");
     };
-    let body = match data {
+    let body = match args.data {
         Some(data) => Some(match data.strip_prefix('@') {
             Some(file) => std::fs::read(file).with_context(|| format!("reading {file}"))?,
             None => data.into_bytes(),
         }),
         None => None,
     };
-    let headers = headers
+    let headers = args
+        .headers
         .iter()
         .map(|h| {
             h.split_once(':')
@@ -328,26 +392,46 @@ async fn invoke(
                 .with_context(|| format!("header {h:?} is not `name: value`"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let method = if body.is_some() {
-        Method::POST
-    } else {
-        Method::GET
+    let method = match (&args.method, &body) {
+        (Some(method), _) => Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+            .with_context(|| format!("{method:?} is not an HTTP method"))?,
+        (None, Some(_)) => Method::POST,
+        (None, None) => Method::GET,
     };
     let path = format!(
-        "/fn/{tenant}/{name}{}",
-        if path.starts_with('/') {
-            path.to_string()
+        "/fn/{tenant}/{}{}",
+        args.name,
+        if args.path.starts_with('/') {
+            args.path.clone()
         } else {
-            format!("/{path}")
+            format!("/{}", args.path)
         }
     );
     let body = body.map(|b| ("text/plain", Bytes::from(b)));
-    let reply = client.send(method, &path, body, &headers).await?;
-    if !reply.status.is_success() {
+    let response = client.open(method, &path, body, &headers).await?;
+    let status = response.status();
+    if args.include {
+        outln!("{:?} {status}", response.version());
+        for (name, value) in response.headers() {
+            outln!("{name}: {}", String::from_utf8_lossy(value.as_bytes()));
+        }
+        outln!();
+    } else if !status.is_success() {
+        let reply = super::client::Reply {
+            status,
+            headers: response.headers().clone(),
+            body: response.bytes().await.unwrap_or_default(),
+        };
         bail!("{}", super::client::describe_error(&reply));
     }
-    use std::io::Write;
-    std::io::stdout().write_all(&reply.body)?;
+    // Streamed as it comes: a function's server-sent events show as sent.
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        super::write_bytes(&chunk.context("reading the response")?);
+    }
+    if args.include && !status.is_success() {
+        bail!("the function answered {status}");
+    }
     Ok(())
 }
 
@@ -371,15 +455,128 @@ async fn functions(client: &Client, command: FunctionsCommand, as_json: bool) ->
             let function = client
                 .api(Method::GET, &format!("/v1/functions/{name}"), None)
                 .await?;
-            println!("{}", serde_json::to_string_pretty(&function)?);
+            outln!("{}", serde_json::to_string_pretty(&function)?);
         }
         FunctionsCommand::Delete { name } => {
             client
                 .api(Method::DELETE, &format!("/v1/functions/{name}"), None)
                 .await?;
-            println!("deleted function {name}");
+            outln!("deleted function {name}");
+        }
+        FunctionsCommand::Rollback { name, version } => {
+            let body = serde_json::json!({ "version": version }).to_string();
+            let function = client
+                .api(
+                    Method::PUT,
+                    &format!("/v1/functions/{name}/active"),
+                    Some(("application/json", body.into())),
+                )
+                .await?;
+            print_or(as_json, &function, || {
+                format!("{name} now runs version {}", function["active_version"])
+            });
         }
     }
+    Ok(())
+}
+
+async fn keys(client: &Client, command: KeysCommand, as_json: bool) -> Result<()> {
+    match command {
+        KeysCommand::List { tenant } => {
+            let reply = client
+                .api(Method::GET, &format!("/v1/tenants/{tenant}/keys"), None)
+                .await?;
+            print_or(as_json, &reply, || {
+                list(&reply["keys"], |key| {
+                    format!(
+                        "{:<20} created {}",
+                        key["id"].as_str().unwrap_or("?"),
+                        key["created_at"]
+                    )
+                })
+            });
+        }
+        KeysCommand::Create { tenant } => {
+            tenant_key(client, &tenant, false, as_json).await?;
+        }
+        KeysCommand::Revoke { tenant, id } => {
+            client
+                .api(
+                    Method::DELETE,
+                    &format!("/v1/tenants/{tenant}/keys/{id}"),
+                    None,
+                )
+                .await?;
+            outln!("revoked key {id} of {tenant}");
+        }
+    }
+    Ok(())
+}
+
+/// `gigafactory login`: checks the token against the gateway, then saves
+/// both as a profile.
+async fn login(cli: &Cli, with_token: Option<String>, default: bool) -> Result<()> {
+    let token = match with_token.or_else(|| cli.token.clone()) {
+        Some(token) => token,
+        None => {
+            eprintln!("paste the token (an API key or the admin token), then Enter:");
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the token from stdin")?;
+            line.trim().to_string()
+        }
+    };
+    if token.is_empty() {
+        bail!("no token given");
+    }
+    let url = cli
+        .url
+        .clone()
+        .unwrap_or_else(|| profiles::DEFAULT_URL.to_string());
+    let client = Client::with_ca(&url, Some(token.clone()), cli.ca.as_deref())?;
+    let me = client
+        .api(Method::GET, "/v1/whoami", None)
+        .await
+        .with_context(|| format!("checking the token with {url}"))?;
+    let name = cli.profile.clone().unwrap_or_else(|| "default".to_string());
+    let path = profiles::config_path()?;
+    let mut config = profiles::Config::read(&path)?;
+    let ca = match &cli.ca {
+        Some(ca) => Some(std::path::absolute(ca).with_context(|| format!("{}", ca.display()))?),
+        None => None,
+    };
+    config.profiles.insert(
+        name.clone(),
+        profiles::Profile {
+            url: url.clone(),
+            token,
+            ca,
+        },
+    );
+    if default || config.default.is_none() {
+        config.default = Some(name.clone());
+    }
+    config.write(&path)?;
+    let who = me["tenant"]
+        .as_str()
+        .map_or("the admin".to_string(), |t| format!("tenant {t}"));
+    outln!(
+        "logged in to {url} as {who}: profile {name} in {}",
+        path.display()
+    );
+    Ok(())
+}
+
+async fn whoami(client: &Client, as_json: bool) -> Result<()> {
+    let me = client.api(Method::GET, "/v1/whoami", None).await?;
+    print_or(as_json, &me, || match me["tenant"].as_str() {
+        Some(tenant) => format!(
+            "tenant {tenant}\nquota: {}\nusage: {}",
+            me["quota"], me["usage"]
+        ),
+        None => "the admin".to_string(),
+    });
     Ok(())
 }
 
@@ -497,8 +694,8 @@ async fn logs(client: &Client, name: &str, follow: bool, as_json: bool) -> Resul
         let path = format!("/v1/functions/{name}/logs?follow=true");
         return client
             .follow_lines(&path, |line| match serde_json::from_str::<Value>(line) {
-                Ok(value) if !as_json => println!("{}", show(&value)),
-                _ => println!("{line}"),
+                Ok(value) if !as_json => outln!("{}", show(&value)),
+                _ => outln!("{line}"),
             })
             .await;
     }
@@ -511,12 +708,12 @@ async fn logs(client: &Client, name: &str, follow: bool, as_json: bool) -> Resul
 
 pub(super) fn print_or(as_json: bool, value: &Value, summary: impl FnOnce() -> String) {
     if as_json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(value).unwrap_or_default()
         );
     } else {
-        println!("{}", summary());
+        outln!("{}", summary());
     }
 }
 

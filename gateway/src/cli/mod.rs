@@ -1,9 +1,28 @@
 //! The command line: `serve` runs the platform; the other commands talk to
 //! a running gateway over its HTTP API.
 
+/// `println!` for the CLI's output: a closed pipe (`… | head`) ends the
+/// program quietly instead of panicking.
+macro_rules! outln {
+    () => {
+        $crate::cli::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` as [`outln!`] does it.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 pub mod client;
 mod commands;
 mod models;
+mod profiles;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,14 +35,12 @@ pub use client::Client;
 #[derive(Debug, Parser)]
 #[command(name = "gigafactory", version, about)]
 pub struct Cli {
-    /// The gateway to talk to.
-    #[arg(
-        long,
-        global = true,
-        env = "GIGAFACTORY_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub url: String,
+    /// The gateway to talk to [default: the profile's, else http://127.0.0.1:8080].
+    #[arg(long, global = true, env = "GIGAFACTORY_URL")]
+    pub url: Option<String>,
+    /// A profile `gigafactory login` saved [default: the config's default].
+    #[arg(long, global = true, env = "GIGAFACTORY_PROFILE")]
+    pub profile: Option<String>,
     /// An API key (tenant commands) or the admin token (tenant management).
     #[arg(long, global = true, env = "GIGAFACTORY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -58,23 +75,26 @@ pub enum Command {
         #[arg(long)]
         manifest: Option<PathBuf>,
     },
-    /// Call a function of your tenant and print its response body.
-    Invoke {
-        /// The function's name.
-        name: String,
-        /// Request body; `@file` reads a file. Without it the request is a GET.
-        #[arg(long, short)]
-        data: Option<String>,
-        /// Path below the function, e.g. `/search?q=fox`.
-        #[arg(long, default_value = "/")]
-        path: String,
-        /// Extra header `name: value` (repeatable).
-        #[arg(long = "header", short = 'H')]
-        headers: Vec<String>,
-    },
-    /// List, show or delete your functions.
+    /// Call a function of your tenant and print its response body as it streams.
+    Invoke(InvokeArgs),
+    /// List, show, roll back or delete your functions.
     #[command(subcommand)]
     Functions(FunctionsCommand),
+    /// A tenant's API keys (admin).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Who the token is: the admin, or a tenant with its quota and usage.
+    Whoami,
+    /// Save a gateway's URL and token as a profile (checked first; the
+    /// config file is readable by you only).
+    Login {
+        /// The token [default: --token / GIGAFACTORY_TOKEN, else read from stdin].
+        #[arg(long = "with-token", value_name = "TOKEN", hide_env_values = true)]
+        with_token: Option<String>,
+        /// Make this profile the default.
+        #[arg(long)]
+        default: bool,
+    },
     /// The model repository.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -118,6 +138,9 @@ pub struct ServeArgs {
     /// Use this admin token instead of generating one.
     #[arg(long, env = "GIGAFACTORY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// A token that may read /metrics and nothing else (for Prometheus).
+    #[arg(long, env = "GIGAFACTORY_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
     /// Wall-clock limit of one request, in seconds.
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
@@ -225,6 +248,28 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 }
 
+/// `gigafactory invoke`.
+#[derive(Debug, clap::Args)]
+pub struct InvokeArgs {
+    /// The function's name.
+    pub name: String,
+    /// Request body; `@file` reads a file. Without it the request is a GET.
+    #[arg(long, short)]
+    pub data: Option<String>,
+    /// The method [default: POST with --data, else GET].
+    #[arg(long = "request", short = 'X')]
+    pub method: Option<String>,
+    /// Path below the function, e.g. `/search?q=fox`.
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    /// Extra header `name: value` (repeatable).
+    #[arg(long = "header", short = 'H')]
+    pub headers: Vec<String>,
+    /// Print the response's status line and headers first.
+    #[arg(long, short = 'i')]
+    pub include: bool,
+}
+
 /// How `serve` writes its log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -313,6 +358,35 @@ pub enum FunctionsCommand {
     Delete {
         /// The function's name.
         name: String,
+    },
+    /// Send a function's requests to one of its earlier (or later) versions.
+    Rollback {
+        /// The function's name.
+        name: String,
+        /// The version to run (see `functions get`).
+        version: u32,
+    },
+}
+
+/// `gigafactory keys` (admin).
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// A tenant's keys: their public ids and when they were made.
+    List {
+        /// The tenant's name.
+        tenant: String,
+    },
+    /// Create a key for a tenant (shown once).
+    Create {
+        /// The tenant's name.
+        tenant: String,
+    },
+    /// Revoke a key: requests with it are refused from now on.
+    Revoke {
+        /// The tenant's name.
+        tenant: String,
+        /// The key's public id (see `keys list`).
+        id: String,
     },
 }
 
@@ -412,6 +486,24 @@ pub enum ModelsCommand {
     Rescan,
     /// List the machine's devices (CPU, GPUs) and their memory.
     Devices,
+}
+
+/// Writes to stdout; exits quietly once the reader has gone.
+pub(crate) fn write_out(text: std::fmt::Arguments) {
+    write_bytes(text.to_string().as_bytes());
+}
+
+/// Writes bytes to stdout; exits quietly once the reader has gone.
+pub(crate) fn write_bytes(bytes: &[u8]) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {error}");
+        std::process::exit(1);
+    }
 }
 
 /// Parses the command line, runs it, prints the cause chain on failure.

@@ -29,7 +29,7 @@ pub(super) async fn run(client: &Client, command: ModelsCommand, as_json: bool) 
                 .await?;
             if config {
                 match reply["config"].as_str() {
-                    Some(config) => print!("{config}"),
+                    Some(config) => out!("{config}"),
                     None => bail!(
                         "{name} is a model of the repository directory: its model.toml is there"
                     ),
@@ -132,7 +132,7 @@ pub(super) async fn run(client: &Client, command: ModelsCommand, as_json: bool) 
             client
                 .api(Method::DELETE, &format!("/v1/models/{name}{query}"), None)
                 .await?;
-            println!("removed model {name}");
+            outln!("removed model {name}");
             Ok(())
         }
         ModelsCommand::Rescan => {

@@ -24,6 +24,12 @@ struct CreateTenant {
     name: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Activate {
+    version: u32,
+}
+
 impl Gateway {
     pub(super) async fn whoami(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
         let body = match self.authenticate(headers).await? {
@@ -217,6 +223,21 @@ impl Gateway {
         let kind = self.runnable(function.active_version()).await?.kind();
         body["kind"] = kind.as_str().into();
         Ok(json(StatusCode::OK, body))
+    }
+
+    /// `PUT /v1/functions/{name}/active` `{"version": N}`: requests go to
+    /// version N from now on (a rollback, or forward again).
+    pub(super) async fn activate_function(
+        &self,
+        request: Request,
+        name: &str,
+    ) -> Result<Response, ApiError> {
+        let tenant = self.require_tenant(request.headers()).await?;
+        check_name("function", name)?;
+        let Activate { version } = self.read_json(request).await?;
+        let function = self.store.activate(&tenant, name, version).await?;
+        tracing::info!(%tenant, function = %name, version, "version activated");
+        Ok(json(StatusCode::OK, function_json(&function)))
     }
 
     pub(super) async fn delete_function(

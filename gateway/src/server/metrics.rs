@@ -16,6 +16,9 @@ use gigafactory_runtime::stats::{Histogram, LATENCY_BUCKETS, header};
 /// The gateway's counters.
 #[derive(Default)]
 pub struct Metrics {
+    /// The process's own series (`process_*`: CPU, memory, descriptors,
+    /// start time), from the prometheus crate's collector.
+    process: prometheus::Registry,
     deploys: AtomicU64,
     outcomes: Mutex<BTreeMap<(String, String, &'static str), u64>>,
     latency: Mutex<BTreeMap<(String, String), Arc<Histogram>>>,
@@ -27,6 +30,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The counters, with the process collector registered.
+    pub fn new() -> Self {
+        let metrics = Self::default();
+        let collector = prometheus::process_collector::ProcessCollector::for_self();
+        if let Err(error) = metrics.process.register(Box::new(collector)) {
+            tracing::warn!("process metrics: {error}");
+        }
+        metrics
+    }
+
     /// Counts a successful deploy.
     pub fn deployed(&self) {
         self.deploys.fetch_add(1, Ordering::Relaxed);
@@ -95,7 +108,20 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self, runtime: &Counters, models: &ModelPool, loaded: usize) -> String {
-        let mut text = String::new();
+        let mut text = prometheus::TextEncoder::new()
+            .encode_to_string(&self.process.gather())
+            .unwrap_or_default();
+        header(
+            &mut text,
+            "gigafactory_build_info",
+            "gauge",
+            "The running build: always 1, its version as a label.",
+        );
+        let _ = writeln!(
+            text,
+            "gigafactory_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         header(
             &mut text,
             "gigafactory_loaded_functions",

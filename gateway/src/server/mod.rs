@@ -104,6 +104,8 @@ pub struct GatewayConfig {
     pub models_dir: Option<PathBuf>,
     /// The admin token to use instead of a generated one.
     pub admin_token: Option<String>,
+    /// A token that reads `/metrics` only.
+    pub metrics_token: Option<String>,
     /// Largest deploy upload (wasm or bundle).
     pub max_upload_bytes: usize,
     /// Largest request body a function may receive (and a manifest may allow).
@@ -150,6 +152,7 @@ impl GatewayConfig {
             store: None,
             models_dir: None,
             admin_token: None,
+            metrics_token: None,
             max_upload_bytes: 64 << 20,
             max_request_bytes: 16 << 20,
             max_response_bytes: 64 << 20,
@@ -234,7 +237,7 @@ impl Gateway {
         let gateway = Arc::new(Self {
             functions: FunctionCache::new(config.max_loaded_functions),
             logs: FunctionLogs::default(),
-            metrics: metrics::Metrics::default(),
+            metrics: metrics::Metrics::new(),
             concurrency: Mutex::default(),
             admission: admission::Admission::default(),
             draining: AtomicBool::new(false),

@@ -55,6 +55,9 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "gigafactory".to_string())
 }
 
+/// How long `/readyz` waits for the store.
+const READY_STORE_WAIT: Duration = Duration::from_secs(2);
+
 impl Gateway {
     /// This node's identity, as its first heartbeat will report it.
     pub(super) fn node_status(&self, listening: std::net::SocketAddr) -> Result<NodeStatus> {
@@ -174,17 +177,41 @@ impl Gateway {
         })
     }
 
-    /// `GET /readyz`: 200 while the node takes work, 503 once it drains.
-    pub(super) fn readiness(&self) -> Response {
+    /// `GET /readyz`: 200 while the node takes work: it is not draining
+    /// and its store answers within [`READY_STORE_WAIT`] (its boot-time
+    /// models are loaded before it listens); else 503 saying which.
+    pub(super) async fn readiness(&self) -> Response {
         if self.draining.load(Ordering::Relaxed) {
-            ApiError::new(
+            return ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "draining",
                 "this node is shutting down and takes no new work",
             )
-            .into_response()
-        } else {
-            json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+            .into_response();
+        }
+        let store = match tokio::time::timeout(READY_STORE_WAIT, self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(format!("{error}")),
+            Err(_) => Err(format!(
+                "no answer within {} ms",
+                READY_STORE_WAIT.as_millis()
+            )),
+        };
+        match store {
+            Ok(()) => json(
+                StatusCode::OK,
+                serde_json::json!({"status": "ready", "store": self.store.kind()}),
+            ),
+            Err(why) => {
+                tracing::warn!("not ready: the store: {why}");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "this node cannot reach its store right now",
+                )
+                .retry_after(2)
+                .into_response()
+            }
         }
     }
 }

@@ -135,6 +135,14 @@ impl Gateway {
                 ),
             )
             .route(
+                "/v1/functions/{name}/active",
+                put(
+                    |State(gw): Shared, Params(name): Params<String>, request: Request| async move {
+                        gw.activate_function(request, &name).await
+                    },
+                ),
+            )
+            .route(
                 "/v1/models",
                 get(|State(gw): Shared, headers: HeaderMap| async move {
                     gw.list_models(&headers).await
@@ -227,7 +235,7 @@ impl Gateway {
             .route("/healthz", get(healthz))
             .route(
                 "/readyz",
-                get(|State(gw): Shared| async move { gw.readiness() }),
+                get(|State(gw): Shared| async move { gw.readiness().await }),
             )
             .route(
                 "/metrics",
@@ -311,8 +319,18 @@ impl Gateway {
         }
     }
 
+    /// `/metrics`: for the admin token, or the metrics token when one is set.
     async fn metrics_text(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
-        self.require_admin(headers).await?;
+        let metrics_token = self.config.metrics_token.as_deref().map(TokenHash::of);
+        let presented = headers
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer)
+            .map(TokenHash::of);
+        let reader = matches!((&metrics_token, &presented), (Some(allowed), Some(presented)) if presented.matches(allowed));
+        if !reader {
+            self.require_admin(headers).await?;
+        }
         let text = self.metrics.render(
             self.runtime.counters(),
             self.runtime.models(),

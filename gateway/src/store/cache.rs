@@ -307,6 +307,17 @@ impl Store for Cached {
         outcome
     }
 
+    async fn activate(
+        &self,
+        tenant: &str,
+        name: &str,
+        number: u32,
+    ) -> Result<FunctionRecord, StoreError> {
+        let outcome = self.inner.activate(tenant, name, number).await;
+        self.state.forget(&Change::Tenant(tenant.to_string()));
+        outcome
+    }
+
     async fn blob(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.blob(sha256).await
     }
@@ -325,6 +336,10 @@ impl Store for Cached {
 
     async fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
     }
 
     async fn begin_model_blob(

@@ -81,6 +81,20 @@ pub struct FunctionRecord {
 }
 
 impl FunctionRecord {
+    /// Makes version `number` the active one, if the function has it.
+    pub fn activate(&mut self, number: u32) -> Result<(), StoreError> {
+        if !self.versions.iter().any(|v| v.number == number) {
+            let numbers: Vec<String> = self.versions.iter().map(|v| v.number.to_string()).collect();
+            return Err(StoreError::NotFound(format!(
+                "{} has no version {number} (it has {})",
+                self.name,
+                numbers.join(", ")
+            )));
+        }
+        self.active = number;
+        Ok(())
+    }
+
     /// The version requests go to.
     pub fn active_version(&self) -> &Version {
         self.versions
@@ -562,6 +576,15 @@ pub trait Store: Send + Sync {
     /// Deletes a function and every version; blobs no other version uses go too.
     async fn delete_function(&self, tenant: &str, name: &str) -> Result<(), StoreError>;
 
+    /// Sends a function's requests to its version `number` again (a
+    /// rollback, or forward after one); the versions stay as they are.
+    async fn activate(
+        &self,
+        tenant: &str,
+        name: &str,
+        number: u32,
+    ) -> Result<FunctionRecord, StoreError>;
+
     /// The blob (wasm or file content) with this sha256.
     async fn blob(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
@@ -577,6 +600,9 @@ pub trait Store: Send + Sync {
 
     /// Makes everything acknowledged durable.
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Whether the store answers now (a round trip to the database).
+    async fn ping(&self) -> Result<(), StoreError>;
 
     /// Starts storing the model file `sha256` of `size` bytes for `owner`
     /// (a tenant, or `None`: the operator) in parts of [`MODEL_PART_BYTES`],

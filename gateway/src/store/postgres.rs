@@ -518,6 +518,34 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn activate(
+        &self,
+        tenant: &str,
+        name: &str,
+        number: u32,
+    ) -> Result<FunctionRecord, StoreError> {
+        let function = transaction!(self, |tx| {
+            lock_tenant(&tx, tenant).await?;
+            let mut function = load_functions(&*tx, tenant, Some(name))
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::NotFound(format!("no function {name:?}")))?;
+            function.activate(number)?;
+            tx.execute(
+                "UPDATE functions SET active = $3 WHERE tenant = $1 AND name = $2",
+                &[&tenant, &name, &(number as i32)],
+            )
+            .await
+            .map_err(db)?;
+            for change in &function_changed(tenant, name) {
+                notify(&tx, change).await?;
+            }
+            Ok(function)
+        })?;
+        self.announce(function_changed(tenant, name));
+        Ok(function)
+    }
+
     async fn blob(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let client = self.client().await?;
         let row = client
@@ -561,6 +589,12 @@ impl Store for PostgresStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         // Every acknowledged change was committed.
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.query_one("SELECT 1", &[]).await.map_err(db)?;
         Ok(())
     }
 

@@ -387,6 +387,30 @@ impl SledStore {
         Ok(deployed)
     }
 
+    /// Makes version `number` of a function the active one.
+    pub fn activate(
+        &self,
+        tenant: &str,
+        name: &str,
+        number: u32,
+    ) -> Result<FunctionRecord, StoreError> {
+        let key = function_key(tenant, name);
+        let result = self.functions.transaction(|functions| {
+            let Some(value) = functions.get(key.as_bytes())? else {
+                return abort(StoreError::NotFound(format!("no function {name:?}")));
+            };
+            let mut function: FunctionRecord = from_json(&value).map_err(storage)?;
+            if let Err(missing) = function.activate(number) {
+                return abort(missing);
+            }
+            functions.insert(key.as_bytes(), to_json(&function).map_err(storage)?)?;
+            Ok(function)
+        });
+        let function = finish(result)?;
+        self.flush()?;
+        Ok(function)
+    }
+
     /// A function of `tenant`.
     pub fn function(&self, tenant: &str, name: &str) -> Result<Option<FunctionRecord>> {
         self.functions
@@ -881,6 +905,21 @@ impl Store for SledStore {
         Ok(())
     }
 
+    async fn activate(
+        &self,
+        tenant: &str,
+        name: &str,
+        number: u32,
+    ) -> Result<FunctionRecord, StoreError> {
+        let function = SledStore::activate(self, tenant, name, number)?;
+        self.announce(Change::Tenant(tenant.to_string()));
+        self.announce(Change::Function {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+        });
+        Ok(function)
+    }
+
     async fn blob(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(SledStore::blob(self, sha256)?)
     }
@@ -899,6 +938,11 @@ impl Store for SledStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(SledStore::flush(self)?)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // In this process: it answers while the process does.
+        Ok(())
     }
 
     async fn begin_model_blob(
