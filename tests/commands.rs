@@ -467,4 +467,28 @@ async fn wasi_0_3_handlers_stream_and_use_the_host_interfaces() {
         )
         .await;
     assert!(cut.is_err(), "a cut-off body arrived as a whole one");
+    // Counted as its deadline, not as a success, and told in its log.
+    let counted = "gigafactory_function_requests_total{tenant=\"acme\",function=\"p3-short\",outcome=\"deadline_exceeded\"} 1";
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = server.metrics().await;
+        if metrics.contains(counted) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(metrics.contains(counted), "{metrics}");
+    assert!(
+        !metrics.contains("function=\"p3-short\",outcome=\"ok\""),
+        "{metrics}"
+    );
+    let logs = client
+        .api(Method::GET, "/v1/functions/p3-short/logs", None)
+        .await
+        .unwrap();
+    assert!(
+        logs.to_string()
+            .contains("the response was cut off after it began"),
+        "{logs}"
+    );
 }

@@ -291,7 +291,7 @@ impl TrapDetails {
     /// The trap and its causes, one per line, with the guest's backtrace
     /// (wasmtime adds it as a cause) but never the host's own Rust
     /// backtrace, which `{:?}` would print when `RUST_BACKTRACE` is set.
-    fn of(error: &anyhow::Error) -> Self {
+    fn of(error: &wasmtime::Error) -> Self {
         let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
         Self {
             reason: bounded(error.root_cause().to_string(), MAX_REASON_BYTES),
@@ -349,6 +349,8 @@ impl Function {
         } = self.request_store(&invocation)?;
         let host_error = |e: wasmtime::Error| InvokeError::Host(format!("{e:#}"));
         let (sender, receiver) = oneshot::channel();
+        let (finished, finished_receiver) = oneshot::channel();
+        let timeout = invocation.timeout;
         let request = store
             .data_mut()
             .http()
@@ -369,11 +371,13 @@ impl Function {
             };
             let outcome = tokio::time::timeout_at(deadline.into(), run).await;
             let ending = Ending::of(outcome, store.data());
+            // Told before the store (and so the body's channel) goes.
+            let _ = finished.send(ending.failure(timeout, memory_bytes));
             drop(store);
             drop(log);
             ending
         });
-        response_or_why(receiver, task, &invocation, memory_bytes).await
+        response_or_why(receiver, task, finished_receiver, &invocation, memory_bytes).await
     }
 
     /// A fresh store for one HTTP request, interrupted at its deadline.
@@ -412,11 +416,24 @@ struct RequestStore {
 async fn response_or_why<C: std::fmt::Debug>(
     receiver: oneshot::Receiver<Result<hyper::Response<HyperOutgoingBody>, C>>,
     task: tokio::task::JoinHandle<Ending>,
+    finished: oneshot::Receiver<Option<InvokeError>>,
     invocation: &Invocation,
     memory_bytes: usize,
 ) -> Result<hyper::Response<HyperOutgoingBody>, InvokeError> {
     let error = match receiver.await {
-        Ok(Ok(response)) => return Ok(response),
+        Ok(Ok(response)) => {
+            // The body may still be streaming: it ends cleanly only if the
+            // instance does.
+            let cut = CutOff::default();
+            let (mut parts, body) = response.into_parts();
+            parts.extensions.insert(cut.clone());
+            let body = UntilFinished {
+                body,
+                finished: Some(finished),
+                cut,
+            };
+            return Ok(hyper::Response::from_parts(parts, body.boxed_unsync()));
+        }
         Ok(Err(code)) => InvokeError::Guest(bounded(format!("{code:?}"), MAX_REASON_BYTES)),
         Err(_) => match task.await {
             Ok(ending) => ending.classify(invocation.timeout, memory_bytes),
@@ -452,6 +469,7 @@ impl Function {
             wasmtime_wasi_http::p3::Request::from_http(store.data_mut().http().hooks, request);
         let (sender, receiver) = oneshot::channel();
         let (finished, finished_receiver) = oneshot::channel();
+        let timeout = invocation.timeout;
         let task = tokio::spawn(async move {
             let run = async {
                 let service = pre.instantiate_async(&mut store).await?;
@@ -470,20 +488,14 @@ impl Function {
                     .await?
             };
             let outcome = tokio::time::timeout_at(deadline.into(), run).await;
-            let _ = finished.send(matches!(outcome, Ok(Ok(()))));
             let ending = Ending::of(outcome, store.data());
+            // Told before the store (and so the body's channel) goes.
+            let _ = finished.send(ending.failure(timeout, memory_bytes));
             drop(store);
             drop(log);
             ending
         });
-        let response = response_or_why(receiver, task, &invocation, memory_bytes).await?;
-        Ok(response.map(|body| {
-            UntilFinished {
-                body,
-                finished: Some(finished_receiver),
-            }
-            .boxed_unsync()
-        }))
+        response_or_why(receiver, task, finished_receiver, &invocation, memory_bytes).await
     }
 }
 
@@ -514,13 +526,29 @@ fn with_authority<B>(mut request: hyper::Request<B>) -> Result<hyper::Request<B>
     Ok(request)
 }
 
-/// A WASI 0.3 handler's response body, which ends in an error rather than
-/// cleanly when its instance did not finish (a trap or the deadline while
+/// Why a function's response body was cut off, once it was (a trap or
+/// the deadline while the function wrote it); in the response's
+/// extensions, for the host to count and log.
+#[derive(Clone, Default, Debug)]
+pub struct CutOff(Arc<std::sync::OnceLock<InvokeError>>);
+
+impl CutOff {
+    /// The failure that cut the body off, once it has.
+    pub fn why(&self) -> Option<&InvokeError> {
+        self.0.get()
+    }
+}
+
+/// A handler's response body, which ends in an error rather than cleanly
+/// when its instance did not finish (a trap or the deadline while
 /// writing it): a cut-off chunked body must not look complete.
 struct UntilFinished {
     body: HyperOutgoingBody,
-    /// Whether the instance finished cleanly, once it has ended.
-    finished: Option<oneshot::Receiver<bool>>,
+    /// How the instance ended, sent before its store (and so the body's
+    /// channel) is dropped; nothing yet when the guest finished its body
+    /// and is still running.
+    finished: Option<oneshot::Receiver<Option<InvokeError>>>,
+    cut: CutOff,
 }
 
 impl Body for UntilFinished {
@@ -535,16 +563,21 @@ impl Body for UntilFinished {
         if let Some(frame) = ready!(Pin::new(&mut this.body).poll_frame(cx)) {
             return Poll::Ready(Some(frame));
         }
-        let Some(finished) = this.finished.as_mut() else {
+        let Some(mut finished) = this.finished.take() else {
             return Poll::Ready(None);
         };
-        let clean = ready!(Pin::new(finished).poll(cx)).unwrap_or(false);
-        this.finished = None;
-        Poll::Ready((!clean).then(|| {
-            Err(wasmtime_wasi_http::Error::InternalError(Some(
-                "the function ended before it finished its response".into(),
-            )))
-        }))
+        let failure = match finished.try_recv() {
+            Ok(Some(failure)) => failure,
+            Ok(None) | Err(oneshot::error::TryRecvError::Empty) => return Poll::Ready(None),
+            Err(oneshot::error::TryRecvError::Closed) => {
+                InvokeError::Host("the request task ended without a word".into())
+            }
+        };
+        let message = format!("the function's response was cut off: {failure}");
+        let _ = this.cut.0.set(failure);
+        Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(Some(
+            message,
+        )))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -702,6 +735,11 @@ struct Ending {
 }
 
 impl Ending {
+    /// Why the instance ended, unless it returned within its deadline.
+    fn failure(&self, timeout: Duration, memory_bytes: usize) -> Option<InvokeError> {
+        (!matches!(self.outcome, Ok(Ok(())))).then(|| self.classify(timeout, memory_bytes))
+    }
+
     fn of(
         outcome: Result<wasmtime::Result<()>, tokio::time::error::Elapsed>,
         state: &impl InstanceState,
@@ -715,7 +753,7 @@ impl Ending {
 
     /// Why the guest ended without sending a response: a trap or a missing
     /// response after a model refused it as busy is that model's doing.
-    fn classify(self, timeout: Duration, memory_bytes: usize) -> InvokeError {
+    fn classify(&self, timeout: Duration, memory_bytes: usize) -> InvokeError {
         let model_busy = self.model_busy;
         let error = self.cause(timeout, memory_bytes);
         match error {
@@ -726,8 +764,8 @@ impl Ending {
         }
     }
 
-    fn cause(self, timeout: Duration, memory_bytes: usize) -> InvokeError {
-        let error = match self.outcome {
+    fn cause(&self, timeout: Duration, memory_bytes: usize) -> InvokeError {
+        let error = match &self.outcome {
             Ok(Ok(())) => return InvokeError::NoResponse,
             Err(_elapsed) => return InvokeError::Deadline(timeout),
             Ok(Err(error)) => error,
@@ -738,7 +776,7 @@ impl Ending {
         if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
             return InvokeError::Deadline(timeout);
         }
-        let trap = TrapDetails::of(&anyhow::Error::from(error));
+        let trap = TrapDetails::of(error);
         if self.memory_refused {
             InvokeError::OutOfMemory(memory_bytes, trap)
         } else {

@@ -32,7 +32,7 @@ use wasmtime::component::Linker;
 
 pub use capabilities::{Capabilities, ComputeBudget, ModelAccess, OutboundAccess};
 pub use engine::{EPOCH_TICK, SandboxLimits};
-pub use function::{CompileError, Function, FunctionKind, Invocation, InvokeError};
+pub use function::{CompileError, CutOff, Function, FunctionKind, Invocation, InvokeError};
 pub use host::{HostState, ModuleState};
 pub use models::{EngineOptions, ModelPool, PoolOptions};
 pub use service::{AiError, AiService};

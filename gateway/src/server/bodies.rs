@@ -13,6 +13,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::BoxError;
+use super::invoke::BodyEnding;
 
 /// A request body as the router hands it on.
 type Incoming = super::Body;
@@ -93,22 +94,45 @@ fn http_error(error: axum::Error) -> HttpError {
 }
 
 /// The response body as the client receives it: an error (the connection
-/// is cut) past `limit` bytes; holds concurrency permits until it is done.
+/// is cut) past `limit` bytes; holds concurrency permits until it is done,
+/// and settles the invocation (counted, a cut-off logged) when it ends.
 pub struct LimitedResponse {
     inner: HyperOutgoingBody,
     budget: Budget,
     limit: u64,
+    /// Bytes sent so far.
+    sent: u64,
+    ending: BodyEnding,
     _permits: Vec<OwnedSemaphorePermit>,
 }
 
 impl LimitedResponse {
     /// Wraps a function's response body, holding `permits` until it ends.
-    pub fn new(inner: HyperOutgoingBody, limit: u64, permits: Vec<OwnedSemaphorePermit>) -> Self {
+    pub fn new(
+        inner: HyperOutgoingBody,
+        limit: u64,
+        permits: Vec<OwnedSemaphorePermit>,
+        ending: BodyEnding,
+    ) -> Self {
         Self {
             inner,
             budget: Budget { remaining: limit },
             limit,
+            sent: 0,
+            ending,
             _permits: permits,
+        }
+    }
+}
+
+impl Drop for LimitedResponse {
+    /// hyper stops polling a body once its `Content-Length` is sent, or a
+    /// whole body has said so: that is a clean end too. Dropped sooner, the
+    /// client left (counted so by the invocation itself).
+    fn drop(&mut self) {
+        let whole = self.ending.declared == Some(self.sent) || self.inner.is_end_stream();
+        if whole {
+            self.ending.settle(None);
         }
     }
 }
@@ -123,14 +147,22 @@ impl Body for LimitedResponse {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
-            Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
-            None => return Poll::Ready(None),
+            Some(Err(e)) => {
+                self.ending.settle(Some(e.to_string()));
+                return Poll::Ready(Some(Err(Box::new(e))));
+            }
+            None => {
+                self.ending.settle(None);
+                return Poll::Ready(None);
+            }
         };
         if !self.budget.spend(&frame) {
             let limit = self.limit;
             let error = format!("the function's response is over its {limit}-byte limit");
+            self.ending.settle(Some(error.clone()));
             return Poll::Ready(Some(Err(error.into())));
         }
+        self.sent += frame.data_ref().map_or(0, |data| data.len() as u64);
         Poll::Ready(Some(Ok(frame)))
     }
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use gigafactory_runtime::logs::LogLimits;
 use gigafactory_runtime::{
-    AiService, Capabilities, ComputeBudget, Invocation, InvokeError, ModelAccess, OutboundAccess,
+    AiService, Capabilities, ComputeBudget, CutOff, Invocation, InvokeError, ModelAccess,
+    OutboundAccess,
 };
 use hyper::StatusCode;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderValue};
@@ -65,17 +66,16 @@ impl Gateway {
             let admitted = self.admission.admit(tenant, &quota)?;
             return self.forward(request, models, limit, admitted.permit).await;
         }
-        let counted = Counted {
-            gateway: self,
-            tenant,
-            name,
-            started: std::time::Instant::now(),
-            outcome: None,
-        };
+        // Counted when its response ends (a body cut off at the deadline
+        // counts as that), or here when there is none.
+        let mut counted = Some(Counted::new(self, tenant, name));
+        let version = record.active_version();
         let outcome = self
-            .run(request, tenant, name, record.active_version(), &rest)
+            .run(request, tenant, name, version, &rest, &mut counted)
             .await;
-        counted.finish(outcome.as_ref().map_or_else(ApiError::code, |_| "ok"));
+        if let Some(counted) = counted {
+            counted.finish(outcome.as_ref().map_or_else(ApiError::code, |_| "ok"));
+        }
         outcome
     }
 
@@ -87,6 +87,7 @@ impl Gateway {
         name: &str,
         version: &Version,
         rest: &str,
+        counted: &mut Option<Counted>,
     ) -> Result<Response, ApiError> {
         let quota = self
             .store
@@ -131,7 +132,17 @@ impl Gateway {
                 parts
                     .headers
                     .insert(VERSION_HEADER, HeaderValue::from(version.number));
-                let body = LimitedResponse::new(body, limits.response_bytes, permits);
+                let ending = BodyEnding {
+                    counted: counted.take().map(Counted::at_head),
+                    log,
+                    cut: parts.extensions.remove::<CutOff>(),
+                    declared: parts
+                        .headers
+                        .get(CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok()),
+                };
+                let body = LimitedResponse::new(body, limits.response_bytes, permits, ending);
                 Ok(hyper::Response::from_parts(parts, super::Body::new(body)))
             }
             Err(error) => {
@@ -272,29 +283,88 @@ impl Gateway {
     }
 }
 
-/// Counts an invocation when it ends, also when the client hangs up
-/// before the response head (hyper then drops the request's future).
-struct Counted<'a> {
-    gateway: &'a Gateway,
-    tenant: &'a str,
-    name: &'a str,
+/// Counts an invocation when it ends: at its response's end, or without
+/// one; also when the client hangs up first (hyper then drops the
+/// request's future, or the body).
+pub(super) struct Counted {
+    metrics: Arc<super::metrics::Metrics>,
+    tenant: String,
+    name: String,
     started: std::time::Instant,
+    /// Time to the response head, once it was ready.
+    head: Option<Duration>,
     outcome: Option<&'static str>,
 }
 
-impl Counted<'_> {
-    fn finish(mut self, outcome: &'static str) {
+impl Counted {
+    fn new(gateway: &Gateway, tenant: &str, name: &str) -> Self {
+        Self {
+            metrics: gateway.metrics.clone(),
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            started: std::time::Instant::now(),
+            head: None,
+            outcome: None,
+        }
+    }
+
+    /// Notes that the response head is ready (the latency counted).
+    fn at_head(mut self) -> Self {
+        self.head = Some(self.started.elapsed());
+        self
+    }
+
+    /// Counts it with `outcome`: `ok` or an error code.
+    pub(super) fn finish(mut self, outcome: &'static str) {
         self.outcome = Some(outcome);
+    }
+
+    /// The function's tenant and name.
+    pub(super) fn function(&self) -> (&str, &str) {
+        (&self.tenant, &self.name)
     }
 }
 
-impl Drop for Counted<'_> {
+impl Drop for Counted {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or(CLIENT_CLOSED);
-        let took = self.started.elapsed();
-        self.gateway
-            .metrics
-            .invoked(self.tenant, self.name, outcome, took);
+        let took = self.head.unwrap_or_else(|| self.started.elapsed());
+        self.metrics
+            .invoked(&self.tenant, &self.name, outcome, took);
+    }
+}
+
+/// What a function's response body settles when it ends.
+pub(super) struct BodyEnding {
+    /// The invocation, counted then.
+    pub counted: Option<Counted>,
+    /// The function's log, told of a body cut off.
+    pub log: Arc<crate::logs::FunctionLog>,
+    /// Why the runtime cut the body off, once it has.
+    pub cut: Option<CutOff>,
+    /// The length the response declared (`Content-Length`), if any.
+    pub declared: Option<u64>,
+}
+
+impl BodyEnding {
+    /// The body ended: cleanly (`None`), or cut off for `why` (the
+    /// response limit, or the runtime's reason when it has one).
+    pub(super) fn settle(&mut self, why: Option<String>) {
+        let Some(counted) = self.counted.take() else {
+            return;
+        };
+        let Some(why) = why else {
+            return counted.finish("ok");
+        };
+        let (outcome, message) = match self.cut.as_ref().and_then(CutOff::why) {
+            Some(failure) => (invoke_error(failure).code(), format!("{failure}")),
+            None => ("response_cut_off", why),
+        };
+        let (tenant, function) = counted.function();
+        let message = format!("the response was cut off after it began: {message}");
+        tracing::warn!(%tenant, %function, outcome, "{message}");
+        self.log.push("platform", &message);
+        counted.finish(outcome);
     }
 }
 

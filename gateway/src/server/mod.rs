@@ -182,7 +182,7 @@ pub struct Gateway {
     functions: FunctionCache,
     logs: FunctionLogs,
     admin_token: TokenHash,
-    metrics: metrics::Metrics,
+    metrics: Arc<metrics::Metrics>,
     /// Running requests per function version with a `max_concurrency`.
     concurrency: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Per-tenant rate, concurrency and compute state.
@@ -237,7 +237,7 @@ impl Gateway {
         let gateway = Arc::new(Self {
             functions: FunctionCache::new(config.max_loaded_functions),
             logs: FunctionLogs::default(),
-            metrics: metrics::Metrics::new(),
+            metrics: Arc::new(metrics::Metrics::new()),
             concurrency: Mutex::default(),
             admission: admission::Admission::default(),
             draining: AtomicBool::new(false),
