@@ -48,9 +48,17 @@ fn a_tour_of_the_cli() {
     assert_eq!(answer, "Hello from Gigafactory! You asked for /cli\n");
     let listed = success(gigafactory(&server, key, &["functions", "list"]));
     assert!(
-        listed.contains("hello") && listed.contains("/fn/demo/hello"),
+        listed.starts_with("NAME ")
+            && listed.contains("hello")
+            && listed.contains("/fn/demo/hello"),
         "{listed}"
     );
+    // Times as RFC 3339, not Unix seconds.
+    let rfc3339 = |word: &str| {
+        let b = word.as_bytes();
+        b.len() == 20 && b[4] == b'-' && b[7] == b'-' && b[10] == b'T' && b[19] == b'Z'
+    };
+    assert!(listed.split_whitespace().any(rfc3339), "{listed}");
     let models = success(gigafactory(&server, key, &["models", "list"]));
     assert!(
         models.contains("all-minilm-l6-v2")
@@ -458,4 +466,24 @@ fn login_saves_profiles_the_commands_use() {
         said.contains("no profile \"prod\"") && said.contains("dev"),
         "{said}"
     );
+}
+
+#[test]
+fn completions_cover_the_commands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = success(
+            Command::new(binary())
+                .args(["completions", shell])
+                .output()
+                .unwrap(),
+        );
+        for word in ["rollback", "login", "profile"] {
+            assert!(script.contains(word), "{shell}: no {word}");
+        }
+    }
+    let unknown = Command::new(binary())
+        .args(["completions", "cmd"])
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
 }

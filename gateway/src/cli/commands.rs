@@ -46,6 +46,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Keys(command) => keys(&client()?, command, cli.json).await,
         Command::Whoami => whoami(&client()?, cli.json).await,
         Command::Login { .. } => unreachable!("handled above"),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "gigafactory", &mut script);
+            super::write_bytes(&script);
+            Ok(())
+        }
         Command::Deploy {
             name,
             file,
@@ -440,12 +447,17 @@ async fn functions(client: &Client, command: FunctionsCommand, as_json: bool) ->
         FunctionsCommand::List => {
             let reply = client.api(Method::GET, "/v1/functions", None).await?;
             print_or(as_json, &reply, || {
-                list(&reply["functions"], |f| {
+                let header = format!(
+                    "{:<24} {:<7} {:>12}  {:<20}  URL",
+                    "NAME", "VERSION", "SIZE", "CREATED"
+                );
+                table(&header, &reply["functions"], |f| {
                     format!(
-                        "{:<24} v{:<4} {:>8} KiB  {}",
+                        "{:<24} {:<7} {:>8} KiB  {:<20}  {}",
                         f["name"].as_str().unwrap_or("?"),
-                        f["active_version"],
+                        format!("v{}", f["active_version"]),
                         f["size"].as_u64().unwrap_or(0) / 1024,
+                        when(&f["created_at"]),
                         f["url"].as_str().unwrap_or("?")
                     )
                 })
@@ -487,11 +499,12 @@ async fn keys(client: &Client, command: KeysCommand, as_json: bool) -> Result<()
                 .api(Method::GET, &format!("/v1/tenants/{tenant}/keys"), None)
                 .await?;
             print_or(as_json, &reply, || {
-                list(&reply["keys"], |key| {
+                let header = format!("{:<20} CREATED", "ID");
+                table(&header, &reply["keys"], |key| {
                     format!(
-                        "{:<20} created {}",
+                        "{:<20} {}",
                         key["id"].as_str().unwrap_or("?"),
-                        key["created_at"]
+                        when(&key["created_at"])
                     )
                 })
             });
@@ -714,6 +727,25 @@ pub(super) fn print_or(as_json: bool, value: &Value, summary: impl FnOnce() -> S
         );
     } else {
         outln!("{}", summary());
+    }
+}
+
+/// `items` as a table: `header`, then a line each.
+fn table(header: &str, items: &Value, line: impl Fn(&Value) -> String) -> String {
+    match items.as_array() {
+        Some(rows) if !rows.is_empty() => format!("{header}\n{}", list(items, line)),
+        _ => "(none)".to_string(),
+    }
+}
+
+/// Unix seconds as an RFC 3339 time (UTC).
+fn when(seconds: &Value) -> String {
+    match seconds.as_u64() {
+        Some(seconds) => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+        )
+        .to_string(),
+        None => "-".to_string(),
     }
 }
 

@@ -85,6 +85,12 @@ pub enum Command {
     Keys(KeysCommand),
     /// Who the token is: the admin, or a tenant with its quota and usage.
     Whoami,
+    /// Print a completion script for your shell, e.g.
+    /// `gigafactory completions bash > ~/.local/share/bash-completion/completions/gigafactory`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Save a gateway's URL and token as a profile (checked first; the
     /// config file is readable by you only).
     Login {
