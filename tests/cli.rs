@@ -66,6 +66,28 @@ fn a_tour_of_the_cli() {
             && models.contains("0 calls, 0 batches"),
         "{models}"
     );
+    // A text model counts generations and tokens.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let chat = serde_json::json!({
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 4,
+        "logit_bias": {"0": -100, "2": -100},
+    });
+    let answered = runtime
+        .block_on(server.client(Some(key)).api(
+            hyper::Method::POST,
+            "/v1/chat/completions",
+            Some(("application/json", chat.to_string().into())),
+        ))
+        .unwrap();
+    assert_eq!(answered["usage"]["completion_tokens"], 4, "{answered}");
+    let models = success(gigafactory(&server, key, &["models", "list"]));
+    assert!(
+        models.contains("1 generations (0 decoding, 0 queued)")
+            && models.contains(" and 4 generated tokens"),
+        "{models}"
+    );
     let devices = success(gigafactory(&server, key, &["models", "devices"]));
     assert!(
         devices.starts_with("cpu ") && devices.contains("MiB total"),
@@ -486,4 +508,55 @@ fn completions_cover_the_commands() {
         .output()
         .unwrap();
     assert!(!unknown.status.success());
+}
+
+#[test]
+fn deploy_watch_redeploys_on_rebuild() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_without_models(data.path());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let key = runtime.block_on(server.tenant("acme"));
+    let file = data.path().join("hello.wasm");
+    std::fs::write(&file, wasm("hello")).unwrap();
+    let mut watching = Command::new(binary())
+        .args(["deploy", "hello", "--watch"])
+        .arg(&file)
+        .env("GIGAFACTORY_URL", &server.url)
+        .env("GIGAFACTORY_TOKEN", &key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let active = || {
+        runtime
+            .block_on(server.client(Some(&key)).send(
+                hyper::Method::GET,
+                "/v1/functions/hello",
+                None,
+                &[],
+            ))
+            .ok()
+            .filter(|reply| reply.status == 200)
+            .map(|reply| support::json(&reply)["active_version"].as_u64().unwrap())
+    };
+    let wait_for = |version: u64| {
+        for _ in 0..200 {
+            if active() == Some(version) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "version {version} was not deployed (active: {:?})",
+            active()
+        );
+    };
+    wait_for(1);
+    // A rebuild: the file replaced by another, as cargo does.
+    let rebuilt = data.path().join("hello.wasm.new");
+    std::fs::write(&rebuilt, wasm("manifest_probe")).unwrap();
+    std::fs::rename(&rebuilt, &file).unwrap();
+    wait_for(2);
+    let _ = watching.kill();
+    let _ = watching.wait();
 }

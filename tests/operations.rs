@@ -87,6 +87,10 @@ async fn routes_methods_request_ids_and_access_logs() {
     assert_eq!(line["status"], 200, "{line}");
     assert_eq!(line["bytes"], listed.body.len() as u64, "{line}");
     assert!(line["total_ms"].as_f64().unwrap() >= 0.0, "{line}");
+    // Lines logged while a request is handled carry its id.
+    let created = log_line(&server, |line| line["message"] == "tenant created").await;
+    let within = created["span"]["request_id"].as_str().unwrap_or_default();
+    assert_eq!(within.len(), 16, "{created}");
     let refused = log_line(&server, |line| line["status"] == 405).await;
     assert_eq!(refused["path"], "/v1/functions", "{refused}");
     assert!(!server.output().contains('\u{1b}'), "colours in a log file");

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use tracing::Instrument as _;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, SizeHint};
@@ -361,22 +363,25 @@ impl Function {
             .http()
             .new_response_outparam(sender)
             .map_err(host_error)?;
-        let task = tokio::spawn(async move {
-            let run = async {
-                let proxy = pre.instantiate_async(&mut store).await?;
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, request, response_out)
-                    .await
-            };
-            let outcome = tokio::time::timeout_at(deadline.into(), run).await;
-            let ending = Ending::of(outcome, store.data());
-            // Told before the store (and so the body's channel) goes.
-            let _ = finished.send(ending.failure(timeout, memory_bytes));
-            drop(store);
-            drop(log);
-            ending
-        });
+        let task = tokio::spawn(
+            async move {
+                let run = async {
+                    let proxy = pre.instantiate_async(&mut store).await?;
+                    proxy
+                        .wasi_http_incoming_handler()
+                        .call_handle(&mut store, request, response_out)
+                        .await
+                };
+                let outcome = tokio::time::timeout_at(deadline.into(), run).await;
+                let ending = Ending::of(outcome, store.data());
+                // Told before the store (and so the body's channel) goes.
+                let _ = finished.send(ending.failure(timeout, memory_bytes));
+                drop(store);
+                drop(log);
+                ending
+            }
+            .in_current_span(),
+        );
         response_or_why(receiver, task, finished_receiver, &invocation, memory_bytes).await
     }
 
@@ -470,31 +475,34 @@ impl Function {
         let (sender, receiver) = oneshot::channel();
         let (finished, finished_receiver) = oneshot::channel();
         let timeout = invocation.timeout;
-        let task = tokio::spawn(async move {
-            let run = async {
-                let service = pre.instantiate_async(&mut store).await?;
-                store
-                    .run_concurrent(async move |accessor| {
-                        let response = match service.handle(accessor, request).await? {
-                            Ok(response) => {
-                                Ok(accessor.with(|store| response.into_http(store, request_io))?)
-                            }
-                            Err(code) => Err(code),
-                        };
-                        let _ = sender.send(response);
-                        std::future::poll_fn(|cx| accessor.poll_no_interesting_tasks(cx)).await;
-                        wasmtime::Result::<()>::Ok(())
-                    })
-                    .await?
-            };
-            let outcome = tokio::time::timeout_at(deadline.into(), run).await;
-            let ending = Ending::of(outcome, store.data());
-            // Told before the store (and so the body's channel) goes.
-            let _ = finished.send(ending.failure(timeout, memory_bytes));
-            drop(store);
-            drop(log);
-            ending
-        });
+        let task = tokio::spawn(
+            async move {
+                let run = async {
+                    let service = pre.instantiate_async(&mut store).await?;
+                    store
+                        .run_concurrent(async move |accessor| {
+                            let response =
+                                match service.handle(accessor, request).await? {
+                                    Ok(response) => Ok(accessor
+                                        .with(|store| response.into_http(store, request_io))?),
+                                    Err(code) => Err(code),
+                                };
+                            let _ = sender.send(response);
+                            std::future::poll_fn(|cx| accessor.poll_no_interesting_tasks(cx)).await;
+                            wasmtime::Result::<()>::Ok(())
+                        })
+                        .await?
+                };
+                let outcome = tokio::time::timeout_at(deadline.into(), run).await;
+                let ending = Ending::of(outcome, store.data());
+                // Told before the store (and so the body's channel) goes.
+                let _ = finished.send(ending.failure(timeout, memory_bytes));
+                drop(store);
+                drop(log);
+                ending
+            }
+            .in_current_span(),
+        );
         response_or_why(receiver, task, finished_receiver, &invocation, memory_bytes).await
     }
 }

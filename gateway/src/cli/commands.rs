@@ -57,7 +57,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             name,
             file,
             manifest,
+            watch: false,
         } => deploy(&client()?, &name, &file, manifest, cli.json).await,
+        Command::Deploy {
+            name,
+            file,
+            manifest,
+            watch: true,
+        } => deploy_on_change(&client()?, &name, &file, manifest, cli.json).await,
         Command::Invoke(args) => invoke(&client()?, args).await,
         Command::Functions(command) => functions(&client()?, command, cli.json).await,
         Command::Models(ModelsCommand::List) => models(&client()?, cli.json).await,
@@ -306,6 +313,56 @@ async fn deploy(
     });
     Ok(())
 }
+
+/// `deploy --watch`: deploys now and again after each change of the wasm
+/// or its manifest (once the file has stopped changing: a build may still
+/// be writing it). A failed deploy is reported and the watch goes on.
+///
+/// The files' metadata is polled: cargo replaces the wasm by renaming a
+/// new file over it, which polling sees on any file system.
+async fn deploy_on_change(
+    client: &Client,
+    name: &str,
+    file: &Path,
+    manifest: Option<PathBuf>,
+    as_json: bool,
+) -> Result<()> {
+    let stamp = |manifest: Option<&Path>| {
+        [Some(file), manifest]
+            .into_iter()
+            .flatten()
+            .map(|path| {
+                std::fs::metadata(path)
+                    .ok()
+                    .map(|m| (m.modified().ok(), m.len()))
+            })
+            .collect::<Vec<_>>()
+    };
+    let manifest_of = || manifest.clone().or_else(|| find_manifest(file));
+    let mut deployed = stamp(manifest_of().as_deref());
+    if let Err(error) = deploy(client, name, file, manifest.clone(), as_json).await {
+        eprintln!("error: {error:#}");
+    }
+    eprintln!("watching {} for changes (Ctrl-C stops) …", file.display());
+    let mut seen = deployed.clone();
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let now = stamp(manifest_of().as_deref());
+        // Deployed once the change has settled for one interval.
+        let settled = now == seen;
+        seen = now.clone();
+        if !settled || now == deployed || now.first().is_some_and(Option::is_none) {
+            continue;
+        }
+        deployed = now;
+        if let Err(error) = deploy(client, name, file, manifest.clone(), as_json).await {
+            eprintln!("error: {error:#}");
+        }
+    }
+}
+
+/// How often `deploy --watch` looks at the files.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The manifest of the crate that built `wasm`: a `gigafactory.toml` in
 /// the wasm's directory or one above it (a crate's own `target/`), or in
@@ -598,8 +655,32 @@ async fn models(client: &Client, as_json: bool) -> Result<()> {
     print_or(as_json, &reply, || {
         list(&reply["models"], |m| {
             let stats = &m["stats"];
+            let generation = &m["generation"];
+            let counters = if generation.is_object() {
+                // A text model counts generations and tokens, not calls.
+                format!(
+                    "{} generations ({} decoding, {} queued), {} prompt and {} generated tokens, {} rejected, {} cancelled",
+                    generation["started"].as_u64().unwrap_or(0),
+                    generation["active"].as_u64().unwrap_or(0),
+                    generation["queued"].as_u64().unwrap_or(0),
+                    generation["prompt_tokens"].as_u64().unwrap_or(0),
+                    generation["completion_tokens"].as_u64().unwrap_or(0),
+                    generation["rejected"].as_u64().unwrap_or(0),
+                    generation["cancelled"].as_u64().unwrap_or(0),
+                )
+            } else {
+                format!(
+                    "{} calls, {} batches ({:.1} rows each), {} rejected, {} queued, {:.1} s compute",
+                    stats["calls"].as_u64().unwrap_or(0),
+                    stats["batches"].as_u64().unwrap_or(0),
+                    stats["mean_batch_rows"].as_f64().unwrap_or(0.0),
+                    stats["rejected"].as_u64().unwrap_or(0),
+                    stats["queued"].as_u64().unwrap_or(0),
+                    stats["compute_seconds"].as_f64().unwrap_or(0.0),
+                )
+            };
             let mut line = format!(
-                "{:<24} {:<7} {:<11} {:<6} {:>5} MiB  {}\n    {} calls, {} batches ({:.1} rows each), {} rejected, {} queued, {:.1} s compute",
+                "{:<24} {:<7} {:<11} {:<6} {:>5} MiB  {}\n    {counters}",
                 match (m["owner"].as_str(), m["name"].as_str().unwrap_or("?")) {
                     (Some(owner), name) => format!("{owner}/{name}"),
                     (None, name) => name.to_string(),
@@ -609,12 +690,6 @@ async fn models(client: &Client, as_json: bool) -> Result<()> {
                 m["device"].as_str().unwrap_or("?"),
                 m["memory_bytes"].as_u64().unwrap_or(0) >> 20,
                 m["description"].as_str().unwrap_or(""),
-                stats["calls"].as_u64().unwrap_or(0),
-                stats["batches"].as_u64().unwrap_or(0),
-                stats["mean_batch_rows"].as_f64().unwrap_or(0.0),
-                stats["rejected"].as_u64().unwrap_or(0),
-                stats["queued"].as_u64().unwrap_or(0),
-                stats["compute_seconds"].as_f64().unwrap_or(0.0),
             );
             if let Some(error) = m["error"].as_str() {
                 line.push_str(&format!("\n    error: {error}"));

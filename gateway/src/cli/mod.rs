@@ -71,9 +71,14 @@ pub enum Command {
         name: String,
         /// The component file.
         file: PathBuf,
-        /// The function's manifest [default: ./gigafactory.toml when present].
+        /// The function's manifest [default: the gigafactory.toml of the
+        /// wasm's crate, else ./gigafactory.toml when present].
         #[arg(long)]
         manifest: Option<PathBuf>,
+        /// Keep running and deploy again whenever the wasm or the manifest
+        /// changes (a rebuild); Ctrl-C stops.
+        #[arg(long)]
+        watch: bool,
     },
     /// Call a function of your tenant and print its response body as it streams.
     Invoke(InvokeArgs),

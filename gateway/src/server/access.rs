@@ -105,28 +105,37 @@ impl Gateway {
     pub(super) async fn answer(
         self: Arc<Self>,
         app: App,
-        request: hyper::Request<Body>,
+        mut request: hyper::Request<Body>,
         holds: impl Send + Sync + 'static,
     ) -> Response {
+        // The id is made here (tower-http's layer keeps it) so that the
+        // request's span, and every line logged under it, carries it.
+        if !request.headers().contains_key(REQUEST_ID)
+            && let Some(id) = RequestIds.make_request_id(&request)
+        {
+            request
+                .headers_mut()
+                .insert(REQUEST_ID, id.into_header_value());
+        }
+        let id = request
+            .headers()
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string();
         let arrival = Arrival {
             method: request.method().clone(),
             path: request.uri().path().to_string(),
             started: Instant::now(),
         };
         let seen = Seen::default();
-        let span = tracing::info_span!("request", method = %arrival.method, path = %arrival.path);
+        let span = tracing::info_span!("request", request_id = %id, method = %arrival.method, path = %arrival.path);
         let answered = SEEN.scope(seen.clone(), app.oneshot(request).instrument(span));
         let response = match answered.await {
             Ok(response) => response,
             Err(never) => match never {},
         };
         let head = arrival.started.elapsed();
-        let id = response
-            .headers()
-            .get(REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_string();
         let ending = Arc::new(Ending {
             gateway: self,
             arrival,

@@ -141,6 +141,7 @@ impl Gateway {
                         .get(CONTENT_LENGTH)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok()),
+                    span: tracing::Span::current(),
                 };
                 let body = LimitedResponse::new(body, limits.response_bytes, permits, ending);
                 Ok(hyper::Response::from_parts(parts, super::Body::new(body)))
@@ -344,6 +345,8 @@ pub(super) struct BodyEnding {
     pub cut: Option<CutOff>,
     /// The length the response declared (`Content-Length`), if any.
     pub declared: Option<u64>,
+    /// The request's span, for what is logged when the body ends.
+    pub span: tracing::Span,
 }
 
 impl BodyEnding {
@@ -361,6 +364,7 @@ impl BodyEnding {
             None => ("response_cut_off", why),
         };
         let (tenant, function) = counted.function();
+        let _span = self.span.enter();
         let message = format!("the response was cut off after it began: {message}");
         tracing::warn!(%tenant, %function, outcome, "{message}");
         self.log.push("platform", &message);
