@@ -374,8 +374,7 @@ impl Function {
                 };
                 let outcome = tokio::time::timeout_at(deadline.into(), run).await;
                 let ending = Ending::of(outcome, store.data());
-                // Told before the store (and so the body's channel) goes.
-                let _ = finished.send(ending.failure(timeout, memory_bytes));
+                ending.tell(finished, timeout, memory_bytes);
                 drop(store);
                 drop(log);
                 ending
@@ -495,8 +494,7 @@ impl Function {
                 };
                 let outcome = tokio::time::timeout_at(deadline.into(), run).await;
                 let ending = Ending::of(outcome, store.data());
-                // Told before the store (and so the body's channel) goes.
-                let _ = finished.send(ending.failure(timeout, memory_bytes));
+                ending.tell(finished, timeout, memory_bytes);
                 drop(store);
                 drop(log);
                 ending
@@ -743,6 +741,17 @@ struct Ending {
 }
 
 impl Ending {
+    /// Tells the response body how the instance ended; called before the
+    /// store (and so the body's channel) is dropped.
+    fn tell(
+        &self,
+        finished: oneshot::Sender<Option<InvokeError>>,
+        timeout: Duration,
+        memory_bytes: usize,
+    ) {
+        let _ = finished.send(self.failure(timeout, memory_bytes));
+    }
+
     /// Why the instance ended, unless it returned within its deadline.
     fn failure(&self, timeout: Duration, memory_bytes: usize) -> Option<InvokeError> {
         (!matches!(self.outcome, Ok(Ok(())))).then(|| self.classify(timeout, memory_bytes))
