@@ -77,6 +77,13 @@ async fn routes_methods_request_ids_and_access_logs() {
         .unwrap();
     assert_eq!(listed.status, 200, "{}", text(&listed));
     assert_eq!(listed.headers["x-request-id"], "trace-me-7");
+    // One that would bloat or garble every log line is replaced.
+    let bloated = [("x-request-id".to_string(), "x".repeat(500))];
+    let replaced = client
+        .send(Method::GET, "/healthz", None, &bloated)
+        .await
+        .unwrap();
+    assert_eq!(replaced.headers["x-request-id"].len(), 16);
 
     // The access log: one JSON object per request, with who, what and how long.
     let line = log_line(&server, |line| line["request_id"] == "trace-me-7").await;

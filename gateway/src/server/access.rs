@@ -89,6 +89,14 @@ impl MakeRequestId for RequestIds {
     }
 }
 
+/// Whether a client's request id is one to keep: 1–64 of `A-Za-z0-9-_.:`.
+fn plain_id(id: &[u8]) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+}
+
 /// The application as a connection serves it: ids, CORS and routes.
 pub(super) type App = tower::util::BoxCloneSyncService<hyper::Request<Body>, Response, Infallible>;
 
@@ -110,9 +118,14 @@ impl Gateway {
     ) -> Response {
         // The id is made here (tower-http's layer keeps it) so that the
         // request's span, and every line logged under it, carries it.
-        if !request.headers().contains_key(REQUEST_ID)
-            && let Some(id) = RequestIds.make_request_id(&request)
-        {
+        // A client's own id is kept when it is a plain token of at most
+        // 64 characters; anything else is replaced (it goes into every
+        // log line of the request).
+        let acceptable = request
+            .headers()
+            .get(REQUEST_ID)
+            .is_some_and(|id| plain_id(id.as_bytes()));
+        if !acceptable && let Some(id) = RequestIds.make_request_id(&request) {
             request
                 .headers_mut()
                 .insert(REQUEST_ID, id.into_header_value());
