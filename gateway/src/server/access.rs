@@ -43,7 +43,7 @@ pub(super) fn authenticated(principal: &Principal) {
 #[derive(Default)]
 struct Learned {
     who: Option<String>,
-    route: Option<String>,
+    route: Option<MatchedPath>,
 }
 
 impl Seen {
@@ -56,11 +56,12 @@ impl Seen {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).who = Some(who);
     }
 
-    fn route(&self, route: &str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).route = Some(route.to_string());
+    fn route(&self, route: &MatchedPath) {
+        // A shared template: cloned without copying it.
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).route = Some(route.clone());
     }
 
-    fn learned(&self) -> (Option<String>, Option<String>) {
+    fn learned(&self) -> (Option<String>, Option<MatchedPath>) {
         let learned = self.0.lock().unwrap_or_else(|e| e.into_inner());
         (learned.who.clone(), learned.route.clone())
     }
@@ -69,7 +70,7 @@ impl Seen {
 /// Middleware on every route: records the route's template (`/fn/{tenant}/{function}`).
 pub(super) async fn matched_route(request: Request, next: Next) -> Response {
     if let Some(matched) = request.extensions().get::<MatchedPath>() {
-        let _ = SEEN.try_with(|seen| seen.route(matched.as_str()));
+        let _ = SEEN.try_with(|seen| seen.route(matched));
     }
     next.run(request).await
 }
@@ -199,7 +200,7 @@ struct Ending {
 impl Drop for Ending {
     fn drop(&mut self) {
         let (who, route) = self.seen.learned();
-        let route = route.as_deref().unwrap_or("unmatched");
+        let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
         let Arrival {
             method,
             path,

@@ -23,10 +23,15 @@ pub struct Metrics {
     outcomes: Mutex<BTreeMap<(String, String, &'static str), u64>>,
     latency: Mutex<BTreeMap<(String, String), Arc<Histogram>>>,
     forwarded: Mutex<BTreeMap<(String, &'static str), u64>>,
-    /// Requests by route template, method and status.
-    http: Mutex<BTreeMap<(String, &'static str, u16), u64>>,
-    /// Time to the response head by route template.
-    http_latency: Mutex<BTreeMap<String, Arc<Histogram>>>,
+    /// Requests by route template.
+    http: Mutex<BTreeMap<String, RouteSeries>>,
+}
+
+/// One route template's requests: counts by method and status, and the
+/// time to their response head.
+struct RouteSeries {
+    counts: BTreeMap<(&'static str, u16), u64>,
+    latency: Histogram,
 }
 
 impl Metrics {
@@ -84,16 +89,18 @@ impl Metrics {
             _ => "other",
         };
         let mut http = self.http.lock().unwrap_or_else(|e| e.into_inner());
-        *http.entry((route.to_string(), method, status)).or_default() += 1;
-        drop(http);
-        let histogram = self
-            .http_latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(route.to_string())
-            .or_insert_with(|| Arc::new(Histogram::new(LATENCY_BUCKETS)))
-            .clone();
-        histogram.observe_duration(took);
+        // Looked up by `&str`: a route's key is allocated once.
+        if !http.contains_key(route) {
+            let series = RouteSeries {
+                counts: BTreeMap::new(),
+                latency: Histogram::new(LATENCY_BUCKETS),
+            };
+            http.insert(route.to_string(), series);
+        }
+        if let Some(series) = http.get_mut(route) {
+            *series.counts.entry((method, status)).or_default() += 1;
+            series.latency.observe_duration(took);
+        }
     }
 
     /// Forgets a deleted function's counters (all of a tenant's with `None`).
@@ -200,29 +207,29 @@ impl Metrics {
             "HTTP requests by route template, method and status.",
         );
         let http = self.http.lock().unwrap_or_else(|e| e.into_inner());
-        for ((route, method, status), count) in http.iter() {
+        for (route, series) in http.iter() {
             // Route templates are the gateway's own (`/v1/tenants/{tenant}`).
-            let _ = writeln!(
-                text,
-                "gigafactory_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {count}"
-            );
+            for ((method, status), count) in &series.counts {
+                let _ = writeln!(
+                    text,
+                    "gigafactory_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {count}"
+                );
+            }
         }
-        drop(http);
         header(
             &mut text,
             "gigafactory_http_request_duration_seconds",
             "histogram",
             "Time from a request's arrival to its response head, by route template.",
         );
-        let latency = self.http_latency.lock().unwrap_or_else(|e| e.into_inner());
-        for (route, histogram) in latency.iter() {
-            histogram.render(
+        for (route, series) in http.iter() {
+            series.latency.render(
                 &mut text,
                 "gigafactory_http_request_duration_seconds",
                 &format!("route=\"{route}\""),
             );
         }
-        drop(latency);
+        drop(http);
         models.render_metrics(&mut text);
         text
     }
