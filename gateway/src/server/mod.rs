@@ -589,16 +589,21 @@ async fn admin_token(config: &GatewayConfig, store: &dyn Store) -> Result<TokenH
     Ok(hash)
 }
 
+/// Writes `secret` to `path` (owner-only), whole or not at all: it is
+/// written beside it and renamed into place, so no reader ever sees a
+/// half-written file.
 fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let partial = path.with_extension("partial");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+        .open(&partial)
+        .with_context(|| format!("writing {}", partial.display()))?;
     writeln!(file, "{secret}")?;
-    Ok(())
+    file.sync_all()?;
+    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))
 }
