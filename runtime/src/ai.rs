@@ -13,7 +13,7 @@ use crate::service::AiError;
 mod generated {
     wasmtime::component::bindgen!({
         world: "imports",
-        path: "../wit/gigafactory-ai",
+        path: "../sdk/wit/gigafactory-ai",
         with: {
             "gigafactory:ai/generation.generation-stream": super::GenerationStream,
         },

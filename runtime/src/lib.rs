@@ -21,6 +21,11 @@ mod queue;
 mod service;
 mod spin;
 pub mod stats;
+/// The SDK's BERT WordPiece tokenizer, compiled into the host too: one
+/// implementation, so `gigafactory:ai` `embed` and a guest tokenising for
+/// itself agree token for token.
+#[path = "../../sdk/src/text.rs"]
+pub mod text;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

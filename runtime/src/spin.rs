@@ -16,7 +16,7 @@ use crate::service::AiError;
 mod generated {
     wasmtime::component::bindgen!({
         world: "spin-llm",
-        path: "../wit/fermyon-spin",
+        path: "../sdk/wit/fermyon-spin",
         imports: { default: async | trappable },
     });
 }

@@ -23,7 +23,7 @@
 #[allow(missing_docs)]
 mod bindings {
     wit_bindgen::generate!({
-        path: "../wit/gigafactory-ai",
+        path: "wit/gigafactory-ai",
         world: "imports",
     });
 }

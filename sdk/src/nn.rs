@@ -14,7 +14,7 @@ use std::fmt;
 #[allow(missing_docs)]
 mod bindings {
     wit_bindgen::generate!({
-        path: "../wit/wasi-nn",
+        path: "wit/wasi-nn",
         world: "ml",
     });
 }

@@ -322,7 +322,7 @@ async fn engine_alone(args: &EmbedArgs, engine: &str) -> Result<Duration> {
     };
     let dir = args.models.join("all-minilm-l6-v2");
     let vocab = std::fs::read_to_string(dir.join("vocab.txt")).context("reading vocab.txt")?;
-    let ids = gigafactory_text::WordPiece::from_vocab(&vocab)
+    let ids = gigafactory_runtime::text::WordPiece::from_vocab(&vocab)
         .map_err(anyhow::Error::msg)?
         .encode(SENTENCES[0], 256)
         .ids;

@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use gigafactory_text::WordPiece;
+use crate::text::WordPiece;
 use serde::{Deserialize, Serialize};
 
 use super::error::{ErrorCode, NnError};

@@ -15,7 +15,7 @@ use crate::service::{AiError, AiService};
 mod generated {
     wasmtime::component::bindgen!({
         world: "ml",
-        path: "../wit/wasi-nn",
+        path: "../sdk/wit/wasi-nn",
         with: {
             "wasi:nn/graph.graph": super::Graph,
             "wasi:nn/tensor.tensor": super::Tensor,

@@ -3,7 +3,7 @@
 
 mod bindings {
     wit_bindgen::generate!({
-        path: "../../../wit/wasi-nn",
+        path: "../../../sdk/wit/wasi-nn",
         world: "ml",
     });
 }
