@@ -555,3 +555,106 @@ fn deploy_watch_redeploys_on_rebuild() {
     let _ = watching.kill();
     let _ = watching.wait();
 }
+
+/// Runs `program` with `args` in `dir`, asserting that it succeeds.
+fn run_in(dir: &std::path::Path, program: &std::path::Path, args: &[&str]) -> String {
+    success(
+        Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", program.display())),
+    )
+}
+
+#[test]
+fn templates_build_out_of_the_tree_and_deploy() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_without_models(data.path());
+    let key = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(server.tenant("demo"));
+    // Outside this repository: no workspace, no .cargo/config.toml above it.
+    let home = tempfile::tempdir().unwrap();
+    let cargo = std::path::PathBuf::from(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // One target directory for the four crates: the SDK's dependencies
+    // are built once.
+    let target = home.path().join("target");
+    for (name, template) in [
+        ("greeter", "http"),
+        ("cgi-echo", "command"),
+        ("embedder", "embed"),
+        ("chatter", "chat"),
+    ] {
+        let said = run_in(
+            home.path(),
+            &binary(),
+            &["new", name, "--template", template],
+        );
+        assert!(
+            said.contains("cargo build --release --target wasm32-wasip2"),
+            "{said}"
+        );
+        let crate_dir = home.path().join(name);
+        assert!(crate_dir.join("gigafactory.toml").is_file());
+        let built = Command::new(&cargo)
+            .args(["build", "--release", "--target", "wasm32-wasip2"])
+            .current_dir(&crate_dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        assert!(
+            built.status.success(),
+            "{name} ({template}) did not build:\n{}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+    }
+    let again = Command::new(binary())
+        .args(["new", "greeter"])
+        .current_dir(home.path())
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "an existing directory is kept");
+
+    // Deployed from the crate's directory, with its manifest.
+    let wasm_of = |file: &str| {
+        target
+            .join("wasm32-wasip2/release")
+            .join(format!("{file}.wasm"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    for (name, file) in [("greeter", "greeter"), ("cgi-echo", "cgi-echo")] {
+        let deployed = Command::new(binary())
+            .args(["deploy", name, &wasm_of(file)])
+            .current_dir(home.path().join(name))
+            .env("GIGAFACTORY_URL", &server.url)
+            .env("GIGAFACTORY_TOKEN", &key)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&deployed.stderr).into_owned();
+        assert!(success(deployed).contains("version 1"));
+        assert!(said.contains("gigafactory.toml"), "{said}");
+    }
+    let function = success(gigafactory(
+        &server,
+        &key,
+        &["--json", "functions", "get", "greeter"],
+    ));
+    assert!(
+        function.contains("\"memory_mib\": 64"),
+        "the template's manifest: {function}"
+    );
+    let greeting = success(gigafactory(
+        &server,
+        &key,
+        &["invoke", "greeter", "-X", "POST", "-d", "Ada"],
+    ));
+    assert!(greeting.starts_with("Hello, Ada!"), "{greeting}");
+    let echoed = success(gigafactory(
+        &server,
+        &key,
+        &["invoke", "cgi-echo", "-X", "POST", "-d", "abc"],
+    ));
+    assert!(echoed.contains("sent 3 bytes"), "{echoed}");
+}

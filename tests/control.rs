@@ -161,6 +161,19 @@ async fn versions_and_files_survive_a_restart(backend: Backend) {
         Backend::Postgres => elsewhere.path(),
     };
     let server = setup.server_in(data);
+    // The first server's use was added to the store as it stopped.
+    let usage = server
+        .client(Some(&key))
+        .api(Method::GET, "/v1/usage", None)
+        .await
+        .unwrap();
+    let requests: u64 = usage["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(requests, 1, "one call of the function: {usage}");
     let function = server
         .client(Some(&key))
         .api(Method::GET, "/v1/functions/probe", None)

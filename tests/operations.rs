@@ -339,3 +339,267 @@ async fn https_with_the_cli_and_a_renewed_certificate() {
             .is_err()
     );
 }
+
+/// A model repository holding only the small text model.
+fn text_model_only() -> tempfile::TempDir {
+    let models = tempfile::tempdir().unwrap();
+    let shipped = support::root().join("models").join(TEXT_MODEL);
+    std::os::unix::fs::symlink(
+        shipped.canonicalize().unwrap(),
+        models.path().join(TEXT_MODEL),
+    )
+    .unwrap();
+    models
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_figures_equal_what_was_sent() {
+    let models = text_model_only();
+    let embedder = support::root().join("models").join("all-minilm-l6-v2");
+    std::os::unix::fs::symlink(
+        embedder.canonicalize().unwrap(),
+        models.path().join("all-minilm-l6-v2"),
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_with_models(data.path(), models.path(), &[]);
+    let key = server.tenant("acme").await;
+    let other = server.tenant("globex").await;
+    server
+        .deploy(&key, "echo", support::wasm("invoke_misbehave"))
+        .await;
+    let client = server.client(Some(&key));
+
+    // Every request's body and answer, counted as the client saw them.
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut post = async |path: &str, content_type: &'static str, body: Bytes| {
+        sent += body.len() as u64;
+        let reply = client
+            .send(Method::POST, path, Some((content_type, body)), &[])
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", text(&reply));
+        received += reply.body.len() as u64;
+        reply
+    };
+    for i in 0..5 {
+        let body = Bytes::from(format!("payload number {i} {}", "x".repeat(100 * i)));
+        post("/fn/acme/echo/echo", "text/plain", body).await;
+    }
+    let chat = serde_json::json!({
+        "model": TEXT_MODEL,
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": 12,
+    });
+    let answer = post(
+        "/openai/v1/chat/completions",
+        "application/json",
+        Bytes::from(chat.to_string()),
+    )
+    .await;
+    let generated = support::json(&answer)["usage"]["completion_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(generated > 0);
+    // Text generation is billed in tokens; tensor models in compute time.
+    let embed = serde_json::json!({"model": "all-minilm-l6-v2", "input": ["a cat", "a dog"]});
+    post(
+        "/openai/v1/embeddings",
+        "application/json",
+        Bytes::from(embed.to_string()),
+    )
+    .await;
+    // A call of a function that does not exist is not billed.
+    let others = server.client(Some(&other));
+    let reply = others
+        .send(Method::GET, "/fn/globex/nothing", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 404);
+
+    // The tenant's own figures (summed over hours: the test may span two).
+    let report = client.api(Method::GET, "/v1/usage", None).await.unwrap();
+    let rows = report["usage"].as_array().unwrap();
+    assert!(rows.iter().all(|row| row["tenant"] == "acme"), "{report}");
+    let total = |field: &str| -> f64 { rows.iter().map(|r| r[field].as_f64().unwrap()).sum() };
+    assert_eq!(total("requests") as u64, 7, "{report}");
+    assert_eq!(total("bytes_in") as u64, sent, "{report}");
+    assert_eq!(total("bytes_out") as u64, received, "{report}");
+    assert_eq!(total("generated_tokens") as u64, generated, "{report}");
+    assert!(total("compute_seconds") > 0.0, "{report}");
+    assert!(total("model_seconds") > 0.0, "{report}");
+
+    // Not another tenant's; the admin sees every tenant's, also as CSV.
+    let refused = others
+        .send(Method::GET, "/v1/usage?tenant=acme", None, &[])
+        .await
+        .unwrap();
+    assert_error(&refused, 403, "forbidden");
+    let bad = client
+        .send(Method::GET, "/v1/usage?since=yesterday", None, &[])
+        .await
+        .unwrap();
+    assert_error(&bad, 400, "invalid_query");
+    let csv = support::success(support::gigafactory(
+        &server,
+        support::ADMIN_TOKEN,
+        &["usage", "--csv"],
+    ));
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "tenant,hour,requests,compute_seconds,model_seconds,generated_tokens,bytes_in,bytes_out"
+    );
+    let acme: Vec<Vec<&str>> = lines
+        .map(|line| line.split(',').collect::<Vec<_>>())
+        .filter(|fields| fields[0] == "acme")
+        .collect();
+    let column = |i: usize| -> u64 { acme.iter().map(|f| f[i].parse::<u64>().unwrap()).sum() };
+    assert_eq!(column(2), 7, "{csv}");
+    assert_eq!(column(5), generated, "{csv}");
+    assert_eq!((column(6), column(7)), (sent, received), "{csv}");
+    assert!(
+        !csv.contains("\nglobex,"),
+        "a call of no function is not billed:\n{csv}"
+    );
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_while_deploying_under_load_restores_every_function_and_key() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_without_models(data.path());
+    let mut keys = Vec::new();
+    for tenant in ["acme", "globex", "initech"] {
+        let key = server.tenant(tenant).await;
+        server.deploy(&key, "hello", support::wasm("hello")).await;
+        keys.push((tenant, key));
+    }
+
+    // Load: each tenant deploys new functions and calls its hello while
+    // the backup is taken. What was acknowledged before it began must be
+    // in it; all that is in it must serve.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut load = Vec::new();
+    for (tenant, key) in keys.clone() {
+        let (client, stop, acknowledged) = (
+            server.client(Some(&key)),
+            stop.clone(),
+            acknowledged.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let wasm = Bytes::from(support::wasm("hello"));
+            let mut round = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = format!("f{round}");
+                let deployed = client
+                    .send(
+                        Method::PUT,
+                        &format!("/v1/functions/{name}"),
+                        Some(("application/wasm", wasm.clone())),
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(deployed.status, 201, "{}", text(&deployed));
+                acknowledged.lock().unwrap().push((tenant, name));
+                let called = client
+                    .send(Method::GET, &format!("/fn/{tenant}/hello/"), None, &[])
+                    .await
+                    .unwrap();
+                assert_eq!(called.status, 200, "{}", text(&called));
+                round += 1;
+            }
+        }));
+    }
+    // Some deploys are done before the backup begins.
+    while acknowledged.lock().unwrap().len() < 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before: Vec<(&str, String)> = acknowledged.lock().unwrap().clone();
+    let file = data.path().join("backup.tar");
+    let admin_token = support::ADMIN_TOKEN;
+    let taken = {
+        let (url, file) = (server.url.clone(), file.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(support::binary())
+                .args(["backup"])
+                .arg(&file)
+                .env("GIGAFACTORY_URL", url)
+                .env("GIGAFACTORY_TOKEN", admin_token)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let said = support::success(taken);
+    assert!(said.contains("backed up 3 tenants, 3 keys"), "{said}");
+    // Load goes on past the backup, then stops.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    server.stop();
+
+    // Restored on a fresh data directory: every key works, every function
+    // acknowledged before the backup is there, and every function there serves.
+    let fresh = tempfile::tempdir().unwrap();
+    let restored = std::process::Command::new(support::binary())
+        .arg("restore")
+        .arg(&file)
+        .arg("--data")
+        .arg(fresh.path())
+        .output()
+        .unwrap();
+    let said = support::success(restored);
+    assert!(said.contains("restored 3 tenants, 3 keys"), "{said}");
+    let again = std::process::Command::new(support::binary())
+        .arg("restore")
+        .arg(&file)
+        .arg("--data")
+        .arg(fresh.path())
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already holds a store"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let server = Server::start_without_models(fresh.path());
+    for (tenant, key) in &keys {
+        let client = server.client(Some(key));
+        let me = client.api(Method::GET, "/v1/whoami", None).await.unwrap();
+        assert_eq!(me["tenant"], *tenant);
+        let listed = client
+            .api(Method::GET, "/v1/functions", None)
+            .await
+            .unwrap();
+        let names: Vec<&str> = listed["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap())
+            .collect();
+        for (owner, name) in &before {
+            if owner == tenant {
+                assert!(
+                    names.contains(&name.as_str()),
+                    "{tenant}/{name} lost: {names:?}"
+                );
+            }
+        }
+        for name in names {
+            let reply = client
+                .send(Method::GET, &format!("/fn/{tenant}/{name}/x"), None, &[])
+                .await
+                .unwrap();
+            assert_eq!(reply.status, 200, "{tenant}/{name}: {}", text(&reply));
+            assert!(text(&reply).starts_with("Hello from Gigafactory!"));
+        }
+    }
+    server.stop();
+}

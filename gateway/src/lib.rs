@@ -11,3 +11,4 @@ pub mod manifest;
 pub mod quota;
 pub mod server;
 pub mod store;
+pub mod usage;

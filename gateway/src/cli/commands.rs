@@ -72,6 +72,29 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Models(command) => super::models::run(&client()?, command, cli.json).await,
         Command::Nodes(NodesCommand::List) => nodes(&client()?, cli.json).await,
         Command::Logs { name, follow } => logs(&client()?, &name, follow, cli.json).await,
+        Command::New {
+            name,
+            template,
+            sdk,
+        } => {
+            outln!("{}", super::new::create(&name, template, sdk.as_deref())?);
+            Ok(())
+        }
+        Command::Backup { file } => super::operations::backup(&client()?, &file).await,
+        Command::Restore { file, data } => super::operations::restore(&file, &data),
+        Command::Usage {
+            tenant,
+            since,
+            until,
+            csv,
+        } => {
+            let range = super::operations::Range {
+                tenant,
+                since,
+                until,
+            };
+            super::operations::usage(&client()?, range, csv, cli.json).await
+        }
         Command::Bench(command) => crate::bench::run(command).await,
     }
 }
@@ -806,7 +829,7 @@ pub(super) fn print_or(as_json: bool, value: &Value, summary: impl FnOnce() -> S
 }
 
 /// `items` as a table: `header`, then a line each.
-fn table(header: &str, items: &Value, line: impl Fn(&Value) -> String) -> String {
+pub(super) fn table(header: &str, items: &Value, line: impl Fn(&Value) -> String) -> String {
     match items.as_array() {
         Some(rows) if !rows.is_empty() => format!("{header}\n{}", list(items, line)),
         _ => "(none)".to_string(),

@@ -22,6 +22,8 @@ macro_rules! out {
 pub mod client;
 mod commands;
 mod models;
+mod new;
+mod operations;
 mod profiles;
 
 use std::path::PathBuf;
@@ -119,6 +121,51 @@ pub enum Command {
         /// Keep printing new lines as they are written.
         #[arg(long, short)]
         follow: bool,
+    },
+    /// Create a function crate in ./NAME from a template: it builds with
+    /// `cargo build --release --target wasm32-wasip2`, with its gigafactory.toml.
+    New {
+        /// The function's (and crate's) name.
+        name: String,
+        /// What it starts as.
+        #[arg(long, value_enum, default_value = "http")]
+        template: new::Template,
+        /// Use the SDK crate at this path rather than a vendored copy.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Save a backup of the gateway's store (admin): every tenant, key,
+    /// function, model and usage record, one moment of them, taken while
+    /// it serves. Written beside FILE and checked before it replaces it.
+    Backup {
+        /// The archive to write (a tar file).
+        file: PathBuf,
+    },
+    /// Restore a backup into a new data directory, before `serve` starts
+    /// there (offline; the directory must hold no store).
+    Restore {
+        /// An archive written by `gigafactory backup`.
+        file: PathBuf,
+        /// The data directory to restore into.
+        #[arg(long, env = "GIGAFACTORY_DATA", default_value = ".gigafactory")]
+        data: PathBuf,
+    },
+    /// Usage per tenant and hour (requests, compute seconds, generated
+    /// tokens, bytes): every tenant's for the admin, your own for a tenant.
+    Usage {
+        /// One tenant's (admin).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// From this time: RFC 3339 (2026-12-01T00:00:00Z) or Unix seconds
+        /// [default: the last 24 hours].
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time [default: now].
+        #[arg(long)]
+        until: Option<String>,
+        /// Print CSV (for spreadsheets and billing) rather than a table.
+        #[arg(long)]
+        csv: bool,
     },
     /// Measure the platform against a peer in the same run.
     #[command(subcommand)]

@@ -40,10 +40,21 @@ pub(super) fn authenticated(principal: &Principal) {
     let _ = SEEN.try_with(|seen| seen.principal(principal));
 }
 
+/// Bills the request being answered to `tenant`'s usage (its requests
+/// and bytes): a call of its function or of the OpenAI-compatible API
+/// that this node answers or forwards (not one a peer forwarded here,
+/// which the peer bills).
+pub(super) fn bill(tenant: &str) {
+    let _ = SEEN.try_with(|seen| {
+        seen.0.lock().unwrap_or_else(|e| e.into_inner()).billed = Some(tenant.to_string());
+    });
+}
+
 #[derive(Default)]
 struct Learned {
     who: Option<String>,
     route: Option<MatchedPath>,
+    billed: Option<String>,
 }
 
 impl Seen {
@@ -61,9 +72,8 @@ impl Seen {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).route = Some(route.clone());
     }
 
-    fn learned(&self) -> (Option<String>, Option<MatchedPath>) {
-        let learned = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        (learned.who.clone(), learned.route.clone())
+    fn learned(&self) -> Learned {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -142,6 +152,16 @@ impl Gateway {
             path: request.uri().path().to_string(),
             started: Instant::now(),
         };
+        let received = Arc::new(AtomicU64::new(0));
+        let counting = received.clone();
+        let request = request.map(|body| {
+            Body::new(body.map_frame(move |frame: Frame<Bytes>| {
+                if let Some(data) = frame.data_ref() {
+                    counting.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                frame
+            }))
+        });
         let seen = Seen::default();
         let span = tracing::info_span!("request", request_id = %id, method = %arrival.method, path = %arrival.path);
         let answered = SEEN.scope(seen.clone(), app.oneshot(request).instrument(span));
@@ -158,6 +178,7 @@ impl Gateway {
             seen,
             head,
             bytes: AtomicU64::new(0),
+            received,
             failed: AtomicBool::new(false),
             _holds: Box::new(holds),
         });
@@ -192,6 +213,8 @@ struct Ending {
     head: Duration,
     /// Body bytes sent.
     bytes: AtomicU64,
+    /// Request body bytes read.
+    received: Arc<AtomicU64>,
     /// Whether the body ended in an error (cut off).
     failed: AtomicBool,
     _holds: Box<dyn Send + Sync>,
@@ -199,7 +222,7 @@ struct Ending {
 
 impl Drop for Ending {
     fn drop(&mut self) {
-        let (who, route) = self.seen.learned();
+        let Learned { who, route, billed } = self.seen.learned();
         let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
         let Arrival {
             method,
@@ -212,6 +235,14 @@ impl Drop for Ending {
         let total = started.elapsed();
         let bytes = self.bytes.load(Ordering::Relaxed);
         let cut = self.failed.load(Ordering::Relaxed);
+        let received = self.received.load(Ordering::Relaxed);
+        if let Some(tenant) = billed {
+            self.gateway.usage.record(&tenant, |used| {
+                used.requests += 1;
+                used.bytes_in += received;
+                used.bytes_out += bytes;
+            });
+        }
         let who = who.as_deref().unwrap_or("-");
         let head_ms = self.head.as_secs_f64() * 1e3;
         let total_ms = total.as_secs_f64() * 1e3;
@@ -228,6 +259,7 @@ impl Drop for Ending {
                 route,
                 status = self.status,
                 bytes,
+                received,
                 head_ms,
                 total_ms,
                 cut,

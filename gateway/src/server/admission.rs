@@ -21,11 +21,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ApiError;
 use crate::quota::{Quota, TokenBucket, Window};
+use crate::usage::Meter;
 
 /// The in-memory state behind every tenant's request-time quotas.
 #[derive(Default)]
 pub struct Admission {
     tenants: Mutex<HashMap<String, Arc<TenantState>>>,
+    /// Where the tenants' model compute and generated tokens are metered.
+    usage: Arc<Meter>,
     /// The other nodes' load, as of the last heartbeat.
     cluster: Mutex<Arc<ClusterLoad>>,
     /// When this node last reported.
@@ -77,11 +80,19 @@ pub const DEFAULT_OUTBOUND_CONNECTIONS: u32 = 64;
 pub struct Admitted {
     /// Released when the response body ends.
     pub permit: Option<OwnedSemaphorePermit>,
-    /// Charged by the function's model calls.
+    /// Charged by the function's model calls (and metered).
     pub budget: Option<Arc<dyn ComputeBudget>>,
 }
 
 impl Admission {
+    /// Admission metering the tenants' model use into `usage`.
+    pub fn new(usage: Arc<Meter>) -> Self {
+        Self {
+            usage,
+            ..Self::default()
+        }
+    }
+
     /// Admits one request of `tenant` under `quota`, or says when to retry.
     pub fn admit(&self, tenant: &str, quota: &Quota) -> Result<Admitted, ApiError> {
         let state = self.state(tenant);
@@ -97,15 +108,13 @@ impl Admission {
                 ));
             }
         }
-        let budget = (quota.compute_seconds_per_minute.is_some()
-            || quota.generated_tokens_per_minute.is_some())
-        .then(|| {
-            Arc::new(TenantBudget {
-                state: state.clone(),
-                compute: quota.compute_seconds_per_minute.map(secs),
-                tokens: quota.generated_tokens_per_minute,
-                elsewhere,
-            }) as Arc<dyn ComputeBudget>
+        let budget: Arc<dyn ComputeBudget> = Arc::new(TenantBudget {
+            tenant: tenant.to_string(),
+            usage: self.usage.clone(),
+            state: state.clone(),
+            compute: quota.compute_seconds_per_minute.map(secs),
+            tokens: quota.generated_tokens_per_minute,
+            elsewhere,
         });
         if let Some(rate) = quota.requests_per_second {
             let capacity = quota.burst.map_or(rate.ceil().max(1.0), f64::from);
@@ -138,7 +147,10 @@ impl Admission {
             }
             None => None,
         };
-        Ok(Admitted { permit, budget })
+        Ok(Admitted {
+            permit,
+            budget: Some(budget),
+        })
     }
 
     /// Refuses `tenant` while the tokens it generated this minute reach
@@ -240,9 +252,12 @@ impl Admission {
     }
 }
 
-/// A tenant's budget of model work, as the runtime sees it.
+/// A tenant's budget of model work, as the runtime sees it: its quota's
+/// windows, and the meter of its usage.
 #[derive(Debug)]
 struct TenantBudget {
+    tenant: String,
+    usage: Arc<Meter>,
     state: Arc<TenantState>,
     compute: Option<Duration>,
     tokens: Option<u64>,
@@ -268,7 +283,12 @@ impl ComputeBudget for TenantBudget {
     }
 
     fn charge(&self, spent: Duration) {
-        lock(&self.state.compute).charge(Instant::now(), spent);
+        if self.compute.is_some() {
+            lock(&self.state.compute).charge(Instant::now(), spent);
+        }
+        let spent = u64::try_from(spent.as_micros()).unwrap_or(u64::MAX);
+        self.usage
+            .record(&self.tenant, |used| used.model_us += spent);
     }
 
     fn check_tokens(&self) -> Result<(), String> {
@@ -289,7 +309,11 @@ impl ComputeBudget for TenantBudget {
     }
 
     fn charge_tokens(&self, tokens: u64) {
-        lock(&self.state.tokens).charge(Instant::now(), tokens);
+        if self.tokens.is_some() {
+            lock(&self.state.tokens).charge(Instant::now(), tokens);
+        }
+        self.usage
+            .record(&self.tenant, |used| used.generated_tokens += tokens);
     }
 }
 

@@ -166,6 +166,9 @@ impl From<crate::store::StoreError> for ApiError {
                 Self::new(StatusCode::FORBIDDEN, "quota_exceeded", message)
             }
             StoreError::Moved => Self::conflict("the record changed meanwhile; try again"),
+            StoreError::Unsupported(message) => {
+                Self::new(StatusCode::NOT_IMPLEMENTED, "not_supported", message)
+            }
             StoreError::Unavailable(error) => {
                 tracing::warn!("{error:#}");
                 Self::new(

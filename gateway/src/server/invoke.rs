@@ -53,6 +53,9 @@ impl Gateway {
             .ok_or_else(|| ApiError::not_found(format!("no function {name:?}")))?;
         let version = record.active_version();
         let forwarded = self.peers.forwarded(&request)?;
+        if !forwarded {
+            super::access::bill(tenant);
+        }
         if let Some(models) = &version.manifest.models
             && !forwarded
             && !models.iter().all(|m| self.holds(tenant, m))
@@ -289,6 +292,7 @@ impl Gateway {
 /// request's future, or the body).
 pub(super) struct Counted {
     metrics: Arc<super::metrics::Metrics>,
+    usage: Arc<crate::usage::Meter>,
     tenant: String,
     name: String,
     started: std::time::Instant,
@@ -301,6 +305,7 @@ impl Counted {
     fn new(gateway: &Gateway, tenant: &str, name: &str) -> Self {
         Self {
             metrics: gateway.metrics.clone(),
+            usage: gateway.usage.clone(),
             tenant: tenant.to_string(),
             name: name.to_string(),
             started: std::time::Instant::now(),
@@ -329,9 +334,13 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or(CLIENT_CLOSED);
-        let took = self.head.unwrap_or_else(|| self.started.elapsed());
+        let ran = self.started.elapsed();
+        let took = self.head.unwrap_or(ran);
         self.metrics
             .invoked(&self.tenant, &self.name, outcome, took);
+        let ran = u64::try_from(ran.as_micros()).unwrap_or(u64::MAX);
+        self.usage
+            .record(&self.tenant, |used| used.compute_us += ran);
     }
 }
 

@@ -19,6 +19,7 @@ mod metrics;
 mod models;
 mod nodes;
 mod openai;
+mod operations;
 mod routes;
 mod tls;
 
@@ -187,6 +188,8 @@ pub struct Gateway {
     concurrency: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Per-tenant rate, concurrency and compute state.
     admission: admission::Admission,
+    /// The tenants' use not yet added to the store.
+    usage: Arc<crate::usage::Meter>,
     /// Set when shutting down: the node takes no new work.
     draining: AtomicBool,
     /// The phases of a shutdown, for streams that end cleanly.
@@ -234,12 +237,14 @@ impl Gateway {
         let admin_token = admin_token(&config, store.as_ref()).await?;
         files::remove_staging(&config.data_dir.join("files"));
         let fleet = fleet::Fleet::new(config.data_dir.join("models"));
+        let usage = Arc::new(crate::usage::Meter::default());
         let gateway = Arc::new(Self {
             functions: FunctionCache::new(config.max_loaded_functions),
             logs: FunctionLogs::default(),
             metrics: Arc::new(metrics::Metrics::new()),
             concurrency: Mutex::default(),
-            admission: admission::Admission::default(),
+            admission: admission::Admission::new(usage.clone()),
+            usage,
             draining: AtomicBool::new(false),
             drain: Drain::default(),
             in_flight: Arc::default(),
@@ -285,6 +290,7 @@ impl Gateway {
             listener.local_addr()?
         );
         let heartbeats = tokio::spawn(self.clone().heartbeats(node.clone()));
+        let metering = tokio::spawn(self.clone().meter_usage());
         let builder = self.http_builder();
         let app = Front {
             app: self.app(),
@@ -377,11 +383,37 @@ impl Gateway {
             }
         }
         closing.abort();
+        metering.abort();
+        self.flush_usage().await;
         if let Err(error) = self.store.leave(&node).await {
             tracing::warn!("leaving the cluster: {error:#}");
         }
         tracing::info!(node = %node.name, "left the cluster");
         Ok(self.store.flush().await?)
+    }
+
+    /// Adds the tenants' use to the store every [`FLUSH_EVERY`](crate::usage::FLUSH_EVERY).
+    async fn meter_usage(self: Arc<Self>) {
+        let mut every = tokio::time::interval(crate::usage::FLUSH_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.flush_usage().await;
+        }
+    }
+
+    /// Adds the use recorded so far to the store; what it cannot add (the
+    /// store is unreachable) is kept for the next time.
+    async fn flush_usage(&self) {
+        let _flushing = self.usage.flushing.lock().await;
+        let rows = self.usage.take();
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.add_usage(&rows).await {
+            tracing::warn!("adding the tenants' usage to the store (kept for later): {error:#}");
+            self.usage.put_back(rows);
+        }
     }
 
     /// HTTP/1 and HTTP/2 with the header read timeout.

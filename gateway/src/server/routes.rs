@@ -14,6 +14,7 @@ use hyper::http::request::Parts;
 use hyper::{Method, StatusCode, Uri};
 use serde::de::DeserializeOwned;
 
+use super::operations::UsageQuery;
 use super::{ApiError, Gateway, Response, full};
 use crate::auth::{self, Principal, TokenHash};
 
@@ -36,6 +37,24 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Params<
             Err(rejection) => Err(ApiError::bad_request(
                 "invalid_name",
                 format!("invalid path: {}", rejection.body_text()),
+            )),
+        }
+    }
+}
+
+/// A query string; one that does not decode is a JSON 400 `invalid_query`
+/// naming what was wrong.
+pub(super) struct Query<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(query)) => Ok(Self(query)),
+            Err(rejection) => Err(ApiError::bad_request(
+                "invalid_query",
+                rejection.body_text(),
             )),
         }
     }
@@ -212,6 +231,14 @@ impl Gateway {
                     gw.list_nodes(&headers).await
                 }),
             )
+            .route(
+                "/v1/usage",
+                get(
+                    |State(gw): Shared, Query(query): Query<UsageQuery>, headers: HeaderMap| async move {
+                        gw.usage_report(&headers, query).await
+                    },
+                ),
+            )
             .route_layer(middleware::from_fn_with_state(self.clone(), control_deadline));
         // The OpenAI-compatible API at `/openai/v1` and at the base URL
         // clients of other servers use (`http://host:port/v1`); `/v1/models`
@@ -231,35 +258,43 @@ impl Gateway {
                     },
                 ),
             );
-        let mut router = Router::new()
-            .route("/healthz", get(healthz))
-            .route(
-                "/readyz",
-                get(|State(gw): Shared| async move { gw.readiness().await }),
-            )
-            .route(
-                "/metrics",
-                get(|State(gw): Shared, headers: HeaderMap| async move {
-                    gw.metrics_text(&headers).await
-                }),
-            )
-            .route("/fn/{tenant}/{function}", any(invoke))
-            .route("/fn/{tenant}/{function}/", any(invoke))
-            .route("/fn/{tenant}/{function}/{*rest}", any(invoke))
-            .route(
-                "/v1/functions/{name}/logs",
-                get(
-                    |State(gw): Shared,
-                     Params(name): Params<String>,
-                     uri: Uri,
-                     headers: HeaderMap| async move {
-                        gw.function_logs(&headers, &name, flag(&uri, "follow"))
-                            .await
-                    },
-                ),
-            )
-            .merge(control)
-            .merge(openai);
+        let mut router =
+            Router::new()
+                .route("/healthz", get(healthz))
+                .route(
+                    "/readyz",
+                    get(|State(gw): Shared| async move { gw.readiness().await }),
+                )
+                .route(
+                    "/metrics",
+                    get(|State(gw): Shared, headers: HeaderMap| async move {
+                        gw.metrics_text(&headers).await
+                    }),
+                )
+                // Long: as long as the store takes to write.
+                .route(
+                    "/v1/backup",
+                    get(|State(gw): Shared, headers: HeaderMap| async move {
+                        gw.backup(&headers).await
+                    }),
+                )
+                .route("/fn/{tenant}/{function}", any(invoke))
+                .route("/fn/{tenant}/{function}/", any(invoke))
+                .route("/fn/{tenant}/{function}/{*rest}", any(invoke))
+                .route(
+                    "/v1/functions/{name}/logs",
+                    get(
+                        |State(gw): Shared,
+                         Params(name): Params<String>,
+                         uri: Uri,
+                         headers: HeaderMap| async move {
+                            gw.function_logs(&headers, &name, flag(&uri, "follow"))
+                                .await
+                        },
+                    ),
+                )
+                .merge(control)
+                .merge(openai);
         for prefix in ["/v1", "/openai/v1"] {
             router = router
                 .route(

@@ -31,6 +31,7 @@ use super::{
 };
 use crate::auth::TokenHash;
 use crate::quota::Quota;
+use crate::usage::UsageRow;
 
 /// Longest an entry is served without asking the store again.
 pub const MAX_AGE: Duration = Duration::from_secs(10);
@@ -340,6 +341,26 @@ impl Store for Cached {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+
+    async fn add_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError> {
+        self.inner.add_usage(rows).await
+    }
+
+    async fn usage(
+        &self,
+        tenant: Option<&str>,
+        since: u64,
+        until: u64,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        self.inner.usage(tenant, since, until).await
+    }
+
+    async fn backup(
+        &self,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Result<super::backup::Summary, StoreError> {
+        self.inner.backup(out).await
     }
 
     async fn begin_model_blob(

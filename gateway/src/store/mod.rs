@@ -11,6 +11,7 @@
 //! [`Store::changes`], so that caches in front of them (and other nodes)
 //! let go of what a change made stale.
 
+pub mod backup;
 mod cache;
 mod postgres;
 mod records;
@@ -26,6 +27,7 @@ use tokio::sync::broadcast;
 use crate::auth::TokenHash;
 use crate::manifest::Manifest;
 use crate::quota::{Quota, Usage};
+use crate::usage::UsageRow;
 
 pub use self::cache::Cached;
 pub use self::postgres::PostgresStore;
@@ -257,6 +259,9 @@ pub enum StoreError {
     /// The store failed.
     #[error(transparent)]
     Storage(#[from] anyhow::Error),
+    /// This store does not do that (the message says what to use instead).
+    #[error("{0}")]
+    Unsupported(String),
     /// The record changed between a read and the transaction that relied
     /// on it (internal: the caller reads again).
     #[error("the record changed meanwhile")]
@@ -603,6 +608,28 @@ pub trait Store: Send + Sync {
 
     /// Whether the store answers now (a round trip to the database).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Adds use to the tenants' hourly totals (summed with what other
+    /// nodes added), all rows in one transaction.
+    async fn add_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError>;
+
+    /// The hourly totals of `tenant` (every tenant's with `None`) for the
+    /// hours starting in `since..until` (Unix seconds), by tenant and hour.
+    async fn usage(
+        &self,
+        tenant: Option<&str>,
+        since: u64,
+        until: u64,
+    ) -> Result<Vec<UsageRow>, StoreError>;
+
+    /// Writes one moment of everything stored (records and blobs, not the
+    /// precompiled artifacts a node builds again) to `out` as a backup
+    /// archive ([`backup`]), while the store serves: changes wait until it
+    /// is written, reads do not.
+    async fn backup(
+        &self,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Result<backup::Summary, StoreError>;
 
     /// Starts storing the model file `sha256` of `size` bytes for `owner`
     /// (a tenant, or `None`: the operator) in parts of [`MODEL_PART_BYTES`],

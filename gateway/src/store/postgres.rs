@@ -28,12 +28,14 @@ use super::{
 };
 use crate::auth::TokenHash;
 use crate::quota::{Quota, Usage};
+use crate::usage::{Consumed, UsageRow};
 
 /// The schema, one migration per entry, applied in order.
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_initial.sql")),
     (2, include_str!("migrations/0002_nodes.sql")),
     (3, include_str!("migrations/0003_models.sql")),
+    (4, include_str!("migrations/0004_usage.sql")),
 ];
 
 /// The channel changes are announced on.
@@ -596,6 +598,105 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         client.query_one("SELECT 1", &[]).await.map_err(db)?;
         Ok(())
+    }
+
+    async fn add_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError> {
+        transaction!(self, |tx| {
+            let add = tx
+                .prepare(
+                    "INSERT INTO usage (tenant, hour, requests, compute_us, model_us,
+                                        generated_tokens, bytes_in, bytes_out)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (tenant, hour) DO UPDATE SET
+                         requests = usage.requests + EXCLUDED.requests,
+                         compute_us = usage.compute_us + EXCLUDED.compute_us,
+                         model_us = usage.model_us + EXCLUDED.model_us,
+                         generated_tokens = usage.generated_tokens + EXCLUDED.generated_tokens,
+                         bytes_in = usage.bytes_in + EXCLUDED.bytes_in,
+                         bytes_out = usage.bytes_out + EXCLUDED.bytes_out",
+                )
+                .await
+                .map_err(db)?;
+            for row in rows {
+                let c = &row.consumed;
+                let figures = [
+                    row.hour,
+                    c.requests,
+                    c.compute_us,
+                    c.model_us,
+                    c.generated_tokens,
+                    c.bytes_in,
+                    c.bytes_out,
+                ]
+                .map(as_bigint);
+                tx.execute(
+                    &add,
+                    &[
+                        &row.tenant,
+                        &figures[0],
+                        &figures[1],
+                        &figures[2],
+                        &figures[3],
+                        &figures[4],
+                        &figures[5],
+                        &figures[6],
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn usage(
+        &self,
+        tenant: Option<&str>,
+        since: u64,
+        until: u64,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT tenant, hour, requests, compute_us, model_us, generated_tokens,
+                        bytes_in, bytes_out
+                 FROM usage
+                 WHERE ($1::text IS NULL OR tenant = $1) AND hour >= $2 AND hour < $3
+                 ORDER BY tenant, hour",
+                &[&tenant, &as_bigint(since), &as_bigint(until)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let figure = |i: usize| row.get::<_, i64>(i).max(0) as u64;
+                UsageRow {
+                    tenant: row.get(0),
+                    hour: figure(1),
+                    consumed: Consumed {
+                        requests: figure(2),
+                        compute_us: figure(3),
+                        model_us: figure(4),
+                        generated_tokens: figure(5),
+                        bytes_in: figure(6),
+                        bytes_out: figure(7),
+                    },
+                }
+            })
+            .collect())
+    }
+
+    async fn backup(
+        &self,
+        _: Box<dyn std::io::Write + Send>,
+    ) -> Result<super::backup::Summary, StoreError> {
+        Err(StoreError::Unsupported(
+            "this node's store is PostgreSQL, which holds every record and blob in its \
+             tables: back it up with PostgreSQL's own tools (pg_dump, or continuous \
+             archiving); `gigafactory backup` is for the embedded store"
+                .to_string(),
+        ))
     }
 
     async fn begin_model_blob(
@@ -1417,6 +1518,11 @@ async fn listen_once(
 
 /// A database error as a store error: unreachable or closed is
 /// `Unavailable` (the caller may retry later), the rest `Storage`.
+/// A figure as a PostgreSQL bigint (saturating: no figure gets near it).
+fn as_bigint(figure: u64) -> i64 {
+    i64::try_from(figure).unwrap_or(i64::MAX)
+}
+
 fn db(error: tokio_postgres::Error) -> StoreError {
     let unreachable = error.is_closed()
         || error.code().is_none_or(|code| {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{ApiKey, FileRef, FunctionRecord, ModelBlob, ModelRecord, Tenant, Version};
 use crate::manifest::Manifest;
 use crate::quota::{Quota, Usage};
+use crate::usage::Consumed;
 
 /// The record layout this build writes.
 const CURRENT: u64 = 1;
@@ -273,6 +274,23 @@ impl Record for StoredModelBlob {
             refs: r.refs,
             updated_at: r.updated_at,
         }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct UsageV1 {
+    #[serde(flatten)]
+    consumed: Consumed,
+}
+
+impl Record for Consumed {
+    type Current = UsageV1;
+    const KIND: &'static str = "usage";
+    fn to_current(&self) -> UsageV1 {
+        UsageV1 { consumed: *self }
+    }
+    fn from_current(r: UsageV1) -> Self {
+        r.consumed
     }
 }
 

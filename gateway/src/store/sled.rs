@@ -22,6 +22,7 @@ use super::{
 };
 use crate::auth::TokenHash;
 use crate::quota::{Quota, Usage};
+use crate::usage::{Consumed, UsageRow};
 
 /// The sled database and its trees.
 #[derive(Clone)]
@@ -37,8 +38,12 @@ pub struct SledStore {
     models: Tree,
     model_blobs: Tree,
     model_parts: Tree,
+    usage: Tree,
     fingerprint: String,
     changes: broadcast::Sender<Change>,
+    /// Held shared by every change and exclusively by a backup, which so
+    /// sees one moment of the store.
+    writes: Arc<tokio::sync::RwLock<()>>,
     /// This process's node, as its last heartbeat reported it.
     node: Arc<Mutex<Option<(NodeStatus, Instant)>>>,
 }
@@ -66,8 +71,10 @@ impl SledStore {
             models: tree("models")?,
             model_blobs: tree("model_blobs")?,
             model_parts: tree("model_parts")?,
+            usage: tree("usage")?,
             fingerprint: fingerprint.to_string(),
             changes: broadcast::channel(super::CHANGES_BUFFERED).0,
+            writes: Arc::default(),
             node: Arc::default(),
             db,
         })
@@ -811,10 +818,12 @@ impl Store for SledStore {
     }
 
     async fn set_admin_token(&self, hash: &TokenHash) -> Result<(), StoreError> {
+        let _writing = self.writes.read().await;
         Ok(SledStore::set_admin_token(self, hash)?)
     }
 
     async fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
+        let _writing = self.writes.read().await;
         let tenant = SledStore::create_tenant(self, name)?;
         self.announce(Change::Tenant(name.to_string()));
         Ok(tenant)
@@ -829,12 +838,14 @@ impl Store for SledStore {
     }
 
     async fn set_quota(&self, name: &str, quota: &Quota) -> Result<Tenant, StoreError> {
+        let _writing = self.writes.read().await;
         let tenant = SledStore::set_quota(self, name, quota)?;
         self.announce(Change::Tenant(name.to_string()));
         Ok(tenant)
     }
 
     async fn delete_tenant(&self, name: &str) -> Result<Vec<FunctionRecord>, StoreError> {
+        let _writing = self.writes.read().await;
         let outcome = SledStore::delete_tenant(self, name);
         // Marked for deletion even when the deletion itself failed.
         self.announce(Change::Tenant(name.to_string()));
@@ -847,6 +858,7 @@ impl Store for SledStore {
         hash: &TokenHash,
         id: &str,
     ) -> Result<ApiKey, StoreError> {
+        let _writing = self.writes.read().await;
         let key = SledStore::add_key(self, tenant, hash, id)?;
         self.announce(Change::Key(hash.clone()));
         Ok(key)
@@ -857,6 +869,7 @@ impl Store for SledStore {
     }
 
     async fn revoke_key(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
+        let _writing = self.writes.read().await;
         let hash = SledStore::revoke_key(self, tenant, id)?;
         self.announce(Change::Key(hash));
         Ok(())
@@ -872,6 +885,7 @@ impl Store for SledStore {
         name: &str,
         new: &NewVersion<'_>,
     ) -> Result<Deployed, StoreError> {
+        let _writing = self.writes.read().await;
         let deployed = SledStore::deploy(self, tenant, name, new)?;
         if deployed.created {
             self.announce(Change::Tenant(tenant.to_string()));
@@ -896,6 +910,7 @@ impl Store for SledStore {
     }
 
     async fn delete_function(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        let _writing = self.writes.read().await;
         SledStore::delete_function(self, tenant, name)?;
         self.announce(Change::Tenant(tenant.to_string()));
         self.announce(Change::Function {
@@ -911,6 +926,7 @@ impl Store for SledStore {
         name: &str,
         number: u32,
     ) -> Result<FunctionRecord, StoreError> {
+        let _writing = self.writes.read().await;
         let function = SledStore::activate(self, tenant, name, number)?;
         self.announce(Change::Tenant(tenant.to_string()));
         self.announce(Change::Function {
@@ -945,12 +961,71 @@ impl Store for SledStore {
         Ok(())
     }
 
+    async fn add_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError> {
+        let _writing = self.writes.read().await;
+        let result = self.usage.transaction(|usage| {
+            for row in rows {
+                let key = usage_key(&row.tenant, row.hour);
+                let mut consumed: Consumed = match usage.get(&key)? {
+                    Some(value) => from_json(&value).map_err(storage)?,
+                    None => Consumed::default(),
+                };
+                consumed.add(&row.consumed);
+                usage.insert(key, to_json(&consumed).map_err(storage)?)?;
+            }
+            Ok(())
+        });
+        finish(result)?;
+        Ok(SledStore::flush(self)?)
+    }
+
+    async fn usage(
+        &self,
+        tenant: Option<&str>,
+        since: u64,
+        until: u64,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let records = match tenant {
+            Some(tenant) => self.usage.scan_prefix([tenant.as_bytes(), b"\0"].concat()),
+            None => self.usage.iter(),
+        };
+        let mut rows = Vec::new();
+        for record in records {
+            let (key, value) = record.map_err(anyhow::Error::from)?;
+            let (tenant, hour) = split_usage_key(&key)?;
+            if (since..until).contains(&hour) {
+                rows.push(UsageRow {
+                    tenant,
+                    hour,
+                    consumed: from_json(&value)?,
+                });
+            }
+        }
+        Ok(rows)
+    }
+
+    async fn backup(
+        &self,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Result<super::backup::Summary, StoreError> {
+        let quiet = self.writes.clone().write_owned().await;
+        let db = self.db.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let _quiet = quiet;
+            super::backup::write(&db, out)
+        })
+        .await
+        .map_err(anyhow::Error::from)??;
+        Ok(written)
+    }
+
     async fn begin_model_blob(
         &self,
         owner: Option<&str>,
         sha256: &str,
         size: u64,
     ) -> Result<ModelBlob, StoreError> {
+        let _writing = self.writes.read().await;
         SledStore::begin_model_blob(self, owner, sha256, size)
     }
 
@@ -969,6 +1044,7 @@ impl Store for SledStore {
         index: u32,
         content: &[u8],
     ) -> Result<ModelBlob, StoreError> {
+        let _writing = self.writes.read().await;
         SledStore::put_model_part(self, owner, sha256, index, content)
     }
 
@@ -991,11 +1067,13 @@ impl Store for SledStore {
         sha256: &str,
         matched: bool,
     ) -> Result<(), StoreError> {
+        let _writing = self.writes.read().await;
         SledStore::verify_model_blob(self, owner, sha256, matched)?;
         Ok(SledStore::flush(self)?)
     }
 
     async fn put_model(&self, model: &NewModel, replace: bool) -> Result<ModelRecord, StoreError> {
+        let _writing = self.writes.read().await;
         let record = SledStore::put_model(self, model, replace)?;
         if let Some(owner) = &record.owner {
             self.announce(Change::Tenant(owner.clone()));
@@ -1021,6 +1099,7 @@ impl Store for SledStore {
         owner: Option<&str>,
         name: &str,
     ) -> Result<ModelRecord, StoreError> {
+        let _writing = self.writes.read().await;
         let record = SledStore::delete_model(self, owner, name)?;
         if let Some(owner) = owner {
             self.announce(Change::Tenant(owner.to_string()));
@@ -1038,6 +1117,7 @@ impl Store for SledStore {
     }
 
     async fn prune_model_blobs(&self, before: u64) -> Result<usize, StoreError> {
+        let _writing = self.writes.read().await;
         SledStore::prune_model_blobs(self, before)
     }
 
@@ -1149,6 +1229,29 @@ fn decode_u64(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
+/// A usage record's key: the tenant, a NUL, the hour big-endian (so a
+/// tenant's hours list in order).
+fn usage_key(tenant: &str, hour: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(tenant.len() + 9);
+    key.extend_from_slice(tenant.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&hour.to_be_bytes());
+    key
+}
+
+fn split_usage_key(key: &[u8]) -> Result<(String, u64)> {
+    let (tenant, hour) = key
+        .len()
+        .checked_sub(9)
+        .map(|at| key.split_at(at))
+        .context("a usage key is too short")?;
+    let hour: [u8; 8] = hour[1..].try_into()?;
+    Ok((
+        String::from_utf8(tenant.to_vec()).context("a usage key's tenant")?,
+        u64::from_be_bytes(hour),
+    ))
+}
+
 fn function_key(tenant: &str, name: &str) -> String {
     format!("{tenant}/{name}")
 }
@@ -1160,6 +1263,87 @@ fn artifact_key(sha256: &str, fingerprint: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::backup;
+
+    #[test]
+    fn every_tree_is_backed_up_or_derived() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), "test").unwrap();
+        let listed: Vec<&str> = [
+            backup::RECORD_TREES,
+            backup::BLOB_TREES,
+            backup::DERIVED_TREES,
+        ]
+        .concat();
+        for name in store.db.tree_names() {
+            let name = String::from_utf8(name.to_vec()).unwrap();
+            assert!(
+                name == "__sled__default" || listed.contains(&name.as_str()),
+                "tree {name} is in no backup list"
+            );
+        }
+    }
+
+    fn usage_of(tenant: &str, requests: u64) -> UsageRow {
+        UsageRow {
+            tenant: tenant.to_string(),
+            hour: 7 * crate::usage::HOUR,
+            consumed: Consumed {
+                requests,
+                ..Consumed::default()
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backup_restores_every_record_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("a"), "test").unwrap();
+        Store::create_tenant(&store, "acme").await.unwrap();
+        let hash = TokenHash::of("gf_secret");
+        Store::add_key(&store, "acme", &hash, "gf_secr")
+            .await
+            .unwrap();
+        Store::add_usage(&store, &[usage_of("acme", 2)])
+            .await
+            .unwrap();
+        Store::add_usage(&store, &[usage_of("acme", 3)])
+            .await
+            .unwrap();
+        let file = dir.path().join("backup.tar");
+        let written = Store::backup(&store, Box::new(std::fs::File::create(&file).unwrap()))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let archive = std::fs::read(&file).unwrap();
+        assert_eq!((written.tenants, written.keys), (1, 1));
+
+        let restored_dir = dir.path().join("b");
+        let restored = backup::restore(&restored_dir, archive.as_slice()).unwrap();
+        assert_eq!(restored, written);
+        let again = SledStore::open(&restored_dir, "test").unwrap();
+        assert_eq!(again.key(&hash).unwrap().unwrap().tenant, "acme");
+        let usage = Store::usage(&again, Some("acme"), 0, u64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(usage, vec![usage_of("acme", 5)]);
+        // A tenant made after the restore is a new incarnation.
+        let old = again.tenant("acme").unwrap().unwrap().incarnation;
+        assert!(again.create_tenant("later").unwrap().incarnation > old);
+
+        let refused = backup::restore(&restored_dir, archive.as_slice()).unwrap_err();
+        assert!(
+            refused.to_string().contains("already holds a store"),
+            "{refused:#}"
+        );
+        let cut = &archive[..archive.len() / 2];
+        assert!(backup::check(cut).is_err());
+        assert!(!dir.path().join("c").exists());
+        assert!(backup::restore(&dir.path().join("c"), cut).is_err());
+        assert!(
+            !dir.path().join("c").exists(),
+            "a failed restore leaves no store"
+        );
+    }
 
     #[test]
     fn nothing_is_stored_for_a_tenant_being_deleted() {

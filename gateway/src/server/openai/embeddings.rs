@@ -20,6 +20,9 @@ impl Gateway {
     ) -> Result<Response, ApiError> {
         let tenant = self.require_tenant(request.headers()).await?;
         let (forwarded, outgoing) = (self.peers.forwarded(&request)?, Outgoing::of(&request));
+        if !forwarded {
+            crate::server::access::bill(&tenant);
+        }
         let body = self.read_body(request, MAX_EMBEDDINGS_BODY).await?;
         let asked: EmbeddingRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request("invalid_request", format!("not an embeddings request: {e}"))

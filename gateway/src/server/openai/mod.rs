@@ -126,6 +126,9 @@ impl Gateway {
     async fn openai_admit(&self, request: Request, limit: usize) -> Result<Admit, ApiError> {
         let tenant = self.require_tenant(request.headers()).await?;
         let (forwarded, outgoing) = (self.peers.forwarded(&request)?, Outgoing::of(&request));
+        if !forwarded {
+            crate::server::access::bill(&tenant);
+        }
         let body = self.read_body(request, limit).await?;
         let model = serde_json::from_slice::<Value>(&body)
             .ok()
