@@ -362,7 +362,16 @@ async fn usage_figures_equal_what_was_sent() {
     )
     .unwrap();
     let data = tempfile::tempdir().unwrap();
-    let server = Server::start_with_models(data.path(), models.path(), &[]);
+    // Model calls' spans are at DEBUG.
+    let launch = support::Launch {
+        env: vec![(
+            "GIGAFACTORY_LOG".into(),
+            "info,gigafactory_runtime=debug".into(),
+        )],
+        models: Some(models.path().to_path_buf()),
+        ..support::Launch::default()
+    };
+    let server = Server::start_launched(data.path(), &["--log-format", "json"], &launch);
     let key = server.tenant("acme").await;
     let other = server.tenant("globex").await;
     server
@@ -409,6 +418,29 @@ async fn usage_figures_equal_what_was_sent() {
         Bytes::from(embed.to_string()),
     )
     .await;
+    // Traced from the request into the model: each model call's line
+    // carries the request's span, with its id.
+    let traced = |route: &'static str, message: &'static str| {
+        let server = &server;
+        async move {
+            let access = log_line(server, |line| line["route"] == route).await;
+            let id = access["request_id"].as_str().unwrap().to_string();
+            log_line(server, |line| {
+                line["message"] == message
+                    && line["spans"]
+                        .as_array()
+                        .is_some_and(|spans| spans.iter().any(|s| s["request_id"] == id.as_str()))
+            })
+            .await
+        }
+    };
+    let generation = traced("/openai/v1/chat/completions", "generation finished").await;
+    assert_eq!(generation["completion_tokens"], generated, "{generation}");
+    assert_eq!(generation["span"]["model"], TEXT_MODEL, "{generation}");
+    let call = traced("/openai/v1/embeddings", "model call answered").await;
+    assert_eq!(call["span"]["model"], "all-minilm-l6-v2", "{call}");
+    assert_eq!(call["ok"], true, "{call}");
+
     // A call of a function that does not exist is not billed.
     let others = server.client(Some(&other));
     let reply = others

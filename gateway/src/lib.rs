@@ -3,7 +3,6 @@
 //! `gigafactory` command line.
 
 pub mod auth;
-pub mod bench;
 pub mod bundle;
 pub mod cli;
 pub mod logs;

@@ -158,6 +158,7 @@ impl Server {
             None => Command::new(binary()),
         };
         let mut child = command
+            .env("GIGAFACTORY_LOG", "info")
             .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .args([
                 "serve",
@@ -171,7 +172,6 @@ impl Server {
             .arg("--models")
             .arg(models)
             .args(extra)
-            .env("GIGAFACTORY_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

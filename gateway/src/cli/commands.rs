@@ -95,7 +95,6 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             super::operations::usage(&client()?, range, csv, cli.json).await
         }
-        Command::Bench(command) => crate::bench::run(command).await,
     }
 }
 
@@ -172,7 +171,7 @@ fn init_tracing(format: LogFormat) {
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .init(),
     }
 }

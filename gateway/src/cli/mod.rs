@@ -167,9 +167,6 @@ pub enum Command {
         #[arg(long)]
         csv: bool,
     },
-    /// Measure the platform against a peer in the same run.
-    #[command(subcommand)]
-    Bench(crate::bench::BenchCommand),
 }
 
 /// `gigafactory serve` options.

@@ -493,6 +493,8 @@ pub struct AdapterFile {
 /// A resident text model and its scheduler — or a LoRA adapter of one,
 /// which shares its base's weights, scheduler and sequence slots.
 pub struct TextModel {
+    /// Its repository name (an adapter's: `base:adapter`), for spans.
+    name: Arc<str>,
     model: Arc<LlamaModel>,
     /// For an adapter: its index among the base's adapters, and the base
     /// (held, so the base is in use while an adapter of it is loaded).
@@ -703,6 +705,7 @@ impl TextModel {
             .recv()
             .map_err(|_| "the scheduler thread died".to_string())??;
         Ok(Arc::new(Self {
+            name: name.into(),
             model,
             adapter: None,
             adapters: Arc::new(index),
@@ -728,6 +731,7 @@ impl TextModel {
         };
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Ok(Arc::new(Self {
+            name: format!("{}:{key}", self.name).into(),
             model: self.model.clone(),
             adapter: Some((index, self.clone())),
             adapters: Arc::default(),
@@ -851,7 +855,10 @@ impl TextModel {
         request: Request,
     ) -> Result<Generation, GenerateError> {
         let model = self.clone();
-        tokio::task::spawn_blocking(move || model.generate(tenant, request))
+        // Under the request that asked for it, on the blocking thread
+        // that tokenises and on the scheduler's.
+        let span = tracing::debug_span!("generation", model = %self.name, tenant = %tenant);
+        tokio::task::spawn_blocking(move || span.in_scope(|| model.generate(tenant, request)))
             .await
             .unwrap_or_else(|e| Err(GenerateError::Stopped(format!("tokenising failed: {e}"))))
     }
@@ -913,6 +920,8 @@ impl TextModel {
             events,
             adapter: self.adapter.as_ref().map(|(index, _)| *index),
             stats: self.stats.clone(),
+            span: tracing::Span::current(),
+            queued_at: std::time::Instant::now(),
         };
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(refused) = jobs.send(job) {

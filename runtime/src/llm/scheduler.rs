@@ -45,6 +45,10 @@ pub struct Job {
     pub adapter: Option<usize>,
     /// The counters of the model it was asked of (the base or an adapter).
     pub stats: Arc<TextStats>,
+    /// The generation's span (under the request that asked for it).
+    pub span: tracing::Span,
+    /// When it was queued.
+    pub queued_at: std::time::Instant,
 }
 
 /// What the scheduler thread is given.
@@ -106,6 +110,10 @@ struct Sequence {
     events: tokio_mpsc::UnboundedSender<Event>,
     adapter: Option<usize>,
     stats: Arc<TextStats>,
+    span: tracing::Span,
+    queued_at: std::time::Instant,
+    /// When its first token was sampled.
+    first_token: Option<std::time::Duration>,
 }
 
 fn run(mut setup: Setup, jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>) {
@@ -276,6 +284,9 @@ impl Scheduler<'_> {
                 events: job.events,
                 adapter: job.adapter,
                 stats: job.stats,
+                span: job.span,
+                queued_at: job.queued_at,
+                first_token: None,
             });
         }
     }
@@ -422,6 +433,9 @@ impl Scheduler<'_> {
                     .send(Event::Token(logprobs(&vocab, logits, token, top)));
             }
             sequence.generated += 1;
+            if sequence.first_token.is_none() {
+                sequence.first_token = Some(sequence.queued_at.elapsed());
+            }
             stats.completion_tokens.fetch_add(1, Ordering::Relaxed);
             if let Some(budget) = &sequence.budget {
                 budget.charge_tokens(1);
@@ -458,6 +472,19 @@ impl Scheduler<'_> {
                 completion_tokens: sequence.generated,
                 finish_reason: reason,
             };
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            // Entered, so that the log line lists the request's span above it.
+            sequence.span.in_scope(|| {
+                tracing::debug!(
+                prompt_tokens = usage.prompt_tokens,
+                cached_tokens = usage.cached_tokens,
+                completion_tokens = usage.completion_tokens,
+                finish_reason = ?usage.finish_reason,
+                first_token_ms = sequence.first_token.map(ms),
+                total_ms = ms(sequence.queued_at.elapsed()),
+                "generation finished"
+                );
+            });
             let events = sequence.events.clone();
             // Freed before the caller hears of the end.
             self.release(context, sequence);

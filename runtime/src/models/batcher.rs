@@ -98,6 +98,8 @@ struct Call {
     inputs: Vec<HostTensor>,
     arrived: Instant,
     reply: oneshot::Sender<Reply>,
+    /// The call's span (under the request that made it).
+    span: tracing::Span,
 }
 
 impl Call {
@@ -194,6 +196,7 @@ impl Batcher {
             inputs,
             arrived: Instant::now(),
             reply,
+            span: tracing::Span::current(),
         };
         if let Err(refused) = self.calls.send(call) {
             self.waiting.leave(&refused.0.tenant);
@@ -408,14 +411,16 @@ async fn run(plan: Arc<Plan>, batch: Vec<Call>, permit: OwnedSemaphorePermit) {
     let mut tenants = Vec::with_capacity(batch.len());
     let mut inputs = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
+    let mut traced = Vec::with_capacity(batch.len());
+    let started = Instant::now();
     for call in batch {
         tenants.push(call.tenant);
         inputs.push(call.inputs);
         replies.push(call.reply);
+        traced.push((call.span, started.saturating_duration_since(call.arrived)));
     }
     let calls = inputs.len();
     let worker_plan = plan.clone();
-    let started = Instant::now();
     let answers = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         worker_plan.execute_isolated(&inputs)
@@ -430,8 +435,21 @@ async fn run(plan: Arc<Plan>, batch: Vec<Call>, permit: OwnedSemaphorePermit) {
     });
     let failed = answers.iter().filter(|(a, _)| a.is_err()).count();
     plan.stats.ran(rows, started.elapsed(), failed);
-    for ((reply, answer), tenant) in replies.into_iter().zip(answers).zip(&tenants) {
+    for (((reply, answer), tenant), (span, queued)) in
+        replies.into_iter().zip(answers).zip(&tenants).zip(traced)
+    {
         plan.stats.charge(tenant, answer.1);
+        // Entered, so that the log line lists the request's span above it.
+        span.in_scope(|| {
+            tracing::debug!(
+                batch_calls = calls,
+                batch_rows = rows,
+                queued_ms = queued.as_secs_f64() * 1e3,
+                compute_ms = answer.1.as_secs_f64() * 1e3,
+                ok = answer.0.is_ok(),
+                "model call answered"
+            );
+        });
         let _ = reply.send(answer);
     }
 }

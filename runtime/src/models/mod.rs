@@ -828,8 +828,11 @@ impl ModelPool {
             Ok(ordered) => ordered,
             Err(error) => return (Err(error), Duration::ZERO),
         };
+        use tracing::Instrument as _;
+        // Under the request that made the call (its own event when answered).
+        let span = tracing::debug_span!("model_call", model = %graph.name, tenant = %tenant);
         if let Some(batcher) = &graph.batcher {
-            return batcher.compute(tenant, ordered).await;
+            return batcher.compute(tenant, ordered).instrument(span).await;
         }
         let rows = ordered
             .first()
@@ -856,6 +859,17 @@ impl ModelPool {
             stats.ran(rows, spent, usize::from(result.is_err()));
             stats.charge(&tenant, spent);
         }
+        // Entered, so that the log line lists the request's span above it.
+        span.in_scope(|| {
+            tracing::debug!(
+                batch_calls = 1,
+                batch_rows = rows,
+                queued_ms = waited.as_secs_f64() * 1e3,
+                compute_ms = spent.as_secs_f64() * 1e3,
+                ok = result.is_ok(),
+                "model call answered"
+            );
+        });
         (result, spent)
     }
 
@@ -1142,6 +1156,7 @@ impl Wiring {
             _ => None,
         };
         Ok(PoolGraph {
+            name: model.name.as_str().into(),
             graph,
             batcher,
             stats: Some(model.stats.clone()),

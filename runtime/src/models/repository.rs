@@ -22,6 +22,8 @@ use crate::llm::{TextInfo, TextModel};
 /// queue if it has one, and its counters if it is a repository model.
 #[derive(Clone)]
 pub struct PoolGraph {
+    /// The repository model's name, for spans.
+    pub(super) name: Arc<str>,
     pub(super) graph: Arc<dyn Graph>,
     pub(super) batcher: Option<Arc<Batcher>>,
     pub(super) stats: Option<Arc<ModelStats>>,
@@ -52,6 +54,7 @@ impl PoolGraph {
     /// A function's own graph: no batching, counters or limits.
     pub(super) fn own(graph: Arc<dyn Graph>) -> Self {
         Self {
+            name: "(the function's own)".into(),
             graph,
             batcher: None,
             stats: None,

@@ -1,4 +1,4 @@
-//! `gigafactory bench hello`: requests/s of one component through
+//! `gigafactory-bench hello`: requests/s of one component through
 //! gigafactory and through `wasmtime serve` (the peer).
 
 use std::path::PathBuf;

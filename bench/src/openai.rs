@@ -1,4 +1,4 @@
-//! `gigafactory bench openai`: generated tokens/s and time to first token
+//! `gigafactory-bench openai`: generated tokens/s and time to first token
 //! through `/v1/chat/completions`, Gigafactory against llama.cpp's own
 //! `llama-server` on the same GGUF, threads and sequence slots, with the
 //! same streaming client taking turns between the two; then the cost of
@@ -16,7 +16,7 @@ use hyper::Method;
 use tokio::net::TcpStream;
 
 use super::{Gigafactory, Guard, free_address, wait_until_up};
-use crate::cli::Client;
+use gigafactory_gateway::cli::Client;
 
 const MODEL: &str = "smollm2-135m-instruct";
 const QUESTION: &str = "Tell me a story about a dragon who learns to read.";

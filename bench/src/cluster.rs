@@ -1,4 +1,4 @@
-//! `gigafactory bench cluster`: two nodes on one PostgreSQL database, the
+//! `gigafactory-bench cluster`: two nodes on one PostgreSQL database, the
 //! model on one of them. The `embed` function (its manifest names the
 //! model) measured on the node holding the model, and through the other,
 //! which sends each request on: the cost of a model on another node.
@@ -11,8 +11,8 @@ use bytes::Bytes;
 use hyper::Method;
 
 use super::{Gigafactory, Load, Stats, row};
-use crate::bundle::Bundle;
-use crate::cli::Client;
+use gigafactory_gateway::bundle::Bundle;
+use gigafactory_gateway::cli::Client;
 
 /// The model the function uses.
 const MODEL: &str = "all-minilm-l6-v2";

@@ -1,6 +1,8 @@
-//! `gigafactory bench`: the platform measured against a peer in the same
+//! `gigafactory-bench`: the platform measured against a peer in the same
 //! run, on the same machine, under the same closed-loop load from the same
-//! built-in client.
+//! built-in client. It runs the `gigafactory` binary beside it
+//! (`cargo build --release --bin gigafactory --bin gigafactory-bench`;
+//! `./dev bench NAME` builds both and installs the peers).
 //!
 //! - `bench hello`: requests/s of a plain component through gigafactory and
 //!   through `wasmtime serve`.
@@ -46,11 +48,31 @@ pub use lora::LoraArgs;
 pub use models::ModelsArgs;
 pub use openai::OpenaiArgs;
 
-use crate::cli::Client;
+use gigafactory_gateway::cli::Client;
 
-/// `gigafactory bench …`
+/// `gigafactory-bench NAME`: one benchmark, printed as a Markdown table.
+#[derive(Debug, clap::Parser)]
+#[command(name = "gigafactory-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    use clap::Parser as _;
+    match run(Cli::parse().command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The benchmarks.
 #[derive(Debug, clap::Subcommand)]
-pub enum BenchCommand {
+enum BenchCommand {
     /// Requests/s of a component: gigafactory vs `wasmtime serve`.
     Hello(HelloArgs),
     /// The same hello as each kind of function: wasi:http 0.2 and 0.3
@@ -72,7 +94,7 @@ pub enum BenchCommand {
 }
 
 /// Runs a benchmark and prints its Markdown table.
-pub async fn run(command: BenchCommand) -> Result<()> {
+async fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Hello(args) => hello::run(args).await,
         BenchCommand::Kinds(args) => kinds::run(args).await,
@@ -83,6 +105,18 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Lora(args) => lora::run(args).await,
         BenchCommand::Openai(args) => openai::run(args).await,
     }
+}
+
+/// The `gigafactory` binary beside this one.
+fn gigafactory() -> Result<std::path::PathBuf> {
+    let beside = std::env::current_exe()?.with_file_name("gigafactory");
+    if !beside.is_file() {
+        bail!(
+            "no gigafactory binary at {}: build it with `cargo build --release --bin gigafactory`",
+            beside.display()
+        );
+    }
+    Ok(beside)
 }
 
 /// A `gigafactory serve` child on a scratch data directory with one tenant
@@ -121,7 +155,7 @@ impl Gigafactory {
     async fn launch(extra: &[&str]) -> Result<Self> {
         let data = tempfile::tempdir().context("creating a scratch data directory")?;
         let address = free_address()?;
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(gigafactory()?)
             .args([
                 "serve",
                 "--listen",

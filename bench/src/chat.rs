@@ -1,4 +1,4 @@
-//! `gigafactory bench chat`: generated tokens/s of the `chat` example
+//! `gigafactory-bench chat`: generated tokens/s of the `chat` example
 //! through the whole platform (HTTP, Wasm, the shared text engine) against
 //! the same engine called directly in this process (no HTTP, no Wasm), the
 //! two taking turns in the same run; then the aggregate of both with 8 and

@@ -1,9 +1,9 @@
-//! `gigafactory bench embed`: the `embed` example through the whole
+//! `gigafactory-bench embed`: the `embed` example through the whole
 //! platform (HTTP, Wasm, the shared model pool) with 1, 8 and 64 clients,
 //! dynamic batching on and off (same binary, `--no-batching`), on each
 //! ONNX engine (`--onnx-engine`), against onnxruntime running the same
 //! ONNX model on the same sentences in-process
-//! (gateway/bench/onnxruntime_embed.py): one request at a time, and at its
+//! (bench/onnxruntime_embed.py): one request at a time, and at its
 //! most efficient batch size. Then where a lone request's time goes: the
 //! engines alone on one sentence (in this process, vs onnxruntime's
 //! `session.run`), the host's own embedding endpoint (no Wasm), and an
@@ -69,7 +69,7 @@ pub struct EmbedArgs {
     #[arg(long, default_value = "python3")]
     pub python: String,
     /// The peer's script.
-    #[arg(long, default_value = "gateway/bench/onnxruntime_embed.py")]
+    #[arg(long, default_value = "bench/onnxruntime_embed.py")]
     pub peer_script: PathBuf,
     /// The ONNX engines measured, each with batching on and off.
     #[arg(long, value_delimiter = ',', default_values_t = ["onnxruntime".to_string(), "tract".to_string()])]

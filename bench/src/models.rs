@@ -1,4 +1,4 @@
-//! `gigafactory bench models`: how long each shipped model takes to load
+//! `gigafactory-bench models`: how long each shipped model takes to load
 //! on demand, warm (from the page cache: the files were read before) and
 //! cold (the files' pages dropped from the cache first), and what a
 //! resident model's callers see while another model loads beside it.
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use hyper::Method;
 
 use super::Gigafactory;
-use crate::cli::Client;
+use gigafactory_gateway::cli::Client;
 
 /// The shipped models, each with a request that uses it.
 const MODELS: &[(&str, &str)] = &[

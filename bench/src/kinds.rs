@@ -1,4 +1,4 @@
-//! `gigafactory bench kinds`: the same hello logic deployed as each kind of
+//! `gigafactory-bench kinds`: the same hello logic deployed as each kind of
 //! function the platform runs — a wasi:http 0.2 handler (the reference), a
 //! WASI 0.3 handler, a `wasi:cli` command and a WAGI core module (both
 //! spoken to in CGI) — measured one after another on one server, with
@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, ensure};
 use hyper::Method;
 
 use super::{Gigafactory, Guard, Load, Stats, free_address, row, wait_until_up};
-use crate::cli::Client;
+use gigafactory_gateway::cli::Client;
 
 /// `bench kinds` options.
 #[derive(Debug, clap::Args)]

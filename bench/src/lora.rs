@@ -1,4 +1,4 @@
-//! `gigafactory bench lora`: four LoRA adapters on one base model (one
+//! `gigafactory-bench lora`: four LoRA adapters on one base model (one
 //! scheduler, the base's weights once) against four separate copies of the
 //! base (four schedulers, four copies of the weights), the same sequence
 //! slots and KV cache in all, in the same run: aggregate generated tokens/s
