@@ -363,7 +363,18 @@ fn embedding_repository() -> tempfile::TempDir {
 
 /// Starts node `name` on `url`: with the embedding model, or none.
 fn node(url: &str, name: &str, data: &std::path::Path, models: Option<&std::path::Path>) -> Server {
-    let flags = [
+    node_with(url, name, data, models, &[])
+}
+
+/// [`node`] with extra `serve` flags.
+fn node_with(
+    url: &str,
+    name: &str,
+    data: &std::path::Path,
+    models: Option<&std::path::Path>,
+    extra: &[&str],
+) -> Server {
+    let mut flags = vec![
         "--store",
         url,
         "--node-name",
@@ -373,6 +384,7 @@ fn node(url: &str, name: &str, data: &std::path::Path, models: Option<&std::path
         "--node-timeout-secs",
         "2",
     ];
+    flags.extend_from_slice(extra);
     match models {
         Some(models) => Server::start_with_models(data, models, &flags),
         None => Server::start_without_models_with(data, &flags),
@@ -772,3 +784,57 @@ const SENTENCES: [&str; 4] = [
     "A model on one node serves the whole cluster.",
     "How far is the moon from the earth?",
 ];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_serving_https_reach_each_other_over_tls() {
+    let url = support::postgres_database().await;
+    let repository = embedding_repository();
+    // One certificate for both nodes' address, and the CA they trust.
+    let pki = tempfile::tempdir().unwrap();
+    let issued =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert, key) = (pki.path().join("cert.pem"), pki.path().join("key.pem"));
+    std::fs::write(&cert, issued.cert.pem()).unwrap();
+    std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
+    let tls = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--peer-ca",
+        cert.to_str().unwrap(),
+    ];
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = node_with(&url, "a", dirs[0].path(), Some(repository.path()), &tls).trusting(&cert);
+    let c = node_with(&url, "c", dirs[1].path(), None, &tls).trusting(&cert);
+    let key = c.tenant("acme").await;
+    let manifest = format!("models = [\"{MODEL}\"]");
+    let bundle =
+        gigafactory_gateway::bundle::Bundle::pack(&wasm("embed"), Some(&manifest), &[]).unwrap();
+    let deployed = c.deploy_bundle(&key, "embed", bundle).await;
+    assert_eq!(deployed.status, 201, "{}", text(&deployed));
+
+    // Each advertises its https:// address; C sends A the request over TLS.
+    let nodes = a.admin().api(Method::GET, "/v1/nodes", None).await.unwrap();
+    let addresses: Vec<&str> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["address"].as_str().unwrap())
+        .collect();
+    assert!(
+        addresses
+            .iter()
+            .all(|a| a.starts_with("https://127.0.0.1:")),
+        "{nodes}"
+    );
+    let sentence = "Sent between nodes over TLS.";
+    let here = embedding(&a, &key, sentence).await.unwrap();
+    let through_c = embedding(&c, &key, sentence).await.unwrap();
+    assert!(support::largest_difference(&here, &through_c) <= 1e-5);
+    assert!(
+        c.metrics()
+            .await
+            .contains("gigafactory_forwarded_requests_total{node=\"a\",outcome=\"ok\"}")
+    );
+}

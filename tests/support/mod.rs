@@ -99,6 +99,8 @@ pub struct Server {
     output: Arc<Mutex<Vec<String>>>,
     /// The empty model repository of [`Server::start_without_models`].
     empty_models: Option<tempfile::TempDir>,
+    /// The certificate its clients trust (a server on HTTPS).
+    ca: Option<PathBuf>,
 }
 
 impl Server {
@@ -206,6 +208,7 @@ impl Server {
             data: data.to_path_buf(),
             output,
             empty_models: None,
+            ca: None,
         }
     }
 
@@ -214,9 +217,15 @@ impl Server {
         self.child.id()
     }
 
+    /// Its clients trust `ca` (a server started with `--tls-cert`).
+    pub fn trusting(mut self, ca: &Path) -> Self {
+        self.ca = Some(ca.to_path_buf());
+        self
+    }
+
     /// A client with `token`.
     pub fn client(&self, token: Option<&str>) -> Client {
-        Client::new(&self.url, token.map(str::to_string)).expect("a client")
+        Client::with_ca(&self.url, token.map(str::to_string), self.ca.as_deref()).expect("a client")
     }
 
     /// A client with the admin token.

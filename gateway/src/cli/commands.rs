@@ -131,6 +131,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.node.name = args.node_name;
     config.cluster_secret = args.cluster_secret;
     config.node.advertise = args.advertise;
+    config.peer_ca = args.peer_ca;
     config.node.labels = args.labels.into_iter().collect();
     config.node.dead_after = Duration::from_secs(args.node_timeout_secs.max(1));
     config.node.heartbeat =

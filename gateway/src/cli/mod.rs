@@ -278,10 +278,14 @@ pub struct ServeArgs {
     /// another a request for models it holds (the same on every node).
     #[arg(long, env = "GIGAFACTORY_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
-    /// Address other nodes reach this one at, `host:port` (default: the
-    /// listening address).
+    /// Address other nodes reach this one at, `host:port` or with its
+    /// scheme (default: the listening address; https:// with --tls-cert).
     #[arg(long, env = "GIGAFACTORY_ADVERTISE")]
     pub advertise: Option<String>,
+    /// PEM certificates to trust for other nodes' HTTPS besides the
+    /// system's roots: the cluster's own CA.
+    #[arg(long, env = "GIGAFACTORY_PEER_CA")]
+    pub peer_ca: Option<PathBuf>,
     /// A label other nodes and placement rules see, `key=value` (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,

@@ -9,24 +9,27 @@
 //! batching holds across the cluster. A forwarded request carries the
 //! cluster secret in [`CLUSTER_HEADER`]: the receiving node runs it
 //! itself, never forwards it again, and no guest ever sees the header.
+//!
+//! A node serving HTTPS advertises an `https://` address, and the others
+//! reach it over TLS, checking its certificate against the system's roots
+//! and `serve --peer-ca` (the cluster's own CA): the secret and the
+//! tenants' requests never cross the network in the clear.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use futures_util::StreamExt as _;
 use hyper::StatusCode;
 use hyper::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::admission::{ClusterLoad, TenantLoad};
 use super::routes::Request;
-use super::{ApiError, BoxError, Gateway, Response};
+use super::{ApiError, Gateway, Response};
 use crate::auth::TokenHash;
 use crate::store::Node;
 
@@ -50,7 +53,7 @@ pub(super) struct Peers {
     /// Models every tenant may use: public ones here or on a live node.
     public: RwLock<Arc<BTreeSet<String>>>,
     load: Mutex<HashMap<String, Arc<PeerLoad>>>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: reqwest::Client,
 }
 
 /// Another live node that takes work.
@@ -80,14 +83,36 @@ impl Drop for Sending {
 }
 
 impl Peers {
-    pub(super) fn new(secret: Option<String>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        Self {
+    /// The cluster as this node starts: no peers yet; their HTTPS
+    /// certificates checked against the system's roots and `peer_ca`.
+    pub(super) fn new(
+        secret: Option<String>,
+        peer_ca: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            // A peer's answer is relayed as it is, redirects included.
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(30));
+        if let Some(ca) = peer_ca {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("reading the peers' CA file {}", ca.display()))?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("{}: not PEM certificates", ca.display()))?;
+            anyhow::ensure!(
+                !certificates.is_empty(),
+                "{}: holds no PEM certificate",
+                ca.display()
+            );
+            builder = builder.tls_certs_merge(certificates);
+        }
+        let client = builder
+            .build()
+            .context("setting up the peers' HTTP client")?;
+        Ok(Self {
             secret: secret.map(|s| {
                 let hash = TokenHash::of(&s);
                 (s, hash)
@@ -98,7 +123,7 @@ impl Peers {
             public_here: RwLock::default(),
             load: Mutex::default(),
             client,
-        }
+        })
     }
 
     /// Replaces the view with the store's list: live nodes other than
@@ -298,23 +323,29 @@ impl Gateway {
             let Some((name, address, sending)) = self.peers.choose(models, &tried) else {
                 break;
             };
-            let mut forwarded = hyper::Request::new(Full::new(body.clone()));
-            *forwarded.method_mut() = method.clone();
-            *forwarded.headers_mut() = headers.clone();
-            *forwarded.uri_mut() = format!("http://{address}{path}")
-                .parse()
-                .map_err(|e| ApiError::internal(anyhow::anyhow!("node {name}'s address: {e}")))?;
-            match self.peers.client.request(forwarded).await {
+            let sent = self
+                .peers
+                .client
+                .request(method.clone(), format!("{}{path}", base_url(&address)))
+                .headers(headers.clone())
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
                 Ok(response) => {
                     self.metrics.forwarded(&name, "ok");
-                    return Ok(response.map(|body| {
-                        super::Body::new(body.map_err(|e| Box::new(e) as BoxError).map_frame(
-                            move |frame| {
-                                let _held = (&sending, &held);
-                                frame
-                            },
-                        ))
-                    }));
+                    let (status, headers) = (response.status(), response.headers().clone());
+                    // The peer's load and the tenant's slot are held until
+                    // the relayed body ends.
+                    let held = (sending, held);
+                    let body = response.bytes_stream().map(move |chunk| {
+                        let _held = &held;
+                        chunk
+                    });
+                    let mut relayed = hyper::Response::new(super::Body::from_stream(body));
+                    *relayed.status_mut() = status;
+                    *relayed.headers_mut() = headers;
+                    return Ok(relayed);
                 }
                 Err(error) if error.is_connect() => {
                     tracing::warn!(node = %name, "node unreachable: {error}");
@@ -334,6 +365,16 @@ impl Gateway {
             }
         }
         Err(model_unavailable(models, "no live node holds them"))
+    }
+}
+
+/// A node's base URL from its advertised address: `http://host:port`
+/// unless it names its scheme (`https://…` for a node serving TLS).
+fn base_url(address: &str) -> String {
+    if address.starts_with("http://") || address.starts_with("https://") {
+        address.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{address}")
     }
 }
 

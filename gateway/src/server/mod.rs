@@ -143,6 +143,9 @@ pub struct GatewayConfig {
     pub cluster_secret: Option<String>,
     /// HTTPS with this certificate and key; none: plain HTTP.
     pub tls: Option<TlsFiles>,
+    /// PEM certificates to trust for other nodes' HTTPS besides the
+    /// system's roots (the cluster's own CA).
+    pub peer_ca: Option<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -170,6 +173,7 @@ impl GatewayConfig {
             allow_loopback_outbound: false,
             node: NodeConfig::default(),
             cluster_secret: None,
+            peer_ca: None,
             tls: None,
         }
     }
@@ -248,7 +252,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             drain: Drain::default(),
             in_flight: Arc::default(),
-            peers: cluster::Peers::new(config.cluster_secret.clone()),
+            peers: cluster::Peers::new(config.cluster_secret.clone(), config.peer_ca.as_deref())?,
             fleet,
             config,
             store,

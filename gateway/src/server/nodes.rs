@@ -46,6 +46,18 @@ impl Default for NodeConfig {
     }
 }
 
+/// The address other nodes reach this one at: `advertise` (given as
+/// `host:port` or with its scheme), else the listening address, with
+/// `https://` when the node serves TLS.
+fn advertised(advertise: Option<&str>, listening: std::net::SocketAddr, tls: bool) -> String {
+    let address = advertise.map_or_else(|| listening.to_string(), str::to_string);
+    if tls && !address.contains("://") {
+        format!("https://{address}")
+    } else {
+        address
+    }
+}
+
 /// The host's name, for a node that was not given one.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -67,10 +79,11 @@ impl Gateway {
         Ok(NodeStatus {
             name: config.name.clone().unwrap_or_else(host_name),
             instance: hex::encode(instance),
-            address: config
-                .advertise
-                .clone()
-                .unwrap_or_else(|| listening.to_string()),
+            address: advertised(
+                config.advertise.as_deref(),
+                listening,
+                self.config.tls.is_some(),
+            ),
             labels: config.labels.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: std::time::SystemTime::now()
