@@ -409,7 +409,10 @@ async fn usage_figures_equal_what_was_sent() {
     let generated = support::json(&answer)["usage"]["completion_tokens"]
         .as_u64()
         .unwrap();
-    assert!(generated > 0);
+    let prompted = support::json(&answer)["usage"]["prompt_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(generated > 0 && prompted > 0);
     // Text generation is billed in tokens; tensor models in compute time.
     let embed = serde_json::json!({"model": "all-minilm-l6-v2", "input": ["a cat", "a dog"]});
     post(
@@ -458,6 +461,7 @@ async fn usage_figures_equal_what_was_sent() {
     assert_eq!(total("bytes_in") as u64, sent, "{report}");
     assert_eq!(total("bytes_out") as u64, received, "{report}");
     assert_eq!(total("generated_tokens") as u64, generated, "{report}");
+    assert_eq!(total("prompt_tokens") as u64, prompted, "{report}");
     assert!(total("compute_seconds") > 0.0, "{report}");
     assert!(total("model_seconds") > 0.0, "{report}");
 
@@ -480,7 +484,7 @@ async fn usage_figures_equal_what_was_sent() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next().unwrap(),
-        "tenant,hour,requests,compute_seconds,model_seconds,generated_tokens,bytes_in,bytes_out"
+        "tenant,hour,requests,compute_seconds,model_seconds,prompt_tokens,generated_tokens,bytes_in,bytes_out"
     );
     let acme: Vec<Vec<&str>> = lines
         .map(|line| line.split(',').collect::<Vec<_>>())
@@ -488,8 +492,8 @@ async fn usage_figures_equal_what_was_sent() {
         .collect();
     let column = |i: usize| -> u64 { acme.iter().map(|f| f[i].parse::<u64>().unwrap()).sum() };
     assert_eq!(column(2), 7, "{csv}");
-    assert_eq!(column(5), generated, "{csv}");
-    assert_eq!((column(6), column(7)), (sent, received), "{csv}");
+    assert_eq!((column(5), column(6)), (prompted, generated), "{csv}");
+    assert_eq!((column(7), column(8)), (sent, received), "{csv}");
     assert!(
         !csv.contains("\nglobex,"),
         "a call of no function is not billed:\n{csv}"

@@ -1,5 +1,6 @@
 //! What each tenant used, per hour, for chargeback: requests, the time its
-//! functions ran, model compute, generated tokens and bytes in and out.
+//! functions ran, model compute, prompt and generated tokens and bytes in
+//! and out.
 //!
 //! A node adds up its tenants' use in memory ([`Meter`]) and adds it to
 //! the store every [`FLUSH_EVERY`] (and when it stops); the store sums
@@ -33,6 +34,9 @@ pub struct Consumed {
     /// embeddings; text generation is counted in tokens).
     #[serde(default)]
     pub model_us: u64,
+    /// Prompt tokens its generations were given.
+    #[serde(default)]
+    pub prompt_tokens: u64,
     /// Tokens generated for it.
     #[serde(default)]
     pub generated_tokens: u64,
@@ -50,6 +54,7 @@ impl Consumed {
         self.requests += other.requests;
         self.compute_us += other.compute_us;
         self.model_us += other.model_us;
+        self.prompt_tokens += other.prompt_tokens;
         self.generated_tokens += other.generated_tokens;
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;

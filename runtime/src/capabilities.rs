@@ -46,6 +46,9 @@ pub trait ComputeBudget: Send + Sync + std::fmt::Debug {
     fn check_tokens(&self) -> Result<(), String>;
     /// Records generated tokens.
     fn charge_tokens(&self, tokens: u64);
+    /// Records the prompt tokens a generation was given (metered, not
+    /// capped).
+    fn charge_prompt_tokens(&self, tokens: u64);
 }
 
 /// Model permissions: those the tenant may see at all, and those this

@@ -159,17 +159,18 @@ pub(super) async fn usage(client: &Client, range: Range, csv: bool, as_json: boo
     let reply = client.api(Method::GET, &path, None).await?;
     print_or(as_json, &reply, || {
         let header = format!(
-            "{:<20} {:<20} {:>9} {:>10} {:>10} {:>8} {:>10} {:>10}",
-            "TENANT", "HOUR", "REQUESTS", "COMPUTE_S", "MODEL_S", "TOKENS", "IN", "OUT"
+            "{:<20} {:<20} {:>9} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10}",
+            "TENANT", "HOUR", "REQUESTS", "COMPUTE_S", "MODEL_S", "PROMPT", "TOKENS", "IN", "OUT"
         );
         table(&header, &reply["usage"], |row| {
             format!(
-                "{:<20} {:<20} {:>9} {:>10.3} {:>10.3} {:>8} {:>10} {:>10}",
+                "{:<20} {:<20} {:>9} {:>10.3} {:>10.3} {:>8} {:>8} {:>10} {:>10}",
                 row["tenant"].as_str().unwrap_or("?"),
                 row["hour"].as_str().unwrap_or("?"),
                 row["requests"],
                 row["compute_seconds"].as_f64().unwrap_or(0.0),
                 row["model_seconds"].as_f64().unwrap_or(0.0),
+                row["prompt_tokens"],
                 row["generated_tokens"],
                 size(row["bytes_in"].as_u64().unwrap_or(0)),
                 size(row["bytes_out"].as_u64().unwrap_or(0)),

@@ -315,6 +315,11 @@ impl ComputeBudget for TenantBudget {
         self.usage
             .record(&self.tenant, |used| used.generated_tokens += tokens);
     }
+
+    fn charge_prompt_tokens(&self, tokens: u64) {
+        self.usage
+            .record(&self.tenant, |used| used.prompt_tokens += tokens);
+    }
 }
 
 /// The semaphore in `slot`, sized `cap`. A changed cap resizes the same

@@ -267,6 +267,7 @@ fn usage_json(row: &UsageRow) -> serde_json::Value {
         "requests": used.requests,
         "compute_seconds": seconds(used.compute_us),
         "model_seconds": seconds(used.model_us),
+        "prompt_tokens": used.prompt_tokens,
         "generated_tokens": used.generated_tokens,
         "bytes_in": used.bytes_in,
         "bytes_out": used.bytes_out,
@@ -274,8 +275,7 @@ fn usage_json(row: &UsageRow) -> serde_json::Value {
 }
 
 /// The columns of the CSV export.
-pub const CSV_HEADER: &str =
-    "tenant,hour,requests,compute_seconds,model_seconds,generated_tokens,bytes_in,bytes_out";
+pub const CSV_HEADER: &str = "tenant,hour,requests,compute_seconds,model_seconds,prompt_tokens,generated_tokens,bytes_in,bytes_out";
 
 fn usage_csv(rows: &[UsageRow]) -> String {
     let mut csv = format!("{CSV_HEADER}\n");
@@ -284,12 +284,13 @@ fn usage_csv(rows: &[UsageRow]) -> String {
         // Tenant names are `a-z0-9-`: nothing to quote.
         let _ = writeln!(
             csv,
-            "{},{},{},{:.6},{:.6},{},{},{}",
+            "{},{},{},{:.6},{:.6},{},{},{},{}",
             row.tenant,
             rfc3339(row.hour),
             used.requests,
             seconds(used.compute_us),
             seconds(used.model_us),
+            used.prompt_tokens,
             used.generated_tokens,
             used.bytes_in,
             used.bytes_out
@@ -319,7 +320,7 @@ mod tests {
         assert_eq!(lines[0], CSV_HEADER);
         assert_eq!(
             lines[1],
-            "acme,2025-12-01T10:00:00Z,3,1.500000,0.000000,0,0,0"
+            "acme,2025-12-01T10:00:00Z,3,1.500000,0.000000,0,0,0,0"
         );
     }
 

@@ -605,12 +605,13 @@ impl Store for PostgresStore {
             let add = tx
                 .prepare(
                     "INSERT INTO usage (tenant, hour, requests, compute_us, model_us,
-                                        generated_tokens, bytes_in, bytes_out)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                                        prompt_tokens, generated_tokens, bytes_in, bytes_out)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                      ON CONFLICT (tenant, hour) DO UPDATE SET
                          requests = usage.requests + EXCLUDED.requests,
                          compute_us = usage.compute_us + EXCLUDED.compute_us,
                          model_us = usage.model_us + EXCLUDED.model_us,
+                         prompt_tokens = usage.prompt_tokens + EXCLUDED.prompt_tokens,
                          generated_tokens = usage.generated_tokens + EXCLUDED.generated_tokens,
                          bytes_in = usage.bytes_in + EXCLUDED.bytes_in,
                          bytes_out = usage.bytes_out + EXCLUDED.bytes_out",
@@ -624,6 +625,7 @@ impl Store for PostgresStore {
                     c.requests,
                     c.compute_us,
                     c.model_us,
+                    c.prompt_tokens,
                     c.generated_tokens,
                     c.bytes_in,
                     c.bytes_out,
@@ -640,6 +642,7 @@ impl Store for PostgresStore {
                         &figures[4],
                         &figures[5],
                         &figures[6],
+                        &figures[7],
                     ],
                 )
                 .await
@@ -658,8 +661,8 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT tenant, hour, requests, compute_us, model_us, generated_tokens,
-                        bytes_in, bytes_out
+                "SELECT tenant, hour, requests, compute_us, model_us, prompt_tokens,
+                        generated_tokens, bytes_in, bytes_out
                  FROM usage
                  WHERE ($1::text IS NULL OR tenant = $1) AND hour >= $2 AND hour < $3
                  ORDER BY tenant, hour",
@@ -678,9 +681,10 @@ impl Store for PostgresStore {
                         requests: figure(2),
                         compute_us: figure(3),
                         model_us: figure(4),
-                        generated_tokens: figure(5),
-                        bytes_in: figure(6),
-                        bytes_out: figure(7),
+                        prompt_tokens: figure(5),
+                        generated_tokens: figure(6),
+                        bytes_in: figure(7),
+                        bytes_out: figure(8),
                     },
                 }
             })

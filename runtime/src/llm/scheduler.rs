@@ -420,6 +420,9 @@ impl Scheduler<'_> {
                 stats
                     .prompt_tokens
                     .fetch_add(sequence.prompt.len() as u64, Ordering::Relaxed);
+                if let Some(budget) = &sequence.budget {
+                    budget.charge_prompt_tokens(sequence.prompt.len() as u64);
+                }
             }
             let token = sequence.sampler.sample(context, row);
             if vocab.is_eog(token) {

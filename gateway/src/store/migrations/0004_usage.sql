@@ -7,6 +7,7 @@ CREATE TABLE usage (
     requests         bigint NOT NULL DEFAULT 0,
     compute_us       bigint NOT NULL DEFAULT 0,
     model_us         bigint NOT NULL DEFAULT 0,
+    prompt_tokens    bigint NOT NULL DEFAULT 0,
     generated_tokens bigint NOT NULL DEFAULT 0,
     bytes_in         bigint NOT NULL DEFAULT 0,
     bytes_out        bigint NOT NULL DEFAULT 0,
