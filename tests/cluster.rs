@@ -837,4 +837,28 @@ async fn nodes_serving_https_reach_each_other_over_tls() {
             .await
             .contains("gigafactory_forwarded_requests_total{node=\"a\",outcome=\"ok\"}")
     );
+
+    // Billed once: the forwarded call is one request (C's), run on A.
+    a.stop();
+    c.stop();
+    let reader = node(&url, "reader", dirs[0].path(), None);
+    let usage = reader
+        .client(Some(&key))
+        .api(Method::GET, "/v1/usage", None)
+        .await
+        .unwrap();
+    let total = |field: &str| -> f64 {
+        usage["usage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row[field].as_f64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        total("requests"),
+        2.0,
+        "one call on A, one through C: {usage}"
+    );
+    assert!(total("compute_seconds") > 0.0, "{usage}");
 }

@@ -444,13 +444,32 @@ async fn usage_figures_equal_what_was_sent() {
     assert_eq!(call["span"]["model"], "all-minilm-l6-v2", "{call}");
     assert_eq!(call["ok"], true, "{call}");
 
-    // A call of a function that does not exist is not billed.
+    // A call of a function that does not exist is not billed, nor one
+    // its quota refuses.
     let others = server.client(Some(&other));
     let reply = others
         .send(Method::GET, "/fn/globex/nothing", None, &[])
         .await
         .unwrap();
     assert_eq!(reply.status, 404);
+    server
+        .set_quota(
+            "globex",
+            serde_json::json!({"requests_per_second": 0.01, "burst": 1}),
+        )
+        .await;
+    server
+        .deploy(&other, "echo", support::wasm("invoke_misbehave"))
+        .await;
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let reply = others
+            .send(Method::GET, "/fn/globex/echo/", None, &[])
+            .await
+            .unwrap();
+        statuses.push(reply.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 429]);
 
     // The tenant's own figures (summed over hours: the test may span two).
     let report = client.api(Method::GET, "/v1/usage", None).await.unwrap();
@@ -494,10 +513,12 @@ async fn usage_figures_equal_what_was_sent() {
     assert_eq!(column(2), 7, "{csv}");
     assert_eq!((column(5), column(6)), (prompted, generated), "{csv}");
     assert_eq!((column(7), column(8)), (sent, received), "{csv}");
-    assert!(
-        !csv.contains("\nglobex,"),
-        "a call of no function is not billed:\n{csv}"
-    );
+    let globex_requests: u64 = csv
+        .lines()
+        .filter(|line| line.starts_with("globex,"))
+        .map(|line| line.split(',').nth(2).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(globex_requests, 1, "only globex's call that ran:\n{csv}");
     server.stop();
 }
 

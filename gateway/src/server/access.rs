@@ -236,7 +236,9 @@ impl Drop for Ending {
         let bytes = self.bytes.load(Ordering::Relaxed);
         let cut = self.failed.load(Ordering::Relaxed);
         let received = self.received.load(Ordering::Relaxed);
-        if let Some(tenant) = billed {
+        // Not a request refused by the tenant's quota (429) or for want of
+        // capacity (503): those did no work for it.
+        if let Some(tenant) = billed.filter(|_| !matches!(self.status, 429 | 503)) {
             self.gateway.usage.record(&tenant, |used| {
                 used.requests += 1;
                 used.bytes_in += received;
