@@ -215,6 +215,66 @@ async fn a_flooding_tenant_gets_503s_and_another_tenant_is_always_served() {
         ),
         refused_by[1] as f64
     );
+
+    // The same numbers as JSON, for the console: distributions on every
+    // model, each tenant's calls for the operator only, each function's
+    // outcomes and latency for its tenant.
+    let batch_rows = &stats["batch_rows"];
+    assert_eq!(batch_rows["count"], stats["batches"], "{stats}");
+    let in_buckets: u64 = batch_rows["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(in_buckets, batch_rows["count"].as_u64().unwrap());
+    let wait = &stats["queue_wait_seconds"];
+    assert_eq!(wait["count"], stats["calls"], "{stats}");
+    assert!(
+        wait["p50"].as_f64().unwrap() <= wait["p99"].as_f64().unwrap(),
+        "{wait}"
+    );
+    assert!(
+        models["models"][0].get("tenants").is_none(),
+        "a tenant saw who else uses the model: {}",
+        models["models"][0]
+    );
+    let operator = server
+        .admin()
+        .api(Method::GET, "/v1/models", None)
+        .await
+        .unwrap();
+    let tenants = &operator["models"][0]["tenants"];
+    let calls = |tenant: &str| tenants[tenant]["calls"].as_u64().unwrap();
+    assert_eq!(calls("quiet"), 25, "{tenants}");
+    assert_eq!(
+        calls("quiet") + calls("flooder"),
+        stats["calls"].as_u64().unwrap(),
+        "{tenants}"
+    );
+    assert!(tenants["flooder"]["compute_seconds"].as_f64().unwrap() > 0.0);
+    let function = server
+        .client(Some(&flooder))
+        .api(Method::GET, "/v1/functions/unwrap", None)
+        .await
+        .unwrap();
+    let requests = &function["requests"];
+    assert_eq!(
+        requests["outcomes"]["model_busy"].as_u64(),
+        Some(refused_by[1]),
+        "{requests}"
+    );
+    let answered: u64 = requests["outcomes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        requests["latency_seconds"]["count"].as_u64(),
+        Some(answered),
+        "{requests}"
+    );
 }
 
 #[tokio::test]

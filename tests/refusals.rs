@@ -216,14 +216,29 @@ async fn authentication_failures_are_401_and_403() {
         403,
         "forbidden",
     );
-    assert_error(
-        &tenant
-            .send(Method::POST, "/v1/tenants/acme/keys", None, &[])
-            .await
-            .unwrap(),
-        403,
-        "forbidden",
-    );
+    // A tenant manages its own keys, and no other tenant's.
+    server.tenant("globex").await;
+    for (method, path) in [
+        (Method::POST, "/v1/tenants/globex/keys"),
+        (Method::GET, "/v1/tenants/globex/keys"),
+        (Method::DELETE, "/v1/tenants/globex/keys/gf_00000000"),
+    ] {
+        assert_error(
+            &tenant.send(method, path, None, &[]).await.unwrap(),
+            403,
+            "forbidden",
+        );
+    }
+    let own = tenant
+        .send(Method::POST, "/v1/tenants/acme/keys", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(own.status, 201, "{}", text(&own));
+    let listed = tenant
+        .send(Method::GET, "/v1/tenants/acme/keys", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(json(&listed)["keys"].as_array().unwrap().len(), 2);
 }
 
 #[tokio::test]

@@ -63,6 +63,61 @@ impl Histogram {
         f64::from_bits(self.sum.load(Ordering::Relaxed))
     }
 
+    /// The value below which the share `q` (0..=1) of the observations
+    /// fall, interpolated within its bucket as Prometheus'
+    /// `histogram_quantile` does (the last bound when it falls above it);
+    /// `None` before the first observation.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut below = 0;
+        for (index, &count) in counts.iter().enumerate() {
+            if count > 0 && (below + count) as f64 >= rank {
+                let Some(&upper) = self.bounds.get(index) else {
+                    break;
+                };
+                let lower = index.checked_sub(1).map_or(0.0, |i| self.bounds[i]);
+                let within = (rank - below as f64) / count as f64;
+                return Some(lower + (upper - lower) * within);
+            }
+            below += count;
+        }
+        self.bounds.last().copied()
+    }
+
+    /// Its state as `GET /v1/models` shows it: count, sum, median, 99th
+    /// percentile and the count in each bucket.
+    pub fn distribution(&self) -> Distribution {
+        let mut buckets: Vec<Bucket> = self
+            .bounds
+            .iter()
+            .zip(&self.counts)
+            .map(|(&bound, count)| Bucket {
+                le: Some(bound),
+                count: count.load(Ordering::Relaxed),
+            })
+            .collect();
+        buckets.push(Bucket {
+            le: None,
+            count: self.counts[self.bounds.len()].load(Ordering::Relaxed),
+        });
+        Distribution {
+            count: buckets.iter().map(|b| b.count).sum(),
+            sum: self.sum(),
+            p50: self.quantile(0.5),
+            p99: self.quantile(0.99),
+            buckets,
+        }
+    }
+
     /// Appends this histogram's series to `out`; `labels` is `key="value",…`
     /// (already escaped) or empty. The HELP/TYPE header is the caller's.
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
@@ -92,6 +147,30 @@ impl Histogram {
     }
 }
 
+/// A histogram as JSON readers (the console) want it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Distribution {
+    /// Observations.
+    pub count: u64,
+    /// Their sum.
+    pub sum: f64,
+    /// The median, estimated from the buckets (`null` with no observation).
+    pub p50: Option<f64>,
+    /// The 99th percentile, estimated likewise.
+    pub p99: Option<f64>,
+    /// Observations per bucket (not cumulative).
+    pub buckets: Vec<Bucket>,
+}
+
+/// One bucket of a [`Distribution`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Bucket {
+    /// Its upper bound (inclusive); `null` for the one above the last bound.
+    pub le: Option<f64>,
+    /// Observations in it, above the previous bound.
+    pub count: u64,
+}
+
 /// Appends a metric's HELP and TYPE lines.
 pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -108,6 +187,31 @@ pub fn label(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_their_bucket() {
+        let histogram = Histogram::new(BATCH_BUCKETS);
+        assert_eq!(histogram.quantile(0.5), None);
+        // Two of four in (0, 1], two in (2, 4].
+        for rows in [1.0, 1.0, 3.0, 4.0] {
+            histogram.observe(rows);
+        }
+        assert_eq!(histogram.quantile(0.25), Some(0.5));
+        assert_eq!(histogram.quantile(0.5), Some(1.0));
+        assert_eq!(histogram.quantile(1.0), Some(4.0));
+        histogram.observe(1000.0);
+        assert_eq!(
+            histogram.quantile(1.0),
+            Some(128.0),
+            "the last bound past it"
+        );
+        let distribution = histogram.distribution();
+        assert_eq!(distribution.count, 5);
+        assert_eq!(distribution.sum, 1009.0);
+        let counts: Vec<u64> = distribution.buckets.iter().map(|b| b.count).collect();
+        assert_eq!(counts, [2, 0, 2, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(distribution.buckets.last().unwrap().le, None);
+    }
 
     #[test]
     fn buckets_are_cumulative_and_sum_adds_up() {

@@ -84,7 +84,7 @@ impl Gateway {
         headers: &HeaderMap,
         tenant: &str,
     ) -> Result<Response, ApiError> {
-        self.require_admin(headers).await?;
+        self.require_admin_or(headers, tenant).await?;
         self.tenant_record(tenant).await?;
         let keys: Vec<_> = self
             .store
@@ -102,7 +102,7 @@ impl Gateway {
         tenant: &str,
         id: &str,
     ) -> Result<Response, ApiError> {
-        self.require_admin(headers).await?;
+        self.require_admin_or(headers, tenant).await?;
         check_name("tenant", tenant)?;
         self.store.revoke_key(tenant, id).await?;
         tracing::info!(%tenant, %id, "API key revoked");
@@ -176,7 +176,7 @@ impl Gateway {
         headers: &HeaderMap,
         tenant: &str,
     ) -> Result<Response, ApiError> {
-        self.require_admin(headers).await?;
+        self.require_admin_or(headers, tenant).await?;
         check_name("tenant", tenant)?;
         let key = auth::generate(auth::KEY_PREFIX)?;
         let record = self
@@ -203,7 +203,11 @@ impl Gateway {
             .functions(&tenant)
             .await?
             .iter()
-            .map(function_json)
+            .map(|function| {
+                let mut body = function_json(function);
+                body["requests"] = self.metrics.function_requests(&tenant, &function.name);
+                body
+            })
             .collect();
         Ok(json(
             StatusCode::OK,
@@ -219,6 +223,7 @@ impl Gateway {
         let tenant = self.require_tenant(headers).await?;
         let function = self.find_function(&tenant, name).await?;
         let mut body = function_json(&function);
+        body["requests"] = self.metrics.function_requests(&tenant, name);
         // Found in the binary: an HTTP handler, a command, a WAGI module.
         let kind = self.runnable(function.active_version()).await?.kind();
         body["kind"] = kind.as_str().into();
@@ -283,12 +288,24 @@ impl Gateway {
                 None => visible.contains(&m.name),
             });
         }
+        let mut listed = serde_json::to_value(&models).map_err(anyhow::Error::from)?;
+        if tenant.is_none() {
+            // Who uses what: the operator's to see, not another tenant's.
+            let mut used = self.runtime.models().tenant_use();
+            for (model, entry) in models
+                .iter()
+                .zip(listed.as_array_mut().into_iter().flatten())
+            {
+                let tenants = used.remove(&model.key()).unwrap_or_default();
+                entry["tenants"] = serde_json::to_value(tenants).map_err(anyhow::Error::from)?;
+            }
+        }
         // OpenAI's list shape too (`object`, `data`), for clients given
         // `http://host:port/v1` as their base URL.
         let data = self.openai_entries(tenant.as_deref()).await?;
         Ok(json(
             StatusCode::OK,
-            serde_json::json!({ "models": models, "object": "list", "data": data }),
+            serde_json::json!({ "models": listed, "object": "list", "data": data }),
         ))
     }
 

@@ -113,6 +113,26 @@ impl Metrics {
         latency.retain(|(t, f), _| keep(t, f));
     }
 
+    /// One function's requests on this node since it started: counts by
+    /// outcome (`ok` or the error code) and the time to the response head.
+    pub fn function_requests(&self, tenant: &str, function: &str) -> serde_json::Value {
+        let outcomes: BTreeMap<&str, u64> = self
+            .outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((t, f, _), _)| t == tenant && f == function)
+            .map(|((_, _, outcome), count)| (*outcome, *count))
+            .collect();
+        let latency = self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(tenant.to_string(), function.to_string()))
+            .map(|histogram| histogram.distribution());
+        serde_json::json!({ "outcomes": outcomes, "latency_seconds": latency })
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, runtime: &Counters, models: &ModelPool, loaded: usize) -> String {
         let mut text = prometheus::TextEncoder::new()

@@ -8,6 +8,7 @@ mod admission;
 mod bodies;
 mod cluster;
 mod connections;
+mod console;
 mod control;
 mod error;
 mod files;

@@ -261,6 +261,14 @@ impl Gateway {
         let mut router =
             Router::new()
                 .route("/healthz", get(healthz))
+                .route("/console", get(super::console::root))
+                .route("/console/", get(|| super::console::file(None)))
+                .route(
+                    "/console/{file}",
+                    get(|Params(file): Params<String>| async move {
+                        super::console::file(Some(&file)).await
+                    }),
+                )
                 .route(
                     "/readyz",
                     get(|State(gw): Shared| async move { gw.readiness().await }),
@@ -341,6 +349,21 @@ impl Gateway {
         match self.authenticate(headers).await? {
             Principal::Admin => Ok(()),
             Principal::Tenant(_) => Err(ApiError::forbidden("this needs the admin token")),
+        }
+    }
+
+    /// The operator, or a key of `tenant` itself (a tenant manages its own keys).
+    pub(super) async fn require_admin_or(
+        &self,
+        headers: &HeaderMap,
+        tenant: &str,
+    ) -> Result<(), ApiError> {
+        match self.authenticate(headers).await? {
+            Principal::Admin => Ok(()),
+            Principal::Tenant(own) if own == tenant => Ok(()),
+            Principal::Tenant(_) => Err(ApiError::forbidden(
+                "a key may manage only the keys of its own tenant",
+            )),
         }
     }
 

@@ -44,9 +44,23 @@ pub use graph::{Graph, TensorSpec};
 pub use inspect::{Hints, adapter_config, format_of, generate as generate_config};
 pub use limits::{InputLimits, ShapeCaps};
 pub use repository::{ModelInfo, PoolGraph};
-pub use stats::{ModelStats, StatsSnapshot};
+pub use stats::{ModelStats, StatsSnapshot, TenantCalls};
 pub use tenant::TenantGraphStats;
 pub use tensor::{ElementType, HostTensor};
+
+/// What one tenant used of one model ([`ModelPool::tenant_use`]).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct TenantUse {
+    /// A tensor model's calls and compute seconds.
+    #[serde(flatten)]
+    pub calls: Option<TenantCalls>,
+    /// A text model's prompt tokens (ended generations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u64>,
+    /// A text model's generated tokens (ended generations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generated_tokens: Option<u64>,
+}
 
 /// An outcome and the run time to charge for it, spent whether it
 /// succeeded or not.
@@ -989,6 +1003,41 @@ impl ModelPool {
     /// One model by key, with its state.
     pub fn info(&self, key: &str) -> Option<ModelInfo> {
         self.model(key).map(|m| m.info())
+    }
+
+    /// Per model (by key), what each tenant used of it: tensor models'
+    /// calls and compute seconds, text models' tokens of ended
+    /// generations. For the operator only.
+    pub fn tenant_use(&self) -> BTreeMap<String, BTreeMap<String, TenantUse>> {
+        let catalog: Vec<(String, Arc<RepositoryModel>)> = self
+            .catalog()
+            .iter()
+            .map(|(key, model)| (key.clone(), model.clone()))
+            .collect();
+        let mut all = BTreeMap::new();
+        for (key, model) in catalog {
+            let mut tenants: BTreeMap<String, TenantUse> = model
+                .stats
+                .tenants()
+                .into_iter()
+                .map(|(tenant, calls)| {
+                    let used = TenantUse {
+                        calls: Some(calls),
+                        ..TenantUse::default()
+                    };
+                    (tenant, used)
+                })
+                .collect();
+            if let Some(Resident::Text(text)) = model.resident() {
+                for (tenant, prompt, generated) in text.stats().tenant_tokens() {
+                    let used = tenants.entry(tenant.to_string()).or_default();
+                    used.prompt_tokens = Some(prompt);
+                    used.generated_tokens = Some(generated);
+                }
+            }
+            all.insert(key, tenants);
+        }
+        all
     }
 
     /// Appends the pool's Prometheus series: per model calls, rejections,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::stats::{BATCH_BUCKETS, Histogram, LATENCY_BUCKETS, header, label};
+use crate::stats::{BATCH_BUCKETS, Distribution, Histogram, LATENCY_BUCKETS, header, label};
 
 /// One model's counters, shared by its batcher and the pool.
 #[derive(Debug)]
@@ -21,7 +21,16 @@ pub struct ModelStats {
     batch_rows: Histogram,
     queue_wait: Histogram,
     compute: Histogram,
-    tenant_seconds: Mutex<BTreeMap<String, f64>>,
+    tenant_seconds: Mutex<BTreeMap<String, TenantCalls>>,
+}
+
+/// What one tenant's calls took of a model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct TenantCalls {
+    /// Calls answered.
+    pub calls: u64,
+    /// Compute seconds charged (its share of each batch).
+    pub compute_seconds: f64,
 }
 
 impl Default for ModelStats {
@@ -62,6 +71,10 @@ pub struct StatsSnapshot {
     pub compute_seconds: f64,
     /// Calls waiting right now.
     pub queued: usize,
+    /// Rows per backend run.
+    pub batch_rows: Distribution,
+    /// Time calls waited before their batch ran, in seconds.
+    pub queue_wait_seconds: Distribution,
 }
 
 impl ModelStats {
@@ -99,7 +112,9 @@ impl ModelStats {
             .tenant_seconds
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        *seconds.entry(tenant.to_string()).or_default() += spent.as_secs_f64();
+        let used = seconds.entry(tenant.to_string()).or_default();
+        used.calls += 1;
+        used.compute_seconds += spent.as_secs_f64();
     }
 
     /// Forgets a deleted tenant's compute seconds.
@@ -128,7 +143,18 @@ impl ModelStats {
             },
             compute_seconds: self.compute.sum(),
             queued,
+            batch_rows: self.batch_rows.distribution(),
+            queue_wait_seconds: self.queue_wait.distribution(),
         }
+    }
+
+    /// Each tenant's calls and compute seconds (the operator's view only:
+    /// one tenant's use is not another's to see).
+    pub fn tenants(&self) -> BTreeMap<String, TenantCalls> {
+        self.tenant_seconds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -222,7 +248,8 @@ pub fn render(out: &mut String, models: &[(&str, &ModelStats, usize)]) {
             .tenant_seconds
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        for (tenant, spent) in seconds.iter() {
+        for (tenant, used) in seconds.iter() {
+            let spent = used.compute_seconds;
             out.push_str(&format!(
                 "gigafactory_model_tenant_compute_seconds_total{{model=\"{}\",tenant=\"{}\"}} {spent}\n",
                 label(model),
