@@ -86,6 +86,9 @@ async fn tenants_and_the_operator_use_the_console_in_a_browser() {
     let files = tempfile::tempdir().unwrap();
     let hello = files.path().join("hello.wasm");
     std::fs::write(&hello, wasm("hello")).unwrap();
+    // The same function as a CGI command: a second version of another kind.
+    let second = files.path().join("hello-cgi.wasm");
+    std::fs::write(&second, wasm("hello-cgi")).unwrap();
     // GIGAFACTORY_CONSOLE_SHOTS=docs regenerates the README's screenshots.
     let shots = match std::env::var("GIGAFACTORY_CONSOLE_SHOTS") {
         Ok(dir) => root().join(dir),
@@ -104,6 +107,7 @@ async fn tenants_and_the_operator_use_the_console_in_a_browser() {
                 .env("GIGAFACTORY_KEY", &acme)
                 .env("GIGAFACTORY_OTHER", "globex")
                 .env("GIGAFACTORY_HELLO", &hello)
+                .env("GIGAFACTORY_SECOND", &second)
                 .env("GIGAFACTORY_CHROMIUM", &chromium)
                 .env("GIGAFACTORY_SHOTS", &shots)
                 .output()
@@ -162,6 +166,20 @@ async fn tenants_and_the_operator_use_the_console_in_a_browser() {
     assert_eq!(
         (&row[0], &row[5], &row[6]),
         (&"hello".into(), &"1".into(), &"0".into()),
+        "{report:#}"
+    );
+    assert_eq!(seen("second"), "Deployed hello version 2.");
+    assert_eq!(seen("kind_v2"), "command");
+    assert_eq!(seen("kind_rolled_back"), "http");
+    assert_eq!(
+        seen("versions_after_rollback"),
+        serde_json::json!(["v2 Roll forward", "v1 Active"])
+    );
+    assert!(
+        report["embedding"]
+            .as_str()
+            .unwrap()
+            .starts_with("384 dimensions · "),
         "{report:#}"
     );
     let answer = report["chat_answer"].as_str().unwrap();

@@ -89,49 +89,32 @@ function deployForm(deployed) {
 /** `#/functions/NAME`. */
 export async function detail(page, { params: [name] }) {
   const path = `/v1/functions/${encodeURIComponent(name)}`;
-  const fn = await api('GET', path);
+  const about = h('div');
   const versions = h('div');
-  const showVersions = (current) => {
-    versions.replaceChildren(
-      table(
-        ['Version', 'Deployed', 'Size', 'sha256', ''],
-        current.versions
-          .slice()
-          .reverse()
-          .map((v) => [
-            `v${v.number}`,
-            when(v.deployed_at),
-            bytes(v.size),
-            h('code', { title: v.sha256 }, v.sha256.slice(0, 12)),
-            v.number === current.active_version
-              ? h('strong', { class: 'ok' }, 'Active')
-              : button(
-                  v.number < current.active_version ? 'Roll back' : 'Activate',
-                  async () => showVersions(await api('PUT', `${path}/active`, { body: { version: v.number } })),
-                  { quiet: true, label: `Activate version ${v.number}` },
-                ),
-          ]),
-        { label: 'Versions' },
-      ),
+  const requests = h('div');
+  // Everything that changes with a rollback or a request, from the API.
+  const show = (fn) => {
+    about.replaceChildren(
+      h('dl', { class: 'facts' }, h('dt', {}, 'Kind'), h('dd', { 'data-kind': '' }, fn.kind), h('dt', {}, 'URL'), h('dd', {}, h('code', {}, fn.url))),
+      h('h2', {}, 'Manifest'),
+      h('pre', { class: 'light' }, JSON.stringify(fn.manifest, null, 2)),
     );
+    versions.replaceChildren(versionTable(fn, async (number) => {
+      await api('PUT', `${path}/active`, { body: { version: number } });
+      show(await api('GET', path));
+    }));
+    requests.replaceChildren(outcomes(fn.requests));
   };
-  showVersions(fn);
-  const requests = h('div', {}, outcomes(fn.requests));
-  const counted = async () => requests.replaceChildren(outcomes((await api('GET', path)).requests));
+  const fn = await api('GET', path);
+  show(fn);
   const logs = follow(name);
   page.append(
     h('p', {}, h('a', { href: '#/functions' }, '← Functions')),
     h('h1', {}, name),
-    h(
-      'section',
-      {},
-      h('dl', { class: 'facts' }, h('dt', {}, 'Kind'), h('dd', {}, fn.kind), h('dt', {}, 'URL'), h('dd', {}, h('code', {}, fn.url))),
-      h('h2', {}, 'Manifest'),
-      h('pre', { class: 'light' }, JSON.stringify(fn.manifest, null, 2)),
-    ),
+    h('section', {}, about),
     h('section', {}, h('h2', {}, 'Versions'), versions),
     h('section', {}, h('h2', {}, 'Requests since this node started'), requests),
-    h('section', {}, h('h2', {}, 'Invoke'), invoker(fn, counted)),
+    h('section', {}, h('h2', {}, 'Invoke'), invoker(fn, async () => show(await api('GET', path)))),
     h('section', {}, h('h2', {}, 'Log (live)'), logs.element),
     h(
       'section',
@@ -146,6 +129,29 @@ export async function detail(page, { params: [name] }) {
   return logs.stop;
 }
 
+/** The versions, newest first; `activate(number)` sends requests to another. */
+function versionTable(fn, activate) {
+  return table(
+    ['Version', 'Deployed', 'Size', 'sha256', ''],
+    fn.versions
+      .slice()
+      .reverse()
+      .map((v) => [
+        `v${v.number}`,
+        when(v.deployed_at),
+        bytes(v.size),
+        h('code', { title: v.sha256 }, v.sha256.slice(0, 12)),
+        v.number === fn.active_version
+          ? h('strong', { class: 'ok' }, 'Active')
+          : button(v.number < fn.active_version ? 'Roll back' : 'Roll forward', () => activate(v.number), {
+              quiet: true,
+              label: `Activate version ${v.number}`,
+            }),
+      ]),
+    { label: 'Versions' },
+  );
+}
+
 /** Requests by outcome as bars, with the latency percentiles. */
 function outcomes(requests) {
   const counts = Object.entries((requests && requests.outcomes) || {});
@@ -154,7 +160,7 @@ function outcomes(requests) {
   return h(
     'div',
     {},
-    h('p', {}, `${total} requests, ${failed} failed · latency p50 / p99 ${latency}`),
+    h('p', {}, `${total} request${total === '1' ? '' : 's'}, ${failed} failed · latency p50 / p99 ${latency}`),
     bars('Requests by outcome', counts.map(([label, value]) => ({ label, value }))),
   );
 }

@@ -3,7 +3,8 @@
 // check. Run by that test, which starts the server and passes:
 //   GIGAFACTORY_URL, GIGAFACTORY_ADMIN, GIGAFACTORY_KEY (tenant acme),
 //   GIGAFACTORY_OTHER (another tenant, whose name must never reach acme's
-//   pages), GIGAFACTORY_HELLO (hello.wasm), GIGAFACTORY_CHROMIUM,
+//   pages), GIGAFACTORY_HELLO (hello.wasm), GIGAFACTORY_SECOND (another
+//   build of hello, deployed as its second version), GIGAFACTORY_CHROMIUM,
 //   GIGAFACTORY_SHOTS (where screenshots go).
 
 import { chromium } from 'playwright-core';
@@ -18,6 +19,7 @@ const ADMIN = env('GIGAFACTORY_ADMIN');
 const KEY = env('GIGAFACTORY_KEY');
 const OTHER = env('GIGAFACTORY_OTHER');
 const HELLO = env('GIGAFACTORY_HELLO');
+const SECOND = env('GIGAFACTORY_SECOND');
 const SHOTS = env('GIGAFACTORY_SHOTS');
 const MODEL = 'smollm2-135m-instruct';
 
@@ -95,6 +97,23 @@ async function run(browser) {
   await page.getByRole('table', { name: 'Functions' }).waitFor();
   report.functions_row = await page.getByRole('table', { name: 'Functions' }).locator('tbody tr').first().locator('td').allTextContents();
 
+  step('deploys a second version and rolls back to the first');
+  await page.locator('#deploy-file').setInputFiles(SECOND);
+  await page.getByLabel('Name').fill('hello');
+  await page.getByRole('button', { name: 'Deploy' }).click();
+  report.second = await page.getByText('Deployed hello version 2.').textContent();
+  await page.getByRole('link', { name: 'hello', exact: true }).click();
+  const kind = page.locator('[data-kind]');
+  await kind.waitFor();
+  report.kind_v2 = await kind.textContent();
+  await page.getByRole('button', { name: 'Activate version 1' }).click();
+  await page.getByRole('button', { name: 'Activate version 2' }).waitFor();
+  report.kind_rolled_back = await kind.textContent();
+  report.versions_after_rollback = await page
+    .getByRole('table', { name: 'Versions' })
+    .locator('tbody tr')
+    .evaluateAll((rows) => rows.map((row) => row.cells[0].textContent + ' ' + row.cells[4].textContent));
+
   step('chats in the playground and sees the tokens stream');
   await page.getByRole('link', { name: 'Playground' }).click();
   await page.getByLabel('System prompt').fill('You are a helpful assistant.');
@@ -115,6 +134,11 @@ async function run(browser) {
   report.chat_answer = await page.locator('.assistant').textContent();
   report.chat_appended = await page.evaluate(() => window.appended);
   report.chat_stats = await page.getByText(/finish_reason \w+/).textContent();
+  await page.getByLabel('Input').fill('A man is playing a guitar.');
+  await page.getByRole('button', { name: 'Embed' }).click();
+  const embedding = page.getByLabel('Embedding');
+  await embedding.filter({ hasText: 'dimensions' }).waitFor();
+  report.embedding = await embedding.textContent();
   await page.screenshot({ path: `${SHOTS}/console-playground.png`, fullPage: true });
 
   step('creates a key, sees it work, revokes it and sees it fail');
