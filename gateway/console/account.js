@@ -1,9 +1,9 @@
 // A tenant's keys (create — shown once —, list, revoke) and usage over
 // time; the operator's usage of every tenant.
 
-import { api, request, session } from './api.js';
+import { answer, api, request, session } from './api.js';
 import { bars } from './charts.js';
-import { bytes, button, field, h, millis, number, table, when } from './dom.js';
+import { bytes, button, field, h, millis, number, showError, table, when } from './dom.js';
 
 /** `#/keys`: the signed-in tenant's keys. */
 export async function keys(page, { who }) {
@@ -33,6 +33,12 @@ export async function keySection(tenant) {
               const warning = own(key.id) ? ' This session signs in with it and will end.' : '';
               if (!confirm(`Revoke ${key.id}…? Requests with it will fail at once.${warning}`)) return;
               await api('DELETE', `${path}/${encodeURIComponent(key.id)}`);
+              if (own(key.id)) {
+                // This session's key is gone: so is the session.
+                session.clear();
+                location.reload();
+                return;
+              }
               created.replaceChildren(h('p', { class: 'ok' }, `Revoked ${key.id}…`));
               await refresh();
             }, { quiet: true, label: `Revoke ${key.id}` })),
@@ -63,25 +69,30 @@ const RANGES = [
 export async function usage(page, { who }) {
   const range = h('select', { name: 'range' }, RANGES.map(([hours, text]) => h('option', { value: hours }, text)));
   const tenant = h('input', { name: 'tenant', placeholder: 'every tenant', spellcheck: 'false' });
-  const body = h('div', { 'aria-live': 'polite' });
+  const body = h('div');
   const query = () => {
     const since = Math.floor(Date.now() / 1000) - (Number(range.value) - 1) * 3600;
     const params = new URLSearchParams({ since: String(since) });
     if (who.role === 'admin' && tenant.value.trim()) params.set('tenant', tenant.value.trim());
     return params;
   };
+  // Only the latest of overlapping refreshes (a change and the timer) shows.
+  let asked = 0;
   const refresh = async () => {
+    const mine = ++asked;
+    const hours = Number(range.value);
     const report = await api('GET', `/v1/usage?${query()}`);
-    const sections = charts(report, Number(range.value));
+    const sections = charts(report, hours);
     if (who.role !== 'admin') sections.push(outcomes((await api('GET', '/v1/functions')).functions));
-    body.replaceChildren(...sections);
+    if (mine === asked) body.replaceChildren(...sections);
   };
-  range.addEventListener('change', refresh);
-  tenant.addEventListener('change', refresh);
+  range.addEventListener('change', () => refresh().catch(showError));
+  tenant.addEventListener('change', () => refresh().catch(showError));
   const csv = button('Export CSV', async () => {
     const params = query();
     params.set('format', 'csv');
     const response = await request('GET', `/v1/usage?${params}`);
+    if (!response.ok) await answer(response);
     const link = h('a', { href: URL.createObjectURL(await response.blob()), download: 'usage.csv' });
     link.click();
     URL.revokeObjectURL(link.href);

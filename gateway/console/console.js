@@ -58,7 +58,7 @@ async function route() {
     return;
   }
   const views = who.role === 'admin' ? OPERATOR_VIEWS : TENANT_VIEWS;
-  const [name, ...rest] = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
+  const [name, ...rest] = routeParts();
   const view = views.find(([id]) => id === name);
   if (!view) {
     location.replace(`#/${views[0][0]}`);
@@ -71,10 +71,21 @@ async function route() {
     if (render === renders) leave = stop || null;
     else if (stop) stop();
   } catch (error) {
+    // A render overtaken by another says nothing.
+    if (render !== renders) return;
     if (error.status === 401) signout();
     showError(error);
   }
-  document.getElementById('view').focus({ preventScroll: true });
+  if (render === renders) document.getElementById('view').focus({ preventScroll: true });
+}
+
+/** The hash's parts (`#/functions/hello` → functions, hello); none when it does not decode. */
+function routeParts() {
+  try {
+    return location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
+  } catch {
+    return [];
+  }
 }
 
 function header() {

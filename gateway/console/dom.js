@@ -47,9 +47,13 @@ export function table(headers, rows, { empty = 'None yet.', label } = {}) {
   );
 }
 
+/** Fields made so far: each control gets an id of its own. */
+let fields = 0;
+
 /** A labelled form field; `control` is the input, select or textarea. */
 export function field(label, control, hint) {
-  const id = control.id || `field-${label.toLowerCase().replace(/[^a-z0-9]+/g, '-')}`;
+  fields += 1;
+  const id = control.id || `field-${fields}`;
   control.id = id;
   return h('div', { class: 'field' }, h('label', { for: id }, label), control, hint && h('small', { class: 'muted' }, hint));
 }

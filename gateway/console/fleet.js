@@ -16,13 +16,13 @@ export async function models(page, { who }) {
   const refresh = async () => {
     const { models } = await api('GET', '/v1/models');
     for (const m of models) {
-      const series = depths.get(m.name) || [];
+      const series = depths.get(key(m)) || [];
       series.push(queued(m));
       if (series.length > HISTORY) series.shift();
-      depths.set(m.name, series);
+      depths.set(key(m), series);
     }
     body.replaceChildren(
-      ...(models.length ? models.map((m) => card(m, depths.get(m.name), who.role === 'admin')) : [h('p', { class: 'muted' }, 'No models.')]),
+      ...(models.length ? models.map((m) => card(m, depths.get(key(m)), who.role === 'admin')) : [h('p', { class: 'muted' }, 'No models.')]),
     );
   };
   page.append(h('h1', {}, 'Models'), h('p', { class: 'muted' }, 'Refreshed every second.'), body);
@@ -30,12 +30,20 @@ export async function models(page, { who }) {
   return every(1000, refresh);
 }
 
+/** A model's key: its name, `tenant/name` when private (two tenants may both have a `mine`). */
+function key(m) {
+  return m.owner ? `${m.owner}/${m.name}` : m.name;
+}
+
 /** One model: what it is, where it runs, and what it is doing. */
 function card(m, depths, operator) {
   const stat = (label, value) => h('div', { class: 'stat' }, h('span', {}, label), h('strong', {}, value));
   const text = m.generation;
-  const stats = [
-    stat('Queued', h('span', {}, h('span', { 'data-queued': m.name }, number(queued(m))), ' ', sparkline(depths, `${m.name} queue depth, last minute`))),
+  const depth = stat('Queued', h('span', {}, h('span', { 'data-queued': key(m) }, number(queued(m))), ' ', sparkline(depths, `${key(m)} queue depth, last minute`)));
+  // A text model shows its counters while it is loaded.
+  const unloadedText = !text && m.task === 'text-generation';
+  const stats = unloadedText ? [depth, stat('Generations', 'not loaded')] : [
+    depth,
     text ? stat('Generating', `${number(text.active)} of ${number(text.config.max_sequences)}`) : null,
     stat(text ? 'Generations' : 'Calls', number(text ? text.started : m.stats.calls)),
     text ? stat('Tokens', `${number(text.prompt_tokens)} in · ${number(text.completion_tokens)} out`) : null,
@@ -43,8 +51,8 @@ function card(m, depths, operator) {
     text ? null : stat('Rows per batch', h('span', {}, number(m.stats.mean_batch_rows, 2), ' ', histogram(m.stats.batch_rows, `${m.name} rows per batch`))),
     text ? null : stat('Queue wait p50 / p99', `${millis(m.stats.queue_wait_seconds.p50)} / ${millis(m.stats.queue_wait_seconds.p99)}`),
     stat('Refused', number(text ? text.rejected : m.stats.rejected)),
-    operator ? stat('By tenant', h('span', { 'data-tenants': m.name, class: 'lines' }, byTenant(m.tenants || {}))) : null,
   ];
+  if (operator) stats.push(stat('By tenant', h('span', { 'data-tenants': key(m), class: 'lines' }, byTenant(m.tenants || {}))));
   return h(
     'section',
     { class: 'model', 'aria-label': m.name },

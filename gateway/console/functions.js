@@ -107,15 +107,17 @@ export async function detail(page, { params: [name] }) {
   };
   const fn = await api('GET', path);
   show(fn);
-  const logs = follow(name);
+  // Stops the log and a response still streaming when the view is left.
+  const left = new AbortController();
+  const log = follow(name, left.signal);
   page.append(
     h('p', {}, h('a', { href: '#/functions' }, '← Functions')),
     h('h1', {}, name),
     h('section', {}, about),
     h('section', {}, h('h2', {}, 'Versions'), versions),
     h('section', {}, h('h2', {}, 'Requests since this node started'), requests),
-    h('section', {}, h('h2', {}, 'Invoke'), invoker(fn, async () => show(await api('GET', path)))),
-    h('section', {}, h('h2', {}, 'Log (live)'), logs.element),
+    h('section', {}, h('h2', {}, 'Invoke'), invoker(fn, left.signal, async () => show(await api('GET', path)))),
+    h('section', {}, h('h2', {}, 'Log (live)'), log),
     h(
       'section',
       {},
@@ -126,7 +128,7 @@ export async function detail(page, { params: [name] }) {
       }, { quiet: true }),
     ),
   );
-  return logs.stop;
+  return () => left.abort();
 }
 
 /** The versions, newest first; `activate(number)` sends requests to another. */
@@ -166,7 +168,7 @@ function outcomes(requests) {
 }
 
 /** The invoke playground: any method, path, headers and body; the answer streamed. */
-function invoker(fn, answered) {
+function invoker(fn, signal, answered) {
   const method = h('select', { name: 'method' }, ['GET', 'POST', 'PUT', 'DELETE', 'PATCH'].map((m) => h('option', {}, m)));
   const path = h('input', { name: 'path', value: '/', spellcheck: 'false' });
   const headers = h('textarea', { name: 'headers', rows: 2, spellcheck: 'false', placeholder: 'content-type: application/json' });
@@ -187,6 +189,7 @@ function invoker(fn, answered) {
     const response = await request(method.value, fn.url + suffix, {
       headers: extra,
       body: withBody ? body.value : undefined,
+      signal,
     });
     status.textContent = `${response.status} ${response.statusText} · ${response.headers.get('content-type') || 'no content type'}`;
     await readText(response, (text) => output.append(text));
@@ -205,14 +208,11 @@ function invoker(fn, answered) {
   );
 }
 
-/** The function's log: recent lines, then each new one as it is written. */
-function follow(name) {
+/** The function's log: recent lines, then each new one as it is written, until `signal`. */
+function follow(name, signal) {
   const element = h('pre', { class: 'log', 'aria-label': 'Function log', 'aria-live': 'polite' });
-  const stopped = new AbortController();
   (async () => {
-    const response = await request('GET', `/v1/functions/${encodeURIComponent(name)}/logs?follow=true`, {
-      signal: stopped.signal,
-    });
+    const response = await request('GET', `/v1/functions/${encodeURIComponent(name)}/logs?follow=true`, { signal });
     if (!response.ok) await answer(response);
     await readLines(response, (text) => {
       if (!text) return;
@@ -223,7 +223,7 @@ function follow(name) {
     });
     element.append(h('span', { class: 'platform' }, '— the log stream ended —\n'));
   })().catch((error) => {
-    if (!stopped.signal.aborted) showError(error);
+    if (!signal.aborted) showError(error);
   });
-  return { element, stop: () => stopped.abort() };
+  return element;
 }

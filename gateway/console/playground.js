@@ -1,20 +1,23 @@
 // The chat and embeddings playground on the OpenAI-compatible API, each
 // request also written as the curl and Python lines that send it.
 
-import { api, answer, readLines, request } from './api.js';
+import { ApiError, api, answer, readLines, request } from './api.js';
 import { button, field, h, number } from './dom.js';
 
 /** `#/playground`. */
 export async function view(page) {
   const { models } = await api('GET', '/v1/models');
+  // Stops an answer still streaming when the view is left (its generation ends too).
+  const left = new AbortController();
   const usable = models.filter((m) => m.state !== 'failed');
   const text = usable.filter((m) => m.generation || m.task === 'text-generation');
   const vectors = usable.filter((m) => m.task === 'embedding' || m.task === 'embeddings' || m.task === 'feature-extraction');
   page.append(h('h1', {}, 'Playground'));
-  page.append(h('section', {}, h('h2', {}, 'Chat'), text.length ? chat(text) : h('p', { class: 'muted' }, 'No text model is available to this tenant.')));
+  page.append(h('section', {}, h('h2', {}, 'Chat'), text.length ? chat(text, left.signal) : h('p', { class: 'muted' }, 'No text model is available to this tenant.')));
   page.append(
     h('section', {}, h('h2', {}, 'Embeddings'), vectors.length ? embeddings(vectors) : h('p', { class: 'muted' }, 'No embedding model is available to this tenant.')),
   );
+  return () => left.abort();
 }
 
 function modelSelect(models, name) {
@@ -22,7 +25,7 @@ function modelSelect(models, name) {
 }
 
 /** A chat: system prompt, the conversation so far, parameters; answers streamed. */
-function chat(models) {
+function chat(models, signal) {
   const model = modelSelect(models, 'chat-model');
   const system = h('textarea', { name: 'system', rows: 2, placeholder: 'You are a helpful assistant.' });
   const message = h('textarea', { name: 'message', rows: 3, required: true });
@@ -60,7 +63,7 @@ function chat(models) {
     const reply = h('span', { class: 'assistant' });
     transcript.append(h('p', { class: 'user' }, h('strong', {}, 'You: '), message.value), h('p', {}, h('strong', {}, 'Assistant: '), reply));
     const started = performance.now();
-    const response = await request('POST', '/v1/chat/completions', { body: asked });
+    const response = await request('POST', '/v1/chat/completions', { body: asked, signal });
     if (!response.ok) await answer(response);
     let chunks = 0;
     let first = null;
@@ -70,6 +73,8 @@ function chat(models) {
       await readLines(response, (line) => {
         if (!line.startsWith('data: ') || line === 'data: [DONE]') return;
         const chunk = JSON.parse(line.slice(6));
+        // A stream that fails after it began ends with an error event.
+        if (chunk.error) throw new ApiError(response.status, chunk.error.code, chunk.error.message);
         const choice = chunk.choices && chunk.choices[0];
         if (chunk.usage) usage = chunk.usage;
         if (!choice) return;

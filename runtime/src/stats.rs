@@ -68,11 +68,19 @@ impl Histogram {
     /// `histogram_quantile` does (the last bound when it falls above it);
     /// `None` before the first observation.
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        let counts: Vec<u64> = self
-            .counts
+        self.quantile_of(&self.counts_now(), q)
+    }
+
+    /// Each bucket's count (not cumulative), read once.
+    fn counts_now(&self) -> Vec<u64> {
+        self.counts
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
-            .collect();
+            .collect()
+    }
+
+    /// [`Histogram::quantile`] of `counts` read before.
+    fn quantile_of(&self, counts: &[u64], q: f64) -> Option<f64> {
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;
@@ -96,25 +104,18 @@ impl Histogram {
     /// Its state as `GET /v1/models` shows it: count, sum, median, 99th
     /// percentile and the count in each bucket.
     pub fn distribution(&self) -> Distribution {
-        let mut buckets: Vec<Bucket> = self
-            .bounds
-            .iter()
-            .zip(&self.counts)
-            .map(|(&bound, count)| Bucket {
-                le: Some(bound),
-                count: count.load(Ordering::Relaxed),
-            })
-            .collect();
-        buckets.push(Bucket {
-            le: None,
-            count: self.counts[self.bounds.len()].load(Ordering::Relaxed),
-        });
+        // One reading, so that the counts and percentiles agree.
+        let counts = self.counts_now();
+        let bounds = self.bounds.iter().map(|&bound| Some(bound)).chain([None]);
         Distribution {
-            count: buckets.iter().map(|b| b.count).sum(),
+            count: counts.iter().sum(),
             sum: self.sum(),
-            p50: self.quantile(0.5),
-            p99: self.quantile(0.99),
-            buckets,
+            p50: self.quantile_of(&counts, 0.5),
+            p99: self.quantile_of(&counts, 0.99),
+            buckets: bounds
+                .zip(&counts)
+                .map(|(le, &count)| Bucket { le, count })
+                .collect(),
         }
     }
 

@@ -87,7 +87,7 @@ pub enum Command {
     /// List, show, roll back or delete your functions.
     #[command(subcommand)]
     Functions(FunctionsCommand),
-    /// A tenant's API keys (admin).
+    /// A tenant's API keys (the admin, or a key of that tenant).
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Who the token is: the admin, or a tenant with its quota and usage.
@@ -427,7 +427,7 @@ pub enum FunctionsCommand {
     },
 }
 
-/// `gigafactory keys` (admin).
+/// `gigafactory keys` (the admin, or a key of that tenant).
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// A tenant's keys: their public ids and when they were made.
