@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use hyper::Method;
-use support::{ADMIN_TOKEN, Server, assert_error, root, wasm};
+use support::{ADMIN_TOKEN, Server, assert_error, root, success, wasm};
 
 const MODEL: &str = "smollm2-135m-instruct";
 
@@ -278,12 +278,7 @@ async fn equivalents(code: &str, key: &str) -> (String, String) {
                 .env("GIGAFACTORY_TOKEN", key)
                 .output()
                 .unwrap_or_else(|e| panic!("running {program}: {e}"));
-            assert!(
-                output.status.success(),
-                "{program} {args:?} failed:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            String::from_utf8(output.stdout).unwrap().trim().to_string()
+            success(output).trim().to_string()
         })
     };
     let curl = run(

@@ -103,7 +103,7 @@ export async function usage(page, { who }) {
     body,
   );
   await refresh();
-  const timer = setInterval(() => refresh().catch(() => {}), 10_000);
+  const timer = setInterval(() => refresh().catch(showError), 10_000);
   return () => clearInterval(timer);
 }
 

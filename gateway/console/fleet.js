@@ -4,7 +4,7 @@
 
 import { api } from './api.js';
 import { histogram, sparkline } from './charts.js';
-import { bytes, h, millis, number, table, when } from './dom.js';
+import { bytes, clearError, h, millis, number, showError, table, when } from './dom.js';
 
 /** Samples of queue depth kept per model (one a second). */
 const HISTORY = 60;
@@ -151,8 +151,10 @@ function every(ms, refresh) {
   const tick = async () => {
     try {
       await refresh();
-    } catch {
-      // The next tick tries again; a signed-out session is caught on navigation.
+      clearError();
+    } catch (error) {
+      // Shown until a later tick succeeds (the node may be restarting).
+      showError(error);
     }
     if (!stopped) timer = setTimeout(tick, ms);
   };
